@@ -1,0 +1,73 @@
+"""Process group and model-parallel set-up, and the choice of device and dtype.
+
+Works under `torchrun` (which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and under plain `python`
+(one process, an in-process store: nothing to configure, no port to pick).
+"""
+
+import os
+from typing import Optional, Union
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.distributed as dist
+
+
+def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
+    """`device` if given, else this rank's CUDA device when CUDA is available, else the CPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' was asked for but torch.cuda.is_available() is False")
+        if device.index is None:
+            device = torch.device("cuda", local_rank() % torch.cuda.device_count())
+    return device
+
+
+def pick_dtype(device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.dtype:
+    """`dtype` if given; else bf16 on CUDA where supported (fp16 where not), float32 on the CPU."""
+    if dtype is not None:
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point type, got {dtype}")
+        return dtype
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def init_distributed(device: torch.device, model_parallel_size: Optional[int] = None) -> int:
+    """Start torch.distributed and fairscale model parallelism unless already started; return the
+    model-parallel size. NCCL for CUDA, gloo for the CPU.
+
+    Without torchrun's environment this is a one-process group. Calling it again is harmless; asking for a
+    different model-parallel size rebuilds the model-parallel groups.
+    """
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend)  # torchrun's env:// rendezvous
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    world_size = dist.get_world_size()
+    if model_parallel_size is None:
+        model_parallel_size = world_size
+    if model_parallel_size < 1 or world_size % model_parallel_size != 0:
+        raise ValueError(
+            f"model_parallel_size={model_parallel_size} must be a positive divisor of the world size {world_size}"
+        )
+    if fs_init.model_parallel_is_initialized():
+        if fs_init.get_model_parallel_world_size() == model_parallel_size:
+            return model_parallel_size
+        fs_init.destroy_model_parallel()
+    fs_init.initialize_model_parallel(model_parallel_size)
+    return model_parallel_size
+
+
+def is_rank_zero() -> bool:
+    """True in the process that should print: global rank 0, or the only process."""
+    return not dist.is_initialized() or dist.get_rank() == 0

@@ -1,0 +1,276 @@
+"""The Llama Transformer: RMSNorm, rotary position embeddings, grouped-query attention with a KV cache,
+a SwiGLU feed-forward network, all sharded over model-parallel ranks with fairscale as Meta shards them.
+
+Shapes use these names: bsz (batch), seqlen (tokens in this call), start_pos (tokens already in the cache),
+dim (model width), n_heads / n_kv_heads (query / key-value heads on this rank), head_dim = dim // n_heads.
+"""
+
+import math
+import warnings
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Optional, Tuple
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    """Hyper-parameters of a Llama model: the fields of Meta's params.json plus the cache size.
+
+    `from_params` fills it from a params.json dict, ignoring (with a warning) keys it does not know.
+    """
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = -1  # -1: take it from the tokenizer (Llama 2's params.json says so)
+    multiple_of: int = 256  # the FFN hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000
+    use_scaled_rope: bool = False  # Llama 3.1+: stretch low RoPE frequencies for long context
+
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+
+    @classmethod
+    def from_params(cls, params: Dict[str, Any], **overrides: Any) -> "ModelArgs":
+        """Build from a params.json dict (plus overrides such as max_seq_len); unknown keys warn, never fail."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            warnings.warn(f"params.json: ignoring unknown keys {unknown}", stacklevel=2)
+        values = {k: v for k, v in params.items() if k in known}
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        """SwiGLU hidden size: 2/3 of 4*dim, times ffn_dim_multiplier, rounded up to multiple_of."""
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 even for bf16/fp16 activations (the mean of squares overflows fp16),
+        # cast back, then scale: the order Meta uses, so bf16 results match bit for bit.
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+# ---- Rotary position embeddings -------------------------------------------------------------------------
+
+
+def apply_scaling(freqs: torch.Tensor) -> torch.Tensor:
+    """Llama 3.1 RoPE frequency scaling (Meta's constants): long wavelengths slowed 8x, short ones kept,
+    a smooth blend between."""
+    scale_factor, low_freq_factor, high_freq_factor, old_context_len = 8.0, 1.0, 4.0, 8192.0
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    blended = (1 - smooth) * freqs / scale_factor + smooth * freqs
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / scale_factor, blended)
+    return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
+
+
+def precompute_rope(
+    head_dim: int, end: int, theta: float, use_scaled: bool = False
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (end, head_dim // 2), in float32.
+
+    Pair i of a head rotates by angle pos * theta^(-2i/head_dim). Meta stores these as complex numbers
+    (torch.polar); real tables hold the same float32 values and work on every backend and in torch.compile.
+    """
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    if use_scaled:
+        freqs = apply_scaling(freqs)
+    t = torch.arange(end, dtype=torch.float32)
+    angles = torch.outer(t, freqs)  # (end, head_dim // 2)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (2i, 2i+1) of each head: Meta's interleaved layout, computed in float32.
+
+    x: (bsz, seqlen, heads, head_dim); cos, sin: (seqlen, head_dim // 2).
+    """
+    xf = x.float().unflatten(-1, (-1, 2))  # (bsz, seqlen, heads, head_dim // 2, 2)
+    x_even, x_odd = xf[..., 0], xf[..., 1]
+    cos = cos[None, :, None, :]  # (1, seqlen, 1, head_dim // 2): broadcast over batch and heads
+    sin = sin[None, :, None, :]
+    # (a + ib)(cos + i sin) = (a cos - b sin) + i (a sin + b cos)
+    out = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+# ---- Attention ------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped key/value heads and a KV cache, sharded by heads.
+
+    The cache is laid out (max_batch_size, n_kv_heads, max_seq_len, head_dim), the layout that
+    scaled_dot_product_attention reads; it holds as many elements as Meta's. Query heads share key/value
+    heads in groups (GQA) without the repeated K/V ever being copied.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        mp_size = fs_init.get_model_parallel_world_size()
+        n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
+        self.n_local_heads = args.n_heads // mp_size
+        self.n_local_kv_heads = n_kv_heads // mp_size
+        self.head_dim = args.head_dim
+
+        # Column-parallel: each rank computes its own heads. Row-parallel: each rank multiplies its heads'
+        # slice of wo and the partial sums are all-reduced. init_method is identity: weights come from disk.
+        self.wq = ColumnParallelLinear(
+            args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False, init_method=lambda x: x
+        )
+        self.wk = ColumnParallelLinear(
+            args.dim, n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=lambda x: x
+        )
+        self.wv = ColumnParallelLinear(
+            args.dim, n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=lambda x: x
+        )
+        self.wo = RowParallelLinear(
+            args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=lambda x: x
+        )
+
+        cache_shape = (args.max_batch_size, self.n_local_kv_heads, args.max_seq_len, self.head_dim)
+        self.register_buffer("cache_k", torch.zeros(cache_shape), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(cache_shape), persistent=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        start_pos: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xq = apply_rotary_emb(xq, cos, sin)
+        xk = apply_rotary_emb(xk, cos, sin)
+
+        # Heads before positions, as SDPA and the cache want them: (bsz, heads, seqlen, head_dim).
+        xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
+        end_pos = start_pos + seqlen
+        self.cache_k[:bsz, :, start_pos:end_pos] = xk
+        self.cache_v[:bsz, :, start_pos:end_pos] = xv
+        keys = self.cache_k[:bsz, :, :end_pos]  # (bsz, n_kv_heads, end_pos, head_dim)
+        values = self.cache_v[:bsz, :, :end_pos]
+
+        # enable_gqa lets each group of n_heads // n_kv_heads query heads read one K/V head in place.
+        out = F.scaled_dot_product_attention(
+            xq, keys, values, attn_mask=mask, enable_gqa=self.n_local_heads != self.n_local_kv_heads
+        )  # (bsz, n_heads, seqlen, head_dim)
+        out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (bsz, seqlen, n_heads * head_dim)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), the hidden dimension split across ranks."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=lambda x: x)
+        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=lambda x: x)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=lambda x: x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        start_pos: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """The whole decoder. `forward(tokens, start_pos)` appends tokens to the KV cache at start_pos and
+    returns float32 logits for every position, (bsz, seqlen, vocab_size)."""
+
+    def __init__(self, params: ModelArgs):
+        super().__init__()
+        if params.vocab_size <= 0:
+            raise ValueError(f"ModelArgs.vocab_size must be set (got {params.vocab_size})")
+        self.params = params
+        self.vocab_size = params.vocab_size
+        self.n_layers = params.n_layers
+
+        self.tok_embeddings = VocabParallelEmbedding(params.vocab_size, params.dim, init_method=lambda x: x)
+        self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=lambda x: x)
+
+        # Tables for twice the context, as Meta's; always float32, whatever the weights' dtype.
+        cos, sin = precompute_rope(
+            params.head_dim, params.max_seq_len * 2, params.rope_theta, params.use_scaled_rope
+        )
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        bsz, seqlen = tokens.shape
+        h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
+        cos = self.rope_cos[start_pos : start_pos + seqlen]
+        sin = self.rope_sin[start_pos : start_pos + seqlen]
+
+        mask = None
+        if seqlen > 1:
+            # New token i (at position start_pos + i) sees every cached position and new tokens j <= i.
+            # A single new token sees everything, so decode steps need no mask.
+            rows = torch.arange(seqlen, device=tokens.device)[:, None] + start_pos
+            cols = torch.arange(start_pos + seqlen, device=tokens.device)[None, :]
+            mask = cols <= rows  # (seqlen, start_pos + seqlen), True = may attend
+
+        for layer in self.layers:
+            h = layer(h, start_pos, cos, sin, mask)
+        h = self.norm(h)
+        return self.output(h).float()  # (bsz, seqlen, vocab_size)

