@@ -4,6 +4,8 @@ Works under `torchrun` (which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/POR
 (one process, an in-process store: nothing to configure, no port to pick).
 """
 
+import contextlib
+import io
 import os
 from typing import Optional, Union
 
@@ -64,7 +66,8 @@ def init_distributed(device: torch.device, model_parallel_size: Optional[int] = 
         if fs_init.get_model_parallel_world_size() == model_parallel_size:
             return model_parallel_size
         fs_init.destroy_model_parallel()
-    fs_init.initialize_model_parallel(model_parallel_size)
+    with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints "> initializing ..." lines
+        fs_init.initialize_model_parallel(model_parallel_size)
     return model_parallel_size
 
 
