@@ -23,7 +23,12 @@ def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.devi
         if not torch.cuda.is_available():
             raise ValueError("device='cuda' was asked for but torch.cuda.is_available() is False")
         if device.index is None:
-            device = torch.device("cuda", local_rank() % torch.cuda.device_count())
+            if local_rank() >= torch.cuda.device_count():
+                raise ValueError(
+                    f"this is local rank {local_rank()} but only {torch.cuda.device_count()} CUDA device(s) "
+                    "are visible: start at most one process per GPU, or pass device='cpu'"
+                )
+            device = torch.device("cuda", local_rank())
     return device
 
 
