@@ -8,7 +8,7 @@ dim (model width), n_heads / n_kv_heads (query / key-value heads on this rank), 
 import math
 import warnings
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -19,6 +19,9 @@ from fairscale.nn.model_parallel.layers import (
     VocabParallelEmbedding,
 )
 from torch import nn
+
+# Where new tokens go in the KV cache: one int for every row, or a (bsz,) tensor of per-row positions.
+Positions = Union[int, torch.Tensor]
 
 
 @dataclass
@@ -118,12 +121,13 @@ def precompute_rope(
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (2i, 2i+1) of each head: Meta's interleaved layout, computed in float32.
 
-    x: (bsz, seqlen, heads, head_dim); cos, sin: (seqlen, head_dim // 2).
+    x: (bsz, seqlen, heads, head_dim); cos, sin: (seqlen, head_dim // 2), or (bsz, seqlen, head_dim // 2)
+    when each row is at its own position.
     """
     xf = x.float().unflatten(-1, (-1, 2))  # (bsz, seqlen, heads, head_dim // 2, 2)
     x_even, x_odd = xf[..., 0], xf[..., 1]
-    cos = cos[None, :, None, :]  # (1, seqlen, 1, head_dim // 2): broadcast over batch and heads
-    sin = sin[None, :, None, :]
+    cos = cos.unsqueeze(-2)  # (..., seqlen, 1, head_dim // 2): broadcast over heads (and batch)
+    sin = sin.unsqueeze(-2)
     # (a + ib)(cos + i sin) = (a cos - b sin) + i (a sin + b cos)
     out = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
     return out.flatten(-2).type_as(x)
@@ -170,11 +174,14 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        start_pos: int,
+        start_pos: Positions,
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: Optional[torch.Tensor],
     ) -> torch.Tensor:
+        """x: (bsz, seqlen, dim). start_pos: where the new tokens go in the cache: an int for every row, or a
+        (bsz,) tensor for one new token per row at each row's own position; then `mask` (bsz, 1, 1, kv_len)
+        says which of the first kv_len cache positions each row may read."""
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
         xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
@@ -184,9 +191,15 @@ class Attention(nn.Module):
 
         # Heads before positions, as SDPA and the cache want them: (bsz, heads, seqlen, head_dim).
         xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
-        end_pos = start_pos + seqlen
-        self.cache_k[:bsz, :, start_pos:end_pos] = xk
-        self.cache_v[:bsz, :, start_pos:end_pos] = xv
+        if isinstance(start_pos, int):
+            end_pos = start_pos + seqlen
+            self.cache_k[:bsz, :, start_pos:end_pos] = xk
+            self.cache_v[:bsz, :, start_pos:end_pos] = xv
+        else:  # row i's one new token goes to position start_pos[i]
+            rows = torch.arange(bsz, device=x.device)
+            self.cache_k[rows, :, start_pos] = xk[:, :, 0]  # (bsz, n_kv_heads, head_dim)
+            self.cache_v[rows, :, start_pos] = xv[:, :, 0]
+            end_pos = mask.shape[-1]
         keys = self.cache_k[:bsz, :, :end_pos]  # (bsz, n_kv_heads, end_pos, head_dim)
         values = self.cache_v[:bsz, :, :end_pos]
 
@@ -225,7 +238,7 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        start_pos: int,
+        start_pos: Positions,
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: Optional[torch.Tensor],
@@ -259,21 +272,47 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: Positions,
+        *,
+        kv_len: Optional[int] = None,
+        last_pos: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Append `tokens` (bsz, seqlen) to the KV cache and return float32 logits (bsz, seqlen, vocab_size).
+
+        start_pos: an int, the cache position of the first new token in every row (Meta's interface); or a
+            (bsz,) tensor of per-row positions for one new token per row (seqlen 1), which then reads the
+            first `kv_len` cache positions, masked to those at or before the row's own.
+        last_pos: (bsz,) positions within `tokens`: return only the logits there, (bsz, 1, vocab_size).
+        """
         bsz, seqlen = tokens.shape
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
-        cos = self.rope_cos[start_pos : start_pos + seqlen]
-        sin = self.rope_sin[start_pos : start_pos + seqlen]
 
         mask = None
-        if seqlen > 1:
-            # New token i (at position start_pos + i) sees every cached position and new tokens j <= i.
-            # A single new token sees everything, so decode steps need no mask.
-            rows = torch.arange(seqlen, device=tokens.device)[:, None] + start_pos
-            cols = torch.arange(start_pos + seqlen, device=tokens.device)[None, :]
-            mask = cols <= rows  # (seqlen, start_pos + seqlen), True = may attend
+        if isinstance(start_pos, int):
+            cos = self.rope_cos[start_pos : start_pos + seqlen]  # (seqlen, head_dim // 2)
+            sin = self.rope_sin[start_pos : start_pos + seqlen]
+            if seqlen > 1:
+                # New token i (at position start_pos + i) sees every cached position and new tokens j <= i.
+                # A single new token sees everything, so decode steps need no mask.
+                rows = torch.arange(seqlen, device=tokens.device)[:, None] + start_pos
+                cols = torch.arange(start_pos + seqlen, device=tokens.device)[None, :]
+                mask = cols <= rows  # (seqlen, start_pos + seqlen), True = may attend
+        else:
+            if seqlen != 1 or kv_len is None:
+                raise ValueError(
+                    f"per-row positions take one token per row and a kv_len (got seqlen={seqlen}, kv_len={kv_len})"
+                )
+            cos = self.rope_cos[start_pos][:, None]  # (bsz, 1, head_dim // 2)
+            sin = self.rope_sin[start_pos][:, None]
+            cols = torch.arange(kv_len, device=tokens.device)
+            mask = (cols[None, :] <= start_pos[:, None])[:, None, None, :]  # (bsz, 1, 1, kv_len)
 
         for layer in self.layers:
             h = layer(h, start_pos, cos, sin, mask)
+        if last_pos is not None:
+            h = h[torch.arange(bsz, device=h.device), last_pos][:, None]  # (bsz, 1, dim)
         h = self.norm(h)
         return self.output(h).float()  # (bsz, seqlen, vocab_size)
