@@ -2,13 +2,17 @@
 each row at its own position, with no device-to-host copy in the step.
 
 It produces what the reference loop in `Llama.generate` produces (the same greedy tokens, logits equal to
-float32 rounding) with less work:
+float32 rounding; sampled tokens too when the prompts have equal lengths) with less work:
 - the reference prefills only up to the shortest prompt and feeds the rest of longer prompts one position
   per step; here each row's whole prompt goes in the first call and its generation starts right after it,
-  so a batch takes max_gen_len steps, not max_gen_len plus the spread of prompt lengths;
+  so a batch takes max_gen_len steps, not max_gen_len plus the spread of prompt lengths. (With prompts of
+  different lengths a row's n-th token is thus drawn at another step than in the reference, from another
+  part of the random stream: sampled tokens then differ from the reference's for the same seed, though each
+  is drawn from the same distribution.)
 - the prefill computes logits only at each prompt's last position unless log-probabilities are asked for;
 - stop tokens are checked on the device; the host looks at the flags only every `stop_check_every` steps
-  (extra steps after every row has stopped change nothing: outputs are cut at the first stop token);
+  (extra steps after every row has stopped change nothing: outputs are cut at the first stop token; when
+  sampling, though, they would draw from the random generator, so sampling looks every step);
 - optionally (CUDA), the decode step is compiled with CUDA graphs: see DecodeStep.
 """
 
@@ -37,13 +41,19 @@ class DecodeStep:
             self.compiled = torch.compile(self._step, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-        return self.model.forward(tokens[:, None], positions, kv_len=kv_len)[:, 0]  # (bsz, vocab)
+        forward = self.model.forward
+        if self.compiled is not None:  # compiled code cannot enter inference mode: take forward's body
+            forward = forward.__wrapped__.__get__(self.model)
+        return forward(tokens[:, None], positions, kv_len=kv_len)[:, 0]  # (bsz, vocab)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
         """tokens, positions: (bsz,); kv_len: cache positions to read (beyond every row's position)."""
         if self.compiled is not None:
-            # The graph's outputs are overwritten by its next replay: copy what we keep.
-            return self.compiled(tokens, positions, self.model.params.max_seq_len).clone()
+            # Compiled code cannot take inference tensors (those made under torch.inference_mode): run it
+            # outside inference mode, on copies. Its outputs are overwritten by the next replay: copy them.
+            with torch.inference_mode(False), torch.no_grad():
+                logits = self.compiled(tokens.clone(), positions.clone(), self.model.params.max_seq_len)
+                return logits.clone()
         return self._step(tokens, positions, kv_len)
 
 

@@ -18,7 +18,7 @@ from llama.checkpoint import find_shards, load_into, load_shard, read_params
 from llama.decoding import DecodeStep, decode
 from llama.distributed import init_distributed, is_rank_zero, pick_device, pick_dtype
 from llama.model import ModelArgs, Transformer
-from llama.prepack import can_prepack, prepack_linear_layers
+from llama.fast_layers import use_fast_layers
 from llama.sampling import next_token
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer, check_dialog
 
@@ -84,8 +84,9 @@ class Llama:
             device: "cuda", "cpu", ...; default CUDA when available, else the CPU.
             dtype: weight and activation dtype; default bf16 on CUDA (fp16 where bf16 is not supported),
                 float32 on the CPU. On CPUs with native bf16 (AVX512-BF16, AMX), bf16 is about twice as fast.
-            fast: decode with the fast loop (llama.decoding) and, on the CPU, linear weights packed for
-                oneDNN (llama.prepack); False runs Meta's reference loop on plain layers. Same results.
+            fast: decode with the fast loop (llama.decoding) on the fast layers (llama.fast_layers: fused
+                projections, on the CPU weights packed for oneDNN); False runs Meta's reference loop on
+                fairscale's layers. Same results.
             compile: compile the decode step with CUDA graphs (torch.compile "reduce-overhead"); CUDA only,
                 with `fast`. The first steps of each batch size are slow while it compiles.
 
@@ -131,8 +132,8 @@ class Llama:
             model = Transformer(model_args)
         load_into(model, state, device_, dtype, source=str(shard))
         model.to(device_).eval()
-        if fast and can_prepack(device_, dtype):
-            prepack_linear_layers(model, batch_hint=max_batch_size)
+        if fast:
+            use_fast_layers(model, batch_hint=max_batch_size, pack=not compile)
         if is_rank_zero():
             print(f"Loaded in {time.time() - start_time:.2f} seconds")
         return Llama(model, tokenizer, fast=fast, compile=compile)
@@ -214,8 +215,9 @@ class Llama:
             tokens, token_logprobs = decode(
                 self.model, self.decode_step, prompt_tokens, max_gen_len, total_len, temperature, top_p,
                 logprobs, stop_tokens, self.tokenizer.pad_id,
-                # A look at the stop flags costs a device sync on accelerators: look every few steps there.
-                stop_check_every=1 if self.device.type == "cpu" else 8,
+                # A look at the stop flags is a device sync on accelerators: greedy decoding looks every 8
+                # steps there. Sampling looks every step, to draw from the random stream as the reference does.
+                stop_check_every=1 if self.device.type == "cpu" or temperature > 0 else 8,
             )
         else:
             tokens, token_logprobs = self._decode_reference(

@@ -1,0 +1,236 @@
+"""The fast path (llama.decoding, llama.fast_layers, the prefiltered top-p) against the reference path it
+replaces: the same greedy tokens, logits and log-probabilities within 1e-5 in float32, rows cut at the same
+stop tokens, and top-p draws bit for bit the same as the full sort's."""
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import llama.sampling as sampling
+from llama import Llama
+from llama.model import ModelArgs, Transformer
+from llama.sampling import next_token, sample_top_p, sample_top_p_prefiltered
+
+from helpers import SMALL_GQA, SMALL_MHA, SMALL_SCALED, write_byte_tokenizer, write_checkpoint
+
+SHAPES = {"gqa": SMALL_GQA, "mha": SMALL_MHA, "scaled_rope": SMALL_SCALED}
+MAX_SEQ_LEN = 40
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def pair(request, tmp_path_factory):
+    """(fast, reference) Llamas built from one random checkpoint."""
+    d = tmp_path_factory.mktemp(request.param)
+    params = dict(SHAPES[request.param], vocab_size=512)
+    write_checkpoint(d / "ckpt", params, seed=5)
+    tok = str(write_byte_tokenizer(d / "tok.model"))
+    build = lambda fast: Llama.build(str(d / "ckpt"), tok, MAX_SEQ_LEN, max_batch_size=4, device="cpu", fast=fast)
+    return build(True), build(False)
+
+
+def random_prompts(lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+
+
+def assert_same_outputs(a, b):
+    (tokens_a, logprobs_a), (tokens_b, logprobs_b) = a, b
+    assert tokens_a == tokens_b
+    for row_a, row_b in zip(logprobs_a, logprobs_b):
+        assert len(row_a) == len(row_b)
+        torch.testing.assert_close(torch.tensor(row_a), torch.tensor(row_b), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "lengths, max_gen_len",
+    [([6], 10), ([3, 11], 12), ([3, 11, 7, 1], 9), ([9, 9, 9], 8), ([2, 30, 5, 17], 25), ([39, 4], 5)],
+    ids=["one", "two-mixed", "four-mixed", "equal", "past-max-seq-len", "full-context"],
+)
+@pytest.mark.parametrize("echo", [False, True], ids=["generation", "echo"])
+def test_fast_and_reference_paths_give_the_same_greedy_tokens_and_logprobs(pair, lengths, max_gen_len, echo):
+    fast, reference = pair
+    prompts = random_prompts(lengths, seed=len(lengths) + max_gen_len)
+    assert_same_outputs(
+        fast.generate(prompts, max_gen_len, temperature=0, logprobs=True, echo=echo),
+        reference.generate(prompts, max_gen_len, temperature=0, logprobs=True, echo=echo),
+    )
+
+
+def test_stop_tokens_end_rows_exactly_where_the_reference_ends_them(pair):
+    fast, reference = pair
+    prompts = random_prompts([4, 12, 7, 2], seed=3)
+    saved = [llama.tokenizer.stop_tokens for llama in (fast, reference)]
+    try:
+        reference.tokenizer.stop_tokens = set()
+        free, _ = reference.generate(prompts, 20, temperature=0)
+        # Stop tokens that the rows would produce at different steps (the 3rd token of one row, the 8th of
+        # another...), each possibly also earlier in other rows.
+        chosen = {free[0][2], free[1][7], free[2][12]}
+        for llama in (fast, reference):
+            llama.tokenizer.stop_tokens = chosen
+        got = fast.generate(prompts, 20, temperature=0, logprobs=True)
+        want = reference.generate(prompts, 20, temperature=0, logprobs=True)
+    finally:
+        for llama, stops in zip((fast, reference), saved):
+            llama.tokenizer.stop_tokens = stops
+    assert_same_outputs(got, want)
+    for row, full in zip(got[0], free):
+        cut = next((i for i, t in enumerate(full) if t in chosen), len(full))
+        assert row == full[:cut]  # each row ends before its own first stop token
+    assert len(got[0][0]) <= 2 and len(got[0][1]) <= 7 and len(got[0][2]) <= 12
+
+
+def test_fast_path_samples_the_same_tokens_as_the_reference_from_the_same_seed(pair):
+    """With prompts of equal length both loops draw at the same steps (with different lengths the fast loop
+    starts every row at once, so its draws come from another part of the random stream)."""
+    fast, reference = pair
+    prompts = random_prompts([6, 6, 6], seed=8)
+    results = []
+    for llama in (fast, reference):
+        torch.manual_seed(123)
+        # Two calls in a row: the first must leave the random stream where the reference leaves it.
+        results.append([llama.generate(prompts, n, temperature=0.8, top_p=0.9) for n in (15, 10)])
+    assert results[0] == results[1]
+
+
+def test_per_row_positions_give_the_logits_of_a_shared_position(pair):
+    """The fast loop's step, each row at its own position after a padded prefill, against the reference
+    model (fairscale's layers) run on each row alone with an int position."""
+    fast, reference = pair
+    tokens = torch.randint(0, 512, (3, 12), generator=torch.Generator().manual_seed(0))
+    lens = [5, 12, 8]
+    new = torch.tensor([7, 8, 9])
+    fast.model.forward(tokens, 0)  # rows shorter than 12 cache junk past their length: masked, then overwritten
+    got = fast.model.forward(new[:, None], torch.tensor(lens), kv_len=13)[:, 0]  # (3, vocab)
+    for i, n in enumerate(lens):
+        reference.model.forward(tokens[i : i + 1, :n], 0)
+        want = reference.model.forward(new[i : i + 1, None], n)[0, 0]
+        torch.testing.assert_close(got[i], want, rtol=0, atol=1e-5)
+
+
+def test_fast_layers_give_the_reference_logits_in_float32(pair):
+    fast, reference = pair
+    tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(fast.model.forward(tokens, 0), reference.model.forward(tokens, 0), rtol=0, atol=1e-5)
+    assert fast.model.layers[0].attention.wqkv is not None and reference.model.layers[0].attention.wqkv is None
+
+
+def test_cpu_attention_reads_grouped_kv_heads_in_place(pair):
+    """Decode attention with 4 query heads per K/V head: SDPA's CPU kernel, no repeated K/V copies."""
+    fast, _ = pair
+    if fast.model.params.n_kv_heads is None:
+        pytest.skip("multi-head attention: no grouped heads")
+    fast.model.forward(torch.tensor([[1, 2, 3, 4]]), 0)
+    with torch.profiler.profile() as prof:
+        fast.model.forward(torch.tensor([[5]]), torch.tensor([4]), kv_len=5)
+    names = {e.name for e in prof.events()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in names
+    assert not names & {"aten::repeat_interleave", "aten::repeat"}  # how a math fallback would copy K/V
+
+
+def test_kv_cache_holds_as_many_elements_as_metas(pair):
+    fast, _ = pair
+    args = fast.model.params
+    n_kv = args.n_kv_heads or args.n_heads
+    cache = [b for n, b in fast.model.named_buffers() if n.endswith(("cache_k", "cache_v"))]
+    assert len(cache) == 2 * args.n_layers
+    assert all(b.numel() == args.max_batch_size * args.max_seq_len * n_kv * args.head_dim for b in cache)
+
+
+# ---- top-p sampling -------------------------------------------------------------------------------------
+
+
+@st.composite
+def distributions(draw):
+    """Rows of probabilities: peaked or flat, often with exact ties (few distinct logit values)."""
+    bsz = draw(st.integers(1, 4))
+    vocab = draw(st.integers(2, 600))
+    seed = draw(st.integers(0, 2**31 - 1))
+    scale = draw(st.sampled_from([0.5, 2.0, 6.0]))
+    levels = draw(st.sampled_from([0, 3, 20]))  # 0: continuous logits, else that many distinct values
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(bsz, vocab, generator=g) * scale
+    if levels:
+        logits = torch.round(logits * levels / (3 * scale)) / levels * 3 * scale
+    return torch.softmax(logits, dim=-1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    probs=distributions(),
+    p=st.one_of(st.floats(0.01, 1.0), st.sampled_from([0.5, 0.9, 0.95, 1.0])),
+    candidates=st.sampled_from([1, 2, 5, 16, 64, 256]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_prefiltered_top_p_draws_exactly_what_the_full_sort_draws(probs, p, candidates, seed):
+    want = sample_top_p(probs.clone(), p, torch.Generator().manual_seed(seed))
+    got = sample_top_p_prefiltered(probs.clone(), p, torch.Generator().manual_seed(seed), candidates=candidates)
+    assert torch.equal(got, want)
+
+
+@settings(max_examples=100, deadline=None)
+@given(probs=distributions(), p=st.floats(0.05, 0.95), seed=st.integers(0, 2**31 - 1))
+def test_top_p_draws_only_from_the_nucleus(probs, p, seed):
+    """The nucleus computed independently in float64: tokens by decreasing probability (ties by id), kept
+    while the mass before them is at most p. Boundary tokens within rounding of p are not judged."""
+    token = sample_top_p_prefiltered(probs, p, torch.Generator().manual_seed(seed))[:, 0]
+    for row, t in zip(probs.double().tolist(), token.tolist()):
+        order = sorted(range(len(row)), key=lambda i: (-row[i], i))
+        rank = order.index(t)
+        before = sum(row[i] for i in order[:rank])
+        assert before <= p + 1e-6
+
+
+def test_prefilter_avoids_the_full_sort_when_the_nucleus_is_small(monkeypatch):
+    probs = torch.softmax(torch.randn(3, 5000, generator=torch.Generator().manual_seed(0)) * 8, dim=-1)
+
+    def full_sort(*args, **kwargs):
+        raise AssertionError("fell back to the full sort")
+
+    monkeypatch.setattr(sampling, "sample_top_p", full_sort)
+    assert sample_top_p_prefiltered(probs, 0.9).shape == (3, 1)
+
+
+def test_next_token_with_and_without_prefilter_agree():
+    logits = torch.randn(4, 3000, generator=torch.Generator().manual_seed(2)) * 4
+    for temperature, top_p in [(0.0, 0.9), (0.6, 0.9), (1.0, 0.5), (1.3, 1.0)]:
+        a = next_token(logits, temperature, top_p, torch.Generator().manual_seed(9), prefilter=True)
+        b = next_token(logits, temperature, top_p, torch.Generator().manual_seed(9))
+        assert torch.equal(a, b)
+
+
+# ---- options and the benchmark ---------------------------------------------------------------------------
+
+
+def test_compile_needs_the_fast_loop(pair):
+    fast, _ = pair
+    with pytest.raises(ValueError, match="fast=True"):
+        Llama(fast.model, fast.tokenizer, fast=False, compile=True)
+
+
+def test_bench_runs_both_systems_on_the_same_weights(tmp_path, monkeypatch):
+    """A tiny run of `python -m llama.bench`: transformers on the converted weights produces our tokens."""
+    import llama.bench as bench
+
+    monkeypatch.setitem(bench.SHAPES, "tiny", dict(SMALL_SCALED, vocab_size=300))
+    out, chart = tmp_path / "b.json", tmp_path / "b.png"
+    bench.main(["--shape", "tiny", "--batch", "1", "3", "--dtype", "float32", "--new-tokens", "6",
+                "--prompt-len", "5", "--repeats", "2", "--simple", "--device", "cpu", "--out", str(out),
+                "--chart", str(chart)])
+    report = json.loads(out.read_text())
+    assert [(r["dtype"], r["batch"]) for r in report["results"]] == [("float32", 1), ("float32", 3)]
+    for r in report["results"]:
+        assert r["rows_matching_transformers"] == r["batch"]
+        for name in ("ours", "ours-simple", "transformers"):
+            assert r[name]["decode_tok_s"] > 0 and len(r[name]["runs_total_s"]) == 2
+        assert r["kv_cache_bytes"] == 2 * 2 * 3 * 2 * 11 * 8 * 4  # K and V, layers, batch, kv heads, seq, head_dim
+        assert 0 < r["ours"]["fraction_of_read_bandwidth"]
+    assert report["read_bandwidth_bytes_s"] > 0
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
