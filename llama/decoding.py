@@ -16,13 +16,14 @@ float32 rounding; sampled tokens too when the prompts have equal lengths) with l
 - optionally (CUDA), the decode step is compiled with CUDA graphs: see DecodeStep.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from llama.model import Transformer
+from llama.model import Positions, Transformer
 from llama.sampling import next_token
 
 
@@ -36,19 +37,24 @@ class DecodeStep:
 
     def __init__(self, model: Transformer, compile: bool = False):
         self.model = model
+        self.forward = model.forward
         self.compiled = None
         if compile:
+            # Compiled code cannot enter inference mode: compile forward's undecorated body (run under no_grad).
+            self.forward = functools.partial(type(model).forward.__wrapped__, model)
             self.compiled = torch.compile(self._step, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
-    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-        forward = self.model.forward
-        if self.compiled is not None:  # compiled code cannot enter inference mode: take forward's body
-            forward = forward.__wrapped__.__get__(self.model)
-        return forward(tokens[:, None], positions, kv_len=kv_len)[:, 0]  # (bsz, vocab)
+    def _step(self, tokens: torch.Tensor, positions: Positions, kv_len: int) -> torch.Tensor:
+        if isinstance(positions, int):
+            return self.forward(tokens[:, None], positions)[:, 0]
+        return self.forward(tokens[:, None], positions, kv_len=kv_len)[:, 0]  # (bsz, vocab)
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """tokens, positions: (bsz,); kv_len: cache positions to read (beyond every row's position)."""
+    def __call__(self, tokens: torch.Tensor, positions: Positions, kv_len: int) -> torch.Tensor:
+        """tokens: (bsz,); positions: (bsz,), or an int when every row is at the same position (then the
+        step reads the cache up to it, unmasked); kv_len: cache positions to read, beyond every row's."""
         if self.compiled is not None:
+            if isinstance(positions, int):
+                positions = torch.full_like(tokens, positions)
             # Compiled code cannot take inference tensors (those made under torch.inference_mode): run it
             # outside inference mode, on copies. Its outputs are overwritten by the next replay: copy them.
             with torch.inference_mode(False), torch.no_grad():
@@ -136,6 +142,8 @@ def decode(
     ends = torch.tensor(batch.ends, device=device)
     sink = torch.full_like(positions, total_len)  # the scratch column, for rows already at their end
     stopped = torch.zeros(bsz, dtype=torch.bool, device=device)
+    # Prompts of one length keep every row at one position: the step then needs no per-row mask.
+    aligned = len(set(batch.prompt_lens)) == 1
     prefilter = device.type == "cpu"  # its fallback test reads a flag on the host: free on the CPU only
     for i in range(n_steps):
         next_tok = next_token(logits, temperature, top_p, prefilter=prefilter)  # (bsz,)
@@ -149,7 +157,7 @@ def decode(
         # Feed the new tokens. Rows past their end keep running (a batch runs as one) on a clamped position.
         feed_at = torch.clamp(positions, max=total_len - 1)
         kv_len = min(max(batch.prompt_lens) + i + 1, total_len)  # every row's position is below it
-        logits = step(next_tok, feed_at, kv_len)
+        logits = step(next_tok, batch.prompt_lens[0] + i if aligned else feed_at, kv_len)
         positions += 1
     out_logprobs = token_logprobs[:, :total_len] if token_logprobs is not None else None
     return batch.tokens[:, :total_len], out_logprobs

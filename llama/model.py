@@ -168,7 +168,6 @@ class Attention(nn.Module):
         )
         # The fast path (llama.fast_layers) replaces wq, wk, wv by one product with their outputs side by side.
         self.wqkv: Optional[nn.Module] = None
-        self.qkv_sizes = [self.n_local_heads * self.head_dim] + [self.n_local_kv_heads * self.head_dim] * 2
 
         cache_shape = (args.max_batch_size, self.n_local_kv_heads, args.max_seq_len, self.head_dim)
         self.register_buffer("cache_k", torch.zeros(cache_shape), persistent=False)
@@ -186,15 +185,17 @@ class Attention(nn.Module):
         (bsz,) tensor for one new token per row at each row's own position; then `mask` (bsz, 1, 1, kv_len)
         says which of the first kv_len cache positions each row may read."""
         bsz, seqlen, _ = x.shape
-        if self.wqkv is not None:
-            xq, xk, xv = self.wqkv(x).split(self.qkv_sizes, dim=-1)
+        n_qk = self.n_local_heads + self.n_local_kv_heads
+        if self.wqkv is not None:  # the fast layers: one product, queries and keys rotated in one go
+            xqkv = self.wqkv(x).view(bsz, seqlen, n_qk + self.n_local_kv_heads, self.head_dim)
+            xqk = apply_rotary_emb(xqkv[:, :, :n_qk], cos, sin)
+            xq, xk, xv = xqk[:, :, : self.n_local_heads], xqk[:, :, self.n_local_heads :], xqkv[:, :, n_qk:]
         else:
-            xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
-        xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        xq = apply_rotary_emb(xq, cos, sin)
-        xk = apply_rotary_emb(xk, cos, sin)
+            xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+            xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+            xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+            xq = apply_rotary_emb(xq, cos, sin)
+            xk = apply_rotary_emb(xk, cos, sin)
 
         # Heads before positions, as SDPA and the cache want them: (bsz, heads, seqlen, head_dim).
         xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
