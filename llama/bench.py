@@ -112,7 +112,7 @@ def build_ours(
     load_into(model, sd, device, dtype, source="bench weights")
     model.to(device).eval()
     if fast:
-        use_fast_layers(model, batch_hint=args.max_batch_size, pack=not compile)
+        use_fast_layers(model, pack=not compile)
     return Llama(model, NoStopTokenizer(), fast=fast, compile=compile)  # type: ignore[arg-type]
 
 

@@ -10,6 +10,8 @@ float32 rounding; sampled tokens too when the prompts have equal lengths) with l
   part of the random stream: sampled tokens then differ from the reference's for the same seed, though each
   is drawn from the same distribution.)
 - the prefill computes logits only at each prompt's last position unless log-probabilities are asked for;
+- when the prompts have one length, every row stays at one position and the step is the reference's own
+  (an int position, no mask); otherwise each row's attention is masked to its own positions;
 - stop tokens are checked on the device; the host looks at the flags only every `stop_check_every` steps
   (extra steps after every row has stopped change nothing: outputs are cut at the first stop token; when
   sampling, though, they would draw from the random generator, so sampling looks every step);

@@ -133,7 +133,7 @@ class Llama:
         load_into(model, state, device_, dtype, source=str(shard))
         model.to(device_).eval()
         if fast:
-            use_fast_layers(model, batch_hint=max_batch_size, pack=not compile)
+            use_fast_layers(model, pack=not compile)
         if is_rank_zero():
             print(f"Loaded in {time.time() - start_time:.2f} seconds")
         return Llama(model, tokenizer, fast=fast, compile=compile)
