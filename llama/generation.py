@@ -7,7 +7,6 @@ are cut at the first stop token and decoded.
 
 import contextlib
 import time
-from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -17,10 +16,11 @@ import torch.nn.functional as F
 from llama.checkpoint import find_shards, load_into, load_shard, read_params
 from llama.distributed import init_distributed, is_rank_zero, pick_device, pick_dtype
 from llama.model import ModelArgs, Transformer
+from llama.completion import Completion, DecodeRun, cut_completions, to_prediction
 from llama.config import GenerationConfig, resolve_config
 from llama.sampling import Sampler, build_processors, row_generators
 from llama.scoring import LogprobRecorder, ScorePrediction, score_sequences
-from llama.streaming import LENGTH, STOP_STRING, STOP_TOKEN, RowTracker, StreamEvent
+from llama.streaming import RowTracker, StreamEvent
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer, check_dialog
 
 
@@ -36,36 +36,6 @@ class ChatPrediction(TypedDict, total=False):
     tokens: List[str]  # only with logprobs=True
     logprobs: List[float]  # only with logprobs=True
     top_logprobs: List[List[Tuple[str, float]]]  # only with top_logprobs > 0
-
-
-@dataclass
-class Completion:
-    """One sample for one prompt, as `Llama.complete` returns it."""
-
-    prompt_len: int  # tokens in the prompt
-    generated_len: int  # tokens generated (a final stop token not counted)
-    tokens: List[int]  # the generated ids (with echo, the prompt's first), without a final stop token
-    text: str  # the decoded tokens; with a stop string, the text ends just before it
-    stop_reason: str  # "stop_token", "stop_string" or "length"
-    logprobs: Optional[List[float]] = None  # one per id in `tokens`, with logprobs or top_logprobs
-    top_logprobs: Optional[List[List[Tuple[int, float]]]] = None  # per id, the likeliest (id, logprob)
-
-
-@dataclass
-class _Run:
-    """One pass of the decode loop: its rows (each prompt repeated n times) and, once done, its results."""
-
-    prompt_tokens: List[List[int]]
-    sample_index: List[int]  # which of its prompt's n samples each row is
-    max_gen_len: int
-    config: GenerationConfig
-    logprobs: bool = False
-    top_logprobs: int = 0
-    track: bool = False  # follow every row's text on the host at each step (streaming, stop strings)
-    tokens: Optional[torch.Tensor] = None  # (bsz, total_len), filled by the loop
-    recorder: Optional[LogprobRecorder] = None
-    tracker: Optional[RowTracker] = None
-    total_len: int = 0
 
 
 class PromptError(ValueError):
@@ -182,7 +152,6 @@ class Llama:
         if bad:
             return f"token ids {bad[:5]} are outside the vocabulary [0, {self.model.vocab_size})"
         return None
-
 
     @torch.inference_mode()
     def generate(
@@ -314,22 +283,12 @@ class Llama:
             for j, i in enumerate(ready):
                 completions[i] = done[j]
         results: list = []
-        for i, samples in enumerate(completions):
-            if samples is None:
-                results.append(None)
-                continue
-            predictions = []
-            for c in samples:
-                prediction = {"generation": wrap(c.text)}
-                if settings["logprobs"] or settings["top_logprobs"]:
-                    prediction["tokens"] = [self.tokenizer.decode([t]) for t in c.tokens]
-                    prediction["logprobs"] = c.logprobs
-                if settings["top_logprobs"]:
-                    prediction["top_logprobs"] = [
-                        [(self.tokenizer.decode([t]), lp) for t, lp in position] for position in c.top_logprobs
-                    ]
-                predictions.append(prediction)
-            results.append(predictions if len(samples) > 1 else predictions[0])
+        for samples in completions:
+            predictions = [
+                to_prediction(c, self.tokenizer, wrap, settings["logprobs"], settings["top_logprobs"] > 0)
+                for c in samples or ()
+            ]
+            results.append(None if samples is None else predictions if len(predictions) > 1 else predictions[0])
         if errors:
             raise PromptError(errors, results)
         return results
@@ -390,22 +349,15 @@ class Llama:
             PromptError: some prompts cannot run (empty, too long, unknown ids); the others were completed
                 and are in its `.results` (None for the failed ones).
         """
-        cfg, max_gen_len = self._settings(config, max_gen_len, controls)
-        n_rows = len(prompt_tokens) * cfg.n
-        if not prompt_tokens:
-            raise ValueError("no prompts given: pass a non-empty list")
-        if n_rows > self.model.params.max_batch_size:
-            raise ValueError(
-                f"{len(prompt_tokens)} prompts x n={cfg.n} samples is more than "
-                f"max_batch_size={self.model.params.max_batch_size}"
-            )
         if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or top_logprobs < 0:
             raise ValueError(f"top_logprobs must be an integer >= 0, got {top_logprobs!r}")
+        cfg, max_gen_len = self._settings(config, max_gen_len, controls)
+        self._check_batch(prompt_tokens, cfg)
         errors = {i: p for i, p in enumerate(map(self._check_prompt, prompt_tokens)) if p}
         valid = [i for i in range(len(prompt_tokens)) if i not in errors]
         results: List[Optional[List[Completion]]] = [None] * len(prompt_tokens)
         if valid:
-            run = _Run(
+            run = DecodeRun(
                 prompt_tokens=[prompt_tokens[i] for i in valid for _ in range(cfg.n)],
                 sample_index=[j for _ in valid for j in range(cfg.n)],
                 max_gen_len=max_gen_len,
@@ -416,7 +368,7 @@ class Llama:
             )
             for _ in self._decode(run):
                 pass
-            rows = self._completions(run, echo)
+            rows = cut_completions(run, self.tokenizer, echo)
             for k, i in enumerate(valid):
                 results[i] = rows[k * cfg.n : (k + 1) * cfg.n]
         if errors:
@@ -443,18 +395,12 @@ class Llama:
             ValueError: as `generate`, before anything is yielded.
         """
         cfg, max_gen_len = self._settings(config, max_gen_len, controls)
-        if not prompt_tokens:
-            raise ValueError("generate_stream needs at least one prompt, got an empty list")
-        if len(prompt_tokens) * cfg.n > self.model.params.max_batch_size:
-            raise ValueError(
-                f"{len(prompt_tokens)} prompts x n={cfg.n} samples is more than "
-                f"max_batch_size={self.model.params.max_batch_size}"
-            )
+        self._check_batch(prompt_tokens, cfg)
         for i, tokens in enumerate(prompt_tokens):
             problem = self._check_prompt(tokens)
             if problem:
                 raise ValueError(f"prompt {i}: {problem}")
-        run = _Run(
+        run = DecodeRun(
             prompt_tokens=[t for t in prompt_tokens for _ in range(cfg.n)],
             sample_index=[j for _ in prompt_tokens for j in range(cfg.n)],
             max_gen_len=max_gen_len,
@@ -463,12 +409,12 @@ class Llama:
         )
         return self._stream(run)
 
-    def _stream(self, run: "_Run") -> Iterator[StreamEvent]:
+    def _stream(self, run: DecodeRun) -> Iterator[StreamEvent]:
         for events in self._decode(run):
             yield from events
 
     @torch.inference_mode()
-    def _decode(self, run: "_Run") -> Iterator[List[StreamEvent]]:
+    def _decode(self, run: DecodeRun) -> Iterator[List[StreamEvent]]:
         """The decode loop over the rows of `run`. With run.track it yields each step's StreamEvents;
         it leaves the token ids (bsz, total_len), their logprobs and the row states on `run`."""
         params = self.model.params
@@ -523,41 +469,13 @@ class Llama:
             yield tracker.finish_all()
         run.tokens, run.recorder, run.tracker, run.total_len = tokens, recorder, tracker, total_len
 
-    def _completions(self, run: "_Run", echo: bool) -> List[Completion]:
-        """Cut each row of a finished run into a Completion."""
-        stop_tokens = set() if run.config.ignore_eos else self.tokenizer.stop_tokens
-        logprobs, top = run.recorder.lists() if run.recorder else (None, None)
-        out = []
-        for i, row in enumerate(run.tokens.tolist()):
-            prompt_len = len(run.prompt_tokens[i])
-            if run.tracker:
-                state = run.tracker.rows[i]
-                generated, reason = state.tokens, state.stop_reason
-            else:
-                generated = row[prompt_len : min(prompt_len + run.max_gen_len, run.total_len)]
-                # Cut the generation (never the echoed prompt) before its first stop token.
-                stops = [j for j, t in enumerate(generated) if t in stop_tokens]
-                reason = STOP_TOKEN if stops else LENGTH
-                generated = generated[: stops[0]] if stops else generated
-            start = 0 if echo else prompt_len
-            end = prompt_len + len(generated)
-            ids = row[start:end]
-            if reason == STOP_STRING:  # the text ends before the stop string, within the last token
-                text = self.tokenizer.decode(row[start:prompt_len]) + run.tracker.rows[i].text.text
-            else:
-                text = self.tokenizer.decode(ids)
-            out.append(
-                Completion(
-                    prompt_len=prompt_len,
-                    generated_len=len(generated),
-                    tokens=ids,
-                    text=text,
-                    stop_reason=reason,
-                    logprobs=logprobs[i][start:end] if logprobs else None,
-                    top_logprobs=top[i][start:end] if top else None,
-                )
-            )
-        return out
+    def _check_batch(self, prompt_tokens: List[List[int]], cfg: GenerationConfig) -> None:
+        if not prompt_tokens:
+            raise ValueError("no prompts given: pass a non-empty list")
+        max_batch_size = self.model.params.max_batch_size
+        if len(prompt_tokens) * cfg.n > max_batch_size:
+            samples = f" x n={cfg.n} samples" if cfg.n > 1 else ""
+            raise ValueError(f"{len(prompt_tokens)} prompts{samples} is more than max_batch_size={max_batch_size}")
 
     def _settings(
         self, config: Optional[GenerationConfig], max_gen_len: Optional[int], controls: Dict[str, Any]

@@ -181,5 +181,10 @@ class Sampler:
         probs = torch.softmax(logits, dim=-1)
         if self.generators is None:
             return sample_top_p(probs, self.top_p).reshape(-1)
-        rows = [sample_top_p(probs[i : i + 1], self.top_p, g) for i, g in enumerate(self.generators)]
-        return torch.cat(rows).reshape(-1)
+        # Rows still reading their prompt (n_generated < 0) draw nothing: each row's random stream then
+        # depends on its own prompt only, not on the lengths of the other prompts in the batch.
+        choices = torch.argmax(probs, dim=-1)
+        for i, (g, active) in enumerate(zip(self.generators, (n_generated >= 0).tolist())):
+            if active:
+                choices[i] = sample_top_p(probs[i : i + 1], self.top_p, g)[0, 0]
+        return choices
