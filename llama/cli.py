@@ -15,6 +15,7 @@ import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO, Union
 
 import torch
+import torch.distributed as dist
 
 from llama.config import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, GenerationConfig
 from llama.distributed import is_rank_zero
@@ -169,10 +170,10 @@ class RecordWriter:
 class Progress:
     """A one-line progress bar over batches on stderr (a line per update when stderr is not a terminal)."""
 
-    def __init__(self, total: int, stream: TextIO = sys.stderr, width: int = 30):
-        self.total, self.stream, self.width = total, stream, width
+    def __init__(self, total: int, stream: Optional[TextIO] = None, width: int = 30):
+        self.total, self.stream, self.width = total, stream or sys.stderr, width
         self.start = time.time()
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
 
     def update(self, done: int, failed: int) -> None:
         filled = self.width * done // self.total
@@ -253,7 +254,9 @@ def _sample_fields(llama: Llama, samples: list, many: bool, args: argparse.Names
     return out
 
 
-def display(record: Dict[str, Any], stream: TextIO = sys.stdout) -> None:
+def display(record: Dict[str, Any]) -> None:
+    """Print one record for people: the prompt, then each generation and its stop reason, or the error."""
+    stream = sys.stdout
     prompt = record["prompt"] if isinstance(record["prompt"], str) else json.dumps(record["prompt"])
     stream.write(f"[{record['index']}] {prompt}\n")
     if record["error"]:
@@ -314,3 +317,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        # Under torchrun, leave together: a rank exiting while another still holds the group aborts it.
+        if "RANK" in os.environ and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()

@@ -67,9 +67,10 @@ class TextStream:
         return delta
 
     def _find_stop(self, search_from: int) -> Optional[int]:
-        """Where the earliest stop string starting at or after `search_from` begins, or None."""
-        found = [i for i in (self.text.find(s, search_from) for s in self._stop) if i >= 0]
-        return min(found) if found else None
+        """Where the stop string found at or after `search_from` begins, or None. The one that ends first
+        wins, as if the new characters had come one at a time (then the one that starts first)."""
+        found = [(i + len(s), i) for s, i in ((s, self.text.find(s, search_from)) for s in self._stop) if i >= 0]
+        return min(found)[1] if found else None
 
     def _partial_stop_length(self) -> int:
         """The length of the longest end of `text` that is the beginning of a stop string."""
