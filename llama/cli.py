@@ -15,7 +15,6 @@ import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO, Union
 
 import torch
-import torch.distributed as dist
 
 from llama.config import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, GenerationConfig
 from llama.distributed import is_rank_zero
@@ -317,8 +316,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    finally:
-        # Under torchrun, leave together: a rank exiting while another still holds the group aborts it.
-        if "RANK" in os.environ and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()

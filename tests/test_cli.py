@@ -19,7 +19,7 @@ import pytest
 from llama import Llama
 from llama.chat import fit_history
 from llama.cli import main
-from tests.helpers import SMALL_GQA, write_byte_tokenizer, write_checkpoint
+from helpers import SMALL_GQA, write_byte_tokenizer, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 STOP_TOKENS = (257, 264, 265)  # <|end_of_text|>, <|eom_id|>, <|eot_id|> after 256 byte tokens

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llama import Llama, PromptError
-from tests.helpers import SMALL_GQA, write_byte_tokenizer, write_checkpoint
+from helpers import SMALL_GQA, write_byte_tokenizer, write_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from transformers.generation import logits_process as hf
 from llama import Llama
 from llama.config import GenerationConfig
 from llama.sampling import ban_sequences, min_new_tokens, min_p_filter, repetition_penalty, top_k_filter
-from tests.helpers import SMALL_GQA, write_byte_tokenizer, write_checkpoint
+from helpers import SMALL_GQA, write_byte_tokenizer, write_checkpoint
 
 VOCAB = 512  # 256 bytes + 256 special tokens
 LETTERS = list(range(ord("a"), ord("z") + 1))

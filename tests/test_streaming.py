@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from llama import Llama
 from llama.streaming import TextStream
-from tests.helpers import SMALL_GQA, write_byte_tokenizer, write_checkpoint
+from helpers import SMALL_GQA, write_byte_tokenizer, write_checkpoint
 
 ONE_BYTE = lambda t: bytes([t])  # noqa: E731 -- a byte tokenizer: token t is byte t
 
