@@ -1,8 +1,10 @@
 """`Llama`: build a model from a checkpoint directory, then generate, complete text and chat.
 
-The story of a request: prompts are encoded to token ids, `generate` runs the model over them one position
-at a time (the first positions shared by every prompt in a single batched call), and the ids it produces
-are cut at the first stop token and decoded.
+The story of a request: prompts are encoded to token ids, the decode loop (`_decode`) runs the model over
+them one position at a time (the first positions shared by every prompt in a single batched call), a
+Sampler picks each next token under the call's GenerationConfig, and the ids produced are cut at the first
+stop token (or stop string) and decoded. `generate`, `complete`, `generate_stream`, `text_completion` and
+`chat_completion` are views of that one loop.
 """
 
 import contextlib
@@ -11,13 +13,12 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypedDi
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
-import torch.nn.functional as F
 
 from llama.checkpoint import find_shards, load_into, load_shard, read_params
-from llama.distributed import init_distributed, is_rank_zero, pick_device, pick_dtype
-from llama.model import ModelArgs, Transformer
 from llama.completion import Completion, DecodeRun, cut_completions, to_prediction
 from llama.config import GenerationConfig, resolve_config
+from llama.distributed import init_distributed, is_rank_zero, pick_device, pick_dtype
+from llama.model import ModelArgs, Transformer
 from llama.sampling import Sampler, build_processors, row_generators
 from llama.scoring import LogprobRecorder, ScorePrediction, score_sequences
 from llama.streaming import RowTracker, StreamEvent
@@ -211,7 +212,7 @@ class Llama:
         config: Optional[GenerationConfig] = None,
         top_logprobs: int = 0,
         **controls: Any,
-    ) -> List[Any]:
+    ) -> List[Union[CompletionPrediction, List[CompletionPrediction]]]:
         """Continue each text prompt. `max_gen_len` defaults to max_seq_len - 1; temperature and top_p to
         Meta's 0.6 and 0.9; the other controls (GenerationConfig fields) are off unless given.
 
@@ -241,7 +242,7 @@ class Llama:
         config: Optional[GenerationConfig] = None,
         top_logprobs: int = 0,
         **controls: Any,
-    ) -> List[Any]:
+    ) -> List[Union[ChatPrediction, List[ChatPrediction]]]:
         """Answer each dialog as the assistant. Defaults and controls as for `text_completion`.
 
         A dialog must be an optional system message, then user/assistant turns alternating and ending with
@@ -284,11 +285,14 @@ class Llama:
                 completions[i] = done[j]
         results: list = []
         for samples in completions:
+            if samples is None:
+                results.append(None)
+                continue
             predictions = [
                 to_prediction(c, self.tokenizer, wrap, settings["logprobs"], settings["top_logprobs"] > 0)
-                for c in samples or ()
+                for c in samples
             ]
-            results.append(None if samples is None else predictions if len(predictions) > 1 else predictions[0])
+            results.append(predictions if len(predictions) > 1 else predictions[0])
         if errors:
             raise PromptError(errors, results)
         return results
@@ -315,12 +319,9 @@ class Llama:
                 errors[i] = problem
         valid = [i for i in range(len(prompt_tokens)) if i not in errors]
         results: List[Optional[ScorePrediction]] = [None] * len(prompt_tokens)
-        batch_size = self.model.params.max_batch_size
-        for start in range(0, len(valid), batch_size):
-            batch = valid[start : start + batch_size]
-            scores = score_sequences(self.model, [prompt_tokens[i] for i in batch], self.tokenizer.pad_id)
-            for i, s in zip(batch, scores):
-                results[i] = s
+        scores = score_sequences(self.model, [prompt_tokens[i] for i in valid], self.tokenizer.pad_id)
+        for i, score in zip(valid, scores):
+            results[i] = score
         if errors:
             raise PromptError(errors, results)
         return results
@@ -407,11 +408,7 @@ class Llama:
             config=cfg,
             track=True,
         )
-        return self._stream(run)
-
-    def _stream(self, run: DecodeRun) -> Iterator[StreamEvent]:
-        for events in self._decode(run):
-            yield from events
+        return (event for events in self._decode(run) for event in events)
 
     @torch.inference_mode()
     def _decode(self, run: DecodeRun) -> Iterator[List[StreamEvent]]:

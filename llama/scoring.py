@@ -58,9 +58,15 @@ class LogprobRecorder:
 
 @torch.inference_mode()
 def score_sequences(model: Transformer, prompt_tokens: Sequence[Sequence[int]], pad_id: int) -> List[ScorePrediction]:
-    """Score each sequence with one forward pass over the batch (at most max_batch_size sequences, each
-    with 2 to max_seq_len tokens: the caller checks). Shorter sequences are padded at the end, which the
-    causal mask keeps out of the positions before."""
+    """Score each sequence (each of 2 to max_seq_len tokens: the caller checks), max_batch_size at a time
+    with one forward pass each. Shorter sequences are padded at the end, which the causal mask keeps out of
+    the positions before."""
+    batch_size = model.params.max_batch_size
+    return [s for start in range(0, len(prompt_tokens), batch_size)
+            for s in _score_batch(model, prompt_tokens[start : start + batch_size], pad_id)]
+
+
+def _score_batch(model: Transformer, prompt_tokens: Sequence[Sequence[int]], pad_id: int) -> List[ScorePrediction]:
     device = model.rope_cos.device
     max_len = max(len(t) for t in prompt_tokens)
     tokens = torch.full((len(prompt_tokens), max_len), pad_id, dtype=torch.long, device=device)

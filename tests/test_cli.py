@@ -7,7 +7,6 @@ printable, so answers read back from files and terminals compare exactly with th
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -87,7 +86,8 @@ def test_json_output_is_an_array_and_prompts_can_be_given_on_the_command_line(ck
 
 
 def test_chat_template_and_jsonl_prompts_with_dialogs(ckpt, llama, tmp_path):
-    dialog = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "ok"}]
+    dialog = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+              {"role": "user", "content": "ok"}]
     lines = [json.dumps("plain"), json.dumps({"prompt": "as object"}), json.dumps({"dialog": dialog}),
              json.dumps({"dialog": [{"role": "assistant", "content": "not a user"}]})]
     (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")

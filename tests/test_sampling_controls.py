@@ -188,7 +188,6 @@ def test_a_seed_gives_the_same_output_whatever_ran_before_and_leaves_the_global_
     prompts = encode(llama, "seeded")
     settings = dict(temperature=1.0, top_p=1.0, seed=42, ignore_eos=True)
     first = llama.generate(prompts, 16, **settings)[0]
-    state = torch.get_rng_state()
     llama.generate(prompts, 16, temperature=1.0)  # unseeded: uses and moves the global RNG
     torch.manual_seed(123)
     assert llama.generate(prompts, 16, **settings)[0] == first
@@ -197,7 +196,6 @@ def test_a_seed_gives_the_same_output_whatever_ran_before_and_leaves_the_global_
     before = torch.get_rng_state()
     llama.generate(prompts, 16, **settings)
     assert torch.equal(torch.get_rng_state(), before)
-    del state
 
 
 def test_a_seeded_prompt_samples_the_same_alone_or_beside_other_prompts(llama):
