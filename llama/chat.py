@@ -96,6 +96,8 @@ def run_chat(args: argparse.Namespace) -> int:
     # Room kept for the answer when the history is trimmed.
     reserve = args.max_gen_len if args.max_gen_len else max(1, max_seq_len // 4)
     budget = max_seq_len - reserve
+    if budget < 1:
+        raise ValueError(f"--max_gen_len {reserve} leaves no room for a prompt within --max_seq_len {max_seq_len}")
     start: List[Message] = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
     count_tokens = lambda messages: len(llama.formatter.encode_dialog_prompt(messages))  # noqa: E731

@@ -10,6 +10,7 @@ talks (see llama/chat.py). Under torchrun every rank computes and rank 0 alone r
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO, Union
@@ -59,7 +60,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     s.add_argument("--top_k", type=int, default=0, help="0: off")
     s.add_argument("--min_p", type=float, default=0.0, help="0: off")
     s.add_argument("--repetition_penalty", type=float, default=1.0, help="1: off")
-    s.add_argument("--stop", action="append", default=[], help="a stop string (repeat for several)")
+    s.add_argument("--stop", action="append", default=[], type=_unescape,
+                   help=r"a stop string (repeat for several); \n, \t, \r and \\ are understood")
     s.add_argument("--banned_words", action="append", default=[], help="a banned word (repeat for several)")
     s.add_argument("--banned_token_ids", type=_int_list, default=[], help="comma-separated token ids")
     s.add_argument("--seed", type=int, help="sampling seed (default: the global seed, 1)")
@@ -78,6 +80,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.batch_size < 1:
         p.error(f"--batch_size must be at least 1, got {args.batch_size}")
     return args
+
+
+def _unescape(text: str) -> str:
+    r"""Read \n, \t, \r and \\ in a command-line string as the characters they name."""
+    names = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+    return re.sub(r"\\([ntr\\])", lambda m: names[m.group(1)], text)
 
 
 def _int_list(text: str) -> List[int]:

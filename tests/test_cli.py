@@ -17,7 +17,7 @@ import pytest
 
 from llama import Llama
 from llama.chat import fit_history
-from llama.cli import main
+from llama.cli import main, parse_args
 from helpers import SMALL_GQA, write_byte_tokenizer, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,6 +110,11 @@ def test_samples_and_logprobs_options_reach_the_records(ckpt, tmp_path):
     assert record["stop_reason"] == ["length"] * 3
     assert [len(x) for x in record["logprobs"]] == [5, 5, 5]
     assert all(len(position) == 2 for sample in record["top_logprobs"] for position in sample)
+
+
+def test_stop_strings_on_the_command_line_understand_backslash_escapes():
+    args = parse_args(["--ckpt_dir", "d", "--stop", r"\n\n", "--stop", r"a\tb\\n", "--stop", "END"])
+    assert args.stop == ["\n\n", "a\tb\\n", "END"]
 
 
 @pytest.mark.parametrize(
