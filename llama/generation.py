@@ -19,7 +19,7 @@ from llama.completion import Completion, DecodeRun, cut_completions, to_predicti
 from llama.config import GenerationConfig, resolve_config
 from llama.distributed import init_distributed, is_rank_zero, pick_device, pick_dtype
 from llama.model import ModelArgs, Transformer
-from llama.sampling import Sampler, build_processors, row_generators
+from llama.sampling import Context, Sampler, build_processors, row_generators
 from llama.scoring import LogprobRecorder, ScorePrediction, score_sequences
 from llama.streaming import RowTracker, StreamEvent
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer, check_dialog
@@ -448,8 +448,10 @@ class Llama:
         for cur_pos in range(min_prompt_len, total_len):
             # The first call feeds every position up to the shortest prompt's end; then one token a step.
             logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # (bsz, cur-prev, vocab)
-            # Processing and sampling see the last position's logits and every row's tokens so far.
-            next_tok = sampler(logits[:, -1], tokens[:, :cur_pos], cur_pos - prompt_lens_t)
+            # Processing and sampling see the last position's logits and every row's tokens so far (here
+            # all rows are at cur_pos, those still in their prompt with n_generated < 0).
+            context = Context(tokens[:, :cur_pos], torch.full_like(prompt_lens_t, cur_pos), prompt_lens_t)
+            next_tok = sampler(logits[:, -1], context)
             next_tok = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_tok)
             tokens[:, cur_pos] = next_tok
             if recorder:
@@ -458,7 +460,7 @@ class Llama:
             eos_reached |= ~input_text_mask[:, cur_pos] & torch.isin(next_tok, stop_tokens)
             prev_pos = cur_pos
             if tracker:  # host-side rows: the text so far, stop strings, lengths
-                yield tracker.step(cur_pos, next_tok.tolist())
+                yield tracker.step([cur_pos] * bsz, next_tok.tolist())
                 eos_reached |= torch.tensor(tracker.done, device=device)
             if bool(eos_reached.all()):
                 break

@@ -1,21 +1,56 @@
 """Choosing the next token from the model's logits.
 
 Two kinds of small functions shape the last-position logits (bsz, vocab) before a token is chosen:
-- logits processors, built from a GenerationConfig, look at the tokens so far (repetition penalty, banned
-  tokens and words, no stop token before min_new_tokens); they run on the raw logits;
+- logits processors, built from a GenerationConfig, look at each row's tokens so far, a `Context`
+  (repetition penalty, banned tokens and words, no stop token before min_new_tokens); they run on the raw
+  logits;
 - filters (top_k, min_p) only look at the logits; they run after the division by the temperature.
 `Sampler` chains them and draws; with Meta's defaults it is exactly `next_token`.
 """
 
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import torch
 
 from llama.config import GenerationConfig
 
-# A logits processor: (logits (bsz, vocab), context (bsz, tokens so far), n_generated (bsz,)) -> logits.
-# Processors never modify their input in place: the same logits also give the reported logprobs.
-LogitsProcessor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+@dataclass
+class Context:
+    """The tokens each row has so far, whatever the decode loop's layout: row i holds
+    tokens[i, :lengths[i]], its prompt (prompt_lens[i] tokens) then what it generated."""
+
+    tokens: torch.Tensor  # (bsz, L)
+    lengths: torch.Tensor  # (bsz,), each <= L
+    prompt_lens: torch.Tensor  # (bsz,)
+
+    @property
+    def n_generated(self) -> torch.Tensor:
+        """(bsz,) tokens generated so far; negative while a row is still being fed its prompt."""
+        return self.lengths - self.prompt_lens
+
+    def seen(self, vocab_size: int) -> torch.Tensor:
+        """(bsz, vocab_size) True for every token id present in the row."""
+        bsz, width = self.tokens.shape
+        valid = torch.arange(width, device=self.tokens.device)[None, :] < self.lengths[:, None]
+        ids = self.tokens.masked_fill(~valid, vocab_size)  # positions past the row's end: an extra column
+        seen = torch.zeros((bsz, vocab_size + 1), dtype=torch.bool, device=self.tokens.device)
+        return seen.scatter_(1, ids, True)[:, :vocab_size]
+
+    def ends_with(self, suffix: Sequence[int]) -> torch.Tensor:
+        """(bsz,) True for the rows whose last tokens are `suffix`."""
+        k = len(suffix)
+        offsets = torch.arange(k, device=self.tokens.device)[None, :] - k
+        at = (self.lengths[:, None] + offsets).clamp(min=0)  # (bsz, k) positions of the last k tokens
+        tail = torch.gather(self.tokens, 1, at)
+        matches = (tail == torch.tensor(list(suffix), device=self.tokens.device)).all(dim=1)
+        return matches & (self.lengths >= k)
+
+
+# A logits processor: (logits (bsz, vocab), the rows' tokens so far) -> logits. Processors never modify
+# their input in place: the same logits also give the reported logprobs.
+LogitsProcessor = Callable[[torch.Tensor, Context], torch.Tensor]
 
 
 def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -52,10 +87,9 @@ def repetition_penalty(penalty: float) -> LogitsProcessor:
     """Make every token already in a row's context less likely (CTRL's penalty, as in Hugging Face):
     a positive logit is divided by `penalty`, a negative one multiplied by it."""
 
-    def process(logits: torch.Tensor, context: torch.Tensor, n_generated: torch.Tensor) -> torch.Tensor:
-        seen = torch.gather(logits, 1, context)  # (bsz, context_len): each context token's logit
-        seen = torch.where(seen > 0, seen / penalty, seen * penalty)
-        return logits.scatter(1, context, seen)  # repeated tokens write the same value twice
+    def process(logits: torch.Tensor, context: Context) -> torch.Tensor:
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        return torch.where(context.seen(logits.shape[-1]), penalised, logits)
 
     return process
 
@@ -64,7 +98,7 @@ def ban_tokens(token_ids: Sequence[int]) -> LogitsProcessor:
     """Never choose these token ids."""
     banned = list(token_ids)
 
-    def process(logits: torch.Tensor, context: torch.Tensor, n_generated: torch.Tensor) -> torch.Tensor:
+    def process(logits: torch.Tensor, context: Context) -> torch.Tensor:
         return logits.index_fill(1, torch.tensor(banned, device=logits.device), float("-inf"))
 
     return process
@@ -76,17 +110,13 @@ def ban_sequences(sequences: Sequence[Sequence[int]]) -> LogitsProcessor:
     always = sorted({seq[0] for seq in sequences if len(seq) == 1})
     longer = [list(seq) for seq in sequences if len(seq) > 1]
 
-    def process(logits: torch.Tensor, context: torch.Tensor, n_generated: torch.Tensor) -> torch.Tensor:
+    def process(logits: torch.Tensor, context: Context) -> torch.Tensor:
         if always:
-            logits = ban_tokens(always)(logits, context, n_generated)
+            logits = ban_tokens(always)(logits, context)
         for seq in longer:
-            prefix = seq[:-1]
-            if context.shape[1] < len(prefix):
-                continue
-            tail = context[:, -len(prefix) :]  # (bsz, len(prefix))
-            matches = (tail == torch.tensor(prefix, device=context.device)).all(dim=1)  # (bsz,)
-            column = torch.where(matches, float("-inf"), logits[:, seq[-1]])
-            logits = logits.index_copy(1, torch.tensor([seq[-1]], device=logits.device), column[:, None])
+            last = seq[-1]
+            column = torch.where(context.ends_with(seq[:-1]), float("-inf"), logits[:, last])  # (bsz,)
+            logits = logits.index_copy(1, torch.tensor([last], device=logits.device), column[:, None])
         return logits
 
     return process
@@ -96,10 +126,9 @@ def min_new_tokens(stop_tokens: Sequence[int], minimum: int) -> LogitsProcessor:
     """Ban the stop tokens in rows that have generated fewer than `minimum` tokens."""
     stop_ids = sorted(stop_tokens)
 
-    def process(logits: torch.Tensor, context: torch.Tensor, n_generated: torch.Tensor) -> torch.Tensor:
-        too_early = (n_generated < minimum)[:, None]  # (bsz, 1)
-        banned = ban_tokens(stop_ids)(logits, context, n_generated)
-        return torch.where(too_early, banned, logits)
+    def process(logits: torch.Tensor, context: Context) -> torch.Tensor:
+        too_early = (context.n_generated < minimum)[:, None]  # (bsz, 1)
+        return torch.where(too_early, ban_tokens(stop_ids)(logits, context), logits)
 
     return process
 
@@ -169,10 +198,11 @@ class Sampler:
         self.processors = list(processors)
         self.generators = generators  # None: torch's global RNG, one draw for the whole batch
 
-    def __call__(self, logits: torch.Tensor, context: torch.Tensor, n_generated: torch.Tensor) -> torch.Tensor:
-        """logits (bsz, vocab), context (bsz, tokens so far), n_generated (bsz,). Returns (bsz,) token ids."""
+    def __call__(self, logits: torch.Tensor, context: Context) -> torch.Tensor:
+        """logits (bsz, vocab) of each row's last position; context: each row's tokens so far.
+        Returns (bsz,) token ids."""
         for process in self.processors:
-            logits = process(logits, context, n_generated)
+            logits = process(logits, context)
         if self.temperature == 0:
             return torch.argmax(logits, dim=-1)
         if self.top_k == 0 and self.min_p == 0 and self.generators is None:
@@ -184,7 +214,7 @@ class Sampler:
         # Rows still reading their prompt (n_generated < 0) draw nothing: each row's random stream then
         # depends on its own prompt only, not on the lengths of the other prompts in the batch.
         choices = torch.argmax(probs, dim=-1)
-        for i, (g, active) in enumerate(zip(self.generators, (n_generated >= 0).tolist())):
+        for i, (g, active) in enumerate(zip(self.generators, (context.n_generated >= 0).tolist())):
             if active:
                 choices[i] = sample_top_p(probs[i : i + 1], self.top_p, g)[0, 0]
         return choices

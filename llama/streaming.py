@@ -110,11 +110,13 @@ class RowTracker:
     def done(self) -> List[bool]:
         return [row.stop_reason is not None for row in self.rows]
 
-    def step(self, cur_pos: int, new_tokens: Sequence[int]) -> List[StreamEvent]:
-        """Take the tokens just written at `cur_pos` (one per row); rows still inside their prompt and rows
-        already finished ignore theirs."""
+    def step(self, positions: Sequence[int], new_tokens: Sequence[int]) -> List[StreamEvent]:
+        """Take the token just written in each row and the position it went to (one loop keeps every row
+        at the same position, another each at its own); rows still inside their prompt and rows already
+        finished ignore theirs."""
         events = []
         for i, row in enumerate(self.rows):
+            cur_pos = positions[i]
             if row.stop_reason is not None or cur_pos < row.prompt_len:
                 continue
             token = new_tokens[i]

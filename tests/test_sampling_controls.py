@@ -11,7 +11,14 @@ from transformers.generation import logits_process as hf
 
 from llama import Llama
 from llama.config import GenerationConfig
-from llama.sampling import ban_sequences, min_new_tokens, min_p_filter, repetition_penalty, top_k_filter
+from llama.sampling import (
+    Context,
+    ban_sequences,
+    min_new_tokens,
+    min_p_filter,
+    repetition_penalty,
+    top_k_filter,
+)
 from helpers import SMALL_GQA, write_byte_tokenizer, write_checkpoint
 
 VOCAB = 512  # 256 bytes + 256 special tokens
@@ -243,26 +250,42 @@ def test_max_new_tokens_bounds_the_generation(llama):
 def test_logits_processors_match_hugging_face():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 50, generator=g) * 3
-    context = torch.randint(0, 50, (3, 9), generator=g)
-    n_generated = torch.tensor([0, 2, 5])
+    tokens = torch.randint(0, 50, (3, 9), generator=g)
+    context = Context(tokens, lengths=torch.tensor([9, 9, 9]), prompt_lens=torch.tensor([9, 7, 4]))
     torch.testing.assert_close(
-        repetition_penalty(1.7)(logits, context, n_generated),
-        hf.RepetitionPenaltyLogitsProcessor(1.7)(context, logits.clone()),
+        repetition_penalty(1.7)(logits, context), hf.RepetitionPenaltyLogitsProcessor(1.7)(tokens, logits.clone())
     )
-    torch.testing.assert_close(top_k_filter(logits, 4), hf.TopKLogitsWarper(4)(context, logits.clone()))
-    torch.testing.assert_close(min_p_filter(logits, 0.3), hf.MinPLogitsWarper(0.3)(context, logits.clone()))
-    bad = [[7], [context[1, -1].item(), 11], [3, 4, 5]]
+    torch.testing.assert_close(top_k_filter(logits, 4), hf.TopKLogitsWarper(4)(tokens, logits.clone()))
+    torch.testing.assert_close(min_p_filter(logits, 0.3), hf.MinPLogitsWarper(0.3)(tokens, logits.clone()))
+    bad = [[7], [tokens[1, -1].item(), 11], [tokens[2, -2].item(), tokens[2, -1].item(), 5], [3, 4, 5]]
     torch.testing.assert_close(
-        ban_sequences(bad)(logits, context, n_generated),
-        hf.NoBadWordsLogitsProcessor(bad, eos_token_id=49)(context, logits.clone()),
+        ban_sequences(bad)(logits, context), hf.NoBadWordsLogitsProcessor(bad, eos_token_id=49)(tokens, logits.clone())
     )
     # HF counts new tokens from one prompt length for the whole batch: compare row by row.
     for row in range(3):
-        ours = min_new_tokens([48, 49], 3)(logits[row : row + 1], context[row : row + 1], n_generated[row : row + 1])
-        theirs = hf.MinNewTokensLengthLogitsProcessor(9 - n_generated[row].item(), 3, [48, 49])(
-            context[row : row + 1], logits[row : row + 1].clone()
-        )
-        torch.testing.assert_close(ours, theirs)
+        one = Context(tokens[row : row + 1], context.lengths[row : row + 1], context.prompt_lens[row : row + 1])
+        theirs = hf.MinNewTokensLengthLogitsProcessor(context.prompt_lens[row].item(), 3, [48, 49])
+        expected = theirs(tokens[row : row + 1], logits[row : row + 1].clone())
+        torch.testing.assert_close(min_new_tokens([48, 49], 3)(logits[row : row + 1], one), expected)
+
+
+def test_processors_read_rows_of_different_lengths_as_their_own_contexts():
+    """A decode loop may keep rows at different positions: each row is read up to its own length, as if
+    it were alone (what Hugging Face's processors see for that row)."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 30, generator=g)
+    tokens = torch.randint(0, 30, (2, 8), generator=g)
+    lengths = torch.tensor([8, 5])
+    ragged = Context(tokens, lengths, prompt_lens=torch.tensor([3, 3]))
+    bad = [[tokens[1, 3].item(), tokens[1, 4].item(), 9]]
+    for ours, theirs in [
+        (repetition_penalty(2.0), hf.RepetitionPenaltyLogitsProcessor(2.0)),
+        (ban_sequences(bad), hf.NoBadWordsLogitsProcessor(bad, eos_token_id=29)),
+    ]:
+        got = ours(logits, ragged)
+        for row in range(2):
+            alone = tokens[row : row + 1, : lengths[row]]
+            torch.testing.assert_close(got[row : row + 1], theirs(alone, logits[row : row + 1].clone()))
 
 
 # ---- validation ----
