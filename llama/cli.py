@@ -29,7 +29,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Read the command line. Every sampling control of GenerationConfig has an option of the same name."""
-    p = argparse.ArgumentParser(prog="python -m llama", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m llama", description="Complete prompts in batches (into JSON Lines or JSON), or chat, with a "
+                                "Llama checkpoint. Under torchrun rank 0 reads, prints and writes.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("command", nargs="?", choices=["generate", "chat"], default="generate",
                    help="generate: complete prompts in batches; chat: talk interactively")
