@@ -7,17 +7,22 @@ are cut at the first stop token and decoded.
 
 import contextlib
 import time
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, TypedDict
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.nn.functional as F
 
-from llama.checkpoint import find_shards, load_into, load_shard, read_params
+from llama.checkpoint import find_tokenizer, load_checkpoint, load_into, tokenizer_kind
 from llama.distributed import init_distributed, is_rank_zero, pick_device, pick_dtype
 from llama.model import ModelArgs, Transformer
 from llama.sampling import next_token
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer, check_dialog
+from llama.tokenizer_llama2 import Llama2ChatFormat, SentencePieceTokenizer
+
+AnyTokenizer = Union[Tokenizer, SentencePieceTokenizer]
+AnyChatFormat = Union[ChatFormat, Llama2ChatFormat]
+CHAT_FORMATS = {"llama3": ChatFormat, "llama2": Llama2ChatFormat}
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -43,6 +48,24 @@ class PromptError(ValueError):
         super().__init__(f"{len(errors)} of {len(results)} prompts failed ({details})")
 
 
+def load_tokenizer(path: str) -> AnyTokenizer:
+    """Llama 3's tiktoken tokenizer or Llama 2's SentencePiece one, whichever the file holds."""
+    if tokenizer_kind(path) == "sentencepiece":
+        return SentencePieceTokenizer(path)
+    return Tokenizer(path)
+
+
+def make_chat_format(tokenizer: AnyTokenizer, name: Optional[str] = None) -> AnyChatFormat:
+    """The chat format `name` ("llama3" or "llama2"); by default the one of the tokenizer's family."""
+    if name is None:
+        name = "llama2" if isinstance(tokenizer, SentencePieceTokenizer) else "llama3"
+    if name not in CHAT_FORMATS:
+        raise ValueError(f"unknown chat_format {name!r}; expected one of {sorted(CHAT_FORMATS)}")
+    if name == "llama3" and "<|start_header_id|>" not in tokenizer.special_tokens:
+        raise ValueError("chat_format 'llama3' needs Llama 3's special tokens, which this tokenizer lacks")
+    return CHAT_FORMATS[name](tokenizer)
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     previous = torch.get_default_dtype()
@@ -57,7 +80,7 @@ class Llama:
     @staticmethod
     def build(
         ckpt_dir: str,
-        tokenizer_path: str,
+        tokenizer_path: Optional[str],
         max_seq_len: int,
         max_batch_size: int,
         model_parallel_size: Optional[int] = None,
@@ -65,13 +88,17 @@ class Llama:
         *,
         device: Optional[str] = None,
         dtype: Optional[torch.dtype] = None,
+        chat_format: Optional[str] = None,
     ) -> "Llama":
-        """Load a Meta-format checkpoint and its tokenizer, starting torch.distributed and fairscale
-        model parallelism if they are not started yet.
+        """Load a checkpoint and its tokenizer, starting torch.distributed and fairscale model parallelism if
+        they are not started yet.
 
         Args:
-            ckpt_dir: directory with params.json and one consolidated.NN.pth per model-parallel rank.
-            tokenizer_path: the tiktoken BPE tokenizer.model.
+            ckpt_dir: a Meta checkpoint (params.json and consolidated.NN.pth files, any number of them: they
+                are resharded for this run), a Hugging Face directory (config.json and *.safetensors), or a
+                Hugging Face repo with Meta's files under original/.
+            tokenizer_path: tokenizer.model: Llama 3's tiktoken file or Llama 2's SentencePiece model (told
+                apart by their contents); None to use the one in ckpt_dir or ckpt_dir/original.
             max_seq_len: longest prompt plus generation; sizes the KV cache.
             max_batch_size: most prompts per call; sizes the KV cache.
             model_parallel_size: ranks the model is split over; default the world size (1 without torchrun).
@@ -79,57 +106,53 @@ class Llama:
             device: "cuda", "cpu", ...; default CUDA when available, else the CPU.
             dtype: weight and activation dtype; default bf16 on CUDA (fp16 where bf16 is not supported),
                 float32 on the CPU.
+            chat_format: "llama3" or "llama2"; default the one of the tokenizer's family.
 
         Raises:
             FileNotFoundError: a missing directory, params.json, shard or tokenizer file.
-            ValueError: bad sizes, a corrupt or unsafe shard, a shard count that differs from the
-                model-parallel size, a vocabulary size that differs from the tokenizer's, tensors that do
-                not match the model.
+            ValueError: bad sizes, a corrupt or unsafe shard, a model that cannot be split over
+                model_parallel_size ranks, a vocabulary size that differs from the tokenizer's, tensors that
+                do not match the model, a config.json for another architecture, a directory mixing layouts.
         """
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         start_time = time.time()
-        shards = find_shards(ckpt_dir)
-        params = read_params(ckpt_dir)
-        tokenizer = Tokenizer(tokenizer_path)
+        tokenizer_path = tokenizer_path or find_tokenizer(ckpt_dir)
+        tokenizer = load_tokenizer(tokenizer_path)
+        formatter = make_chat_format(tokenizer, chat_format)
 
         device_ = pick_device(device)
         dtype = pick_dtype(device_, dtype)
         if device_.type == "cuda":
             torch.cuda.set_device(device_)
         model_parallel_size = init_distributed(device_, model_parallel_size)
-        if len(shards) != model_parallel_size:
-            raise ValueError(
-                f"{ckpt_dir!r} holds {len(shards)} checkpoint shards but model_parallel_size is "
-                f"{model_parallel_size}; run with torchrun --nproc_per_node {len(shards)}"
-            )
         torch.manual_seed(seed)  # the same seed in every rank: they must all sample the same tokens
 
+        # This rank's share of the weights, however many files (Meta or Hugging Face) hold them.
+        state, params = load_checkpoint(ckpt_dir, model_parallel_size, fs_init.get_model_parallel_rank())
         model_args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         if model_args.vocab_size == -1:
             model_args.vocab_size = tokenizer.n_words
         if model_args.vocab_size != tokenizer.n_words:
             raise ValueError(
-                f"params.json says vocab_size={model_args.vocab_size} but the tokenizer {tokenizer_path!r} "
-                f"has {tokenizer.n_words} tokens"
+                f"the checkpoint {ckpt_dir!r} says vocab_size={model_args.vocab_size} but the tokenizer "
+                f"{tokenizer_path!r} has {tokenizer.n_words} tokens"
             )
-        shard = shards[fs_init.get_model_parallel_rank()]
-        state = load_shard(shard)
         # Parameters are created uninitialised on the CPU (no memory is touched), then replaced by the
-        # shard's tensors on `device`; the KV cache and RoPE tables follow with .to(device).
+        # checkpoint's tensors on `device`; the KV cache and RoPE tables follow with .to(device).
         with _default_dtype(dtype):
             model = Transformer(model_args)
-        load_into(model, state, device_, dtype, source=str(shard))
+        load_into(model, state, device_, dtype, source=ckpt_dir)
         model.to(device_).eval()
         if is_rank_zero():
             print(f"Loaded in {time.time() - start_time:.2f} seconds")
-        return Llama(model, tokenizer)
+        return Llama(model, tokenizer, formatter)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+    def __init__(self, model: Transformer, tokenizer: AnyTokenizer, formatter: Optional[AnyChatFormat] = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.formatter = ChatFormat(tokenizer)
+        self.formatter = formatter or make_chat_format(tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -285,29 +308,38 @@ class Llama:
 
         A dialog must be an optional system message, then user/assistant turns alternating and ending with
         the user. Raises PromptError (a ValueError) naming the dialogs that cannot run, after answering the
-        others, which it carries in `.results`.
+        others, which it carries in `.results`. With the Llama 2 chat format, a dialog containing its tags
+        ([INST], <<SYS>>, ...) is answered "Error: special tags are not allowed as part of the prompt."
+        without running the model (empty tokens and logprobs), as Meta's Llama 2 code answers it.
         """
         if max_gen_len is None:
             max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens: List[List[int]] = []
         problems: List[Optional[str]] = []
-        for dialog in dialogs:
+        fixed: Dict[int, ChatPrediction] = {}
+        for i, dialog in enumerate(dialogs):
             try:
                 check_dialog(dialog)
             except ValueError as e:
                 prompt_tokens.append([])
                 problems.append(str(e))
                 continue
-            prompt_tokens.append(self.formatter.encode_dialog_prompt(dialog))
+            reply = self.formatter.fixed_reply(dialog)
+            if reply is not None:
+                fixed[i] = {"generation": {"role": "assistant", "content": reply}}
+                if logprobs:
+                    fixed[i].update(tokens=[], logprobs=[])
+            prompt_tokens.append([] if reply is not None else self.formatter.encode_dialog_prompt(dialog))
             problems.append(None)
         return self._complete(
             prompt_tokens, problems, max_gen_len, temperature, top_p, logprobs, False,
-            lambda text: {"role": "assistant", "content": text},
+            lambda text: {"role": "assistant", "content": text}, fixed,
         )
 
-    def _complete(self, prompt_tokens, problems, max_gen_len, temperature, top_p, logprobs, echo, wrap):
+    def _complete(self, prompt_tokens, problems, max_gen_len, temperature, top_p, logprobs, echo, wrap, fixed=None):
         """Generate for the valid prompts in one batch, decode, and raise PromptError afterwards for the
-        invalid ones."""
+        invalid ones. Prompts in `fixed` (index -> result) are answered with that result, without the model."""
+        fixed = fixed or {}
         if not prompt_tokens:
             raise ValueError("no prompts given: pass a non-empty list")
         if len(prompt_tokens) > self.model.params.max_batch_size:
@@ -316,11 +348,13 @@ class Llama:
             )
         errors = {}
         for i, tokens in enumerate(prompt_tokens):
+            if i in fixed:
+                continue
             problem = problems[i] or self._check_prompt(tokens)
             if problem:
                 errors[i] = problem
-        valid = [i for i in range(len(prompt_tokens)) if i not in errors]
-        results: list = [None] * len(prompt_tokens)
+        valid = [i for i in range(len(prompt_tokens)) if i not in errors and i not in fixed]
+        results: list = [fixed.get(i) for i in range(len(prompt_tokens))]
         if valid:
             out_tokens, out_logprobs = self.generate(
                 [prompt_tokens[i] for i in valid], max_gen_len, temperature, top_p, logprobs, echo

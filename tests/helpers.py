@@ -71,12 +71,24 @@ def random_state_dict(params: Dict, seed: int = 0, dtype=torch.float32) -> Dict[
     return sd
 
 
-def shard_state_dict(sd: Dict[str, torch.Tensor], n: int, rank: int) -> Dict[str, torch.Tensor]:
-    """Rank `rank`'s piece of a full state dict split over n ranks, as fairscale splits parameters."""
+def shard_state_dict(sd: Dict[str, torch.Tensor], n: int, rank: int, n_kv_heads: Optional[int] = None,
+                     embedding_dim: int = 0) -> Dict[str, torch.Tensor]:
+    """Rank `rank`'s piece of a full state dict split over n ranks, as fairscale splits parameters.
+
+    With `n_kv_heads` < n, wk/wv heads are first repeated n // n_kv_heads times (as Meta ships 405B on 16
+    GPUs), so each rank holds one whole KV head. `embedding_dim=1` splits tok_embeddings along the embedding
+    dim, as Llama 2's ParallelEmbedding does.
+    """
     out = {}
     for k, v in sd.items():
         name = k.rsplit(".", 1)[0].split(".", 2)[-1] if k.startswith("layers.") else k.rsplit(".", 1)[0]
-        if name in COLUMN_PARALLEL:
+        if name in ("attention.wk", "attention.wv") and n_kv_heads is not None and n > n_kv_heads:
+            head_dim = v.shape[0] // n_kv_heads
+            heads = v.reshape(n_kv_heads, head_dim, -1).repeat_interleave(n // n_kv_heads, dim=0)
+            out[k] = heads[rank].clone()
+        elif name == "tok_embeddings" and embedding_dim == 1:
+            out[k] = v.chunk(n, dim=1)[rank].clone()
+        elif name in COLUMN_PARALLEL:
             out[k] = v.chunk(n, dim=0)[rank].clone()
         elif name in ROW_PARALLEL:
             out[k] = v.chunk(n, dim=1)[rank].clone()
@@ -86,11 +98,18 @@ def shard_state_dict(sd: Dict[str, torch.Tensor], n: int, rank: int) -> Dict[str
 
 
 def write_checkpoint(ckpt_dir: Path, params: Dict, n_shards: int = 1, seed: int = 0,
-                     sd: Optional[Dict[str, torch.Tensor]] = None, dtype=torch.float32) -> Dict[str, torch.Tensor]:
-    """Write params.json and consolidated.NN.pth files; return the full state dict."""
+                     sd: Optional[Dict[str, torch.Tensor]] = None, dtype=torch.float32,
+                     embedding_dim: int = 0, extra: Optional[Dict[str, torch.Tensor]] = None
+                     ) -> Dict[str, torch.Tensor]:
+    """Write params.json and consolidated.NN.pth files; return the full state dict. KV heads are
+    replicated when n_shards > n_kv_heads; `embedding_dim=1` gives Llama 2's embedding split; `extra`
+    tensors (e.g. Llama 2's rope.freqs) go into every shard."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     sd = random_state_dict(params, seed, dtype) if sd is None else sd
     (ckpt_dir / "params.json").write_text(json.dumps(params))
+    n_kv = params.get("n_kv_heads") or params["n_heads"]
     for r in range(n_shards):
-        torch.save(shard_state_dict(sd, n_shards, r), ckpt_dir / f"consolidated.{r:02d}.pth")
+        shard = shard_state_dict(sd, n_shards, r, n_kv_heads=n_kv, embedding_dim=embedding_dim)
+        shard.update(extra or {})
+        torch.save(shard, ckpt_dir / f"consolidated.{r:02d}.pth")
     return sd
