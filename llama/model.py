@@ -120,7 +120,10 @@ def precompute_rope(
         freqs = apply_scaling(freqs, **scaling)
     t = torch.arange(end, dtype=torch.float32)
     angles = torch.outer(t, freqs)  # (end, head_dim // 2)
-    return torch.cos(angles), torch.sin(angles)
+    # torch.polar, as Meta uses, rounds a few entries differently from torch.cos/sin (1 ulp): take its
+    # values so that our tables equal Meta's bit for bit.
+    cis = torch.polar(torch.ones_like(angles), angles)
+    return cis.real.contiguous(), cis.imag.contiguous()
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 # Small shapes that still exercise every feature: GQA (4 query heads per KV head), MHA, scaled RoPE.
 SMALL_GQA = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, multiple_of=32, ffn_dim_multiplier=1.3,
                  norm_eps=1e-5, rope_theta=500000.0)
-SMALL_SCALED = dict(SMALL_GQA, use_scaled_rope=True, rope_theta=10000.0)
+SMALL_SCALED = dict(SMALL_GQA, use_scaled_rope=True)  # head_dim 8: wavelengths hit all 3 branches
 SMALL_MHA = dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, norm_eps=1e-6, rope_theta=10000.0)
 
 # Parameters split along dim 0 (column-parallel) and dim 1 (row-parallel); the rest are replicated.

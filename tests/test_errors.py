@@ -1,0 +1,239 @@
+"""Every user mistake gets a deliberate exception that names the offending value; a batch with bad
+prompts finishes the good ones."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from llama import Llama, PromptError
+from llama.model import ModelArgs
+
+from helpers import SMALL_GQA, write_byte_tokenizer, write_checkpoint
+
+PARAMS = dict(SMALL_GQA, vocab_size=512)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("err")
+    write_checkpoint(d / "ckpt", PARAMS, seed=1)
+    tok = write_byte_tokenizer(d / "tok.model")
+    return d, d / "ckpt", tok
+
+
+@pytest.fixture(scope="module")
+def llama(files):
+    _, ckpt, tok = files
+    return Llama.build(str(ckpt), str(tok), max_seq_len=32, max_batch_size=2, device="cpu")
+
+
+def copy_ckpt(files, tmp_path):
+    _, ckpt, tok = files
+    dst = tmp_path / "ckpt"
+    shutil.copytree(ckpt, dst)
+    return dst, tok
+
+
+def build(ckpt, tok, **kw):
+    kw.setdefault("max_seq_len", 32)
+    kw.setdefault("max_batch_size", 2)
+    return Llama.build(str(ckpt), str(tok), device="cpu", **kw)
+
+
+def test_missing_checkpoint_directory(files, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        build(tmp_path / "nowhere", files[2])
+
+
+def test_missing_params_json(files, tmp_path):
+    ckpt, tok = copy_ckpt(files, tmp_path)
+    os.remove(ckpt / "params.json")
+    with pytest.raises(FileNotFoundError, match="params.json"):
+        build(ckpt, tok)
+
+
+def test_missing_shard(files, tmp_path):
+    ckpt, tok = copy_ckpt(files, tmp_path)
+    os.remove(ckpt / "consolidated.00.pth")
+    with pytest.raises(FileNotFoundError, match="consolidated"):
+        build(ckpt, tok)
+
+
+def test_missing_tokenizer(files, tmp_path):
+    with pytest.raises(FileNotFoundError, match="absent.model"):
+        build(files[1], tmp_path / "absent.model")
+
+
+def test_truncated_shard_names_the_file(files, tmp_path):
+    ckpt, tok = copy_ckpt(files, tmp_path)
+    shard = ckpt / "consolidated.00.pth"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=r"consolidated\.00\.pth.*corrupt or truncated"):
+        build(ckpt, tok)
+
+
+def test_garbage_shard_names_the_file(files, tmp_path):
+    ckpt, tok = copy_ckpt(files, tmp_path)
+    (ckpt / "consolidated.00.pth").write_bytes(b"not a checkpoint at all" * 100)
+    with pytest.raises(ValueError, match=r"consolidated\.00\.pth"):
+        build(ckpt, tok)
+
+
+class RunsCode:
+    """Unpickling this object would run a shell command (the classic pickle attack)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_whose_pickle_runs_code_is_refused_without_running_it(files, tmp_path):
+    ckpt, tok = copy_ckpt(files, tmp_path)
+    marker = tmp_path / "pwned"
+    state = torch.load(ckpt / "consolidated.00.pth", weights_only=True)
+    state["norm.weight"] = RunsCode(marker)
+    torch.save(state, ckpt / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"refusing to load .*consolidated\.00\.pth"):
+        build(ckpt, tok)
+    assert not marker.exists()
+
+
+def test_shard_count_differs_from_model_parallel_size(files, tmp_path):
+    ckpt, tok = copy_ckpt(files, tmp_path)
+    shutil.copy(ckpt / "consolidated.00.pth", ckpt / "consolidated.01.pth")
+    with pytest.raises(ValueError, match="2 checkpoint shards but model_parallel_size is 1"):
+        build(ckpt, tok)
+
+
+def test_vocab_size_differs_from_the_tokenizer(files, tmp_path):
+    ckpt, tok = copy_ckpt(files, tmp_path)
+    (ckpt / "params.json").write_text(json.dumps(dict(PARAMS, vocab_size=1000)))
+    with pytest.raises(ValueError, match="vocab_size=1000 .* 512 tokens"):
+        build(ckpt, tok)
+
+
+def test_wrong_tensor_shape_names_the_tensor_and_both_shapes(files, tmp_path):
+    ckpt, tok = copy_ckpt(files, tmp_path)
+    state = torch.load(ckpt / "consolidated.00.pth", weights_only=True)
+    state["layers.1.feed_forward.w2.weight"] = torch.zeros(64, 100)
+    torch.save(state, ckpt / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"layers\.1\.feed_forward\.w2\.weight: checkpoint \(64, 100\) vs model"):
+        build(ckpt, tok)
+
+
+def test_missing_and_unexpected_tensors_are_named(files, tmp_path):
+    ckpt, tok = copy_ckpt(files, tmp_path)
+    state = torch.load(ckpt / "consolidated.00.pth", weights_only=True)
+    del state["layers.0.ffn_norm.weight"]
+    state["layers.0.extra.weight"] = torch.zeros(3)
+    torch.save(state, ckpt / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"missing tensors \['layers\.0\.ffn_norm\.weight'\].*unexpected tensors \['layers\.0\.extra\.weight'\]"):
+        build(ckpt, tok)
+
+
+def test_llama2_rope_freqs_tensor_is_ignored(files, tmp_path):
+    ckpt, tok = copy_ckpt(files, tmp_path)
+    state = torch.load(ckpt / "consolidated.00.pth", weights_only=True)
+    state["rope.freqs"] = torch.zeros(4)
+    torch.save(state, ckpt / "consolidated.00.pth")
+    build(ckpt, tok)
+
+
+def test_unknown_params_keys_warn_and_are_ignored(files, tmp_path):
+    ckpt, tok = copy_ckpt(files, tmp_path)
+    (ckpt / "params.json").write_text(json.dumps(dict(PARAMS, future_knob=3)))
+    with pytest.warns(UserWarning, match="future_knob"):
+        build(ckpt, tok)
+    with pytest.warns(UserWarning, match="future_knob"):
+        assert ModelArgs.from_params({"dim": 8, "future_knob": 1}).dim == 8
+
+
+@pytest.mark.parametrize("value", [0, -5, 2.5, "128", None])
+def test_max_seq_len_out_of_range(files, value):
+    with pytest.raises(ValueError, match=f"max_seq_len must be a positive integer, got {value!r}"):
+        build(files[1], files[2], max_seq_len=value)
+
+
+def test_max_batch_size_out_of_range(files):
+    with pytest.raises(ValueError, match="max_batch_size"):
+        build(files[1], files[2], max_batch_size=0)
+
+
+def test_prompt_longer_than_max_seq_len(llama):
+    with pytest.raises(ValueError, match="prompt 1: the prompt has 40 tokens, more than max_seq_len=32"):
+        llama.generate([[256, 1], [256] * 40], max_gen_len=4)
+
+
+def test_more_prompts_than_max_batch_size(llama):
+    with pytest.raises(ValueError, match="3 prompts is more than max_batch_size=2"):
+        llama.generate([[256]] * 3, max_gen_len=4)
+    with pytest.raises(ValueError, match="3 prompts is more than max_batch_size=2"):
+        llama.text_completion(["a", "b", "c"], max_gen_len=4)
+
+
+def test_empty_prompt_list(llama):
+    with pytest.raises(ValueError, match="at least one prompt"):
+        llama.generate([], max_gen_len=4)
+    with pytest.raises(ValueError, match="no prompts"):
+        llama.text_completion([], max_gen_len=4)
+
+
+def test_empty_prompt_and_out_of_vocabulary_ids(llama):
+    with pytest.raises(ValueError, match="prompt 0: the prompt is empty"):
+        llama.generate([[]], max_gen_len=4)
+    with pytest.raises(ValueError, match=r"token ids \[999\] are outside the vocabulary \[0, 512\)"):
+        llama.generate([[256, 999]], max_gen_len=4)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(temperature=-1), "temperature must be >= 0, got -1"),
+    (dict(top_p=0), r"top_p must be in \(0, 1\], got 0"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
+    (dict(max_gen_len=0), "max_gen_len must be a positive integer, got 0"),
+])
+def test_bad_generation_settings(llama, kw, match):
+    kw = dict(dict(max_gen_len=4), **kw)
+    with pytest.raises(ValueError, match=match):
+        llama.generate([[256, 1]], **kw)
+
+
+def test_a_too_long_text_prompt_is_reported_and_the_others_still_complete(llama):
+    good = llama.text_completion(["ok"], max_gen_len=4, temperature=0)[0]
+    with pytest.raises(PromptError, match=r"1 of 2 prompts failed \(prompt 0: the prompt has 101 tokens") as info:
+        llama.text_completion(["x" * 100, "ok"], max_gen_len=4, temperature=0)
+    assert info.value.results == [None, good]
+    assert list(info.value.errors) == [0]
+
+
+def test_a_bad_dialog_is_reported_and_the_others_still_answered(llama):
+    good = [{"role": "user", "content": "hi"}]
+    bad_role = [{"role": "wizard", "content": "hi"}]
+    bad_order = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    expected = llama.chat_completion([good], max_gen_len=4, temperature=0)[0]
+    with pytest.raises(PromptError) as info:
+        llama.chat_completion([bad_role, good], max_gen_len=4, temperature=0)
+    assert "unknown role 'wizard'" in info.value.errors[0]
+    assert info.value.results == [None, expected]
+    with pytest.raises(PromptError, match="ending with user"):
+        llama.chat_completion([bad_order], max_gen_len=4, temperature=0)
+
+
+def test_checks_survive_python_dash_O(files):
+    # `python -O` strips assert statements: user-facing checks must not rely on them.
+    import subprocess
+    import sys
+
+    _, ckpt, tok = files
+    code = (
+        "from llama import Llama\n"
+        f"g = Llama.build({str(ckpt)!r}, {str(tok)!r}, max_seq_len=32, max_batch_size=2, device='cpu')\n"
+        "try:\n    g.generate([[256] * 40], max_gen_len=4)\nexcept ValueError as e:\n    print('raised:', e)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert "raised: prompt 0: the prompt has 40 tokens" in out.stdout, out.stderr

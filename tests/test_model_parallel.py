@@ -1,0 +1,84 @@
+"""Model parallelism on the CPU with gloo: a checkpoint split into 2 shards the way Meta splits it, run by
+2 processes under torchrun, gives the same logits and greedy text as 1 shard in 1 process. Also runs the
+example scripts the ways the README shows."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import SMALL_GQA, SMALL_MHA, random_state_dict, real_tokenizer_path, write_byte_tokenizer, write_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+def run_single(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("params", [SMALL_GQA, SMALL_MHA], ids=["gqa", "mha"])
+def test_two_shards_on_two_processes_match_one_shard(tmp_path, params):
+    params = dict(params, vocab_size=512)
+    sd = random_state_dict(params, seed=4)
+    write_checkpoint(tmp_path / "one", params, n_shards=1, sd=sd)
+    write_checkpoint(tmp_path / "two", params, n_shards=2, sd=sd)
+    tok = write_byte_tokenizer(tmp_path / "tok.model")
+    worker = str(ROOT / "tests" / "mp_worker.py")
+
+    single = run_single(worker, str(tmp_path / "one"), str(tok), str(tmp_path / "one.pt"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = torchrun(2, worker, str(tmp_path / "two"), str(tok), str(tmp_path / "two.pt"))
+    assert double.returncode == 0, double.stderr[:4000] + "\n...\n" + double.stderr[-2000:]
+
+    one = torch.load(tmp_path / "one.pt", weights_only=True)
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
+    assert (one["world"], two["world"]) == (1, 2)
+    rel = ((one["logits"] - two["logits"]).abs().max() / one["logits"].abs().max()).item()
+    assert rel <= 1e-5
+    assert one["generated"] == two["generated"]
+    assert one["text"] == two["text"]
+
+
+@pytest.fixture(scope="module")
+def real_vocab_ckpt(tmp_path_factory):
+    """A tiny random model with Meta's 128256-token vocabulary, in 1 and 2 shards (bf16, as Meta ships)."""
+    d = tmp_path_factory.mktemp("realvocab")
+    params = dict(SMALL_GQA, vocab_size=128256)
+    sd = random_state_dict(params, seed=9, dtype=torch.bfloat16)
+    write_checkpoint(d / "one", params, n_shards=1, sd=sd)
+    write_checkpoint(d / "two", params, n_shards=2, sd=sd)
+    return d
+
+
+def test_example_text_completion_runs_with_plain_python(real_vocab_ckpt):
+    out = run_single("example_text_completion.py", "--ckpt_dir", str(real_vocab_ckpt / "one"),
+                     "--tokenizer_path", real_tokenizer_path(), "--max_gen_len", "8", "--device", "cpu")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "I believe the meaning of life is" in out.stdout and out.stdout.count("\n==================================") == 4
+
+
+def test_example_text_completion_runs_under_torchrun_with_two_shards_and_rank_zero_prints(real_vocab_ckpt):
+    out = torchrun(2, "example_text_completion.py", "--ckpt_dir", str(real_vocab_ckpt / "two"),
+                   "--tokenizer_path", real_tokenizer_path(), "--max_gen_len", "8", "--device", "cpu")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("I believe the meaning of life is") == 1  # rank 1 prints nothing
+    assert out.stdout.count("\n==================================") == 4
+
+
+def test_example_chat_completion_runs_under_torchrun_with_two_shards(real_vocab_ckpt):
+    out = torchrun(2, "example_chat_completion.py", "--ckpt_dir", str(real_vocab_ckpt / "two"),
+                   "--tokenizer_path", real_tokenizer_path(), "--max_gen_len", "8", "--device", "cpu")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("User: what is the recipe of mayonnaise?") == 1
+    assert out.stdout.count("> Assistant:") == 4
