@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -94,6 +95,13 @@ def load_into(
         setattr(module, param_name, nn.Parameter(value, requires_grad=False))
 
 
+def _model_args(params: Dict[str, Any]) -> ModelArgs:
+    """ModelArgs for the shapes only: unknown keys are left for Llama.build to warn about, once."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ModelArgs.from_params(params)
+
+
 class MetaShards:
     """The consolidated.NN.pth files of a Meta checkpoint as a resharding Source. The files are
     memory-mapped: a rank reads only the slices it takes."""
@@ -103,10 +111,10 @@ class MetaShards:
         shapes a cut into len(files) pieces gives. Raises ValueError naming the file and the tensor."""
         self.files = files
         self.shards = [load_shard(f) for f in files]
-        args = ModelArgs.from_params(params)
+        args = _model_args(params)
         n = len(files)
         n_kv_heads = args.n_kv_heads or args.n_heads
-        # Llama 3 cuts the embedding by vocabulary (dim 0), Llama 2 by embedding dim (dim 1): the shapes say which.
+        # Llama 3 cuts the embedding by vocabulary (dim 0), Llama 2 by embedding dim (dim 1): shapes say which.
         embedding = self.shards[0].get("tok_embeddings.weight")
         if embedding is None or embedding.dim() != 2:
             raise ValueError(f"{str(files[0])!r} has no 2-d tensor 'tok_embeddings.weight'")
@@ -121,8 +129,8 @@ class MetaShards:
             )
         if args.vocab_size > 0 and vocab_size != args.vocab_size:
             raise ValueError(
-                f"{str(files[0])!r}: tensor 'tok_embeddings.weight' holds {vocab_size} tokens but params.json "
-                f"says vocab_size={args.vocab_size}"
+                f"params.json says vocab_size={args.vocab_size} but tensor 'tok_embeddings.weight' of "
+                f"{str(files[0])!r} holds {vocab_size} tokens"
             )
         self.layout = Layout(n, n_kv_heads, args.head_dim, embedding_dim)
         self._shapes = full_shapes(args, vocab_size)
@@ -135,13 +143,16 @@ class MetaShards:
                     f"{str(path)!r} does not hold the model params.json describes: missing tensors "
                     f"{missing[:10]}, unexpected tensors {unexpected[:10]}"
                 )
+            wrong = []
             for name, full in self._shapes.items():
                 expected = self.layout.local_shape(name, full, part)
                 if tuple(shard[name].shape) != expected:
-                    raise ValueError(
-                        f"{str(path)!r}: tensor {name!r} has shape {tuple(shard[name].shape)}, expected "
-                        f"{expected} (shard {part} of {n} of the model params.json describes)"
-                    )
+                    wrong.append(f"{name}: checkpoint {tuple(shard[name].shape)} vs model {expected}")
+            if wrong:
+                raise ValueError(
+                    f"checkpoint file {str(path)!r} (shard {part} of {n}) has tensors of the wrong shape for the "
+                    "model params.json describes: " + "; ".join(wrong[:10])
+                )
 
     def names(self) -> List[str]:
         return list(self._shapes)
@@ -196,18 +207,20 @@ def load_checkpoint(
     """This rank's tensors (Meta names, cut for `model_parallel_size` ranks whatever the number of files on
     disk) and the model's params, from a checkpoint in any layout `open_checkpoint` reads."""
     source, params = open_checkpoint(ckpt_dir)
-    args = ModelArgs.from_params(params)
+    args = _model_args(params)
     check_split(args, source.full_shape("tok_embeddings.weight")[0], model_parallel_size, repr(ckpt_dir))
     target = Layout(model_parallel_size, source.layout.n_kv_heads, source.layout.head_dim)
     return rank_state(source, target, model_parallel_rank), params
 
 
-def write_meta(source: Source, params: Dict[str, Any], out_dir: Path, shards: int, embedding_dim: int = 0) -> None:
+def write_meta(
+    source: Source, params: Dict[str, Any], out_dir: Path, shards: int, embedding_dim: int = 0
+) -> None:
     """Write `source` as Meta shards consolidated.00.pth ... for `shards` model-parallel ranks, and
     params.json. `embedding_dim` is the dim tok_embeddings is cut along: 0 (Llama 3) or 1 (Llama 2).
     Memory: one rank's share at a time."""
     vocab_size = source.full_shape("tok_embeddings.weight")[0]
-    check_split(ModelArgs.from_params(params), vocab_size, shards, "the checkpoint")
+    check_split(_model_args(params), vocab_size, shards, "the checkpoint")
     out_dir.mkdir(parents=True, exist_ok=True)
     target = Layout(shards, source.layout.n_kv_heads, source.layout.head_dim, embedding_dim)
     for rank in range(shards):
@@ -228,7 +241,8 @@ def tokenizer_kind(path: str) -> str:
     first_line = head.lstrip(b"\r\n").split(b"\n", 1)[0]
     if re.fullmatch(rb"[A-Za-z0-9+/]+={0,2} [0-9]+\r?", first_line):
         return "tiktoken"
-    if head[:1] == b"\x0a":  # protobuf field 1 (the pieces), length-delimited: how every SentencePiece model starts
+    # A protobuf starting with field 1 (the pieces), length-delimited: how every SentencePiece model starts.
+    if head[:1] == b"\x0a":
         return "sentencepiece"
     raise ValueError(
         f"{path!r} is neither a tiktoken BPE file nor a SentencePiece model (it starts with {head[:20]!r})"

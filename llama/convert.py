@@ -98,7 +98,7 @@ def convert(
             shutil.copyfile(tokenizer, out / "tokenizer.model")
         return to
 
-    args = ModelArgs.from_params(params)
+    args = ModelArgs.from_params(params)  # warns about keys params.json has that the model does not use
     bos = eos = None
     if kind == "sentencepiece":
         from llama.tokenizer_llama2 import SentencePieceTokenizer

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from llama.model import ModelArgs
-from llama.reshard import Layout, full_shapes, module_of, rank_tensor, Source
+from llama.reshard import Layout, Source, full_shapes, module_of, rank_tensor
 
 LAYER_NAMES = {
     "attention.wq": "self_attn.q_proj",

@@ -76,5 +76,6 @@ class Llama2ChatFormat:
         for user, answer in zip(dialog[::2], dialog[1::2]):
             text = f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} "
             tokens.extend(self.tokenizer.encode(text, bos=True, eos=True))
-        tokens.extend(self.tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False))
+        last = f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}"
+        tokens.extend(self.tokenizer.encode(last, bos=True, eos=False))
         return tokens

@@ -10,14 +10,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import (SMALL_GQA, SMALL_MHA, save_hf_llama, train_sentencepiece, write_byte_tokenizer,
-                     write_checkpoint)
+from helpers import (SMALL_GQA, SMALL_MHA, random_state_dict, save_hf_llama, shard_state_dict,
+                     train_sentencepiece, write_byte_tokenizer, write_checkpoint)
 from llama import Llama
 from llama.checkpoint import open_checkpoint
 from llama.convert import main as convert_main
 from llama.hf import permute_rows, unpermute_rows
+from llama.model import ModelArgs
 
-TOKENS = torch.tensor([[1, 17, 300, 42, 7, 99, 250, 3, 77, 12, 400, 5], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]])
+TOKENS = torch.tensor([[1, 17, 300, 42, 7, 99, 250, 3, 77, 12, 400, 5],
+                       [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]])
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8}
 
@@ -85,8 +87,6 @@ def test_llama2_meta_to_hf_matches_transformers(tmp_path):
     sp = train_sentencepiece(tmp_path / "tokenizer.model")
     meta = tmp_path / "meta"
     params = dict(SMALL_MHA, vocab_size=320)
-    from helpers import random_state_dict
-
     sd = random_state_dict(params, seed=5)
     write_checkpoint(meta, dict(params, vocab_size=-1), n_shards=2, sd=sd, embedding_dim=1)
     shutil.copy(sp, meta / "tokenizer.model")
@@ -120,8 +120,6 @@ def test_meta_to_hf_to_meta_is_bit_exact(tmp_path):
     back = json.loads((tmp_path / "back" / "params.json").read_text())
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "norm_eps", "rope_theta"):
         assert back[key] == params[key]
-    from llama.model import ModelArgs
-
     assert ModelArgs.from_params(back).ffn_hidden_dim == ModelArgs.from_params(params).ffn_hidden_dim
 
 
@@ -154,8 +152,6 @@ def test_hf_repo_with_only_metas_files_under_original_loads_them(tmp_path, tok):
 
 
 def test_converter_reshards_meta_checkpoints(tmp_path):
-    from helpers import shard_state_dict
-
     sd = write_checkpoint(tmp_path / "one", dict(SMALL_GQA, vocab_size=512), n_shards=1, seed=9)
     assert convert_main([str(tmp_path / "one"), str(tmp_path / "eight"), "--shards", "8"]) == 0
     for r in range(8):  # 8 ranks, 2 KV heads: each file holds a copy of its rank's KV head

@@ -9,8 +9,8 @@ import pytest
 import sentencepiece
 import torch
 
-from helpers import SMALL_MHA, random_state_dict, real_tokenizer_path, train_sentencepiece, write_byte_tokenizer, \
-    write_checkpoint
+from helpers import (SMALL_MHA, random_state_dict, real_tokenizer_path, train_sentencepiece, write_byte_tokenizer,
+                     write_checkpoint)
 from llama import Llama
 from llama.checkpoint import tokenizer_kind
 from llama.generation import load_tokenizer, make_chat_format
