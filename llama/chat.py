@@ -65,6 +65,11 @@ def read_line(prompt: str) -> Optional[str]:
 
 def answer(llama: Llama, dialog: Sequence[Message], config: GenerationConfig) -> str:
     """Stream the assistant's answer to stdout (rank 0) and return it; Ctrl-C cuts it short."""
+    fixed = llama.formatter.fixed_reply(dialog)  # Llama 2's answer to a message holding its chat tags
+    if fixed is not None:
+        if is_rank_zero():
+            print(ASSISTANT_PROMPT + fixed, flush=True)
+        return fixed
     tokens = llama.formatter.encode_dialog_prompt(dialog)
     stream = llama.generate_stream([tokens], config=config)
     pieces: List[str] = []

@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO, Union
 
 import torch
 
+from llama.completion import Completion
 from llama.config import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, GenerationConfig
 from llama.distributed import is_rank_zero
 from llama.generation import Llama, PromptError
@@ -29,14 +30,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Read the command line. Every sampling control of GenerationConfig has an option of the same name."""
-    p = argparse.ArgumentParser(prog="python -m llama", description="Complete prompts in batches (into JSON Lines or JSON), or chat, with a "
-                                "Llama checkpoint. Under torchrun rank 0 reads, prints and writes.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m llama",
+        description="Complete prompts in batches (into JSON Lines or JSON), or chat, with a Llama checkpoint. "
+        "Under torchrun rank 0 reads, prints and writes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("command", nargs="?", choices=["generate", "chat"], default="generate",
                    help="generate: complete prompts in batches; chat: talk interactively")
     model = p.add_argument_group("model")
     model.add_argument("--ckpt_dir", required=True, help="directory with params.json and consolidated.NN.pth")
-    model.add_argument("--tokenizer_path", help="tokenizer.model (default: the one in --ckpt_dir)")
+    model.add_argument("--tokenizer_path", help="tokenizer.model (default: the one in --ckpt_dir or its original/)")
+    model.add_argument("--chat_format", choices=["llama3", "llama2"], help="default: the tokenizer's family's")
     model.add_argument("--max_seq_len", type=int, default=512, help="longest prompt plus generation")
     model.add_argument("--model_parallel_size", type=int, help="default: the number of processes")
     model.add_argument("--device", help="cuda, cpu, ... (default: CUDA when available)")
@@ -76,8 +81,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.interactive:
         args.command = "chat"
-    if args.tokenizer_path is None:
-        args.tokenizer_path = os.path.join(args.ckpt_dir, "tokenizer.model")
     if args.batch_size < 1:
         p.error(f"--batch_size must be at least 1, got {args.batch_size}")
     return args
@@ -110,7 +113,7 @@ def build(args: argparse.Namespace, max_batch_size: int) -> Llama:
     return Llama.build(
         ckpt_dir=args.ckpt_dir, tokenizer_path=args.tokenizer_path, max_seq_len=args.max_seq_len,
         max_batch_size=max_batch_size, model_parallel_size=args.model_parallel_size, device=args.device,
-        dtype=DTYPES[args.dtype] if args.dtype else None,
+        dtype=DTYPES[args.dtype] if args.dtype else None, chat_format=args.chat_format,
     )
 
 
@@ -193,16 +196,15 @@ class Progress:
         self.stream.flush()
 
 
-def encode_prompt(llama: Llama, prompt: Prompt, args: argparse.Namespace) -> List[int]:
-    """Token ids for one prompt: plain text with <|begin_of_text|>, or (chat template, or a dialog) the
-    Llama 3 chat format. Raises ValueError for a malformed dialog."""
+def as_dialog(prompt: Prompt, args: argparse.Namespace) -> Optional[Dialog]:
+    """The dialog a prompt stands for (a user message with --use_chat_template, after --system), or None
+    for plain text to continue."""
     if isinstance(prompt, str) and not args.use_chat_template:
-        return llama.tokenizer.encode(prompt, bos=True, eos=False)
+        return None
     dialog = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if args.system and (not dialog or dialog[0].get("role") != "system"):
         dialog = [{"role": "system", "content": args.system}] + list(dialog)
-    check_dialog(dialog)
-    return llama.formatter.encode_dialog_prompt(dialog)
+    return dialog
 
 
 def complete_batch(
@@ -211,9 +213,19 @@ def complete_batch(
     """One record per prompt: its generation(s), token counts and stop reason(s), or its error."""
     errors: Dict[int, str] = {}
     tokens: Dict[int, List[int]] = {}
+    fixed: Dict[int, str] = {}  # Llama 2's answer to a dialog holding its chat tags, given without the model
     for i, prompt in enumerate(prompts):
+        dialog = as_dialog(prompt, args)
         try:
-            tokens[i] = encode_prompt(llama, prompt, args)
+            if dialog is None:
+                tokens[i] = llama.tokenizer.encode(prompt, bos=True, eos=False)
+                continue
+            check_dialog(dialog)
+            reply = llama.formatter.fixed_reply(dialog)
+            if reply is not None:
+                fixed[i] = reply
+            else:
+                tokens[i] = llama.formatter.encode_dialog_prompt(dialog)
         except ValueError as e:
             errors[i] = str(e)
     ready = sorted(tokens)
@@ -232,9 +244,16 @@ def complete_batch(
         record: Dict[str, Any] = {"index": first_index + i, "prompt": prompt}
         if i in errors:
             record.update(generation=None, error=errors[i])
+            records.append(record)
+            continue
+        if i in fixed:
+            reply = Completion(prompt_len=0, generated_len=0, tokens=[], text=fixed[i], stop_reason="fixed_reply",
+                               logprobs=[], top_logprobs=[])
+            samples = [reply] * config.n
         else:
-            record.update(_sample_fields(llama, by_prompt[i], config.n > 1, args))
-            record["error"] = None
+            samples = by_prompt[i]
+        record.update(_sample_fields(llama, samples, config.n > 1, args))
+        record["error"] = None
         records.append(record)
     return records
 

@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypedDi
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 
-from llama.checkpoint import find_shards, load_into, load_shard, read_params
+from llama.checkpoint import find_tokenizer, load_checkpoint, load_into, tokenizer_kind
 from llama.completion import Completion, DecodeRun, cut_completions, to_prediction
 from llama.config import GenerationConfig, resolve_config
 from llama.distributed import init_distributed, is_rank_zero, pick_device, pick_dtype
@@ -23,6 +23,11 @@ from llama.sampling import Context, Sampler, build_processors, row_generators
 from llama.scoring import LogprobRecorder, ScorePrediction, score_sequences
 from llama.streaming import RowTracker, StreamEvent
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer, check_dialog
+from llama.tokenizer_llama2 import Llama2ChatFormat, SentencePieceTokenizer
+
+AnyTokenizer = Union[Tokenizer, SentencePieceTokenizer]
+AnyChatFormat = Union[ChatFormat, Llama2ChatFormat]
+CHAT_FORMATS = {"llama3": ChatFormat, "llama2": Llama2ChatFormat}
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -50,6 +55,24 @@ class PromptError(ValueError):
         super().__init__(f"{len(errors)} of {len(results)} prompts failed ({details})")
 
 
+def load_tokenizer(path: str) -> AnyTokenizer:
+    """Llama 3's tiktoken tokenizer or Llama 2's SentencePiece one, whichever the file holds."""
+    if tokenizer_kind(path) == "sentencepiece":
+        return SentencePieceTokenizer(path)
+    return Tokenizer(path)
+
+
+def make_chat_format(tokenizer: AnyTokenizer, name: Optional[str] = None) -> AnyChatFormat:
+    """The chat format `name` ("llama3" or "llama2"); by default the one of the tokenizer's family."""
+    if name is None:
+        name = "llama2" if isinstance(tokenizer, SentencePieceTokenizer) else "llama3"
+    if name not in CHAT_FORMATS:
+        raise ValueError(f"unknown chat_format {name!r}; expected one of {sorted(CHAT_FORMATS)}")
+    if name == "llama3" and "<|start_header_id|>" not in tokenizer.special_tokens:
+        raise ValueError("chat_format 'llama3' needs Llama 3's special tokens, which this tokenizer lacks")
+    return CHAT_FORMATS[name](tokenizer)
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     previous = torch.get_default_dtype()
@@ -64,7 +87,7 @@ class Llama:
     @staticmethod
     def build(
         ckpt_dir: str,
-        tokenizer_path: str,
+        tokenizer_path: Optional[str],
         max_seq_len: int,
         max_batch_size: int,
         model_parallel_size: Optional[int] = None,
@@ -72,13 +95,17 @@ class Llama:
         *,
         device: Optional[str] = None,
         dtype: Optional[torch.dtype] = None,
+        chat_format: Optional[str] = None,
     ) -> "Llama":
-        """Load a Meta-format checkpoint and its tokenizer, starting torch.distributed and fairscale
-        model parallelism if they are not started yet.
+        """Load a checkpoint and its tokenizer, starting torch.distributed and fairscale model parallelism if
+        they are not started yet.
 
         Args:
-            ckpt_dir: directory with params.json and one consolidated.NN.pth per model-parallel rank.
-            tokenizer_path: the tiktoken BPE tokenizer.model.
+            ckpt_dir: a Meta checkpoint (params.json and consolidated.NN.pth files, any number of them: they
+                are resharded for this run), a Hugging Face directory (config.json and *.safetensors), or a
+                Hugging Face repo with Meta's files under original/.
+            tokenizer_path: tokenizer.model: Llama 3's tiktoken file or Llama 2's SentencePiece model (told
+                apart by their contents); None to use the one in ckpt_dir or ckpt_dir/original.
             max_seq_len: longest prompt plus generation; sizes the KV cache.
             max_batch_size: most prompts per call; sizes the KV cache.
             model_parallel_size: ranks the model is split over; default the world size (1 without torchrun).
@@ -86,57 +113,53 @@ class Llama:
             device: "cuda", "cpu", ...; default CUDA when available, else the CPU.
             dtype: weight and activation dtype; default bf16 on CUDA (fp16 where bf16 is not supported),
                 float32 on the CPU.
+            chat_format: "llama3" or "llama2"; default the one of the tokenizer's family.
 
         Raises:
             FileNotFoundError: a missing directory, params.json, shard or tokenizer file.
-            ValueError: bad sizes, a corrupt or unsafe shard, a shard count that differs from the
-                model-parallel size, a vocabulary size that differs from the tokenizer's, tensors that do
-                not match the model.
+            ValueError: bad sizes, a corrupt or unsafe shard, a model that cannot be split over
+                model_parallel_size ranks, a vocabulary size that differs from the tokenizer's, tensors that
+                do not match the model, a config.json for another architecture, a directory mixing layouts.
         """
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         start_time = time.time()
-        shards = find_shards(ckpt_dir)
-        params = read_params(ckpt_dir)
-        tokenizer = Tokenizer(tokenizer_path)
+        tokenizer_path = tokenizer_path or find_tokenizer(ckpt_dir)
+        tokenizer = load_tokenizer(tokenizer_path)
+        formatter = make_chat_format(tokenizer, chat_format)
 
         device_ = pick_device(device)
         dtype = pick_dtype(device_, dtype)
         if device_.type == "cuda":
             torch.cuda.set_device(device_)
         model_parallel_size = init_distributed(device_, model_parallel_size)
-        if len(shards) != model_parallel_size:
-            raise ValueError(
-                f"{ckpt_dir!r} holds {len(shards)} checkpoint shards but model_parallel_size is "
-                f"{model_parallel_size}; run with torchrun --nproc_per_node {len(shards)}"
-            )
         torch.manual_seed(seed)  # the same seed in every rank: they must all sample the same tokens
 
+        # This rank's share of the weights, however many files (Meta or Hugging Face) hold them.
+        state, params = load_checkpoint(ckpt_dir, model_parallel_size, fs_init.get_model_parallel_rank())
         model_args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         if model_args.vocab_size == -1:
             model_args.vocab_size = tokenizer.n_words
         if model_args.vocab_size != tokenizer.n_words:
             raise ValueError(
-                f"params.json says vocab_size={model_args.vocab_size} but the tokenizer {tokenizer_path!r} "
-                f"has {tokenizer.n_words} tokens"
+                f"the checkpoint {ckpt_dir!r} says vocab_size={model_args.vocab_size} but the tokenizer "
+                f"{tokenizer_path!r} has {tokenizer.n_words} tokens"
             )
-        shard = shards[fs_init.get_model_parallel_rank()]
-        state = load_shard(shard)
         # Parameters are created uninitialised on the CPU (no memory is touched), then replaced by the
-        # shard's tensors on `device`; the KV cache and RoPE tables follow with .to(device).
+        # checkpoint's tensors on `device`; the KV cache and RoPE tables follow with .to(device).
         with _default_dtype(dtype):
             model = Transformer(model_args)
-        load_into(model, state, device_, dtype, source=str(shard))
+        load_into(model, state, device_, dtype, source=ckpt_dir)
         model.to(device_).eval()
         if is_rank_zero():
             print(f"Loaded in {time.time() - start_time:.2f} seconds")
-        return Llama(model, tokenizer)
+        return Llama(model, tokenizer, formatter)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+    def __init__(self, model: Transformer, tokenizer: AnyTokenizer, formatter: Optional[AnyChatFormat] = None):
         self.model = model
         self.tokenizer = tokenizer
-        self.formatter = ChatFormat(tokenizer)
+        self.formatter = formatter or make_chat_format(tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -248,32 +271,44 @@ class Llama:
         A dialog must be an optional system message, then user/assistant turns alternating and ending with
         the user. Returns one ChatPrediction per dialog (a list of n with n > 1). Raises PromptError (a
         ValueError) naming the dialogs that cannot run, after answering the others, which it carries in
-        `.results`.
+        `.results`. With the Llama 2 chat format, a dialog containing its tags ([INST], <<SYS>>, ...) is
+        answered "Error: special tags are not allowed as part of the prompt." without running the model
+        (empty tokens and logprobs), as Meta's Llama 2 code answers it.
         """
         prompt_tokens: List[List[int]] = []
         problems: List[Optional[str]] = []
-        for dialog in dialogs:
+        fixed: Dict[int, ChatPrediction] = {}
+        for i, dialog in enumerate(dialogs):
             try:
                 check_dialog(dialog)
             except ValueError as e:
                 prompt_tokens.append([])
                 problems.append(str(e))
                 continue
-            prompt_tokens.append(self.formatter.encode_dialog_prompt(dialog))
+            reply = self.formatter.fixed_reply(dialog)
+            if reply is not None:
+                fixed[i] = {"generation": {"role": "assistant", "content": reply}}
+                if logprobs or top_logprobs:
+                    fixed[i].update(tokens=[], logprobs=[])
+                if top_logprobs:
+                    fixed[i]["top_logprobs"] = []
+            prompt_tokens.append([] if reply is not None else self.formatter.encode_dialog_prompt(dialog))
             problems.append(None)
         settings = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, config=config,
                         logprobs=logprobs, top_logprobs=top_logprobs, **controls)
         return self._complete(
-            prompt_tokens, problems, settings, lambda text: {"role": "assistant", "content": text}
+            prompt_tokens, problems, settings, lambda text: {"role": "assistant", "content": text}, fixed
         )
 
-    def _complete(self, prompt_tokens, problems, settings, wrap) -> list:
+    def _complete(self, prompt_tokens, problems, settings, wrap, fixed=None) -> list:
         """Complete the prompts without a problem, shape each sample as Meta's predictions, and raise
-        PromptError afterwards for the others (dialog problems, then prompt problems)."""
+        PromptError afterwards for the others (dialog problems, then prompt problems). Prompts in `fixed`
+        (index -> prediction) are answered with that prediction, without the model."""
+        fixed = fixed or {}
         if not prompt_tokens:
             raise ValueError("no prompts given: pass a non-empty list")
         errors = {i: problem for i, problem in enumerate(problems) if problem}
-        ready = [i for i in range(len(prompt_tokens)) if i not in errors]
+        ready = [i for i in range(len(prompt_tokens)) if i not in errors and i not in fixed]
         completions: List[Optional[List[Completion]]] = [None] * len(prompt_tokens)
         if ready:
             try:
@@ -283,8 +318,12 @@ class Llama:
                 errors.update({ready[j]: message for j, message in e.errors.items()})
             for j, i in enumerate(ready):
                 completions[i] = done[j]
+        n = settings.get("n") or (settings["config"].n if settings.get("config") else 1)
         results: list = []
-        for samples in completions:
+        for i, samples in enumerate(completions):
+            if i in fixed:
+                results.append(fixed[i] if n == 1 else [fixed[i]] * n)
+                continue
             if samples is None:
                 results.append(None)
                 continue
@@ -319,7 +358,7 @@ class Llama:
                 errors[i] = problem
         valid = [i for i in range(len(prompt_tokens)) if i not in errors]
         results: List[Optional[ScorePrediction]] = [None] * len(prompt_tokens)
-        scores = score_sequences(self.model, [prompt_tokens[i] for i in valid], self.tokenizer.pad_id)
+        scores = score_sequences(self.model, [prompt_tokens[i] for i in valid])
         for i, score in zip(valid, scores):
             results[i] = score
         if errors:
@@ -438,7 +477,7 @@ class Llama:
         tracker = None
         if run.track:
             ends = [min(p + run.max_gen_len, total_len) for p in prompt_lens]
-            tracker = RowTracker(self._token_bytes, prompt_lens, ends, stop_ids, cfg.stop)
+            tracker = RowTracker(self.tokenizer.decode, prompt_lens, ends, stop_ids, cfg.stop)
         eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
         prev_pos = 0
         if min_prompt_len == total_len and recorder:  # nothing to generate: just score the prompts
@@ -502,6 +541,3 @@ class Llama:
         processors = build_processors(cfg, sorted(self.tokenizer.stop_tokens), banned)
         generators = row_generators(cfg.seed, sample_index, self.device) if cfg.seed is not None else None
         return Sampler(cfg, processors, generators)
-
-    def _token_bytes(self, token: int) -> bytes:
-        return self.tokenizer.model.decode_single_token_bytes(token)

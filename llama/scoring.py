@@ -57,19 +57,19 @@ class LogprobRecorder:
 
 
 @torch.inference_mode()
-def score_sequences(model: Transformer, prompt_tokens: Sequence[Sequence[int]], pad_id: int) -> List[ScorePrediction]:
+def score_sequences(model: Transformer, prompt_tokens: Sequence[Sequence[int]]) -> List[ScorePrediction]:
     """Score each sequence (each of 2 to max_seq_len tokens: the caller checks), max_batch_size at a time
-    with one forward pass each. Shorter sequences are padded at the end, which the causal mask keeps out of
-    the positions before."""
+    with one forward pass each. Shorter sequences are padded at the end (with token 0: the causal mask keeps
+    whatever follows a position out of it)."""
     batch_size = model.params.max_batch_size
     return [s for start in range(0, len(prompt_tokens), batch_size)
-            for s in _score_batch(model, prompt_tokens[start : start + batch_size], pad_id)]
+            for s in _score_batch(model, prompt_tokens[start : start + batch_size])]
 
 
-def _score_batch(model: Transformer, prompt_tokens: Sequence[Sequence[int]], pad_id: int) -> List[ScorePrediction]:
+def _score_batch(model: Transformer, prompt_tokens: Sequence[Sequence[int]]) -> List[ScorePrediction]:
     device = model.rope_cos.device
     max_len = max(len(t) for t in prompt_tokens)
-    tokens = torch.full((len(prompt_tokens), max_len), pad_id, dtype=torch.long, device=device)
+    tokens = torch.zeros((len(prompt_tokens), max_len), dtype=torch.long, device=device)
     for k, t in enumerate(prompt_tokens):
         tokens[k, : len(t)] = torch.tensor(list(t), dtype=torch.long, device=device)
     logits = model.forward(tokens, 0)  # (bsz, max_len, vocab)

@@ -1,11 +1,12 @@
 """Following each row of a batch token by token: text as it becomes final, stop strings, stop reasons.
 
-Text is produced from token bytes by an incremental UTF-8 decoder, so a character split over two tokens is
-held back until its last byte arrives; text that might be the start of a stop string is held back until it
-is known not to be. The pieces handed out therefore concatenate to exactly the final text.
+Text is produced by decoding a short window of the latest tokens with the tokenizer's own `decode` (so it
+works for tiktoken and SentencePiece alike): a new piece is the part of the window's text beyond what the
+window's earlier tokens gave, and it waits while the text ends in U+FFFD (a character whose bytes are split
+over tokens). Text that might be the start of a stop string is held back until it is known not to be. The
+pieces handed out therefore concatenate to exactly the final text.
 """
 
-import codecs
 from dataclasses import dataclass, field
 from typing import Callable, List, NamedTuple, Optional, Sequence
 
@@ -28,9 +29,13 @@ class StreamEvent(NamedTuple):
 class TextStream:
     """The text of one generation, built one token at a time."""
 
-    def __init__(self, token_bytes: Callable[[int], bytes], stop: Sequence[str] = ()):
-        self._token_bytes = token_bytes
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    def __init__(self, decode: Callable[[Sequence[int]], str], stop: Sequence[str] = ()):
+        self._decode = decode
+        self._tokens: List[int] = []
+        # Tokens before read_offset are in `text`; decoding from prefix_offset (a little earlier) gives them
+        # the context that decides their first character (SentencePiece drops a text's leading space).
+        self._prefix_offset = 0
+        self._read_offset = 0
         self._stop = list(stop)
         self._longest_stop = max((len(s) for s in self._stop), default=0)
         self.text = ""  # everything decoded so far; cut before the stop string once one is found
@@ -39,14 +44,23 @@ class TextStream:
 
     def push(self, token: int) -> str:
         """Add one token; return the text that became final (possibly "")."""
-        return self._extend(self._decoder.decode(self._token_bytes(token)), final=False)
+        self._tokens.append(token)
+        return self._extend(self._new_text(final=False), final=False)
 
     def flush(self) -> str:
-        """End of the generation: incomplete bytes become U+FFFD (as in a one-shot decode); return the
-        text still held back."""
+        """End of the generation: a character left incomplete becomes U+FFFD (as in a one-shot decode);
+        return the text still held back."""
         if self.stopped:
             return ""
-        return self._extend(self._decoder.decode(b"", final=True), final=True)
+        return self._extend(self._new_text(final=True), final=True)
+
+    def _new_text(self, final: bool) -> str:
+        before = self._decode(self._tokens[self._prefix_offset : self._read_offset])
+        now = self._decode(self._tokens[self._prefix_offset :])
+        if len(now) <= len(before) or (now.endswith("\ufffd") and not final):
+            return ""  # nothing yet, or a character still missing bytes
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
+        return now[len(before) :]
 
     def _extend(self, new: str, final: bool) -> str:
         # A stop string that ends in the new text starts at most longest_stop - 1 characters before it.
@@ -97,13 +111,13 @@ class RowTracker:
 
     def __init__(
         self,
-        token_bytes: Callable[[int], bytes],
+        decode: Callable[[Sequence[int]], str],
         prompt_lens: Sequence[int],
         ends: Sequence[int],
         stop_tokens: Sequence[int],
         stop: Sequence[str],
     ):
-        self.rows = [RowState(p, e, TextStream(token_bytes, stop)) for p, e in zip(prompt_lens, ends)]
+        self.rows = [RowState(p, e, TextStream(decode, stop)) for p, e in zip(prompt_lens, ends)]
         self.stop_tokens = set(stop_tokens)
 
     @property

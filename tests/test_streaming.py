@@ -9,9 +9,11 @@ from hypothesis import strategies as st
 
 from llama import Llama
 from llama.streaming import TextStream
-from helpers import SMALL_GQA, write_byte_tokenizer, write_checkpoint
+from helpers import SMALL_GQA, train_sentencepiece, write_byte_tokenizer, write_checkpoint
 
-ONE_BYTE = lambda t: bytes([t])  # noqa: E731 -- a byte tokenizer: token t is byte t
+def bytes_decode(tokens) -> str:
+    """A byte tokenizer's decode: token t is byte t."""
+    return bytes(tokens).decode("utf-8", errors="replace")
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +43,14 @@ def collect(events):
 
 
 def test_a_character_split_over_tokens_is_handed_out_when_its_last_byte_arrives():
-    stream = TextStream(ONE_BYTE)
+    stream = TextStream(bytes_decode)
     pieces = [stream.push(b) for b in "aé€😀".encode()]
     assert pieces == ["a", "", "é", "", "", "€", "", "", "", "😀"]
     assert stream.flush() == ""
 
 
 def test_text_that_may_start_a_stop_string_is_held_back_until_it_cannot():
-    stream = TextStream(ONE_BYTE, stop=["END"])
+    stream = TextStream(bytes_decode, stop=["END"])
     assert [stream.push(b) for b in b"xEN"] == ["x", "", ""]
     assert stream.push(ord("d")) == "ENd"  # "ENd" cannot begin "END" any more
     assert [stream.push(b) for b in b"yEND"] == ["y", "", "", ""] and stream.stopped
@@ -61,7 +63,7 @@ def test_text_that_may_start_a_stop_string_is_held_back_until_it_cannot():
     stops=st.lists(st.text(min_size=1, max_size=3), max_size=3),
 )
 def test_pieces_concatenate_to_the_one_shot_decode_cut_before_the_first_stop_string(data, stops):
-    stream = TextStream(ONE_BYTE, stop=stops)
+    stream = TextStream(bytes_decode, stop=stops)
     pieces = []
     for b in data:
         pieces.append(stream.push(b))
@@ -78,6 +80,23 @@ def test_pieces_concatenate_to_the_one_shot_decode_cut_before_the_first_stop_str
         assert "".join(pieces) == expected
     else:
         assert "".join(pieces) == whole
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_decode(tmp_path_factory):
+    from llama.tokenizer_llama2 import SentencePieceTokenizer
+
+    path = train_sentencepiece(tmp_path_factory.mktemp("sp") / "tokenizer.model", 320)
+    return SentencePieceTokenizer(str(path)).decode
+
+
+@settings(max_examples=100, deadline=None)
+@given(tokens=st.lists(st.integers(0, 319), max_size=30))
+def test_pieces_concatenate_to_sentencepiece_decode(sentencepiece_decode, tokens):
+    """SentencePiece drops a text's leading space and spells bytes as <0x..> pieces: pieces still add up."""
+    stream = TextStream(sentencepiece_decode)
+    pieces = [stream.push(t) for t in tokens] + [stream.flush()]
+    assert "".join(pieces) == sentencepiece_decode(tokens)
 
 
 # ---- generate_stream against the non-streaming calls ----
