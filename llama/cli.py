@@ -202,7 +202,8 @@ def as_dialog(prompt: Prompt, args: argparse.Namespace) -> Optional[Dialog]:
     if isinstance(prompt, str) and not args.use_chat_template:
         return None
     dialog = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    if args.system and (not dialog or dialog[0].get("role") != "system"):
+    has_system = bool(dialog) and isinstance(dialog[0], dict) and dialog[0].get("role") == "system"
+    if args.system and not has_system:
         dialog = [{"role": "system", "content": args.system}] + list(dialog)
     return dialog
 
