@@ -57,7 +57,8 @@ def test_nccl_two_shards_match_one_shard(tmp_path):
     write_checkpoint(tmp_path / "one", params, n_shards=1, sd=sd)
     write_checkpoint(tmp_path / "two", params, n_shards=2, sd=sd)
     tok = write_byte_tokenizer(tmp_path / "tok.model")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), LLAMA_TEST_DEVICE="cuda")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               LLAMA_TEST_DEVICE="cuda")
     worker = str(ROOT / "tests" / "mp_worker.py")
     for name, n in (("one", 1), ("two", 2)):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", worker,

@@ -17,12 +17,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
 
 
 def run_single(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env,
                           timeout=timeout)
 
@@ -63,14 +63,14 @@ def real_vocab_ckpt(tmp_path_factory):
 
 def test_example_text_completion_runs_with_plain_python(real_vocab_ckpt):
     out = run_single("example_text_completion.py", "--ckpt_dir", str(real_vocab_ckpt / "one"),
-                     "--tokenizer_path", real_tokenizer_path(), "--max_gen_len", "8")
+                     "--tokenizer_path", real_tokenizer_path(), "--max_gen_len", "8", "--device", "cpu")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "I believe the meaning of life is" in out.stdout and out.stdout.count("\n==================================") == 4
 
 
 def test_example_text_completion_runs_under_torchrun_with_two_shards_and_rank_zero_prints(real_vocab_ckpt):
     out = torchrun(2, "example_text_completion.py", "--ckpt_dir", str(real_vocab_ckpt / "two"),
-                   "--tokenizer_path", real_tokenizer_path(), "--max_gen_len", "8")
+                   "--tokenizer_path", real_tokenizer_path(), "--max_gen_len", "8", "--device", "cpu")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("I believe the meaning of life is") == 1  # rank 1 prints nothing
     assert out.stdout.count("\n==================================") == 4
@@ -78,7 +78,7 @@ def test_example_text_completion_runs_under_torchrun_with_two_shards_and_rank_ze
 
 def test_example_chat_completion_runs_under_torchrun_with_two_shards(real_vocab_ckpt):
     out = torchrun(2, "example_chat_completion.py", "--ckpt_dir", str(real_vocab_ckpt / "two"),
-                   "--tokenizer_path", real_tokenizer_path(), "--max_gen_len", "8")
+                   "--tokenizer_path", real_tokenizer_path(), "--max_gen_len", "8", "--device", "cpu")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("User: what is the recipe of mayonnaise?") == 1
     assert out.stdout.count("> Assistant:") == 4
