@@ -5,7 +5,6 @@
     torchrun --nproc_per_node 2 example_chat_completion.py --ckpt_dir DIR --tokenizer_path ...
 """
 
-import os
 import sys
 import time
 from typing import List, Optional
@@ -70,7 +69,7 @@ def main(
 ):
     """Dialogs are lists of {"role", "content"} messages; the model answers as the assistant. Without
     --ckpt_dir the demo model answers dialogs suited to it. max_seq_len defaults to 512 (256, the context
-    it was trained on, for the demo model); --tokenizer_path defaults to ckpt_dir/tokenizer.model."""
+    it was trained on, for the demo model); Without --tokenizer_path, the tokenizer.model in ckpt_dir is used."""
     if ckpt_dir is None:
         try:
             generator = build_demo(
@@ -85,7 +84,7 @@ def main(
     else:
         generator = Llama.build(
             ckpt_dir=ckpt_dir,
-            tokenizer_path=tokenizer_path or os.path.join(ckpt_dir, "tokenizer.model"),
+            tokenizer_path=tokenizer_path,
             max_seq_len=max_seq_len or 512,
             max_batch_size=max_batch_size,
             device=device,

@@ -5,7 +5,6 @@
     torchrun --nproc_per_node 2 example_text_completion.py --ckpt_dir DIR --tokenizer_path ...
 """
 
-import os
 import sys
 import time
 from typing import List, Optional
@@ -54,7 +53,7 @@ def main(
     device: Optional[str] = None,
 ):
     """Prompts are plain text: the model continues them (no chat format). Without --ckpt_dir the demo
-    model continues prompts suited to it; --tokenizer_path defaults to ckpt_dir/tokenizer.model."""
+    model continues prompts suited to it; Without --tokenizer_path, the tokenizer.model in ckpt_dir is used."""
     if ckpt_dir is None:
         try:
             generator = build_demo(max_seq_len=max_seq_len, max_batch_size=max_batch_size, device=device)
@@ -66,7 +65,7 @@ def main(
     else:
         generator = Llama.build(
             ckpt_dir=ckpt_dir,
-            tokenizer_path=tokenizer_path or os.path.join(ckpt_dir, "tokenizer.model"),
+            tokenizer_path=tokenizer_path,
             max_seq_len=max_seq_len,
             max_batch_size=max_batch_size,
             device=device,

@@ -29,7 +29,7 @@ class DemoModelError(RuntimeError):
 def _fail(ckpt_dir: Path, problem: str) -> DemoModelError:
     return DemoModelError(
         f"the demo model in {str(ckpt_dir)!r} is unusable: {problem}.\n"
-        f"Restore it from git (git checkout -- models/demo) or retrain it (about 10 minutes on 2 cores) "
+        f"Restore it from git (git checkout -- models/demo) or retrain it (about 20 minutes on one CPU core) "
         f"from the repository root with:\n    {RETRAIN}"
     )
 

@@ -160,7 +160,11 @@ def write_checkpoint(model: Transformer, params: Dict, out_dir: Path) -> None:
 
 def main(corpus: str = "", out_dir: str = str(REPO / "models" / "demo"), seed: int = 1234, threads: int = 1,
          steps: int = STEPS):
-    """Train the demo model on the Jane Austen corpus (see scripts/austen.py) and write it to `out_dir`."""
+    """Train the demo model on the Jane Austen corpus (see scripts/austen.py) and write it to `out_dir`.
+
+    One thread by default: the weights then do not depend on the machine's core count, and on a busy
+    2-core machine a second thread mostly waits for the first. `steps` other than STEPS is for trying
+    the script out; the shipped model is the default recipe."""
     start_time = time.time()
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

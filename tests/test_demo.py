@@ -24,9 +24,12 @@ REPO = Path(__file__).resolve().parent.parent
 # trained model; test_recorded_continuations_are_what_transformers_generates checks them against an
 # independent implementation, so a change here is a numerics change in model, tokenizer or generation.
 TEXT_PROMPT = "Elizabeth could not help"
-TEXT_CONTINUATION = None
+TEXT_CONTINUATION = (
+    " smiling at the expense of the two who had been in the habit of a very different manner, and she was not"
+    " so much more to be satisfied with the feelings"
+)
 CHAT_DIALOG = [{"role": "user", "content": "Do you dance, Mr. Darcy?"}]
-CHAT_ANSWER = None
+CHAT_ANSWER = "Yes; I am sure I should not."
 MAX_GEN_LEN = 32
 
 
