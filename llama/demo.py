@@ -18,7 +18,7 @@ DEMO_MAX_SEQ_LEN = 256  # the context it was trained on: positions beyond it wer
 
 RETRAIN = (
     "apt-get download r-cran-janeaustenr && dpkg-deb -x r-cran-janeaustenr_*.deb corpus\n"
-    "    python scripts/train_demo.py"
+    "    .venv/bin/python scripts/train_demo.py   (make venv creates .venv)"
 )
 
 
