@@ -15,7 +15,7 @@ import hashlib
 import struct
 import zlib
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 INSTALLED_PATH = "/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"  # after apt-get install
 EXTRACTED_PATH = "corpus/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"  # after the two commands above

@@ -15,7 +15,6 @@ The last 5% of each novel is held out: neither the tokenizer nor the model sees 
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -90,7 +89,6 @@ class Corpus:
         ids: List[int] = []
         self.starts: List[int] = []
         self.weights: List[float] = []
-        self.n_text_tokens = 0
         for _, text in novels:
             for paragraph in austen.paragraphs(text):
                 self.starts.append(len(ids))
