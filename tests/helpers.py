@@ -167,3 +167,11 @@ def save_hf_llama(path: Path, seed: int = 0, *, tie: bool = False, rope_scaling:
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     return model
+
+
+def subprocess_env(*extra_paths, **variables) -> Dict[str, str]:
+    """The environment for a test's child process: the checkout (and `extra_paths`) first on PYTHONPATH,
+    keeping whatever PYTHONPATH already holds (packages installed with --target, for instance)."""
+    root = Path(__file__).resolve().parent.parent
+    paths = [str(root), *map(str, extra_paths), os.environ.get("PYTHONPATH", "")]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p), **variables)

@@ -19,7 +19,7 @@ from llama import Llama
 from llama.chat import fit_history
 from llama.cli import main, parse_args
 from llama.tokenizer_llama2 import UNSAFE_ERROR
-from helpers import SMALL_GQA, SMALL_MHA, random_state_dict, train_sentencepiece, write_byte_tokenizer, write_checkpoint
+from helpers import SMALL_GQA, subprocess_env, SMALL_MHA, random_state_dict, train_sentencepiece, write_byte_tokenizer, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 STOP_TOKENS = (257, 264, 265)  # <|end_of_text|>, <|eom_id|>, <|eot_id|> after 256 byte tokens
@@ -153,7 +153,7 @@ def test_python_dash_m_llama_runs_and_rank_zero_alone_writes_under_torchrun(ckpt
     (tmp_path / "prompts.txt").write_text(f"first\n{TOO_LONG}\nthird\n")
     common = ["--prompts_file", str(tmp_path / "prompts.txt"), "--max_seq_len", str(MAX_SEQ_LEN),
               "--max_gen_len", "4", *GREEDY]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = subprocess_env(OMP_NUM_THREADS="1")
     torchrun = Path(sys.executable).with_name("torchrun")
     for name, launcher, ckpt_dir in [
         ("single", [sys.executable, "-m", "llama"], ckpt),

@@ -146,7 +146,7 @@ def test_demo_checkpoint_that_does_not_load_says_how_to_retrain(tmp_path):
 
 
 def _run(script: Path, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(cwd))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(cwd), os.environ.get("PYTHONPATH")) if p))
     return subprocess.run([sys.executable, str(script)], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
 
