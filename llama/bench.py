@@ -35,6 +35,7 @@ from llama.checkpoint import find_shards, load_into, load_shard, read_params
 from llama.distributed import init_distributed, pick_device
 from llama.generation import Llama
 from llama.model import ModelArgs, Transformer
+from llama.tokenizer import ChatFormat
 from llama.fast_layers import use_fast_layers
 
 _COMMON = dict(vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0)
@@ -102,6 +103,9 @@ class NoStopTokenizer:
     pad_id = 0
     stop_tokens: set = set()
 
+    def decode(self, ids) -> str:
+        return ""
+
 
 def build_ours(
     args: ModelArgs, sd: Dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, fast: bool, compile: bool
@@ -113,7 +117,8 @@ def build_ours(
     model.to(device).eval()
     if fast:
         use_fast_layers(model, pack=not compile)
-    return Llama(model, NoStopTokenizer(), fast=fast, compile=compile)  # type: ignore[arg-type]
+    tokenizer = NoStopTokenizer()
+    return Llama(model, tokenizer, ChatFormat(tokenizer), fast=fast, compile=compile)  # type: ignore[arg-type]
 
 
 def permute_for_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -135,7 +140,7 @@ def build_hf(args: ModelArgs, sd: Dict[str, torch.Tensor], device: torch.device,
     config = LlamaConfig(
         vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=n_kv,
-        rms_norm_eps=args.norm_eps, rope_parameters=rope, max_position_embeddings=args.max_seq_len,
+        rms_norm_eps=args.norm_eps, rope_parameters=rope, max_position_embeddings=max(args.max_seq_len, 8192),
         tie_word_embeddings=False, attention_bias=False, mlp_bias=False, dtype=dtype,
     )
     names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",

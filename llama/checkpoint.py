@@ -1,15 +1,22 @@
-"""Meta's checkpoint layout on disk: find and check the files, read params.json, load this rank's shard
-safely (weights_only, mmap) and put its tensors into a model, strictly."""
+"""Checkpoints on disk: find and check the files (Meta's consolidated.NN.pth shards, a Hugging Face
+directory, Meta's files under a Hugging Face repo's original/ folder, the tokenizer), read params.json,
+load safely (weights_only, mmap), give a model-parallel rank its share whatever the number of shards, put
+the tensors into a model strictly, and write Meta shards for any number of ranks."""
 
 import json
 import os
 import pickle
+import re
+import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from llama.model import ModelArgs
+from llama.reshard import Layout, Source, check_split, full_shapes, rank_state
 
 # Tensors found in some checkpoints that are not parameters: Llama 2's precomputed RoPE frequencies.
 IGNORED_KEYS = {"rope.freqs"}
@@ -86,3 +93,167 @@ def load_into(
         module = model.get_submodule(module_name)
         value = tensor.to(device=device, dtype=dtype)
         setattr(module, param_name, nn.Parameter(value, requires_grad=False))
+
+
+def _model_args(params: Dict[str, Any]) -> ModelArgs:
+    """ModelArgs for the shapes only: unknown keys are left for Llama.build to warn about, once."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ModelArgs.from_params(params)
+
+
+class MetaShards:
+    """The consolidated.NN.pth files of a Meta checkpoint as a resharding Source. The files are
+    memory-mapped: a rank reads only the slices it takes."""
+
+    def __init__(self, files: List[Path], params: Dict[str, Any]):
+        """Open every shard and check that each holds the tensors of the model params.json describes, in the
+        shapes a cut into len(files) pieces gives. Raises ValueError naming the file and the tensor."""
+        self.files = files
+        self.shards = [load_shard(f) for f in files]
+        args = _model_args(params)
+        n = len(files)
+        n_kv_heads = args.n_kv_heads or args.n_heads
+        # Llama 3 cuts the embedding by vocabulary (dim 0), Llama 2 by embedding dim (dim 1): shapes say which.
+        embedding = self.shards[0].get("tok_embeddings.weight")
+        if embedding is None or embedding.dim() != 2:
+            raise ValueError(f"{str(files[0])!r} has no 2-d tensor 'tok_embeddings.weight'")
+        if n == 1 or embedding.shape[1] == args.dim:
+            embedding_dim, vocab_size = 0, embedding.shape[0] * n
+        elif embedding.shape[1] * n == args.dim:
+            embedding_dim, vocab_size = 1, embedding.shape[0]
+        else:
+            raise ValueError(
+                f"{str(files[0])!r}: tensor 'tok_embeddings.weight' has shape {tuple(embedding.shape)}, which is "
+                f"neither (vocab / {n}, dim={args.dim}) nor (vocab, dim / {n}) for a {n}-shard checkpoint"
+            )
+        if args.vocab_size > 0 and vocab_size != args.vocab_size:
+            raise ValueError(
+                f"params.json says vocab_size={args.vocab_size} but tensor 'tok_embeddings.weight' of "
+                f"{str(files[0])!r} holds {vocab_size} tokens"
+            )
+        self.layout = Layout(n, n_kv_heads, args.head_dim, embedding_dim)
+        self._shapes = full_shapes(args, vocab_size)
+        for part, (path, shard) in enumerate(zip(files, self.shards)):
+            found = set(shard) - IGNORED_KEYS
+            missing = sorted(set(self._shapes) - found)
+            unexpected = sorted(found - set(self._shapes))
+            if missing or unexpected:
+                raise ValueError(
+                    f"{str(path)!r} does not hold the model params.json describes: missing tensors "
+                    f"{missing[:10]}, unexpected tensors {unexpected[:10]}"
+                )
+            wrong = []
+            for name, full in self._shapes.items():
+                expected = self.layout.local_shape(name, full, part)
+                if tuple(shard[name].shape) != expected:
+                    wrong.append(f"{name}: checkpoint {tuple(shard[name].shape)} vs model {expected}")
+            if wrong:
+                raise ValueError(
+                    f"checkpoint file {str(path)!r} (shard {part} of {n}) has tensors of the wrong shape for the "
+                    "model params.json describes: " + "; ".join(wrong[:10])
+                )
+
+    def names(self) -> List[str]:
+        return list(self._shapes)
+
+    def full_shape(self, name: str) -> Tuple[int, ...]:
+        return self._shapes[name]
+
+    def read(self, name: str, part: int, dim: int, start: int, end: int) -> torch.Tensor:
+        return self.shards[part][name].narrow(dim, start, end - start)
+
+
+def open_checkpoint(ckpt_dir: str) -> Tuple[Source, Dict[str, Any]]:
+    """The checkpoint in `ckpt_dir` and its Meta-style params, whichever layout it has: Meta shards with
+    params.json, a Hugging Face directory (config.json and safetensors), or Meta's files in `original/`.
+
+    Raises FileNotFoundError when no checkpoint is there, ValueError for a directory that mixes layouts or
+    for files that do not match their params.
+    """
+    path = Path(ckpt_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir!r}")
+    shards = sorted(path.glob("consolidated.*.pth"))
+    hf_files = sorted(p.name for p in path.glob("*.safetensors"))
+    has_config = (path / "config.json").is_file()
+    if shards and (hf_files or has_config):
+        raise ValueError(
+            f"{ckpt_dir!r} mixes a Meta checkpoint ({[p.name for p in shards]}) with Hugging Face files "
+            f"({(['config.json'] if has_config else []) + hf_files}); keep each checkpoint in its own directory"
+        )
+    if hf_files:
+        if not has_config:
+            raise FileNotFoundError(f"{ckpt_dir!r} holds safetensors files {hf_files} but no config.json")
+        from llama.hf import HFSource
+
+        source = HFSource(path)
+        return source, source.params
+    if not shards and any((path / "original").glob("consolidated.*.pth")):
+        return open_checkpoint(str(path / "original"))  # a Hugging Face repo's copy of Meta's files
+    if has_config:
+        raise FileNotFoundError(
+            f"{ckpt_dir!r} has a config.json but no *.safetensors files (only safetensors checkpoints are read, "
+            "not pytorch_model*.bin)"
+        )
+    shards = find_shards(ckpt_dir)
+    params = read_params(ckpt_dir)
+    return MetaShards(shards, params), params
+
+
+def load_checkpoint(
+    ckpt_dir: str, model_parallel_size: int, model_parallel_rank: int
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """This rank's tensors (Meta names, cut for `model_parallel_size` ranks whatever the number of files on
+    disk) and the model's params, from a checkpoint in any layout `open_checkpoint` reads."""
+    source, params = open_checkpoint(ckpt_dir)
+    args = _model_args(params)
+    check_split(args, source.full_shape("tok_embeddings.weight")[0], model_parallel_size, repr(ckpt_dir))
+    target = Layout(model_parallel_size, source.layout.n_kv_heads, source.layout.head_dim)
+    return rank_state(source, target, model_parallel_rank), params
+
+
+def write_meta(
+    source: Source, params: Dict[str, Any], out_dir: Path, shards: int, embedding_dim: int = 0
+) -> None:
+    """Write `source` as Meta shards consolidated.00.pth ... for `shards` model-parallel ranks, and
+    params.json. `embedding_dim` is the dim tok_embeddings is cut along: 0 (Llama 3) or 1 (Llama 2).
+    Memory: one rank's share at a time."""
+    vocab_size = source.full_shape("tok_embeddings.weight")[0]
+    check_split(_model_args(params), vocab_size, shards, "the checkpoint")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = Layout(shards, source.layout.n_kv_heads, source.layout.head_dim, embedding_dim)
+    for rank in range(shards):
+        # clone(): torch.save writes a view's whole underlying storage, i.e. the whole source tensor.
+        state = {name: t.clone() for name, t in rank_state(source, target, rank).items()}
+        torch.save(state, out_dir / f"consolidated.{rank:02d}.pth")
+        del state
+    (out_dir / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+
+
+def tokenizer_kind(path: str) -> str:
+    """'tiktoken' for a BPE text file of "base64(token) rank" lines (Llama 3), 'sentencepiece' for a
+    SentencePiece model, a protobuf (Llama 2). Raises FileNotFoundError or ValueError."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer file not found: {path!r}")
+    with open(path, "rb") as f:
+        head = f.read(1024)
+    first_line = head.lstrip(b"\r\n").split(b"\n", 1)[0]
+    if re.fullmatch(rb"[A-Za-z0-9+/]+={0,2} [0-9]+\r?", first_line):
+        return "tiktoken"
+    # A protobuf starting with field 1 (the pieces), length-delimited: how every SentencePiece model starts.
+    if head[:1] == b"\x0a":
+        return "sentencepiece"
+    raise ValueError(
+        f"{path!r} is neither a tiktoken BPE file nor a SentencePiece model (it starts with {head[:20]!r})"
+    )
+
+
+def find_tokenizer(ckpt_dir: str) -> str:
+    """The tokenizer.model beside a checkpoint: in `ckpt_dir` or its original/ folder (Hugging Face repos)."""
+    for candidate in (Path(ckpt_dir) / "tokenizer.model", Path(ckpt_dir) / "original" / "tokenizer.model"):
+        if candidate.is_file():
+            return str(candidate)
+    raise FileNotFoundError(
+        f"no tokenizer.model in {ckpt_dir!r} or its original/ folder: pass tokenizer_path explicitly"
+    )

@@ -1,14 +1,14 @@
 """The fast decode loop: every prompt prefilled whole in one batched call, then one token per row per step,
 each row at its own position, with no device-to-host copy in the step.
 
-It produces what the reference loop in `Llama.generate` produces (the same greedy tokens, logits equal to
-float32 rounding; sampled tokens too when the prompts have equal lengths) with less work:
+It produces what the reference loop (`Llama._decode_reference`) produces: the same greedy tokens, logits
+equal to float32 rounding, the same samples for the same seed, with less work:
 - the reference prefills only up to the shortest prompt and feeds the rest of longer prompts one position
   per step; here each row's whole prompt goes in the first call and its generation starts right after it,
-  so a batch takes max_gen_len steps, not max_gen_len plus the spread of prompt lengths. (With prompts of
-  different lengths a row's n-th token is thus drawn at another step than in the reference, from another
-  part of the random stream: sampled tokens then differ from the reference's for the same seed, though each
-  is drawn from the same distribution.)
+  so a batch takes max_gen_len steps, not max_gen_len plus the spread of prompt lengths. (A row's n-th token
+  is thus drawn at another step than in the reference: with per-row generators (a `seed` in the config)
+  that changes nothing, but with torch's global random stream it would, so for that case, sampling from
+  prompts of different lengths, `Llama` runs the reference loop.)
 - the prefill computes logits only at each prompt's last position unless log-probabilities are asked for;
 - when the prompts have one length, every row stays at one position and the step is the reference's own
   (an int position, no mask); otherwise each row's attention is masked to its own positions;
@@ -20,13 +20,15 @@ float32 rounding; sampled tokens too when the prompts have equal lengths) with l
 
 import functools
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
+from llama.completion import DecodeRun
 from llama.model import Positions, Transformer
-from llama.sampling import next_token
+from llama.sampling import Context, Sampler
+from llama.scoring import LogprobRecorder
+from llama.streaming import RowTracker, StreamEvent
 
 
 class DecodeStep:
@@ -67,7 +69,7 @@ class DecodeStep:
 
 @dataclass
 class Batch:
-    """The prompts of one generate call laid out on the device."""
+    """The prompts of one decode run laid out on the device."""
 
     tokens: torch.Tensor  # (bsz, total_len + 1): prompts, then generations; the last column is scratch
     prompt_lens: List[int]
@@ -88,14 +90,12 @@ def lay_out(
     return Batch(tokens, prompt_lens, ends, total_len)
 
 
-def prefill(
-    model: Transformer, batch: Batch, token_logprobs: Optional[torch.Tensor]
-) -> torch.Tensor:
+def prefill(model: Transformer, batch: Batch, recorder: Optional[LogprobRecorder]) -> torch.Tensor:
     """Run every prompt through the model in one call; return each row's next-token logits (bsz, vocab).
 
     Shorter prompts are padded (with token 0) to the longest; what the padding writes into a row's cache is
-    overwritten, position by position, before that row's attention can reach it. With `token_logprobs`
-    (bsz, total_len + 1), fill in the log-probability of every prompt token after the first.
+    overwritten, position by position, before that row's attention can reach it. With a `recorder`, record
+    the log-probability of every prompt token after the first.
     """
     bsz = len(batch.prompt_lens)
     max_len = max(batch.prompt_lens)
@@ -104,56 +104,66 @@ def prefill(
     inputs = batch.tokens[:, :max_len]
     inputs = torch.where(torch.arange(max_len, device=device)[None, :] < lens[:, None], inputs, 0)
     last = lens - 1  # (bsz,) each prompt's last position
-    if token_logprobs is None:
+    if recorder is None:
         return model.forward(inputs, 0, last_pos=last)[:, 0]
     logits = model.forward(inputs, 0)  # (bsz, max_len, vocab)
-    if max_len > 1:
-        # Logits at position i predict token i + 1 (pad positions give junk, cut or overwritten later).
-        token_logprobs[:, 1:max_len] = -F.cross_entropy(
-            logits[:, :-1].transpose(1, 2), target=inputs[:, 1:], reduction="none"
-        )
+    # Logits at position i predict token i + 1 (padding gives junk there: cut, or overwritten later).
+    recorder.record(logits[:, :-1], inputs, first_target=1)
     return logits[torch.arange(bsz, device=device), last]
 
 
+@torch.inference_mode()
 def decode(
     model: Transformer,
     step: DecodeStep,
-    prompt_tokens: List[List[int]],
-    max_gen_len: int,
+    run: DecodeRun,
     total_len: int,
-    temperature: float,
-    top_p: float,
-    logprobs: bool,
-    stop_tokens: torch.Tensor,
+    sampler: Sampler,
+    stop_ids: List[int],
+    detokenize: Callable[[Sequence[int]], str],
     pad_id: int,
     stop_check_every: int = 1,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Generate for every prompt: tokens (bsz, total_len) laid out as the reference loop lays them out
-    (row i's generation from position len(prompt i) on), and token log-probabilities (bsz, total_len)
-    when `logprobs`. Positions past a row's end are left as they are; the caller cuts at stop tokens."""
-    device = stop_tokens.device
-    batch = lay_out(prompt_tokens, max_gen_len, total_len, pad_id, device)
-    bsz = len(prompt_tokens)
-    token_logprobs = torch.zeros(batch.tokens.shape, dtype=torch.float, device=device) if logprobs else None
-    n_steps = max(e - n for e, n in zip(batch.ends, batch.prompt_lens))  # the longest-running row's
-    if n_steps == 0 and token_logprobs is None:  # every prompt fills the context: nothing to do
-        return batch.tokens[:, :total_len], None
-    logits = prefill(model, batch, token_logprobs)  # (bsz, vocab)
+) -> Iterator[List[StreamEvent]]:
+    """The fast decode loop over the rows of `run`, as `Llama._decode_reference` runs it: leaves on `run`
+    the tokens (bsz, total_len (+ 1 scratch column)) laid out as the reference lays them out (row i's
+    generation from position len(prompt i) on), the logprob recorder and the row tracker; with run.track,
+    yields each step's StreamEvents. Positions past a row's end are left as they are: the caller cuts."""
+    device = model.rope_cos.device
+    batch = lay_out(run.prompt_tokens, run.max_gen_len, total_len, pad_id, device)
+    bsz = len(run.prompt_tokens)
+    recorder = LogprobRecorder(bsz, total_len + 1, run.top_logprobs, device) if run.logprobs else None
+    tracker = None
+    if run.track:
+        tracker = RowTracker(detokenize, batch.prompt_lens, batch.ends, stop_ids, run.config.stop)
+    run.tokens, run.recorder, run.tracker, run.total_len = batch.tokens, recorder, tracker, total_len
 
-    positions = torch.tensor(batch.prompt_lens, device=device)  # (bsz,) where each row's next token goes
+    n_steps = max(e - n for e, n in zip(batch.ends, batch.prompt_lens))  # the longest-running row's
+    if n_steps == 0 and recorder is None:  # every prompt fills the context: nothing to do
+        if tracker:
+            yield tracker.finish_all()
+        return
+    logits = prefill(model, batch, recorder)  # (bsz, vocab)
+
+    stop_tokens = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    prompt_lens = torch.tensor(batch.prompt_lens, device=device)
+    positions = prompt_lens.clone()  # (bsz,) where each row's next token goes
     ends = torch.tensor(batch.ends, device=device)
     sink = torch.full_like(positions, total_len)  # the scratch column, for rows already at their end
     stopped = torch.zeros(bsz, dtype=torch.bool, device=device)
     # Prompts of one length keep every row at one position: the step then needs no per-row mask.
     aligned = len(set(batch.prompt_lens)) == 1
-    prefilter = device.type == "cpu"  # its fallback test reads a flag on the host: free on the CPU only
     for i in range(n_steps):
-        next_tok = next_token(logits, temperature, top_p, prefilter=prefilter)  # (bsz,)
+        # Each row's tokens so far: its prompt and what it generated (rows past their end: up to it).
+        context = Context(batch.tokens, torch.minimum(positions, ends), prompt_lens)
+        next_tok = sampler(logits, context)  # (bsz,)
         write_at = torch.where(positions < ends, positions, sink)[:, None]  # (bsz, 1)
         batch.tokens.scatter_(1, write_at, next_tok[:, None])
-        if token_logprobs is not None:
-            token_logprobs.scatter_(1, write_at, -F.cross_entropy(logits, next_tok, reduction="none")[:, None])
+        if recorder is not None:
+            recorder.record_rows(logits, next_tok, write_at[:, 0])
         stopped |= torch.isin(next_tok, stop_tokens) | (positions + 1 >= ends)
+        if tracker:  # host-side rows: the text so far, stop strings, lengths
+            yield tracker.step(positions.tolist(), next_tok.tolist())
+            stopped |= torch.tensor(tracker.done, device=device)
         if i == n_steps - 1 or ((i + 1) % stop_check_every == 0 and bool(stopped.all())):
             break
         # Feed the new tokens. Rows past their end keep running (a batch runs as one) on a clamped position.
@@ -161,5 +171,5 @@ def decode(
         kv_len = min(max(batch.prompt_lens) + i + 1, total_len)  # every row's position is below it
         logits = step(next_tok, batch.prompt_lens[0] + i if aligned else feed_at, kv_len)
         positions += 1
-    out_logprobs = token_logprobs[:, :total_len] if token_logprobs is not None else None
-    return batch.tokens[:, :total_len], out_logprobs
+    if tracker:
+        yield tracker.finish_all()

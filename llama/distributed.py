@@ -4,6 +4,7 @@ Works under `torchrun` (which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/POR
 (one process, an in-process store: nothing to configure, no port to pick).
 """
 
+import atexit
 import contextlib
 import io
 import os
@@ -60,6 +61,9 @@ def init_distributed(device: torch.device, model_parallel_size: Optional[int] = 
             dist.init_process_group(backend)  # torchrun's env:// rendezvous
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        # A group left to the interpreter's teardown can abort the process ("terminate called without an
+        # active exception" from gloo's threads): close the one we opened at exit.
+        atexit.register(_destroy_process_group)
     world_size = dist.get_world_size()
     if model_parallel_size is None:
         model_parallel_size = world_size
@@ -74,6 +78,11 @@ def init_distributed(device: torch.device, model_parallel_size: Optional[int] = 
     with contextlib.redirect_stdout(io.StringIO()):  # fairscale prints "> initializing ..." lines
         fs_init.initialize_model_parallel(model_parallel_size)
     return model_parallel_size
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_rank_zero() -> bool:

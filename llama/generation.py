@@ -1,38 +1,50 @@
 """`Llama`: build a model from a checkpoint directory, then generate, complete text and chat.
 
-The story of a request: prompts are encoded to token ids, `generate` runs the model over them and the ids
-it produces are cut at the first stop token and decoded. Two decode loops give the same results: the
-reference loop below, Meta's (one position at a time, the first positions shared by every prompt in a single
-batched call), and the fast loop of llama.decoding (used by default; `fast=False` picks the reference).
+The story of a request: prompts are encoded to token ids, the decode loop (`_decode`) runs the model over
+them, a Sampler picks each next token under the call's GenerationConfig, and the ids produced are cut at the
+first stop token (or stop string) and decoded. `generate`, `complete`, `generate_stream`, `text_completion`
+and `chat_completion` are views of that one loop. It comes in two versions with the same results: the fast
+loop of llama.decoding (the default) and Meta's reference loop here (`fast=False`): one position at a time,
+the first positions shared by every prompt in a single batched call.
 """
 
 import contextlib
 import time
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, TypedDict
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
-import torch.nn.functional as F
 
-from llama.checkpoint import find_shards, load_into, load_shard, read_params
+from llama.checkpoint import find_tokenizer, load_checkpoint, load_into, tokenizer_kind
+from llama.completion import Completion, DecodeRun, cut_completions, to_prediction
+from llama.config import GenerationConfig, resolve_config
 from llama.decoding import DecodeStep, decode
 from llama.distributed import init_distributed, is_rank_zero, pick_device, pick_dtype
-from llama.model import ModelArgs, Transformer
 from llama.fast_layers import use_fast_layers
-from llama.sampling import next_token
+from llama.model import ModelArgs, Transformer
+from llama.sampling import Context, Sampler, build_processors, row_generators
+from llama.scoring import LogprobRecorder, ScorePrediction, score_sequences
+from llama.streaming import RowTracker, StreamEvent
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer, check_dialog
+from llama.tokenizer_llama2 import Llama2ChatFormat, SentencePieceTokenizer
+
+AnyTokenizer = Union[Tokenizer, SentencePieceTokenizer]
+AnyChatFormat = Union[ChatFormat, Llama2ChatFormat]
+CHAT_FORMATS = {"llama3": ChatFormat, "llama2": Llama2ChatFormat}
 
 
 class CompletionPrediction(TypedDict, total=False):
     generation: str
     tokens: List[str]  # each token decoded on its own; only with logprobs=True
     logprobs: List[float]  # only with logprobs=True
+    top_logprobs: List[List[Tuple[str, float]]]  # per token, the likeliest (token, logprob); top_logprobs > 0
 
 
 class ChatPrediction(TypedDict, total=False):
     generation: Message
     tokens: List[str]  # only with logprobs=True
     logprobs: List[float]  # only with logprobs=True
+    top_logprobs: List[List[Tuple[str, float]]]  # only with top_logprobs > 0
 
 
 class PromptError(ValueError):
@@ -44,6 +56,24 @@ class PromptError(ValueError):
         self.results = results
         details = "; ".join(f"prompt {i}: {msg}" for i, msg in sorted(errors.items()))
         super().__init__(f"{len(errors)} of {len(results)} prompts failed ({details})")
+
+
+def load_tokenizer(path: str) -> AnyTokenizer:
+    """Llama 3's tiktoken tokenizer or Llama 2's SentencePiece one, whichever the file holds."""
+    if tokenizer_kind(path) == "sentencepiece":
+        return SentencePieceTokenizer(path)
+    return Tokenizer(path)
+
+
+def make_chat_format(tokenizer: AnyTokenizer, name: Optional[str] = None) -> AnyChatFormat:
+    """The chat format `name` ("llama3" or "llama2"); by default the one of the tokenizer's family."""
+    if name is None:
+        name = "llama2" if isinstance(tokenizer, SentencePieceTokenizer) else "llama3"
+    if name not in CHAT_FORMATS:
+        raise ValueError(f"unknown chat_format {name!r}; expected one of {sorted(CHAT_FORMATS)}")
+    if name == "llama3" and "<|start_header_id|>" not in tokenizer.special_tokens:
+        raise ValueError("chat_format 'llama3' needs Llama 3's special tokens, which this tokenizer lacks")
+    return CHAT_FORMATS[name](tokenizer)
 
 
 @contextlib.contextmanager
@@ -60,7 +90,7 @@ class Llama:
     @staticmethod
     def build(
         ckpt_dir: str,
-        tokenizer_path: str,
+        tokenizer_path: Optional[str],
         max_seq_len: int,
         max_batch_size: int,
         model_parallel_size: Optional[int] = None,
@@ -68,15 +98,19 @@ class Llama:
         *,
         device: Optional[str] = None,
         dtype: Optional[torch.dtype] = None,
+        chat_format: Optional[str] = None,
         fast: bool = True,
         compile: bool = False,
     ) -> "Llama":
-        """Load a Meta-format checkpoint and its tokenizer, starting torch.distributed and fairscale
-        model parallelism if they are not started yet.
+        """Load a checkpoint and its tokenizer, starting torch.distributed and fairscale model parallelism if
+        they are not started yet.
 
         Args:
-            ckpt_dir: directory with params.json and one consolidated.NN.pth per model-parallel rank.
-            tokenizer_path: the tiktoken BPE tokenizer.model.
+            ckpt_dir: a Meta checkpoint (params.json and consolidated.NN.pth files, any number of them: they
+                are resharded for this run), a Hugging Face directory (config.json and *.safetensors), or a
+                Hugging Face repo with Meta's files under original/.
+            tokenizer_path: tokenizer.model: Llama 3's tiktoken file or Llama 2's SentencePiece model (told
+                apart by their contents); None to use the one in ckpt_dir or ckpt_dir/original.
             max_seq_len: longest prompt plus generation; sizes the KV cache.
             max_batch_size: most prompts per call; sizes the KV cache.
             model_parallel_size: ranks the model is split over; default the world size (1 without torchrun).
@@ -84,67 +118,70 @@ class Llama:
             device: "cuda", "cpu", ...; default CUDA when available, else the CPU.
             dtype: weight and activation dtype; default bf16 on CUDA (fp16 where bf16 is not supported),
                 float32 on the CPU. On CPUs with native bf16 (AVX512-BF16, AMX), bf16 is about twice as fast.
+            chat_format: "llama3" or "llama2"; default the one of the tokenizer's family.
             fast: decode with the fast loop (llama.decoding) on the fast layers (llama.fast_layers: fused
                 projections, on the CPU weights packed for oneDNN); False runs Meta's reference loop on
                 fairscale's layers. Same results.
-            compile: compile the decode step with CUDA graphs (torch.compile "reduce-overhead"); CUDA only,
-                with `fast`. The first steps of each batch size are slow while it compiles.
+            compile: compile the decode step with torch.compile ("reduce-overhead": CUDA graphs on CUDA);
+                needs `fast`. The first steps of each batch size are slow while it compiles.
 
         Raises:
             FileNotFoundError: a missing directory, params.json, shard or tokenizer file.
-            ValueError: bad sizes, a corrupt or unsafe shard, a shard count that differs from the
-                model-parallel size, a vocabulary size that differs from the tokenizer's, tensors that do
-                not match the model.
+            ValueError: bad sizes, a corrupt or unsafe shard, a model that cannot be split over
+                model_parallel_size ranks, a vocabulary size that differs from the tokenizer's, tensors that
+                do not match the model, a config.json for another architecture, a directory mixing layouts.
         """
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         start_time = time.time()
-        shards = find_shards(ckpt_dir)
-        params = read_params(ckpt_dir)
-        tokenizer = Tokenizer(tokenizer_path)
+        tokenizer_path = tokenizer_path or find_tokenizer(ckpt_dir)
+        tokenizer = load_tokenizer(tokenizer_path)
+        formatter = make_chat_format(tokenizer, chat_format)
 
         device_ = pick_device(device)
         dtype = pick_dtype(device_, dtype)
         if device_.type == "cuda":
             torch.cuda.set_device(device_)
         model_parallel_size = init_distributed(device_, model_parallel_size)
-        if len(shards) != model_parallel_size:
-            raise ValueError(
-                f"{ckpt_dir!r} holds {len(shards)} checkpoint shards but model_parallel_size is "
-                f"{model_parallel_size}; run with torchrun --nproc_per_node {len(shards)}"
-            )
         torch.manual_seed(seed)  # the same seed in every rank: they must all sample the same tokens
 
+        # This rank's share of the weights, however many files (Meta or Hugging Face) hold them.
+        state, params = load_checkpoint(ckpt_dir, model_parallel_size, fs_init.get_model_parallel_rank())
         model_args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         if model_args.vocab_size == -1:
             model_args.vocab_size = tokenizer.n_words
         if model_args.vocab_size != tokenizer.n_words:
             raise ValueError(
-                f"params.json says vocab_size={model_args.vocab_size} but the tokenizer {tokenizer_path!r} "
-                f"has {tokenizer.n_words} tokens"
+                f"the checkpoint {ckpt_dir!r} says vocab_size={model_args.vocab_size} but the tokenizer "
+                f"{tokenizer_path!r} has {tokenizer.n_words} tokens"
             )
-        shard = shards[fs_init.get_model_parallel_rank()]
-        state = load_shard(shard)
         # Parameters are created uninitialised on the CPU (no memory is touched), then replaced by the
-        # shard's tensors on `device`; the KV cache and RoPE tables follow with .to(device).
+        # checkpoint's tensors on `device`; the KV cache and RoPE tables follow with .to(device).
         with _default_dtype(dtype):
             model = Transformer(model_args)
-        load_into(model, state, device_, dtype, source=str(shard))
+        load_into(model, state, device_, dtype, source=ckpt_dir)
         model.to(device_).eval()
         if fast:
             use_fast_layers(model, pack=not compile)
         if is_rank_zero():
             print(f"Loaded in {time.time() - start_time:.2f} seconds")
-        return Llama(model, tokenizer, fast=fast, compile=compile)
+        return Llama(model, tokenizer, formatter, fast=fast, compile=compile)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, fast: bool = True, compile: bool = False):
-        """Wrap a loaded model. fast: use the fast decode loop; compile: compile its step (CUDA)."""
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: AnyTokenizer,
+        formatter: Optional[AnyChatFormat] = None,
+        fast: bool = True,
+        compile: bool = False,
+    ):
+        """Wrap a loaded model. fast: decode with the fast loop; compile: compile its step (see build)."""
         if compile and not fast:
             raise ValueError("compile=True compiles the fast decode loop's step: it needs fast=True")
         self.model = model
         self.tokenizer = tokenizer
-        self.formatter = ChatFormat(tokenizer)
+        self.formatter = formatter or make_chat_format(tokenizer)
         self.fast = fast
         self.decode_step = DecodeStep(model, compile=compile) if fast else None
 
@@ -168,211 +205,384 @@ class Llama:
     def generate(
         self,
         prompt_tokens: List[List[int]],
-        max_gen_len: int,
-        temperature: float = 0.6,
-        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        temperature: Optional[float] = None,
+        top_p: Optional[float] = None,
         logprobs: bool = False,
         echo: bool = False,
+        *,
+        config: Optional[GenerationConfig] = None,
+        **controls: Any,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Continue each prompt by up to `max_gen_len` tokens.
 
         Args:
             prompt_tokens: one list of token ids per prompt; lengths may differ.
-            max_gen_len: most tokens to generate per prompt (also limited by max_seq_len).
-            temperature: 0 for greedy decoding; higher values flatten the distribution.
-            top_p: nucleus-sampling threshold.
+            max_gen_len: most tokens to generate per prompt (also limited by max_seq_len); default
+                config.max_new_tokens, else max_seq_len - 1.
+            temperature: 0 for greedy decoding; higher values flatten the distribution (default 0.6).
+            top_p: nucleus-sampling threshold (default 0.9).
             logprobs: also return the log-probability of each returned token.
             echo: return the prompt tokens (and their logprobs) in front of the generation.
+            config, **controls: the other controls of GenerationConfig (top_k, stop, seed, n, ...); keyword
+                controls override the config's. With n samples, prompt i's samples are rows i*n .. i*n+n-1.
 
         Returns:
-            (tokens, logprobs): per prompt, the generated ids cut before the first stop token, and their
+            (tokens, logprobs): per row, the generated ids cut before the first stop token, and their
             log-probabilities (None unless `logprobs`).
 
         Raises:
-            ValueError: no prompts, more than max_batch_size, an empty or too long prompt, bad settings.
+            ValueError: no prompts, more rows than max_batch_size, an empty or too long prompt, bad settings.
         """
-        params = self.model.params
-        bsz = len(prompt_tokens)
-        if bsz == 0:
+        if not prompt_tokens:
             raise ValueError("generate needs at least one prompt, got an empty list")
-        if bsz > params.max_batch_size:
-            raise ValueError(f"{bsz} prompts is more than max_batch_size={params.max_batch_size}")
         for i, tokens in enumerate(prompt_tokens):
             problem = self._check_prompt(tokens)
             if problem:
                 raise ValueError(f"prompt {i}: {problem}")
-        if not isinstance(max_gen_len, int) or max_gen_len < 1:
-            raise ValueError(f"max_gen_len must be a positive integer, got {max_gen_len!r}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-
-        prompt_lens = [len(t) for t in prompt_tokens]
-        total_len = min(params.max_seq_len, max_gen_len + max(prompt_lens))
-        stop_tokens = torch.tensor(sorted(self.tokenizer.stop_tokens), dtype=torch.long, device=self.device)
-        if self.fast:
-            tokens, token_logprobs = decode(
-                self.model, self.decode_step, prompt_tokens, max_gen_len, total_len, temperature, top_p,
-                logprobs, stop_tokens, self.tokenizer.pad_id,
-                # A look at the stop flags is a device sync on accelerators: greedy decoding looks every 8
-                # steps there. Sampling looks every step, to draw from the random stream as the reference does.
-                stop_check_every=1 if self.device.type == "cpu" or temperature > 0 else 8,
-            )
-        else:
-            tokens, token_logprobs = self._decode_reference(
-                prompt_tokens, total_len, temperature, top_p, logprobs, stop_tokens
-            )
-
-        all_logprobs = token_logprobs.tolist() if logprobs else None
-        out_tokens, out_logprobs = [], []
-        for i, row in enumerate(tokens.tolist()):
-            prompt_len = prompt_lens[i]
-            end = min(prompt_len + max_gen_len, total_len)
-            generated = row[prompt_len:end]
-            # Cut the generation (never the echoed prompt) before its first stop token.
-            stops = [j for j, t in enumerate(generated) if t in self.tokenizer.stop_tokens]
-            if stops:
-                end = prompt_len + stops[0]
-            start = 0 if echo else prompt_len
-            out_tokens.append(row[start:end])
-            if all_logprobs is not None:
-                out_logprobs.append(all_logprobs[i][start:end])
-        return out_tokens, (out_logprobs if logprobs else None)
-
-    def _decode_reference(
-        self,
-        prompt_tokens: List[List[int]],
-        total_len: int,
-        temperature: float,
-        top_p: float,
-        logprobs: bool,
-        stop_tokens: torch.Tensor,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Meta's decode loop: tokens (bsz, total_len) with each row's prompt then its generation, and the
-        tokens' log-probabilities (bsz, total_len) when `logprobs`."""
-        bsz = len(prompt_tokens)
-        prompt_lens = [len(t) for t in prompt_tokens]
-        min_prompt_len = min(prompt_lens)
-        device = self.device
-        tokens = torch.full((bsz, total_len), self.tokenizer.pad_id, dtype=torch.long, device=device)
-        for k, t in enumerate(prompt_tokens):
-            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
-        positions = torch.arange(total_len, device=device)
-        # True where a row still holds its own prompt: those positions keep the prompt token.
-        input_text_mask = positions[None, :] < torch.tensor(prompt_lens, device=device)[:, None]
-        token_logprobs = torch.zeros((bsz, total_len), dtype=torch.float, device=device) if logprobs else None
-
-        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
-        prev_pos = 0
-        if min_prompt_len == total_len and logprobs:  # nothing to generate: just score the prompts
-            logits = self.model.forward(tokens, prev_pos)
-            # Logits at position i predict token i + 1; the first token has no prediction (logprob 0).
-            token_logprobs[:, 1:] = -F.cross_entropy(
-                logits[:, :-1].transpose(1, 2), target=tokens[:, 1:], reduction="none"
-            )
-
-        for cur_pos in range(min_prompt_len, total_len):
-            # The first call feeds every position up to the shortest prompt's end; then one token a step.
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # (bsz, cur-prev, vocab)
-            next_tok = next_token(logits[:, -1], temperature, top_p)
-            next_tok = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_tok)
-            tokens[:, cur_pos] = next_tok
-            if logprobs:
-                # Logits at positions prev_pos..cur_pos-1 predict the tokens at prev_pos+1..cur_pos.
-                token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
-                    logits.transpose(1, 2), target=tokens[:, prev_pos + 1 : cur_pos + 1], reduction="none"
-                )
-            eos_reached |= ~input_text_mask[:, cur_pos] & torch.isin(next_tok, stop_tokens)
-            prev_pos = cur_pos
-            if bool(eos_reached.all()):
-                break
-        return tokens, token_logprobs
+        completions = self.complete(
+            prompt_tokens, max_gen_len, config=config, temperature=temperature, top_p=top_p,
+            logprobs=logprobs, echo=echo, **controls,
+        )
+        rows = [c for samples in completions for c in samples]
+        return [c.tokens for c in rows], ([c.logprobs for c in rows] if logprobs else None)
 
     def text_completion(
         self,
         prompts: List[str],
-        temperature: float = 0.6,
-        top_p: float = 0.9,
+        temperature: Optional[float] = None,
+        top_p: Optional[float] = None,
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
         echo: bool = False,
-    ) -> List[CompletionPrediction]:
-        """Continue each text prompt. `max_gen_len` defaults to max_seq_len - 1.
+        *,
+        config: Optional[GenerationConfig] = None,
+        top_logprobs: int = 0,
+        **controls: Any,
+    ) -> List[Union[CompletionPrediction, List[CompletionPrediction]]]:
+        """Continue each text prompt. `max_gen_len` defaults to max_seq_len - 1; temperature and top_p to
+        Meta's 0.6 and 0.9; the other controls (GenerationConfig fields) are off unless given.
+
+        Returns one CompletionPrediction per prompt, or with n > 1 a list of n per prompt. With
+        top_logprobs > 0 each prediction also holds, per token, the most likely (token, logprob) pairs.
 
         Raises PromptError (a ValueError) naming the prompts that cannot run (empty, too long) after
         completing the others, which it carries in `.results`.
         """
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens = []
         for prompt in prompts:
             if not isinstance(prompt, str):
                 raise TypeError(f"prompts must be strings, got {type(prompt).__name__}: {prompt!r:.80}")
             prompt_tokens.append(self.tokenizer.encode(prompt, bos=True, eos=False))
-        return self._complete(
-            prompt_tokens, [None] * len(prompt_tokens), max_gen_len, temperature, top_p, logprobs, echo,
-            lambda text: text,
-        )
+        settings = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, config=config,
+                        logprobs=logprobs, top_logprobs=top_logprobs, echo=echo, **controls)
+        return self._complete(prompt_tokens, [None] * len(prompt_tokens), settings, lambda text: text)
 
     def chat_completion(
         self,
         dialogs: List[Dialog],
-        temperature: float = 0.6,
-        top_p: float = 0.9,
+        temperature: Optional[float] = None,
+        top_p: Optional[float] = None,
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
-    ) -> List[ChatPrediction]:
-        """Answer each dialog as the assistant. `max_gen_len` defaults to max_seq_len - 1.
+        *,
+        config: Optional[GenerationConfig] = None,
+        top_logprobs: int = 0,
+        **controls: Any,
+    ) -> List[Union[ChatPrediction, List[ChatPrediction]]]:
+        """Answer each dialog as the assistant. Defaults and controls as for `text_completion`.
 
         A dialog must be an optional system message, then user/assistant turns alternating and ending with
-        the user. Raises PromptError (a ValueError) naming the dialogs that cannot run, after answering the
-        others, which it carries in `.results`.
+        the user. Returns one ChatPrediction per dialog (a list of n with n > 1). Raises PromptError (a
+        ValueError) naming the dialogs that cannot run, after answering the others, which it carries in
+        `.results`. With the Llama 2 chat format, a dialog containing its tags ([INST], <<SYS>>, ...) is
+        answered "Error: special tags are not allowed as part of the prompt." without running the model
+        (empty tokens and logprobs), as Meta's Llama 2 code answers it.
         """
-        if max_gen_len is None:
-            max_gen_len = self.model.params.max_seq_len - 1
         prompt_tokens: List[List[int]] = []
         problems: List[Optional[str]] = []
-        for dialog in dialogs:
+        fixed: Dict[int, ChatPrediction] = {}
+        for i, dialog in enumerate(dialogs):
             try:
                 check_dialog(dialog)
             except ValueError as e:
                 prompt_tokens.append([])
                 problems.append(str(e))
                 continue
-            prompt_tokens.append(self.formatter.encode_dialog_prompt(dialog))
+            reply = self.formatter.fixed_reply(dialog)
+            if reply is not None:
+                fixed[i] = {"generation": {"role": "assistant", "content": reply}}
+                if logprobs or top_logprobs:
+                    fixed[i].update(tokens=[], logprobs=[])
+                if top_logprobs:
+                    fixed[i]["top_logprobs"] = []
+            prompt_tokens.append([] if reply is not None else self.formatter.encode_dialog_prompt(dialog))
             problems.append(None)
+        settings = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, config=config,
+                        logprobs=logprobs, top_logprobs=top_logprobs, **controls)
         return self._complete(
-            prompt_tokens, problems, max_gen_len, temperature, top_p, logprobs, False,
-            lambda text: {"role": "assistant", "content": text},
+            prompt_tokens, problems, settings, lambda text: {"role": "assistant", "content": text}, fixed
         )
 
-    def _complete(self, prompt_tokens, problems, max_gen_len, temperature, top_p, logprobs, echo, wrap):
-        """Generate for the valid prompts in one batch, decode, and raise PromptError afterwards for the
-        invalid ones."""
+    def _complete(self, prompt_tokens, problems, settings, wrap, fixed=None) -> list:
+        """Complete the prompts without a problem, shape each sample as Meta's predictions, and raise
+        PromptError afterwards for the others (dialog problems, then prompt problems). Prompts in `fixed`
+        (index -> prediction) are answered with that prediction, without the model."""
+        fixed = fixed or {}
         if not prompt_tokens:
             raise ValueError("no prompts given: pass a non-empty list")
-        if len(prompt_tokens) > self.model.params.max_batch_size:
-            raise ValueError(
-                f"{len(prompt_tokens)} prompts is more than max_batch_size={self.model.params.max_batch_size}"
-            )
-        errors = {}
-        for i, tokens in enumerate(prompt_tokens):
-            problem = problems[i] or self._check_prompt(tokens)
-            if problem:
-                errors[i] = problem
-        valid = [i for i in range(len(prompt_tokens)) if i not in errors]
-        results: list = [None] * len(prompt_tokens)
-        if valid:
-            out_tokens, out_logprobs = self.generate(
-                [prompt_tokens[i] for i in valid], max_gen_len, temperature, top_p, logprobs, echo
-            )
-            for j, i in enumerate(valid):
-                result = {"generation": wrap(self.tokenizer.decode(out_tokens[j]))}
-                if logprobs:
-                    result["tokens"] = [self.tokenizer.decode([t]) for t in out_tokens[j]]
-                    result["logprobs"] = out_logprobs[j]
-                results[i] = result
+        errors = {i: problem for i, problem in enumerate(problems) if problem}
+        ready = [i for i in range(len(prompt_tokens)) if i not in errors and i not in fixed]
+        completions: List[Optional[List[Completion]]] = [None] * len(prompt_tokens)
+        if ready:
+            try:
+                done = self.complete([prompt_tokens[i] for i in ready], **settings)
+            except PromptError as e:
+                done = e.results
+                errors.update({ready[j]: message for j, message in e.errors.items()})
+            for j, i in enumerate(ready):
+                completions[i] = done[j]
+        n = settings.get("n") or (settings["config"].n if settings.get("config") else 1)
+        results: list = []
+        for i, samples in enumerate(completions):
+            if i in fixed:
+                results.append(fixed[i] if n == 1 else [fixed[i]] * n)
+                continue
+            if samples is None:
+                results.append(None)
+                continue
+            predictions = [
+                to_prediction(c, self.tokenizer, wrap, settings["logprobs"], settings["top_logprobs"] > 0)
+                for c in samples
+            ]
+            results.append(predictions if len(predictions) > 1 else predictions[0])
         if errors:
             raise PromptError(errors, results)
         return results
+
+    def score(self, prompts: Sequence[Union[str, Sequence[int]]]) -> List[ScorePrediction]:
+        """Log-likelihood and perplexity of each text (encoded with <|begin_of_text|>) or token list:
+        the sum and mean of the logprobs of every token after the first, each given the ones before.
+
+        Any number of prompts (run max_batch_size at a time). Raises PromptError (a ValueError) naming the
+        prompts that cannot be scored (fewer than 2 tokens, longer than max_seq_len), after scoring the
+        others, which it carries in `.results`.
+        """
+        if not prompts:
+            raise ValueError("no prompts given: pass a non-empty list")
+        prompt_tokens = [
+            self.tokenizer.encode(p, bos=True, eos=False) if isinstance(p, str) else list(p) for p in prompts
+        ]
+        errors: Dict[int, str] = {}
+        for i, tokens in enumerate(prompt_tokens):
+            problem = self._check_prompt(tokens)
+            if problem is None and len(tokens) < 2:
+                problem = f"scoring needs at least 2 tokens, got {len(tokens)}"
+            if problem:
+                errors[i] = problem
+        valid = [i for i in range(len(prompt_tokens)) if i not in errors]
+        results: List[Optional[ScorePrediction]] = [None] * len(prompt_tokens)
+        scores = score_sequences(self.model, [prompt_tokens[i] for i in valid])
+        for i, score in zip(valid, scores):
+            results[i] = score
+        if errors:
+            raise PromptError(errors, results)
+        return results
+
+    def complete(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: Optional[int] = None,
+        *,
+        config: Optional[GenerationConfig] = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        echo: bool = False,
+        **controls: Any,
+    ) -> List[Optional[List[Completion]]]:
+        """Generate for token prompts and return everything known about each sample.
+
+        Arguments as for `generate`; `top_logprobs` > 0 also returns that many most likely alternatives
+        (and their logprobs) at each returned position.
+
+        Returns:
+            per prompt, its `config.n` Completions.
+
+        Raises:
+            ValueError: no prompts, more rows than max_batch_size, bad settings.
+            PromptError: some prompts cannot run (empty, too long, unknown ids); the others were completed
+                and are in its `.results` (None for the failed ones).
+        """
+        if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be an integer >= 0, got {top_logprobs!r}")
+        cfg, max_gen_len = self._settings(config, max_gen_len, controls)
+        self._check_batch(prompt_tokens, cfg)
+        errors = {i: p for i, p in enumerate(map(self._check_prompt, prompt_tokens)) if p}
+        valid = [i for i in range(len(prompt_tokens)) if i not in errors]
+        results: List[Optional[List[Completion]]] = [None] * len(prompt_tokens)
+        if valid:
+            run = DecodeRun(
+                prompt_tokens=[prompt_tokens[i] for i in valid for _ in range(cfg.n)],
+                sample_index=[j for _ in valid for j in range(cfg.n)],
+                max_gen_len=max_gen_len,
+                config=cfg,
+                logprobs=logprobs or top_logprobs > 0,
+                top_logprobs=min(top_logprobs, self.model.vocab_size),
+                track=bool(cfg.stop),  # stop strings need the text of every row at every step
+            )
+            for _ in self._decode(run):
+                pass
+            rows = cut_completions(run, self.tokenizer, echo)
+            for k, i in enumerate(valid):
+                results[i] = rows[k * cfg.n : (k + 1) * cfg.n]
+        if errors:
+            raise PromptError(errors, results)
+        return results
+
+    def generate_stream(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: Optional[int] = None,
+        *,
+        config: Optional[GenerationConfig] = None,
+        **controls: Any,
+    ) -> Iterator[StreamEvent]:
+        """Generate as `generate` does, yielding each row's tokens as they are produced.
+
+        Yields StreamEvents (row, token, text, stop_reason): one per new token with the text it completed
+        (characters split over tokens, and text that may begin a stop string, wait for the following
+        tokens), then one per row with token None, the text still held back and the stop reason
+        ("stop_token", "stop_string" or "length"). A row's texts concatenate to its `text_completion`
+        generation. Closing the generator early stops the generation.
+
+        Raises:
+            ValueError: as `generate`, before anything is yielded.
+        """
+        cfg, max_gen_len = self._settings(config, max_gen_len, controls)
+        self._check_batch(prompt_tokens, cfg)
+        for i, tokens in enumerate(prompt_tokens):
+            problem = self._check_prompt(tokens)
+            if problem:
+                raise ValueError(f"prompt {i}: {problem}")
+        run = DecodeRun(
+            prompt_tokens=[t for t in prompt_tokens for _ in range(cfg.n)],
+            sample_index=[j for _ in prompt_tokens for j in range(cfg.n)],
+            max_gen_len=max_gen_len,
+            config=cfg,
+            track=True,
+        )
+        return (event for events in self._decode(run) for event in events)
+
+    def _decode(self, run: DecodeRun) -> Iterator[List[StreamEvent]]:
+        """The decode loop over the rows of `run`: the fast one, or with fast=False the reference below.
+        With run.track it yields each step's StreamEvents; it leaves the token ids (bsz, total_len), their
+        logprobs and the row states on `run`."""
+        cfg = run.config
+        mixed_lengths = len(set(map(len, run.prompt_tokens))) > 1
+        if not self.fast or (cfg.temperature > 0 and cfg.seed is None and mixed_lengths):
+            # Sampling from torch's global random stream: the reference loop draws for every row at every
+            # step, rows still in their prompt too, so the fast loop, which starts every row at once, would
+            # draw other numbers. Only the reference loop reproduces Meta's samples for a given seed there.
+            return self._decode_reference(run)
+        total_len = min(self.model.params.max_seq_len, run.max_gen_len + max(map(len, run.prompt_tokens)))
+        stop_ids = [] if cfg.ignore_eos else sorted(self.tokenizer.stop_tokens)
+        # A look at the stop flags is a device sync on accelerators: greedy decoding looks every 8 steps
+        # there. Sampling looks every step, to draw from the random stream as the reference does.
+        every = 1 if self.device.type == "cpu" or cfg.temperature > 0 or run.track else 8
+        return decode(
+            self.model, self.decode_step, run, total_len, self._sampler(cfg, run.sample_index), stop_ids,
+            self.tokenizer.decode, self.tokenizer.pad_id, stop_check_every=every,
+        )
+
+    @torch.inference_mode()
+    def _decode_reference(self, run: DecodeRun) -> Iterator[List[StreamEvent]]:
+        """Meta's decode loop, the reference for the fast one."""
+        params = self.model.params
+        cfg = run.config
+        bsz = len(run.prompt_tokens)
+        prompt_lens = [len(t) for t in run.prompt_tokens]
+        min_prompt_len, max_prompt_len = min(prompt_lens), max(prompt_lens)
+        total_len = min(params.max_seq_len, run.max_gen_len + max_prompt_len)
+
+        device = self.device
+        pad_id = self.tokenizer.pad_id
+        tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=device)
+        for k, t in enumerate(run.prompt_tokens):
+            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+        positions = torch.arange(total_len, device=device)
+        prompt_lens_t = torch.tensor(prompt_lens, device=device)
+        # True where a row still holds its own prompt: those positions keep the prompt token.
+        input_text_mask = positions[None, :] < prompt_lens_t[:, None]
+        recorder = LogprobRecorder(bsz, total_len, run.top_logprobs, device) if run.logprobs else None
+
+        stop_ids = [] if cfg.ignore_eos else sorted(self.tokenizer.stop_tokens)
+        stop_tokens = torch.tensor(stop_ids, dtype=torch.long, device=device)
+        sampler = self._sampler(cfg, run.sample_index)
+        tracker = None
+        if run.track:
+            ends = [min(p + run.max_gen_len, total_len) for p in prompt_lens]
+            tracker = RowTracker(self.tokenizer.decode, prompt_lens, ends, stop_ids, cfg.stop)
+        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
+        prev_pos = 0
+        if min_prompt_len == total_len and recorder:  # nothing to generate: just score the prompts
+            logits = self.model.forward(tokens, prev_pos)
+            recorder.record(logits[:, :-1], tokens, first_target=1)
+
+        for cur_pos in range(min_prompt_len, total_len):
+            # The first call feeds every position up to the shortest prompt's end; then one token a step.
+            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # (bsz, cur-prev, vocab)
+            # Processing and sampling see the last position's logits and every row's tokens so far (here
+            # all rows are at cur_pos, those still in their prompt with n_generated < 0).
+            context = Context(tokens[:, :cur_pos], torch.full_like(prompt_lens_t, cur_pos), prompt_lens_t)
+            next_tok = sampler(logits[:, -1], context)
+            next_tok = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_tok)
+            tokens[:, cur_pos] = next_tok
+            if recorder:
+                # Logits at positions prev_pos..cur_pos-1 predict the tokens at prev_pos+1..cur_pos.
+                recorder.record(logits, tokens, first_target=prev_pos + 1)
+            eos_reached |= ~input_text_mask[:, cur_pos] & torch.isin(next_tok, stop_tokens)
+            prev_pos = cur_pos
+            if tracker:  # host-side rows: the text so far, stop strings, lengths
+                yield tracker.step([cur_pos] * bsz, next_tok.tolist())
+                eos_reached |= torch.tensor(tracker.done, device=device)
+            if bool(eos_reached.all()):
+                break
+        if tracker:
+            yield tracker.finish_all()
+        run.tokens, run.recorder, run.tracker, run.total_len = tokens, recorder, tracker, total_len
+
+    def _check_batch(self, prompt_tokens: List[List[int]], cfg: GenerationConfig) -> None:
+        if not prompt_tokens:
+            raise ValueError("no prompts given: pass a non-empty list")
+        max_batch_size = self.model.params.max_batch_size
+        if len(prompt_tokens) * cfg.n > max_batch_size:
+            samples = f" x n={cfg.n} samples" if cfg.n > 1 else ""
+            raise ValueError(f"{len(prompt_tokens)} prompts{samples} is more than max_batch_size={max_batch_size}")
+
+    def _settings(
+        self, config: Optional[GenerationConfig], max_gen_len: Optional[int], controls: Dict[str, Any]
+    ) -> Tuple[GenerationConfig, int]:
+        """The checked config for one call, and max_gen_len (argument, else max_new_tokens, else
+        max_seq_len - 1)."""
+        cfg = resolve_config(config, **controls)
+        if max_gen_len is None:
+            max_gen_len = cfg.max_new_tokens or self.model.params.max_seq_len - 1
+        if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 1:
+            raise ValueError(f"max_gen_len must be a positive integer, got {max_gen_len!r}")
+        if cfg.min_new_tokens > max_gen_len:
+            raise ValueError(f"min_new_tokens={cfg.min_new_tokens} is more than max_gen_len={max_gen_len}")
+        bad = [t for t in cfg.banned_token_ids if t >= self.model.vocab_size]
+        if bad:
+            raise ValueError(f"banned_token_ids {bad[:5]} are outside the vocabulary [0, {self.model.vocab_size})")
+        return cfg, max_gen_len
+
+    def _sampler(self, cfg: GenerationConfig, sample_index: List[int]) -> Sampler:
+        banned: List[List[int]] = []
+        for word in cfg.banned_words:
+            # A word is spelt by different tokens at the start of a text and after a space.
+            for variant in dict.fromkeys([word, " " + word.lstrip(" ")]):
+                banned.append(self.tokenizer.encode(variant, bos=False, eos=False))
+        processors = build_processors(cfg, sorted(self.tokenizer.stop_tokens), banned)
+        generators = row_generators(cfg.seed, sample_index, self.device) if cfg.seed is not None else None
+        # The prefiltered top-p reads a flag on the host at each draw: free on the CPU only.
+        return Sampler(cfg, processors, generators, prefilter=self.fast and self.device.type == "cpu")

@@ -41,6 +41,11 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 500000
     use_scaled_rope: bool = False  # Llama 3.1+: stretch low RoPE frequencies for long context
+    # The scaling's constants: Meta's code always uses these; Hugging Face's Llama 3.2 configs say factor 32.
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
 
     max_batch_size: int = 32
     max_seq_len: int = 2048
@@ -86,10 +91,15 @@ class RMSNorm(nn.Module):
 # ---- Rotary position embeddings -------------------------------------------------------------------------
 
 
-def apply_scaling(freqs: torch.Tensor) -> torch.Tensor:
-    """Llama 3.1 RoPE frequency scaling (Meta's constants): long wavelengths slowed 8x, short ones kept,
-    a smooth blend between."""
-    scale_factor, low_freq_factor, high_freq_factor, old_context_len = 8.0, 1.0, 4.0, 8192.0
+def apply_scaling(
+    freqs: torch.Tensor,
+    scale_factor: float = 8.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    old_context_len: float = 8192.0,
+) -> torch.Tensor:
+    """Llama 3.1 RoPE frequency scaling (defaults: Meta's constants): long wavelengths slowed
+    `scale_factor` times, short ones kept, a smooth blend between."""
     low_freq_wavelen = old_context_len / low_freq_factor
     high_freq_wavelen = old_context_len / high_freq_factor
     wavelen = 2 * math.pi / freqs
@@ -100,16 +110,17 @@ def apply_scaling(freqs: torch.Tensor) -> torch.Tensor:
 
 
 def precompute_rope(
-    head_dim: int, end: int, theta: float, use_scaled: bool = False
+    head_dim: int, end: int, theta: float, use_scaled: bool = False, **scaling: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each (end, head_dim // 2), in float32.
 
     Pair i of a head rotates by angle pos * theta^(-2i/head_dim). Meta stores these as complex numbers
     (torch.polar); real tables hold the same float32 values and work on every backend and in torch.compile.
+    `scaling` overrides apply_scaling's constants (used only with `use_scaled`).
     """
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
     if use_scaled:
-        freqs = apply_scaling(freqs)
+        freqs = apply_scaling(freqs, **scaling)
     t = torch.arange(end, dtype=torch.float32)
     angles = torch.outer(t, freqs)  # (end, head_dim // 2)
     # torch.polar, as Meta uses, rounds a few entries differently from torch.cos/sin (1 ulp): take its
@@ -148,6 +159,12 @@ class Attention(nn.Module):
         super().__init__()
         mp_size = fs_init.get_model_parallel_world_size()
         n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
+        if mp_size > n_kv_heads:
+            # Fewer KV heads than ranks: each rank holds a copy of the one KV head its query heads read, as
+            # if the model had mp_size KV heads (llama/reshard.py makes the copies when loading).
+            if mp_size % n_kv_heads:
+                raise ValueError(f"model-parallel size {mp_size} is not a multiple of n_kv_heads={n_kv_heads}")
+            n_kv_heads = mp_size
         self.n_local_heads = args.n_heads // mp_size
         self.n_local_kv_heads = n_kv_heads // mp_size
         self.head_dim = args.head_dim
@@ -283,7 +300,14 @@ class Transformer(nn.Module):
 
         # Tables for twice the context, as Meta's; always float32, whatever the weights' dtype.
         cos, sin = precompute_rope(
-            params.head_dim, params.max_seq_len * 2, params.rope_theta, params.use_scaled_rope
+            params.head_dim,
+            params.max_seq_len * 2,
+            params.rope_theta,
+            params.use_scaled_rope,
+            scale_factor=params.rope_scaling_factor,
+            low_freq_factor=params.rope_low_freq_factor,
+            high_freq_factor=params.rope_high_freq_factor,
+            old_context_len=params.rope_original_context,
         )
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)

@@ -1,11 +1,59 @@
-"""Choosing the next token from the model's logits."""
+"""Choosing the next token from the model's logits.
 
-from typing import Optional
+Two kinds of small functions shape the last-position logits (bsz, vocab) before a token is chosen:
+- logits processors, built from a GenerationConfig, look at each row's tokens so far, a `Context`
+  (repetition penalty, banned tokens and words, no stop token before min_new_tokens); they run on the raw
+  logits;
+- filters (top_k, min_p) only look at the logits; they run after the division by the temperature.
+`Sampler` chains them and draws; with Meta's defaults it is exactly `next_token`.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
 # The fast path's nucleus search looks first among this many most likely tokens.
 PREFILTER_CANDIDATES = 256
+
+from llama.config import GenerationConfig
+
+
+@dataclass
+class Context:
+    """The tokens each row has so far, whatever the decode loop's layout: row i holds
+    tokens[i, :lengths[i]], its prompt (prompt_lens[i] tokens) then what it generated."""
+
+    tokens: torch.Tensor  # (bsz, L)
+    lengths: torch.Tensor  # (bsz,), each <= L
+    prompt_lens: torch.Tensor  # (bsz,)
+
+    @property
+    def n_generated(self) -> torch.Tensor:
+        """(bsz,) tokens generated so far; negative while a row is still being fed its prompt."""
+        return self.lengths - self.prompt_lens
+
+    def seen(self, vocab_size: int) -> torch.Tensor:
+        """(bsz, vocab_size) True for every token id present in the row."""
+        bsz, width = self.tokens.shape
+        valid = torch.arange(width, device=self.tokens.device)[None, :] < self.lengths[:, None]
+        ids = self.tokens.masked_fill(~valid, vocab_size)  # positions past the row's end: an extra column
+        seen = torch.zeros((bsz, vocab_size + 1), dtype=torch.bool, device=self.tokens.device)
+        return seen.scatter_(1, ids, True)[:, :vocab_size]
+
+    def ends_with(self, suffix: Sequence[int]) -> torch.Tensor:
+        """(bsz,) True for the rows whose last tokens are `suffix`."""
+        k = len(suffix)
+        offsets = torch.arange(k, device=self.tokens.device)[None, :] - k
+        at = (self.lengths[:, None] + offsets).clamp(min=0)  # (bsz, k) positions of the last k tokens
+        tail = torch.gather(self.tokens, 1, at)
+        matches = (tail == torch.tensor(list(suffix), device=self.tokens.device)).all(dim=1)
+        return matches & (self.lengths >= k)
+
+
+# A logits processor: (logits (bsz, vocab), the rows' tokens so far) -> logits. Processors never modify
+# their input in place: the same logits also give the reported logprobs.
+LogitsProcessor = Callable[[torch.Tensor, Context], torch.Tensor]
 
 
 def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -77,3 +125,147 @@ def next_token(
         sample = sample_top_p_prefiltered if prefilter else sample_top_p
         return sample(probs, top_p, generator).reshape(-1)
     return torch.argmax(logits, dim=-1)
+
+
+# ---- logits processors (on raw logits, knowing the tokens so far) ----
+
+
+def repetition_penalty(penalty: float) -> LogitsProcessor:
+    """Make every token already in a row's context less likely (CTRL's penalty, as in Hugging Face):
+    a positive logit is divided by `penalty`, a negative one multiplied by it."""
+
+    def process(logits: torch.Tensor, context: Context) -> torch.Tensor:
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+        return torch.where(context.seen(logits.shape[-1]), penalised, logits)
+
+    return process
+
+
+def ban_tokens(token_ids: Sequence[int]) -> LogitsProcessor:
+    """Never choose these token ids."""
+    banned = list(token_ids)
+
+    def process(logits: torch.Tensor, context: Context) -> torch.Tensor:
+        return logits.index_fill(1, torch.tensor(banned, device=logits.device), float("-inf"))
+
+    return process
+
+
+def ban_sequences(sequences: Sequence[Sequence[int]]) -> LogitsProcessor:
+    """Never complete one of these token sequences: a sequence's last token is banned in rows whose
+    context ends with the rest of it (one-token sequences are always banned)."""
+    always = sorted({seq[0] for seq in sequences if len(seq) == 1})
+    longer = [list(seq) for seq in sequences if len(seq) > 1]
+
+    def process(logits: torch.Tensor, context: Context) -> torch.Tensor:
+        if always:
+            logits = ban_tokens(always)(logits, context)
+        for seq in longer:
+            last = seq[-1]
+            column = torch.where(context.ends_with(seq[:-1]), float("-inf"), logits[:, last])  # (bsz,)
+            logits = logits.index_copy(1, torch.tensor([last], device=logits.device), column[:, None])
+        return logits
+
+    return process
+
+
+def min_new_tokens(stop_tokens: Sequence[int], minimum: int) -> LogitsProcessor:
+    """Ban the stop tokens in rows that have generated fewer than `minimum` tokens."""
+    stop_ids = sorted(stop_tokens)
+
+    def process(logits: torch.Tensor, context: Context) -> torch.Tensor:
+        too_early = (context.n_generated < minimum)[:, None]  # (bsz, 1)
+        return torch.where(too_early, ban_tokens(stop_ids)(logits, context), logits)
+
+    return process
+
+
+# ---- filters (on temperature-scaled logits) ----
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties with the k-th are kept too); the rest become -inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth_largest = torch.topk(logits, k, dim=-1).values[:, -1:]  # (bsz, 1)
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop the tokens whose probability is below min_p times that of the row's most likely token."""
+    if min_p <= 0:
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    threshold = min_p * probs.max(dim=-1, keepdim=True).values  # (bsz, 1)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def build_processors(
+    config: GenerationConfig, stop_tokens: Sequence[int], banned_sequences: Sequence[Sequence[int]]
+) -> List[LogitsProcessor]:
+    """The processors `config` asks for, in the order they run; empty for the defaults."""
+    processors: List[LogitsProcessor] = []
+    if config.repetition_penalty != 1.0:
+        processors.append(repetition_penalty(config.repetition_penalty))
+    if config.banned_token_ids:
+        processors.append(ban_tokens(config.banned_token_ids))
+    if banned_sequences:
+        processors.append(ban_sequences(banned_sequences))
+    if config.min_new_tokens > 0 and not config.ignore_eos:
+        processors.append(min_new_tokens(stop_tokens, config.min_new_tokens))
+    return processors
+
+
+def row_generators(seed: int, sample_indices: Sequence[int], device: torch.device) -> List[torch.Generator]:
+    """One random generator per row, seeded from (seed, the row's sample number): a row's draws depend on
+    neither the other rows of the batch nor anything run before, and the n samples of a prompt differ."""
+    generators = []
+    for j in sample_indices:
+        g = torch.Generator(device=device)
+        g.manual_seed((seed + j * 0x9E3779B97F4A7C15) % 2**63)  # spread sample numbers over the seed space
+        generators.append(g)
+    return generators
+
+
+class Sampler:
+    """Chooses each row's next token from last-position logits: processors, then greedy (temperature 0) or
+    temperature, top_k, min_p and top_p sampling. With no processors, filters or generators this is
+    exactly `next_token`, so Meta's defaults sample bit for bit as the reference. With `prefilter`, top-p
+    draws go through sample_top_p_prefiltered (the same tokens, without a full sort when it can: CPU)."""
+
+    def __init__(
+        self,
+        config: GenerationConfig,
+        processors: Sequence[LogitsProcessor] = (),
+        generators: Optional[Sequence[torch.Generator]] = None,
+        prefilter: bool = False,
+    ):
+        self.temperature = config.temperature
+        self.top_p = config.top_p
+        self.top_k = config.top_k
+        self.min_p = config.min_p
+        self.processors = list(processors)
+        self.generators = generators  # None: torch's global RNG, one draw for the whole batch
+        self.prefilter = prefilter
+        self.sample_top_p = sample_top_p_prefiltered if prefilter else sample_top_p
+
+    def __call__(self, logits: torch.Tensor, context: Context) -> torch.Tensor:
+        """logits (bsz, vocab) of each row's last position; context: each row's tokens so far.
+        Returns (bsz,) token ids."""
+        for process in self.processors:
+            logits = process(logits, context)
+        if self.temperature == 0:
+            return torch.argmax(logits, dim=-1)
+        if self.top_k == 0 and self.min_p == 0 and self.generators is None:
+            return next_token(logits, self.temperature, self.top_p, prefilter=self.prefilter)
+        logits = min_p_filter(top_k_filter(logits / self.temperature, self.top_k), self.min_p)
+        probs = torch.softmax(logits, dim=-1)
+        if self.generators is None:
+            return self.sample_top_p(probs, self.top_p).reshape(-1)
+        # Rows still reading their prompt (n_generated < 0) draw nothing: each row's random stream then
+        # depends on its own prompt only, not on the lengths of the other prompts in the batch.
+        choices = torch.argmax(probs, dim=-1)
+        for i, (g, active) in enumerate(zip(self.generators, (context.n_generated >= 0).tolist())):
+            if active:
+                choices[i] = self.sample_top_p(probs[i : i + 1], self.top_p, g)[0, 0]
+        return choices

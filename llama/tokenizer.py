@@ -3,7 +3,7 @@
 import base64
 import os
 import re
-from typing import AbstractSet, Collection, Dict, Iterator, List, Literal, Sequence, TypedDict, Union
+from typing import AbstractSet, Collection, Dict, Iterator, List, Literal, Optional, Sequence, TypedDict, Union
 
 import tiktoken
 
@@ -177,6 +177,10 @@ class ChatFormat:
         tokens.extend(self.tokenizer.encode(message["content"].strip(), bos=False, eos=False))
         tokens.append(self.tokenizer.eot_id)
         return tokens
+
+    def fixed_reply(self, dialog: Dialog) -> Optional[str]:
+        """An answer to give without running the model: never, in Llama 3's format (Llama 2's has one)."""
+        return None
 
     def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
         """<|begin_of_text|>, every message, then an empty assistant header for the model to continue."""

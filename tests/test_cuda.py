@@ -11,7 +11,7 @@ import torch
 
 from llama import Llama
 
-from helpers import SMALL_GQA, SMALL_SCALED, random_state_dict, write_byte_tokenizer, write_checkpoint
+from helpers import SMALL_GQA, subprocess_env, SMALL_SCALED, random_state_dict, write_byte_tokenizer, write_checkpoint
 from hf_reference import hf_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -57,8 +57,7 @@ def test_nccl_two_shards_match_one_shard(tmp_path):
     write_checkpoint(tmp_path / "one", params, n_shards=1, sd=sd)
     write_checkpoint(tmp_path / "two", params, n_shards=2, sd=sd)
     tok = write_byte_tokenizer(tmp_path / "tok.model")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               LLAMA_TEST_DEVICE="cuda")
+    env = subprocess_env(LLAMA_TEST_DEVICE="cuda")
     worker = str(ROOT / "tests" / "mp_worker.py")
     for name, n in (("one", 1), ("two", 2)):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", worker,

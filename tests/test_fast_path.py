@@ -84,16 +84,32 @@ def test_stop_tokens_end_rows_exactly_where_the_reference_ends_them(pair):
 
 
 def test_fast_path_samples_the_same_tokens_as_the_reference_from_the_same_seed(pair):
-    """With prompts of equal length both loops draw at the same steps (with different lengths the fast loop
-    starts every row at once, so its draws come from another part of the random stream)."""
+    """Equal prompt lengths: both loops draw from torch's global stream at the same steps. Mixed lengths
+    with per-row generators (a seed): each row's draws depend on its own tokens only."""
     fast, reference = pair
-    prompts = random_prompts([6, 6, 6], seed=8)
+    equal, mixed = random_prompts([6, 6, 6], seed=8), random_prompts([3, 9, 5], seed=9)
     results = []
     for llama in (fast, reference):
         torch.manual_seed(123)
         # Two calls in a row: the first must leave the random stream where the reference leaves it.
-        results.append([llama.generate(prompts, n, temperature=0.8, top_p=0.9) for n in (15, 10)])
-    assert results[0] == results[1]
+        runs = [llama.generate(equal, n, temperature=0.8, top_p=0.9) for n in (15, 10)]
+        runs.append(llama.generate(mixed, 12, temperature=0.9, top_p=0.8, seed=5, logprobs=True))
+        results.append(runs)
+    assert results[0][:2] == results[1][:2]
+    assert_same_outputs(results[0][2], results[1][2])
+
+
+def test_sampling_mixed_lengths_from_the_global_stream_runs_the_reference_loop(pair, monkeypatch):
+    fast, reference = pair
+    import llama.generation as generation
+
+    calls = []
+    real = generation.decode
+    monkeypatch.setattr(generation, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fast.generate(random_prompts([3, 9], seed=1), 4, temperature=0.8)
+    assert calls == []  # the reference loop ran
+    fast.generate(random_prompts([3, 9], seed=1), 4, temperature=0)
+    assert calls == [1]
 
 
 def test_per_row_positions_give_the_logits_of_a_shared_position(pair):
@@ -234,3 +250,26 @@ def test_bench_runs_both_systems_on_the_same_weights(tmp_path, monkeypatch):
     except ImportError:
         return
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fast_loop_keeps_every_generation_control_of_the_reference(pair):
+    """Processors (repetition penalty, banned tokens, min_new_tokens), top logprobs, stop strings and
+    streaming, on prompts of mixed lengths: the same completions and stream events from both loops."""
+    fast, reference = pair
+    prompts = random_prompts([4, 10, 7], seed=4)
+    free = reference.complete(prompts, 12, temperature=0)
+    stop = free[1][0].text[3:5]  # a stop string that one row meets after a few tokens
+    controls = dict(temperature=0, repetition_penalty=1.3, banned_token_ids=[7, 8], min_new_tokens=2,
+                    top_logprobs=3, stop=[stop])
+    got, want = fast.complete(prompts, 12, **controls), reference.complete(prompts, 12, **controls)
+    for [a], [b] in zip(got, want):
+        assert (a.tokens, a.text, a.stop_reason) == (b.tokens, b.text, b.stop_reason)
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-5)
+        assert [[t for t, _ in pos] for pos in a.top_logprobs] == [[t for t, _ in pos] for pos in b.top_logprobs]
+    assert any(c.stop_reason == "stop_string" for [c] in want)
+
+    def stream(llama):  # each row's events in order (rows interleave differently: the loops step differently)
+        events = list(llama.generate_stream(prompts, 12, temperature=0))
+        return [[tuple(e) for e in events if e.row == row] for row in range(len(prompts))]
+
+    assert stream(fast) == stream(reference)

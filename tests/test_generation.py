@@ -168,3 +168,11 @@ def test_sample_top_p_draws_in_proportion_inside_the_nucleus():
     draws = torch.cat([sample_top_p(probs.clone(), 0.8, g) for _ in range(3000)]).flatten()
     share_of_0 = (draws == 0).float().mean().item()
     assert abs(share_of_0 - 2 / 3) < 0.04 and not (draws == 2).any()
+
+
+def test_build_twice_in_one_process_gives_two_working_generators(tmp_path):
+    write_checkpoint(tmp_path / "ckpt", PARAMS, seed=11)
+    tok = write_byte_tokenizer(tmp_path / "tok.model")
+    first = Llama.build(str(tmp_path / "ckpt"), str(tok), max_seq_len=32, max_batch_size=2, device="cpu")
+    second = Llama.build(str(tmp_path / "ckpt"), str(tok), max_seq_len=16, max_batch_size=1, device="cpu")
+    assert first.generate(PROMPTS[:2], 6, temperature=0)[0][0] == second.generate(PROMPTS[:1], 6, temperature=0)[0][0]

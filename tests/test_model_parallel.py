@@ -10,19 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import SMALL_GQA, SMALL_MHA, random_state_dict, real_tokenizer_path, write_byte_tokenizer, write_checkpoint
+from helpers import SMALL_GQA, subprocess_env, SMALL_MHA, random_state_dict, real_tokenizer_path, write_byte_tokenizer, write_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = subprocess_env(OMP_NUM_THREADS="1")
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
 
 
 def run_single(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = subprocess_env()
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=env,
                           timeout=timeout)
 

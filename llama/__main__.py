@@ -1,0 +1,8 @@
+"""`python -m llama`: see llama/cli.py."""
+
+import sys
+
+from llama.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
