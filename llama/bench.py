@@ -408,7 +408,7 @@ def summary_line(res: Dict[str, Any]) -> str:
     o = res["ours"]
     line = (f"{res['dtype']} batch {res['batch']}: ours {o['decode_tok_s']:.1f} tok/s decode "
             f"({o['fraction_of_read_bandwidth']:.0%} of read bandwidth), first token "
-            f"{o['time_to_first_token_s'] * 1e3:.1f} ms")
+            f"{o['time_to_first_token_s'] * 1e3:.1f} ms, KV cache {res['kv_cache_bytes'] / 2**20:.1f} MiB")
     if "transformers" in res:
         h = res["transformers"]
         line += (f"; transformers {h['decode_tok_s']:.1f} tok/s; ratio {res['ratio_decode']:.2f}x; "
