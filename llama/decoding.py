@@ -22,6 +22,7 @@ import functools
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence
 
+import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 
 from llama.completion import DecodeRun
@@ -44,6 +45,8 @@ class DecodeStep:
         self.forward = model.forward
         self.compiled = None
         if compile:
+            if fs_init.get_model_parallel_world_size() > 1:
+                raise ValueError("compile=True needs one model-parallel rank (fairscale's collectives don't compile)")
             # Compiled code cannot enter inference mode: compile forward's undecorated body (run under no_grad).
             self.forward = functools.partial(type(model).forward.__wrapped__, model)
             self.compiled = torch.compile(self._step, mode="reduce-overhead", fullgraph=True, dynamic=False)
