@@ -152,7 +152,7 @@ def test_python_dash_m_llama_runs_and_rank_zero_alone_writes_under_torchrun(ckpt
     shutil.copy(ckpt / "tokenizer.model", two / "tokenizer.model")
     (tmp_path / "prompts.txt").write_text(f"first\n{TOO_LONG}\nthird\n")
     common = ["--prompts_file", str(tmp_path / "prompts.txt"), "--max_seq_len", str(MAX_SEQ_LEN),
-              "--max_gen_len", "4", *GREEDY]
+              "--max_gen_len", "4", "--device", "cpu", *GREEDY]  # 2 ranks: gloo, also on a 1-GPU machine
     env = subprocess_env(OMP_NUM_THREADS="1")
     torchrun = Path(sys.executable).with_name("torchrun")
     for name, launcher, ckpt_dir in [
@@ -184,7 +184,7 @@ def test_fit_history_drops_the_oldest_exchanges_and_keeps_the_system_message():
 
 
 def spawn_chat(ckpt: Path, *args: str) -> pexpect.spawn:
-    child = pexpect.spawn(sys.executable, ["-m", "llama", "chat", "--ckpt_dir", str(ckpt), *args], cwd=str(REPO),
+    child = pexpect.spawn(sys.executable, ["-m", "llama", "chat", "--ckpt_dir", str(ckpt), "--device", "cpu", *args], cwd=str(REPO),
                           encoding="utf-8", timeout=60, env=dict(os.environ, OMP_NUM_THREADS="1"))
     child.expect("user> ")
     return child
