@@ -17,7 +17,7 @@ def llama(tmp_path_factory) -> Llama:
     d = tmp_path_factory.mktemp("logprobs")
     write_checkpoint(d / "ckpt", dict(SMALL_GQA, vocab_size=512), seed=3)
     tokenizer = write_byte_tokenizer(d / "tokenizer.model")
-    return Llama.build(str(d / "ckpt"), str(tokenizer), max_seq_len=48, max_batch_size=4)
+    return Llama.build(str(d / "ckpt"), str(tokenizer), max_seq_len=48, max_batch_size=4, device="cpu")
 
 
 def forward_logprobs(llama: Llama, tokens) -> torch.Tensor:

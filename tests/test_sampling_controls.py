@@ -31,7 +31,7 @@ def llama(tmp_path_factory) -> Llama:
     d = tmp_path_factory.mktemp("controls")
     write_checkpoint(d / "ckpt", dict(SMALL_GQA, vocab_size=VOCAB))
     tokenizer = write_byte_tokenizer(d / "tokenizer.model")
-    return Llama.build(str(d / "ckpt"), str(tokenizer), max_seq_len=64, max_batch_size=6)
+    return Llama.build(str(d / "ckpt"), str(tokenizer), max_seq_len=64, max_batch_size=6, device="cpu")
 
 
 def encode(llama: Llama, *texts: str):
