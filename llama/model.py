@@ -83,8 +83,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 even for bf16/fp16 activations (the mean of squares overflows fp16),
         # cast back, then scale: the order Meta uses, so bf16 results match bit for bit.
+        # (In-place ops on the fresh (bsz, seqlen, 1) tensor: the same values, fewer allocations.)
         xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = xf * xf.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
         return normed.type_as(x) * self.weight
 
 
@@ -129,19 +130,24 @@ def precompute_rope(
     return cis.real.contiguous(), cis.imag.contiguous()
 
 
+def interleave_rope(cos: torch.Tensor, sin: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """precompute_rope's tables (..., head_dim // 2) laid out as apply_rotary_emb reads them, (..., head_dim):
+    each cos twice, (cos_i, cos_i), and each sin signed, (-sin_i, sin_i)."""
+    return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
+
+
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (2i, 2i+1) of each head: Meta's interleaved layout, computed in float32.
 
-    x: (bsz, seqlen, heads, head_dim); cos, sin: (seqlen, head_dim // 2), or (bsz, seqlen, head_dim // 2)
-    when each row is at its own position.
+    x: (bsz, seqlen, heads, head_dim); cos, sin: interleave_rope's tables, (seqlen, head_dim), or
+    (bsz, seqlen, head_dim) when each row is at its own position.
     """
-    xf = x.float().unflatten(-1, (-1, 2))  # (bsz, seqlen, heads, head_dim // 2, 2)
-    x_even, x_odd = xf[..., 0], xf[..., 1]
-    cos = cos.unsqueeze(-2)  # (..., seqlen, 1, head_dim // 2): broadcast over heads (and batch)
-    sin = sin.unsqueeze(-2)
-    # (a + ib)(cos + i sin) = (a cos - b sin) + i (a sin + b cos)
-    out = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # each pair (a, b) -> (b, a)
+    # (a + ib)(cos + i sin) = (a cos - b sin) + i (b cos + a sin): x * (cos, cos) + swapped * (-sin, sin),
+    # the same float32 products and sums, in the same rounding, as the complex product written out.
+    out = xf * cos.unsqueeze(-2) + swapped * sin.unsqueeze(-2)  # tables broadcast over heads
+    return out.type_as(x)
 
 
 # ---- Attention ------------------------------------------------------------------------------------------
@@ -309,6 +315,8 @@ class Transformer(nn.Module):
             high_freq_factor=params.rope_high_freq_factor,
             old_context_len=params.rope_original_context,
         )
+        # Laid out for apply_rotary_emb: (max_seq_len * 2, head_dim) each.
+        cos, sin = interleave_rope(cos, sin)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -333,7 +341,7 @@ class Transformer(nn.Module):
 
         mask = None
         if isinstance(start_pos, int):
-            cos = self.rope_cos[start_pos : start_pos + seqlen]  # (seqlen, head_dim // 2)
+            cos = self.rope_cos[start_pos : start_pos + seqlen]  # (seqlen, head_dim)
             sin = self.rope_sin[start_pos : start_pos + seqlen]
             if seqlen > 1:
                 # New token i (at position start_pos + i) sees every cached position and new tokens j <= i.
@@ -346,7 +354,7 @@ class Transformer(nn.Module):
                 raise ValueError(
                     f"per-row positions take one token per row and a kv_len (got seqlen={seqlen}, kv_len={kv_len})"
                 )
-            cos = self.rope_cos[start_pos][:, None]  # (bsz, 1, head_dim // 2)
+            cos = self.rope_cos[start_pos][:, None]  # (bsz, 1, head_dim)
             sin = self.rope_sin[start_pos][:, None]
             cols = torch.arange(kv_len, device=tokens.device)
             mask = (cols[None, :] <= start_pos[:, None])[:, None, None, :]  # (bsz, 1, 1, kv_len)
