@@ -26,13 +26,13 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 from llama.bandwidth import measure_read_bandwidth, synchronize
 from llama.checkpoint import find_shards, load_into, load_shard, read_params
-from llama.distributed import init_distributed, pick_device
+from llama.distributed import default_dtype, init_distributed, pick_device
 from llama.generation import Llama
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import ChatFormat
@@ -84,16 +84,6 @@ def random_weights(args: ModelArgs, dtype: torch.dtype, device: torch.device, se
         sd[p + "ffn_norm.weight"] = norm()
     sd["output.weight"] = w(args.vocab_size, dim)
     return sd
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 class NoStopTokenizer:

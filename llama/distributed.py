@@ -8,7 +8,7 @@ import atexit
 import contextlib
 import io
 import os
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -42,6 +42,17 @@ def pick_dtype(device: torch.device, dtype: Optional[torch.dtype] = None) -> tor
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Make `dtype` torch's default inside the block (fairscale's layers create their weights with it)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def local_rank() -> int:

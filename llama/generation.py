@@ -8,7 +8,6 @@ loop of llama.decoding (the default) and Meta's reference loop here (`fast=False
 the first positions shared by every prompt in a single batched call.
 """
 
-import contextlib
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
@@ -19,7 +18,7 @@ from llama.checkpoint import find_tokenizer, load_checkpoint, load_into, tokeniz
 from llama.completion import Completion, DecodeRun, cut_completions, to_prediction
 from llama.config import GenerationConfig, resolve_config
 from llama.decoding import DecodeStep, decode
-from llama.distributed import init_distributed, is_rank_zero, pick_device, pick_dtype
+from llama.distributed import default_dtype, init_distributed, is_rank_zero, pick_device, pick_dtype
 from llama.fast_layers import use_fast_layers
 from llama.model import ModelArgs, Transformer
 from llama.sampling import Context, Sampler, build_processors, row_generators
@@ -74,16 +73,6 @@ def make_chat_format(tokenizer: AnyTokenizer, name: Optional[str] = None) -> Any
     if name == "llama3" and "<|start_header_id|>" not in tokenizer.special_tokens:
         raise ValueError("chat_format 'llama3' needs Llama 3's special tokens, which this tokenizer lacks")
     return CHAT_FORMATS[name](tokenizer)
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 class Llama:
@@ -158,7 +147,7 @@ class Llama:
             )
         # Parameters are created uninitialised on the CPU (no memory is touched), then replaced by the
         # checkpoint's tensors on `device`; the KV cache and RoPE tables follow with .to(device).
-        with _default_dtype(dtype):
+        with default_dtype(dtype):
             model = Transformer(model_args)
         load_into(model, state, device_, dtype, source=ckpt_dir)
         model.to(device_).eval()

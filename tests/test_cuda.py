@@ -1,7 +1,6 @@
 """The CUDA path (skipped without a GPU): bf16 and fp16 weights on the GPU against Hugging Face transformers
 in float32 on the CPU, at half-precision tolerance, and NCCL model parallelism when 2 GPUs are present."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path

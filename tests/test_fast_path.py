@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 import llama.sampling as sampling
 from llama import Llama
-from llama.model import ModelArgs, Transformer
 from llama.sampling import next_token, sample_top_p, sample_top_p_prefiltered
 
 from helpers import SMALL_GQA, SMALL_MHA, SMALL_SCALED, write_byte_tokenizer, write_checkpoint

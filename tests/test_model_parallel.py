@@ -2,7 +2,6 @@
 2 processes under torchrun, gives the same logits and greedy text as 1 shard in 1 process. Also runs the
 example scripts the ways the README shows."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
