@@ -78,7 +78,12 @@ def build_demo(
 
 def demo_description(generator: Llama) -> str:
     """One line for the examples to print, so that nobody mistakes the demo for a real Llama."""
-    n_params = sum(p.numel() for p in generator.model.parameters())
+    # Counted from the shape, not model.parameters(): the fast path holds its weights packed or fused.
+    args = generator.model.params
+    n_kv_heads = args.n_kv_heads or args.n_heads
+    attention = 2 * args.dim * args.dim + 2 * args.dim * n_kv_heads * args.head_dim  # wq, wo, wk, wv
+    layer = attention + 3 * args.dim * args.ffn_hidden_dim + 2 * args.dim  # + w1, w2, w3 and two norms
+    n_params = 2 * args.vocab_size * args.dim + args.n_layers * layer + args.dim  # + embeddings, output, norm
     return (
         f"Demo model: a {n_params / 1e6:.1f}M-parameter Llama trained on Jane Austen's novels "
         f"(models/demo; see the README). Pass --ckpt_dir to use a real checkpoint."
