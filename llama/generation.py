@@ -9,7 +9,7 @@ the first positions shared by every prompt in a single batched call.
 """
 
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -73,6 +73,19 @@ def make_chat_format(tokenizer: AnyTokenizer, name: Optional[str] = None) -> Any
     if name == "llama3" and "<|start_header_id|>" not in tokenizer.special_tokens:
         raise ValueError("chat_format 'llama3' needs Llama 3's special tokens, which this tokenizer lacks")
     return CHAT_FORMATS[name](tokenizer)
+
+
+def _run_valid(count: int, errors: Dict[int, str], run: Callable[[List[int]], list]) -> list:
+    """Run the prompts without an error (`run` gets their indices, returns one result each, in order), put
+    the results in place (None for the failed prompts), then raise PromptError if any prompt failed."""
+    valid = [i for i in range(count) if i not in errors]
+    results: list = [None] * count
+    if valid:
+        for i, result in zip(valid, run(valid)):
+            results[i] = result
+    if errors:
+        raise PromptError(errors, results)
+    return results
 
 
 class Llama:
@@ -369,14 +382,8 @@ class Llama:
                 problem = f"scoring needs at least 2 tokens, got {len(tokens)}"
             if problem:
                 errors[i] = problem
-        valid = [i for i in range(len(prompt_tokens)) if i not in errors]
-        results: List[Optional[ScorePrediction]] = [None] * len(prompt_tokens)
-        scores = score_sequences(self.model, [prompt_tokens[i] for i in valid])
-        for i, score in zip(valid, scores):
-            results[i] = score
-        if errors:
-            raise PromptError(errors, results)
-        return results
+        score_valid = lambda valid: score_sequences(self.model, [prompt_tokens[i] for i in valid])  # noqa: E731
+        return _run_valid(len(prompt_tokens), errors, score_valid)
 
     def complete(
         self,
@@ -407,9 +414,8 @@ class Llama:
         cfg, max_gen_len = self._settings(config, max_gen_len, controls)
         self._check_batch(prompt_tokens, cfg)
         errors = {i: p for i, p in enumerate(map(self._check_prompt, prompt_tokens)) if p}
-        valid = [i for i in range(len(prompt_tokens)) if i not in errors]
-        results: List[Optional[List[Completion]]] = [None] * len(prompt_tokens)
-        if valid:
+
+        def run_valid(valid: List[int]) -> List[List[Completion]]:
             run = DecodeRun(
                 prompt_tokens=[prompt_tokens[i] for i in valid for _ in range(cfg.n)],
                 sample_index=[j for _ in valid for j in range(cfg.n)],
@@ -422,11 +428,9 @@ class Llama:
             for _ in self._decode(run):
                 pass
             rows = cut_completions(run, self.tokenizer, echo)
-            for k, i in enumerate(valid):
-                results[i] = rows[k * cfg.n : (k + 1) * cfg.n]
-        if errors:
-            raise PromptError(errors, results)
-        return results
+            return [rows[k * cfg.n : (k + 1) * cfg.n] for k in range(len(valid))]
+
+        return _run_valid(len(prompt_tokens), errors, run_valid)
 
     def generate_stream(
         self,
