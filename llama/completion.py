@@ -1,8 +1,8 @@
-"""What one pass of the decode loop is asked for and what it produces: its rows cut into Completions, and
-those shaped as the prediction dicts of Meta's API."""
+"""What one pass of the decode loop is asked for and what it produces: its rows cut into Completions
+(llama.predictions shapes those as the prediction dicts of Meta's API)."""
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -77,19 +77,3 @@ def cut_completions(run: DecodeRun, tokenizer: Tokenizer, echo: bool) -> List[Co
             )
         )
     return out
-
-
-def to_prediction(
-    completion: Completion, tokenizer: Tokenizer, wrap: Callable[[str], Any], logprobs: bool, top_logprobs: bool
-) -> Dict[str, Any]:
-    """Meta's prediction dict: {"generation": wrap(text)}, with logprobs also "tokens" (each decoded on
-    its own) and "logprobs", with top_logprobs also "top_logprobs" as (token text, logprob) pairs."""
-    prediction: Dict[str, Any] = {"generation": wrap(completion.text)}
-    if logprobs or top_logprobs:
-        prediction["tokens"] = [tokenizer.decode([t]) for t in completion.tokens]
-        prediction["logprobs"] = completion.logprobs
-    if top_logprobs:
-        prediction["top_logprobs"] = [
-            [(tokenizer.decode([t]), lp) for t, lp in position] for position in completion.top_logprobs
-        ]
-    return prediction

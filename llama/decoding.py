@@ -1,7 +1,7 @@
 """The fast decode loop: every prompt prefilled whole in one batched call, then one token per row per step,
 each row at its own position, with no device-to-host copy in the step.
 
-It produces what the reference loop (`Llama._decode_reference`) produces: the same greedy tokens, logits
+It produces what the reference loop (llama.reference) produces: the same greedy tokens, logits
 equal to float32 rounding, the same samples for the same seed, with less work:
 - the reference prefills only up to the shortest prompt and feeds the rest of longer prompts one position
   per step; here each row's whole prompt goes in the first call and its generation starts right after it,
@@ -127,7 +127,7 @@ def decode(
     pad_id: int,
     stop_check_every: int = 1,
 ) -> Iterator[List[StreamEvent]]:
-    """The fast decode loop over the rows of `run`, as `Llama._decode_reference` runs it: leaves on `run`
+    """The fast decode loop over the rows of `run`, as llama.reference's loop runs it: leaves on `run`
     the tokens (bsz, total_len (+ 1 scratch column)) laid out as the reference lays them out (row i's
     generation from position len(prompt i) on), the logprob recorder and the row tracker; with run.track,
     yields each step's StreamEvents. Positions past a row's end are left as they are: the caller cuts."""

@@ -4,88 +4,31 @@ The story of a request: prompts are encoded to token ids, the decode loop (`_dec
 them, a Sampler picks each next token under the call's GenerationConfig, and the ids produced are cut at the
 first stop token (or stop string) and decoded. `generate`, `complete`, `generate_stream`, `text_completion`
 and `chat_completion` are views of that one loop. It comes in two versions with the same results: the fast
-loop of llama.decoding (the default) and Meta's reference loop here (`fast=False`): one position at a time,
-the first positions shared by every prompt in a single batched call.
+loop of llama.decoding (the default) and Meta's reference loop of llama.reference (`fast=False`): one
+position at a time, the first positions shared by every prompt in a single batched call. The prediction
+types and PromptError live in llama.predictions, the choice of tokenizer and chat format in llama.families.
 """
 
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, TypedDict, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 
-from llama.checkpoint import find_tokenizer, load_checkpoint, load_into, tokenizer_kind
-from llama.completion import Completion, DecodeRun, cut_completions, to_prediction
+from llama.checkpoint import find_tokenizer, load_checkpoint, load_into
+from llama.completion import Completion, DecodeRun, cut_completions
 from llama.config import GenerationConfig, resolve_config
 from llama.decoding import DecodeStep, decode
 from llama.distributed import default_dtype, init_distributed, is_rank_zero, pick_device, pick_dtype
+from llama.families import AnyChatFormat, AnyTokenizer, load_tokenizer, make_chat_format
 from llama.fast_layers import use_fast_layers
 from llama.model import ModelArgs, Transformer
-from llama.sampling import Context, Sampler, build_processors, row_generators
-from llama.scoring import LogprobRecorder, ScorePrediction, score_sequences
-from llama.streaming import RowTracker, StreamEvent
-from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer, check_dialog
-from llama.tokenizer_llama2 import Llama2ChatFormat, SentencePieceTokenizer
-
-AnyTokenizer = Union[Tokenizer, SentencePieceTokenizer]
-AnyChatFormat = Union[ChatFormat, Llama2ChatFormat]
-CHAT_FORMATS = {"llama3": ChatFormat, "llama2": Llama2ChatFormat}
-
-
-class CompletionPrediction(TypedDict, total=False):
-    generation: str
-    tokens: List[str]  # each token decoded on its own; only with logprobs=True
-    logprobs: List[float]  # only with logprobs=True
-    top_logprobs: List[List[Tuple[str, float]]]  # per token, the likeliest (token, logprob); top_logprobs > 0
-
-
-class ChatPrediction(TypedDict, total=False):
-    generation: Message
-    tokens: List[str]  # only with logprobs=True
-    logprobs: List[float]  # only with logprobs=True
-    top_logprobs: List[List[Tuple[str, float]]]  # only with top_logprobs > 0
-
-
-class PromptError(ValueError):
-    """Some prompts of a batch were invalid. The valid ones were still completed: `results` holds their
-    predictions in order (None where a prompt failed) and `errors` maps each failed index to its message."""
-
-    def __init__(self, errors: Dict[int, str], results: list):
-        self.errors = errors
-        self.results = results
-        details = "; ".join(f"prompt {i}: {msg}" for i, msg in sorted(errors.items()))
-        super().__init__(f"{len(errors)} of {len(results)} prompts failed ({details})")
-
-
-def load_tokenizer(path: str) -> AnyTokenizer:
-    """Llama 3's tiktoken tokenizer or Llama 2's SentencePiece one, whichever the file holds."""
-    if tokenizer_kind(path) == "sentencepiece":
-        return SentencePieceTokenizer(path)
-    return Tokenizer(path)
-
-
-def make_chat_format(tokenizer: AnyTokenizer, name: Optional[str] = None) -> AnyChatFormat:
-    """The chat format `name` ("llama3" or "llama2"); by default the one of the tokenizer's family."""
-    if name is None:
-        name = "llama2" if isinstance(tokenizer, SentencePieceTokenizer) else "llama3"
-    if name not in CHAT_FORMATS:
-        raise ValueError(f"unknown chat_format {name!r}; expected one of {sorted(CHAT_FORMATS)}")
-    if name == "llama3" and "<|start_header_id|>" not in tokenizer.special_tokens:
-        raise ValueError("chat_format 'llama3' needs Llama 3's special tokens, which this tokenizer lacks")
-    return CHAT_FORMATS[name](tokenizer)
-
-
-def _run_valid(count: int, errors: Dict[int, str], run: Callable[[List[int]], list]) -> list:
-    """Run the prompts without an error (`run` gets their indices, returns one result each, in order), put
-    the results in place (None for the failed prompts), then raise PromptError if any prompt failed."""
-    valid = [i for i in range(count) if i not in errors]
-    results: list = [None] * count
-    if valid:
-        for i, result in zip(valid, run(valid)):
-            results[i] = result
-    if errors:
-        raise PromptError(errors, results)
-    return results
+from llama.predictions import ChatPrediction, CompletionPrediction, PromptError, run_valid, to_prediction
+from llama.reference import decode_reference
+from llama.sampling import Sampler, build_processors, row_generators
+from llama.scoring import ScorePrediction, score_sequences
+from llama.streaming import StreamEvent
+from llama.tokenizer import Dialog, check_dialog
 
 
 class Llama:
@@ -383,7 +326,7 @@ class Llama:
             if problem:
                 errors[i] = problem
         score_valid = lambda valid: score_sequences(self.model, [prompt_tokens[i] for i in valid])  # noqa: E731
-        return _run_valid(len(prompt_tokens), errors, score_valid)
+        return run_valid(len(prompt_tokens), errors, score_valid)
 
     def complete(
         self,
@@ -415,7 +358,7 @@ class Llama:
         self._check_batch(prompt_tokens, cfg)
         errors = {i: p for i, p in enumerate(map(self._check_prompt, prompt_tokens)) if p}
 
-        def run_valid(valid: List[int]) -> List[List[Completion]]:
+        def complete_valid(valid: List[int]) -> List[List[Completion]]:
             run = DecodeRun(
                 prompt_tokens=[prompt_tokens[i] for i in valid for _ in range(cfg.n)],
                 sample_index=[j for _ in valid for j in range(cfg.n)],
@@ -430,7 +373,7 @@ class Llama:
             rows = cut_completions(run, self.tokenizer, echo)
             return [rows[k * cfg.n : (k + 1) * cfg.n] for k in range(len(valid))]
 
-        return _run_valid(len(prompt_tokens), errors, run_valid)
+        return run_valid(len(prompt_tokens), errors, complete_valid)
 
     def generate_stream(
         self,
@@ -467,18 +410,21 @@ class Llama:
         return (event for events in self._decode(run) for event in events)
 
     def _decode(self, run: DecodeRun) -> Iterator[List[StreamEvent]]:
-        """The decode loop over the rows of `run`: the fast one, or with fast=False the reference below.
+        """The decode loop over the rows of `run`: the fast one, or with fast=False Meta's (llama.reference).
         With run.track it yields each step's StreamEvents; it leaves the token ids (bsz, total_len), their
         logprobs and the row states on `run`."""
         cfg = run.config
+        stop_ids = [] if cfg.ignore_eos else sorted(self.tokenizer.stop_tokens)
         mixed_lengths = len(set(map(len, run.prompt_tokens))) > 1
         if not self.fast or (cfg.temperature > 0 and cfg.seed is None and mixed_lengths):
             # Sampling from torch's global random stream: the reference loop draws for every row at every
             # step, rows still in their prompt too, so the fast loop, which starts every row at once, would
             # draw other numbers. Only the reference loop reproduces Meta's samples for a given seed there.
-            return self._decode_reference(run)
+            return decode_reference(
+                self.model, run, self._sampler(cfg, run.sample_index), stop_ids, self.tokenizer.decode,
+                self.tokenizer.pad_id,
+            )
         total_len = min(self.model.params.max_seq_len, run.max_gen_len + max(map(len, run.prompt_tokens)))
-        stop_ids = [] if cfg.ignore_eos else sorted(self.tokenizer.stop_tokens)
         # A look at the stop flags is a device sync on accelerators: greedy decoding looks every 8 steps
         # there. Sampling looks every step, to draw from the random stream as the reference does.
         every = 1 if self.device.type == "cpu" or cfg.temperature > 0 or run.track else 8
@@ -486,63 +432,6 @@ class Llama:
             self.model, self.decode_step, run, total_len, self._sampler(cfg, run.sample_index), stop_ids,
             self.tokenizer.decode, self.tokenizer.pad_id, stop_check_every=every,
         )
-
-    @torch.inference_mode()
-    def _decode_reference(self, run: DecodeRun) -> Iterator[List[StreamEvent]]:
-        """Meta's decode loop, the reference for the fast one."""
-        params = self.model.params
-        cfg = run.config
-        bsz = len(run.prompt_tokens)
-        prompt_lens = [len(t) for t in run.prompt_tokens]
-        min_prompt_len, max_prompt_len = min(prompt_lens), max(prompt_lens)
-        total_len = min(params.max_seq_len, run.max_gen_len + max_prompt_len)
-
-        device = self.device
-        pad_id = self.tokenizer.pad_id
-        tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=device)
-        for k, t in enumerate(run.prompt_tokens):
-            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
-        positions = torch.arange(total_len, device=device)
-        prompt_lens_t = torch.tensor(prompt_lens, device=device)
-        # True where a row still holds its own prompt: those positions keep the prompt token.
-        input_text_mask = positions[None, :] < prompt_lens_t[:, None]
-        recorder = LogprobRecorder(bsz, total_len, run.top_logprobs, device) if run.logprobs else None
-
-        stop_ids = [] if cfg.ignore_eos else sorted(self.tokenizer.stop_tokens)
-        stop_tokens = torch.tensor(stop_ids, dtype=torch.long, device=device)
-        sampler = self._sampler(cfg, run.sample_index)
-        tracker = None
-        if run.track:
-            ends = [min(p + run.max_gen_len, total_len) for p in prompt_lens]
-            tracker = RowTracker(self.tokenizer.decode, prompt_lens, ends, stop_ids, cfg.stop)
-        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
-        prev_pos = 0
-        if min_prompt_len == total_len and recorder:  # nothing to generate: just score the prompts
-            logits = self.model.forward(tokens, prev_pos)
-            recorder.record(logits[:, :-1], tokens, first_target=1)
-
-        for cur_pos in range(min_prompt_len, total_len):
-            # The first call feeds every position up to the shortest prompt's end; then one token a step.
-            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # (bsz, cur-prev, vocab)
-            # Processing and sampling see the last position's logits and every row's tokens so far (here
-            # all rows are at cur_pos, those still in their prompt with n_generated < 0).
-            context = Context(tokens[:, :cur_pos], torch.full_like(prompt_lens_t, cur_pos), prompt_lens_t)
-            next_tok = sampler(logits[:, -1], context)
-            next_tok = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_tok)
-            tokens[:, cur_pos] = next_tok
-            if recorder:
-                # Logits at positions prev_pos..cur_pos-1 predict the tokens at prev_pos+1..cur_pos.
-                recorder.record(logits, tokens, first_target=prev_pos + 1)
-            eos_reached |= ~input_text_mask[:, cur_pos] & torch.isin(next_tok, stop_tokens)
-            prev_pos = cur_pos
-            if tracker:  # host-side rows: the text so far, stop strings, lengths
-                yield tracker.step([cur_pos] * bsz, next_tok.tolist())
-                eos_reached |= torch.tensor(tracker.done, device=device)
-            if bool(eos_reached.all()):
-                break
-        if tracker:
-            yield tracker.finish_all()
-        run.tokens, run.recorder, run.tracker, run.total_len = tokens, recorder, tracker, total_len
 
     def _check_batch(self, prompt_tokens: List[List[int]], cfg: GenerationConfig) -> None:
         if not prompt_tokens:

@@ -1,0 +1,62 @@
+"""What the public calls return: Meta's prediction dicts (and how a Completion becomes one), and PromptError
+for a batch in which some prompts could not run (`run_valid` runs the others, then raises it carrying their
+results)."""
+
+from typing import Any, Callable, Dict, List, Tuple, TypedDict
+
+from llama.completion import Completion
+from llama.tokenizer import Message, Tokenizer
+
+
+class CompletionPrediction(TypedDict, total=False):
+    generation: str
+    tokens: List[str]  # each token decoded on its own; only with logprobs=True
+    logprobs: List[float]  # only with logprobs=True
+    top_logprobs: List[List[Tuple[str, float]]]  # per token, the likeliest (token, logprob); top_logprobs > 0
+
+
+class ChatPrediction(TypedDict, total=False):
+    generation: Message
+    tokens: List[str]  # only with logprobs=True
+    logprobs: List[float]  # only with logprobs=True
+    top_logprobs: List[List[Tuple[str, float]]]  # only with top_logprobs > 0
+
+
+def to_prediction(
+    completion: Completion, tokenizer: Tokenizer, wrap: Callable[[str], Any], logprobs: bool, top_logprobs: bool
+) -> Dict[str, Any]:
+    """Meta's prediction dict: {"generation": wrap(text)}, with logprobs also "tokens" (each decoded on
+    its own) and "logprobs", with top_logprobs also "top_logprobs" as (token text, logprob) pairs."""
+    prediction: Dict[str, Any] = {"generation": wrap(completion.text)}
+    if logprobs or top_logprobs:
+        prediction["tokens"] = [tokenizer.decode([t]) for t in completion.tokens]
+        prediction["logprobs"] = completion.logprobs
+    if top_logprobs:
+        prediction["top_logprobs"] = [
+            [(tokenizer.decode([t]), lp) for t, lp in position] for position in completion.top_logprobs
+        ]
+    return prediction
+
+
+class PromptError(ValueError):
+    """Some prompts of a batch were invalid. The valid ones were still completed: `results` holds their
+    predictions in order (None where a prompt failed) and `errors` maps each failed index to its message."""
+
+    def __init__(self, errors: Dict[int, str], results: list):
+        self.errors = errors
+        self.results = results
+        details = "; ".join(f"prompt {i}: {msg}" for i, msg in sorted(errors.items()))
+        super().__init__(f"{len(errors)} of {len(results)} prompts failed ({details})")
+
+
+def run_valid(count: int, errors: Dict[int, str], run: Callable[[List[int]], list]) -> list:
+    """Run the prompts without an error (`run` gets their indices, returns one result each, in order), put
+    the results in place (None for the failed prompts), then raise PromptError if any prompt failed."""
+    valid = [i for i in range(count) if i not in errors]
+    results: list = [None] * count
+    if valid:
+        for i, result in zip(valid, run(valid)):
+            results[i] = result
+    if errors:
+        raise PromptError(errors, results)
+    return results
