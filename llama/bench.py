@@ -12,8 +12,10 @@ system it measures the time to first token (a 1-token run: prefill plus one choi
 from the two: prefill tokens/s and decode tokens/s; also the peak memory of the run and whether the two
 systems produced the same tokens. The decode step's bytes read (every weight but the embedding table, plus
 the KV cache so far) times its steps per second is the effective bandwidth, set against the device's read
-bandwidth measured here (llama.bandwidth; the best of measurements before every configuration and at the
-end). Writes JSON and, with matplotlib installed, a PNG chart.
+bandwidth measured here (llama.bandwidth; the best of measurements at the start, in every round and at the
+end); that bandwidth over the bytes per step is the roofline, the decode speed no program can pass here,
+and the roofline over transformers' speed the largest ratio any program could reach against it. Writes
+JSON and, with matplotlib installed, a PNG chart.
 
 Needs transformers (a test dependency) unless --no-hf; matplotlib for the chart.
 """
@@ -235,15 +237,19 @@ def hf_system(model) -> System:
 
 
 def measure(systems: List[System], prompts: torch.Tensor, n_tokens: int, repeats: int, warmup: int,
-            device: torch.device, label: str) -> None:
+            device: torch.device, label: str) -> float:
     """Warm up, then alternate the systems run by run: a 1-token run (time to first token) and a full run
-    (with its peak memory), `repeats` times each; the order of the systems flips every round."""
+    (with its peak memory), `repeats` times each; the order of the systems flips every round. Every round
+    also measures the read bandwidth, so that the ceiling is sampled as often, and as disturbed by other
+    work on the machine, as the systems are: returns the best seen."""
     memory = PeakMemory(device)
     for system in systems:
         for _ in range(warmup):
             system.generate(prompts, n_tokens)
             system.generate(prompts, 1)
+    bandwidth = 0.0
     for r in range(repeats):
+        bandwidth = max(bandwidth, measure_read_bandwidth(device))
         for system in systems if r % 2 == 0 else systems[::-1]:
             t1, _ = timed(lambda: system.generate(prompts, 1), device)
             memory.start()
@@ -254,6 +260,7 @@ def measure(systems: List[System], prompts: torch.Tensor, n_tokens: int, repeats
             system.tokens = out
             log(f"  {label}  round {r + 1}/{repeats}  {system.name:<13} first token {t1 * 1e3:7.1f} ms"
                 f"  {n_tokens} tokens {t:6.3f} s")
+    return bandwidth
 
 
 def summarise(system: System, bsz: int, prompt_len: int, n_tokens: int) -> Dict[str, Any]:
@@ -362,10 +369,10 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
         for bsz in opts.batch:
             label = f"{dtype_name} batch {bsz}"
             prompts = torch.randint(0, args.vocab_size, (bsz, opts.prompt_len), generator=g).to(device)
-            # Other work on the machine slows the copy as much as the contenders: keep the best seen.
-            bandwidth = max(bandwidth, measure_read_bandwidth(device))
             systems = [System(s.name, s.generate) for s in built]
-            measure(systems, prompts, opts.new_tokens, opts.repeats, opts.warmup, device, label)
+            # Other work on the machine slows the probe as much as the contenders: keep the best seen.
+            bandwidth = max(bandwidth, measure(systems, prompts, opts.new_tokens, opts.repeats, opts.warmup,
+                                               device, label))
             res: Dict[str, Any] = {"dtype": dtype_name, "batch": bsz}
             for s in systems:
                 res[s.name] = summarise(s, bsz, opts.prompt_len, opts.new_tokens)
@@ -390,6 +397,10 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
         for name in ("ours", "ours-simple", "transformers"):
             if name in res:
                 res[name]["fraction_of_read_bandwidth"] = res[name]["effective_bandwidth_bytes_s"] / bandwidth
+        # The roofline: no decode loop reads its bytes faster than the memory delivers them.
+        res["roofline_decode_tok_s"] = res["batch"] * bandwidth / res["bytes_per_decode_step"]["total_bytes"]
+        if "transformers" in res:
+            res["largest_possible_ratio"] = res["roofline_decode_tok_s"] / res["transformers"]["decode_tok_s"]
         log(summary_line(res))
     return report
 
@@ -402,7 +413,9 @@ def summary_line(res: Dict[str, Any]) -> str:
     if "transformers" in res:
         h = res["transformers"]
         line += (f"; transformers {h['decode_tok_s']:.1f} tok/s; ratio {res['ratio_decode']:.2f}x; "
-                 f"same tokens in {res['rows_matching_transformers']}/{res['batch']} rows")
+                 f"same tokens in {res['rows_matching_transformers']}/{res['batch']} rows; at the read bandwidth "
+                 f"(roofline, {res['roofline_decode_tok_s']:.1f} tok/s) the ratio would be "
+                 f"{res['largest_possible_ratio']:.2f}x")
     return line
 
 
@@ -410,15 +423,17 @@ def markdown_table(report: Dict[str, Any]) -> str:
     """The README's table: one line per (dtype, batch)."""
     m = report["machine"]
     where = m.get("gpu") or f"{m.get('cpu')}, {m['threads']} threads"
-    lines = ["| machine | model | dtype | batch | ours tok/s | transformers tok/s | ratio | % of read bandwidth |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| machine | model | dtype | batch | ours tok/s | transformers tok/s | ratio | % of read bandwidth "
+             "| roofline tok/s (largest possible ratio) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         hf = r.get("transformers", {}).get("decode_tok_s")
         hf_cell = "-" if hf is None else f"{hf:.1f}"
         ratio_cell = "-" if hf is None else f"{r['ratio_decode']:.2f}x"
         lines.append(
             f"| {where} | {report['model']} | {r['dtype']} | {r['batch']} | {r['ours']['decode_tok_s']:.1f} | "
-            f"{hf_cell} | {ratio_cell} | {r['ours']['fraction_of_read_bandwidth']:.0%} |"
+            f"{hf_cell} | {ratio_cell} | {r['ours']['fraction_of_read_bandwidth']:.0%} | "
+            f"{r['roofline_decode_tok_s']:.0f}" + ("" if hf is None else f" ({r['largest_possible_ratio']:.2f}x)") + " |"
         )
     return "\n".join(lines)
 
