@@ -220,6 +220,24 @@ def test_next_token_with_and_without_prefilter_agree():
 # ---- options and the benchmark ---------------------------------------------------------------------------
 
 
+def test_compiled_step_gives_the_reference_greedy_tokens_and_logprobs(tmp_path):
+    """compile=True (torch.compile; CUDA graphs and tuned kernels on a GPU, inductor's C++ on the CPU) on
+    mixed prompt lengths and one length: the reference loop's tokens, logprobs within 1e-5 in float32."""
+    params = dict(SMALL_GQA, vocab_size=512)
+    write_checkpoint(tmp_path / "ckpt", params, seed=6)
+    tok = str(write_byte_tokenizer(tmp_path / "tok.model"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    build = lambda **kw: Llama.build(str(tmp_path / "ckpt"), tok, MAX_SEQ_LEN, max_batch_size=4, device=device,
+                                     dtype=torch.float32, **kw)
+    compiled, reference = build(compile=True), build(fast=False)
+    for lengths in ([3, 11, 7], [5, 5]):
+        prompts = random_prompts(lengths, seed=11)
+        assert_same_outputs(
+            compiled.generate(prompts, 9, temperature=0, logprobs=True),
+            reference.generate(prompts, 9, temperature=0, logprobs=True),
+        )
+
+
 def test_compile_needs_the_fast_loop(pair):
     fast, _ = pair
     with pytest.raises(ValueError, match="fast=True"):
