@@ -260,7 +260,8 @@ def test_bench_runs_both_systems_on_the_same_weights(tmp_path, monkeypatch):
         for name in ("ours", "ours-simple", "transformers"):
             assert r[name]["decode_tok_s"] > 0 and len(r[name]["runs_total_s"]) == 2
         assert r["kv_cache_bytes"] == 2 * 2 * 3 * 2 * 11 * 8 * 4  # K and V, layers, batch, kv heads, seq, head_dim
-        assert 0 < r["ours"]["fraction_of_read_bandwidth"]
+        assert 0 < r["ours"]["fraction_of_read_bandwidth"] and 0 < r["ours"]["median_round_fraction_of_read_bandwidth"]
+        assert len(r["round_read_bandwidths_bytes_s"]) == 2
         # No one passes the roofline: transformers' fraction of it bounds any ratio against transformers.
         assert r["largest_possible_ratio"] == pytest.approx(1 / r["transformers"]["fraction_of_read_bandwidth"])
     assert report["read_bandwidth_bytes_s"] > 0
