@@ -35,8 +35,8 @@ from llama.streaming import RowTracker, StreamEvent
 class DecodeStep:
     """One decode step: one new token per row, each at its own cache position -> next-token logits.
 
-    With `compile=True` the step is compiled by torch.compile in "reduce-overhead" mode (CUDA graphs on
-    CUDA): shapes must not change between steps, so the step always reads the whole cache (max_seq_len
+    With `compile=True` the step is compiled by torch.compile with CUDA graphs (on CUDA) and tuned
+    generated kernels: shapes must not change between steps, so the step always reads the whole cache (max_seq_len
     positions), masked per row, instead of the part filled so far.
     """
 

@@ -67,8 +67,8 @@ class Llama:
             fast: decode with the fast loop (llama.decoding) on the fast layers (llama.fast_layers: fused
                 projections, on the CPU weights packed for oneDNN); False runs Meta's reference loop on
                 fairscale's layers. Same results.
-            compile: compile the decode step with torch.compile ("reduce-overhead": CUDA graphs on CUDA);
-                needs `fast`. The first steps of each batch size are slow while it compiles.
+            compile: compile the decode step with torch.compile (CUDA graphs and tuned kernels on CUDA);
+                needs `fast`. The first batch of each size is slow (a minute or more at 8B) while it compiles.
 
         Raises:
             FileNotFoundError: a missing directory, params.json, shard or tokenizer file.
