@@ -1,0 +1,168 @@
+"""Write Meta-layout Llama weights as a GGUF file that llama.cpp runs (its "llama" architecture).
+
+    from llama.gguf_export import write_gguf
+    write_gguf("model.gguf", args, state_dict, torch.bfloat16)
+
+Used by the benchmark (`python -m llama.bench --llamacpp`) to run llama.cpp on exactly the weights our model
+runs. GGUF is a header of key/value metadata, a table of tensor names, shapes and types, then the tensor
+data; the `gguf` package (pip install gguf) writes it.
+
+The layout needs no rearranging:
+- llama.cpp's "llama" architecture rotates adjacent pairs (2i, 2i+1) of each head with RoPE, as Meta's code
+  does, so wq and wk go in as Meta stores them. (Hugging Face's checkpoints rotate halves; llama.cpp's own
+  converter undoes that permutation for them, which is why Meta's layout is the one it wants.)
+- GGUF lists a tensor's dimensions innermost first, and the gguf package reverses numpy's shape to write
+  them, so a PyTorch weight (out_features, in_features) is stored as it is.
+- Llama 3.1's RoPE scaling is not a formula in llama.cpp but a tensor, "rope_freqs.weight": one factor per
+  rotated pair, by which it divides that pair's frequency. The factors are our unscaled frequencies over our
+  scaled ones (llama.model.apply_scaling), so both sides turn at the same angles.
+
+No tokenizer goes in ("no_vocab"): llama.cpp then takes `vocab_size` token ids and cannot turn text into
+tokens or back, which is all the benchmark needs (it feeds token ids). Matrices are stored in the dtype
+asked for (F32, F16 or BF16); 1-D tensors (the norms, the RoPE factors) in F32, as llama.cpp's converter
+stores them: bf16 and fp16 values are exact in float32, so the numbers are the same.
+"""
+
+import os
+from typing import Dict, Union
+
+import torch
+
+from llama.model import ModelArgs, apply_scaling
+
+ARCH = "llama"
+
+# Meta's names -> llama.cpp's, per layer ("layers.N." -> "blk.N.") and outside the layers.
+LAYER_NAMES = {
+    "attention_norm": "attn_norm",
+    "attention.wq": "attn_q",
+    "attention.wk": "attn_k",
+    "attention.wv": "attn_v",
+    "attention.wo": "attn_output",
+    "ffn_norm": "ffn_norm",
+    "feed_forward.w1": "ffn_gate",  # SwiGLU: w2(silu(w1 x) * w3 x)
+    "feed_forward.w3": "ffn_up",
+    "feed_forward.w2": "ffn_down",
+}
+TOP_NAMES = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output"}
+
+
+def gguf_name(meta_name: str) -> str:
+    """llama.cpp's name for one of Meta's tensors: "layers.3.attention.wq.weight" -> "blk.3.attn_q.weight".
+
+    Raises:
+        KeyError: for a name that a Llama 3 checkpoint does not have.
+    """
+    module, suffix = meta_name.rsplit(".", 1)
+    if module.startswith("layers."):
+        _, layer, rest = module.split(".", 2)
+        return f"blk.{layer}.{LAYER_NAMES[rest]}.{suffix}"
+    return f"{TOP_NAMES[module]}.{suffix}"
+
+
+def rope_freq_factors(args: ModelArgs) -> torch.Tensor:
+    """Llama 3.1 RoPE scaling as llama.cpp reads it: per pair, unscaled frequency / scaled frequency,
+    (head_dim // 2,) float32 (1 where apply_scaling keeps the frequency, up to its scale factor)."""
+    hd = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
+    scaled = apply_scaling(freqs, args.rope_scaling_factor, args.rope_low_freq_factor,
+                           args.rope_high_freq_factor, args.rope_original_context)
+    return freqs / scaled
+
+
+def write_gguf(path: Union[str, os.PathLike], args: ModelArgs, sd: Dict[str, torch.Tensor],
+               dtype: torch.dtype) -> str:
+    """Write `sd` (Meta's names and layout, one unsharded checkpoint) as a llama.cpp GGUF file.
+
+    Args:
+        path: the file to write.
+        args: the model's hyper-parameters; `args.max_seq_len` is recorded as its context length.
+        sd: every weight of the model in Meta's layout ("rope.freqs", if present, is ignored: it is
+            recomputed from `args`).
+        dtype: torch.float32, torch.bfloat16 or torch.float16, the type of the matrices in the file.
+
+    Returns:
+        `path`, as a string.
+
+    Raises:
+        ImportError: the gguf package is missing (the message names the pip command).
+        ValueError: an unsupported dtype, or a state dict whose names or shapes do not fit `args`.
+    """
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError("writing GGUF files needs the gguf package: pip install gguf==0.19.0") from e
+    types = {torch.float32: (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+             torch.float16: (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+             torch.bfloat16: (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16)}
+    if dtype not in types:
+        raise ValueError(f"GGUF export supports {sorted(str(t) for t in types)}, got {dtype}")
+    tensor_type, file_type = types[dtype]
+    expected = expected_shapes(args)
+    names = set(sd) - {"rope.freqs"}
+    if names != set(expected):
+        raise ValueError(f"the state dict does not fit the model's shape: missing {sorted(set(expected) - names)}, "
+                         f"unexpected {sorted(names - set(expected))}")
+    wrong = {k: tuple(sd[k].shape) for k in names if tuple(sd[k].shape) != expected[k]}
+    if wrong:
+        raise ValueError(f"tensor shapes do not fit the model: {wrong} (expected "
+                         f"{ {k: expected[k] for k in wrong} })")
+
+    n_kv = args.n_kv_heads or args.n_heads
+    writer = gguf.GGUFWriter(os.fspath(path), ARCH)  # also records general.architecture
+    writer.add_name("llama (exported by llama.gguf_export)")
+    writer.add_file_type(int(file_type))
+    writer.add_context_length(args.max_seq_len)
+    writer.add_embedding_length(args.dim)
+    writer.add_block_count(args.n_layers)
+    writer.add_feed_forward_length(args.ffn_hidden_dim)
+    writer.add_head_count(args.n_heads)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_freq_base(args.rope_theta)
+    writer.add_rope_dimension_count(args.head_dim)
+    writer.add_layer_norm_rms_eps(args.norm_eps)
+    writer.add_vocab_size(args.vocab_size)
+    writer.add_tokenizer_model("no_vocab")
+
+    for name in sorted(names, key=_file_order):
+        tensor = sd[name].detach().to("cpu").contiguous()
+        if tensor.dim() == 1 or dtype == torch.float32:
+            writer.add_tensor(gguf_name(name), tensor.float().numpy())
+        else:
+            # numpy has no bfloat16: hand over the 16-bit patterns and name their type.
+            bits = tensor.to(dtype).view(torch.int16).numpy()
+            writer.add_tensor(gguf_name(name), bits, raw_dtype=tensor_type)
+    if args.use_scaled_rope:
+        writer.add_tensor("rope_freqs.weight", rope_freq_factors(args).numpy())
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return os.fspath(path)
+
+
+def expected_shapes(args: ModelArgs) -> Dict[str, tuple]:
+    """Every weight of an unsharded Llama 3 checkpoint with these hyper-parameters, by Meta's name."""
+    n_kv = args.n_kv_heads or args.n_heads
+    dim, hd, hidden = args.dim, args.head_dim, args.ffn_hidden_dim
+    shapes = {"tok_embeddings.weight": (args.vocab_size, dim), "norm.weight": (dim,),
+              "output.weight": (args.vocab_size, dim)}
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "attention_norm.weight": (dim,), p + "ffn_norm.weight": (dim,),
+            p + "attention.wq.weight": (args.n_heads * hd, dim), p + "attention.wk.weight": (n_kv * hd, dim),
+            p + "attention.wv.weight": (n_kv * hd, dim), p + "attention.wo.weight": (dim, args.n_heads * hd),
+            p + "feed_forward.w1.weight": (hidden, dim), p + "feed_forward.w3.weight": (hidden, dim),
+            p + "feed_forward.w2.weight": (dim, hidden),
+        })
+    return shapes
+
+
+def _file_order(name: str) -> tuple:
+    """Embedding, then layer by layer (numerically), then the final norm and output: the order a reader
+    of the file expects, and the order llama.cpp's converter writes."""
+    if name.startswith("layers."):
+        return (1, int(name.split(".")[1]), name)
+    return (0 if name.startswith("tok_embeddings") else 2, 0, name)

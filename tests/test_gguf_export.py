@@ -1,0 +1,108 @@
+"""llama.gguf_export: the GGUF file holds our weights and hyper-parameters, and llama.cpp runs it as we do.
+
+The first tests read the file back with the gguf package's own reader (a parser we did not write). The
+llama.cpp tests run it (llama-cpp-python, installed by hand; they skip without it): llama.cpp's logits for
+every position of a random prompt, and its greedy tokens, against ours on the same weights. That is what
+shows the layout is right: a wrong RoPE pairing or a swapped w1/w3 changes the logits by far more than
+float32 rounding.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import SMALL_GQA, SMALL_SCALED, random_state_dict
+
+gguf = pytest.importorskip("gguf")
+
+from llama.gguf_export import write_gguf  # noqa: E402
+from llama.model import ModelArgs, Transformer  # noqa: E402
+
+# llama.cpp's tensor names for Meta's (from llama.cpp's "llama" architecture), written out here rather than
+# taken from the exporter.
+NAMES = {"tok_embeddings.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
+         "output.weight": "output.weight"}
+for _i in range(2):
+    for _meta, _cpp in [("attention_norm", "attn_norm"), ("attention.wq", "attn_q"), ("attention.wk", "attn_k"),
+                        ("attention.wv", "attn_v"), ("attention.wo", "attn_output"), ("ffn_norm", "ffn_norm"),
+                        ("feed_forward.w1", "ffn_gate"), ("feed_forward.w3", "ffn_up"),
+                        ("feed_forward.w2", "ffn_down")]:
+        NAMES[f"layers.{_i}.{_meta}.weight"] = f"blk.{_i}.{_cpp}.weight"
+
+MAX_SEQ_LEN = 40
+
+
+def model_args(params, vocab_size=300):
+    return ModelArgs.from_params(dict(params, vocab_size=vocab_size), max_seq_len=MAX_SEQ_LEN, max_batch_size=1)
+
+
+def field(reader, key):
+    return reader.get_field(key).contents()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_tensor_reads_back_bit_for_bit_under_llamacpp_names(tmp_path, dtype):
+    """Matrices in the asked dtype, norms in float32 (exact for 16-bit values), shapes innermost first."""
+    params = dict(SMALL_GQA, vocab_size=300)
+    sd = random_state_dict(params, seed=1, dtype=dtype)
+    path = write_gguf(tmp_path / "m.gguf", model_args(SMALL_GQA), sd, dtype)
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    assert set(tensors) == set(NAMES.values())
+    want_type = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}[dtype]
+    for meta, cpp in NAMES.items():
+        t, source = tensors[cpp], sd[meta]
+        assert list(t.shape) == list(reversed(source.shape)), cpp  # GGUF lists dims innermost first
+        if source.dim() == 1:
+            assert t.tensor_type.name == "F32"
+            assert np.array_equal(np.asarray(t.data).reshape(-1), source.float().numpy()), cpp
+        else:
+            assert t.tensor_type.name == want_type
+            bits = source.contiguous().view(torch.int16) if dtype == torch.bfloat16 else source.contiguous()
+            assert np.asarray(t.data).tobytes() == bits.numpy().tobytes(), cpp
+
+
+def test_metadata_holds_the_hyper_parameters(tmp_path):
+    args = model_args(SMALL_GQA)
+    path = write_gguf(tmp_path / "m.gguf", args, random_state_dict(dict(SMALL_GQA, vocab_size=300)), torch.float32)
+    reader = gguf.GGUFReader(path)
+    assert field(reader, "general.architecture") == "llama"
+    assert field(reader, "tokenizer.ggml.model") == "no_vocab"
+    # SMALL_GQA: dim 64, 2 layers, 8 heads, 2 KV heads, FFN hidden int(int(2 * 256 / 3) * 1.3) = 221,
+    # rounded up to a multiple of 32: 224
+    expected = {"context_length": MAX_SEQ_LEN, "embedding_length": 64, "block_count": 2,
+                "feed_forward_length": 224, "attention.head_count": 8, "attention.head_count_kv": 2,
+                "rope.dimension_count": 8, "vocab_size": 300}
+    for key, value in expected.items():
+        assert field(reader, f"llama.{key}") == value, key
+    assert field(reader, "llama.rope.freq_base") == 500000.0
+    assert field(reader, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(1e-5, rel=1e-7)  # float32
+    assert "rope_freqs.weight" not in {t.name for t in reader.tensors}
+
+
+def test_scaled_rope_becomes_llamacpp_frequency_factors(tmp_path):
+    """Llama 3.1 scaling, as factors dividing each pair's frequency: 1 for short wavelengths (< 8192 / 4
+    positions), 8 for long ones (> 8192), in between for the rest. SMALL_SCALED's head_dim 8 and theta
+    500000 give wavelengths 2*pi * 500000^(i/4): 6.3, 167, 4443, 118000 positions."""
+    args = model_args(SMALL_SCALED)
+    path = write_gguf(tmp_path / "m.gguf", args, random_state_dict(dict(SMALL_SCALED, vocab_size=300)),
+                      torch.float32)
+    [factors] = [t for t in gguf.GGUFReader(path).tensors if t.name == "rope_freqs.weight"]
+    f = np.asarray(factors.data).reshape(-1)
+    assert f.shape == (4,)
+    assert f[0] == 1 and f[1] == 1 and f[3] == pytest.approx(8.0, rel=1e-6)
+    smooth = (8192 / (2 * np.pi * 500000 ** 0.5) - 1) / (4 - 1)  # Meta's blend for the third pair
+    assert f[2] == pytest.approx(1 / ((1 - smooth) / 8 + smooth), rel=1e-5)
+
+
+def test_a_state_dict_that_does_not_fit_is_refused_by_name(tmp_path):
+    args = model_args(SMALL_GQA)
+    sd = random_state_dict(dict(SMALL_GQA, vocab_size=300))
+    del sd["layers.1.ffn_norm.weight"]
+    with pytest.raises(ValueError, match="layers.1.ffn_norm.weight"):
+        write_gguf(tmp_path / "m.gguf", args, sd, torch.float32)
+    sd = random_state_dict(dict(SMALL_GQA, vocab_size=299))
+    with pytest.raises(ValueError, match="tok_embeddings.weight"):
+        write_gguf(tmp_path / "m.gguf", args, sd, torch.float32)
+    with pytest.raises(ValueError, match="int8"):
+        write_gguf(tmp_path / "m.gguf", args, random_state_dict(dict(SMALL_GQA, vocab_size=300)), torch.int8)
