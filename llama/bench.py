@@ -1,8 +1,9 @@
-"""Benchmark: our decode loop against Hugging Face transformers' `generate` on the same weights.
+"""Benchmark: our decode loop against Hugging Face transformers' `generate` (and llama.cpp) on the same weights.
 
     python -m llama.bench --shape small --batch 1 4 --dtype bfloat16 float32 --new-tokens 64
     python -m llama.bench --shape llama3-8b --device cuda --batch 1 64 --dtype bfloat16 [--compile]
     python -m llama.bench --ckpt-dir ~/models/Llama3.2-1B --batch 1
+    python -m llama.bench --batch 1 --llamacpp   # also llama.cpp (llama-cpp-python, installed by hand)
 
 Random weights at a named shape (or a real single-shard checkpoint) are loaded once into our Transformer and,
 converted to Hugging Face's layout (sharing every tensor it can), into `LlamaForCausalLM`. For each dtype
@@ -18,7 +19,11 @@ measurement, the median over rounds); that bandwidth over the bytes per step is 
 and the roofline over transformers' speed the largest ratio any program could reach against it. Writes
 JSON and, with matplotlib installed, a PNG chart.
 
-Needs transformers (a test dependency) unless --no-hf; matplotlib for the chart.
+With --llamacpp, llama.cpp runs as a third system on a GGUF file of the same weights, at batch 1 only
+(llama.bench_llamacpp).
+
+Needs transformers (a test dependency) unless --no-hf; matplotlib for the chart; llama-cpp-python and gguf
+for --llamacpp.
 """
 
 import argparse
@@ -34,6 +39,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from llama.bandwidth import measure_read_bandwidth, synchronize
+from llama.bench_llamacpp import NAME as LLAMACPP, build_llamacpp, import_llama_cpp
 from llama.checkpoint import find_shards, load_into, load_shard, read_params
 from llama.distributed import default_dtype, init_distributed, pick_device
 from llama.generation import Llama
@@ -237,6 +243,13 @@ def hf_system(model) -> System:
     return System("transformers", generate)
 
 
+def same_tokens(res: Dict[str, Any], ours: torch.Tensor, other: torch.Tensor, key: str) -> None:
+    """Record how many rows of `other` equal ours, and how many leading tokens of the first row do."""
+    res[f"rows_matching_{key}"] = int((ours == other).all(dim=1).sum())
+    differ = (ours[0] != other[0]).nonzero()
+    res[f"leading_tokens_matching_{key}"] = int(differ[0, 0]) if len(differ) else ours.shape[1]
+
+
 def measure(systems: List[System], prompts: torch.Tensor, n_tokens: int, repeats: int, warmup: int,
             device: torch.device, label: str) -> List[float]:
     """Warm up, then alternate the systems run by run: a 1-token run (time to first token) and a full run
@@ -341,6 +354,8 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
     device = pick_device(opts.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    if opts.llamacpp:
+        import_llama_cpp()  # fail now, naming the pip command, rather than after the first dtype
     init_distributed(device)
     log(f"measuring {device} read bandwidth ...")
     bandwidth = measure_read_bandwidth(device)
@@ -367,10 +382,16 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
             built.append(ours_system("ours-simple", build_ours(args, sd, device, dtype, False, False)))
         if not opts.no_hf:
             built.append(hf_system(build_hf(args, sd, device, dtype)))
+        if opts.llamacpp:
+            log("writing the weights as GGUF and loading them into llama.cpp ...")
+            built.append(System(LLAMACPP, build_llamacpp(args, sd, dtype, torch.get_num_threads(),
+                                                         gpu=device.type == "cuda")))
         for bsz in opts.batch:
             label = f"{dtype_name} batch {bsz}"
             prompts = torch.randint(0, args.vocab_size, (bsz, opts.prompt_len), generator=g).to(device)
-            systems = [System(s.name, s.generate) for s in built]
+            systems = [System(s.name, s.generate) for s in built if bsz == 1 or s.name != LLAMACPP]
+            if opts.llamacpp and bsz > 1:
+                log(f"  {label}: llama.cpp left out (llama-cpp-python decodes one sequence at a time)")
             # Other work on the machine slows the probe as much as the contenders: keep the best seen.
             round_bandwidths = measure(systems, prompts, opts.new_tokens, opts.repeats, opts.warmup, device, label)
             bandwidth = max([bandwidth] + round_bandwidths)
@@ -388,11 +409,15 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
                 fractions = [traffic["total_bytes"] * (opts.new_tokens - 1) / max(full - ttft, 1e-9) / bw
                              for full, ttft, bw in zip(s.full, s.ttft, round_bandwidths)]
                 res[s.name]["median_round_fraction_of_read_bandwidth"] = statistics.median(fractions)
+            tokens = {s.name: s.tokens for s in systems}
             if "transformers" in res:
                 res["ratio_decode"] = res["ours"]["decode_tok_s"] / res["transformers"]["decode_tok_s"]
                 res["ratio_end_to_end"] = res["ours"]["end_to_end_tok_s"] / res["transformers"]["end_to_end_tok_s"]
-                ours_tokens, hf_tokens = systems[0].tokens, systems[-1].tokens
-                res["rows_matching_transformers"] = int((ours_tokens == hf_tokens).all(dim=1).sum())
+                res["rows_matching_transformers"] = int((tokens["ours"] == tokens["transformers"]).all(dim=1).sum())
+            if LLAMACPP in res:
+                res["ratio_llamacpp"] = res["ours"]["decode_tok_s"] / res[LLAMACPP]["decode_tok_s"]
+                res["ratio_llamacpp_end_to_end"] = res["ours"]["end_to_end_tok_s"] / res[LLAMACPP]["end_to_end_tok_s"]
+                same_tokens(res, tokens["ours"], tokens[LLAMACPP], "llamacpp")
             report["results"].append(res)
             log(f"  {label}: " + ", ".join(f"{s.name} {res[s.name]['decode_tok_s']:.1f} tok/s" for s in systems))
         del ours, built, sd
@@ -401,7 +426,7 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
     bandwidth = max(bandwidth, measure_read_bandwidth(device))
     report["read_bandwidth_bytes_s"] = bandwidth
     for res in report["results"]:
-        for name in ("ours", "ours-simple", "transformers"):
+        for name in ("ours", "ours-simple", "transformers", LLAMACPP):
             if name in res:
                 res[name]["fraction_of_read_bandwidth"] = res[name]["effective_bandwidth_bytes_s"] / bandwidth
         # The roofline: no decode loop reads its bytes faster than the memory delivers them.
@@ -424,16 +449,21 @@ def summary_line(res: Dict[str, Any]) -> str:
                  f"same tokens in {res['rows_matching_transformers']}/{res['batch']} rows; at the read bandwidth "
                  f"(roofline, {res['roofline_decode_tok_s']:.1f} tok/s) the ratio would be "
                  f"{res['largest_possible_ratio']:.2f}x")
+    if LLAMACPP in res:
+        line += (f"; llama.cpp {res[LLAMACPP]['decode_tok_s']:.1f} tok/s, ratio {res['ratio_llamacpp']:.2f}x, "
+                 f"same tokens in {res['rows_matching_llamacpp']}/{res['batch']} rows "
+                 f"(the first {res['leading_tokens_matching_llamacpp']} tokens)")
     return line
 
 
 def markdown_table(report: Dict[str, Any]) -> str:
-    """The README's table: one line per (dtype, batch)."""
+    """The README's table: one line per (dtype, batch); a llama.cpp column when it ran."""
     m = report["machine"]
     where = m.get("gpu") or f"{m.get('cpu')}, {m['threads']} threads"
+    with_llamacpp = any(LLAMACPP in r for r in report["results"])
     lines = ["| machine | model | dtype | batch | ours tok/s | transformers tok/s | ratio | % of read bandwidth (median round) "
-             "| roofline tok/s (largest possible ratio) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| roofline tok/s (largest possible ratio) |" + (" llama.cpp tok/s (ours / llama.cpp) |" if with_llamacpp else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if with_llamacpp else "")]
     for r in report["results"]:
         hf = r.get("transformers", {}).get("decode_tok_s")
         hf_cell = "-" if hf is None else f"{hf:.1f}"
@@ -444,6 +474,9 @@ def markdown_table(report: Dict[str, Any]) -> str:
             f"({r['ours']['median_round_fraction_of_read_bandwidth']:.0%}) | "
             f"{r['roofline_decode_tok_s']:.0f}" + ("" if hf is None else f" ({r['largest_possible_ratio']:.2f}x)") + " |"
         )
+        if with_llamacpp:
+            lines[-1] += (f" {r[LLAMACPP]['decode_tok_s']:.1f} ({r['ratio_llamacpp']:.2f}x) |" if LLAMACPP in r
+                          else " - |")
     return "\n".join(lines)
 
 
@@ -458,17 +491,18 @@ def chart(report: Dict[str, Any], path: str) -> None:
         log("matplotlib is not installed: no chart (pip install matplotlib)")
         return
     results = report["results"]
-    names = [n for n in ("ours", "ours-simple", "transformers") if n in results[0]]
+    names = [n for n in ("ours", "ours-simple", "transformers", LLAMACPP) if any(n in r for r in results)]
     labels = [f"{r['dtype']}\nbatch {r['batch']}" for r in results]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(4 + 2.2 * len(results), 4.5))
     width = 0.8 / len(names)
     for j, name in enumerate(names):
         xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(results))]
-        ax1.bar(xs, [r[name]["decode_tok_s"] for r in results], width, label=name)
-        ax2.bar(xs, [100 * r[name]["fraction_of_read_bandwidth"] for r in results], width, label=name)
+        ax1.bar(xs, [r[name]["decode_tok_s"] if name in r else 0 for r in results], width, label=name)
+        ax2.bar(xs, [100 * r[name]["fraction_of_read_bandwidth"] if name in r else 0 for r in results], width,
+                label=name)
     for i, r in enumerate(results):
         if "ratio_decode" in r:
-            top = max(r[n]["decode_tok_s"] for n in names)
+            top = max(r[n]["decode_tok_s"] for n in names if n in r)
             ax1.annotate(f"{r['ratio_decode']:.2f}x", (i, top), ha="center", va="bottom")
     ax1.set_ylabel("decode tokens/s")
     ax2.set_ylabel("% of measured read bandwidth")
@@ -501,6 +535,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="compile our decode step (CUDA graphs)")
     p.add_argument("--simple", action="store_true", help="also run our reference loop (fast=False)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    p.add_argument("--llamacpp", action="store_true",
+                   help="also run llama.cpp on the same weights, batch 1 only (needs llama-cpp-python and gguf)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="bench.json", help="JSON report path")
     p.add_argument("--chart", default="bench.png", help="PNG chart path ('' for none)")
@@ -512,6 +548,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error("--new-tokens must be at least 2 (decode speed is measured past the first token)")
     if min(opts.batch) < 1:
         p.error(f"--batch sizes must be positive, got {opts.batch}")
+    if opts.llamacpp:
+        try:
+            import_llama_cpp()
+        except ImportError as e:
+            p.error(str(e))
     return opts
 
 
