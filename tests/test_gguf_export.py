@@ -7,6 +7,8 @@ shows the layout is right: a wrong RoPE pairing or a swapped w1/w3 changes the l
 float32 rounding.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from helpers import SMALL_GQA, SMALL_SCALED, random_state_dict
 
 gguf = pytest.importorskip("gguf")
 
+from llama.distributed import init_distributed  # noqa: E402
 from llama.gguf_export import write_gguf  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
 
@@ -106,3 +109,88 @@ def test_a_state_dict_that_does_not_fit_is_refused_by_name(tmp_path):
         write_gguf(tmp_path / "m.gguf", args, sd, torch.float32)
     with pytest.raises(ValueError, match="int8"):
         write_gguf(tmp_path / "m.gguf", args, random_state_dict(dict(SMALL_GQA, vocab_size=300)), torch.int8)
+
+
+# ---- llama.cpp runs the file as we run the weights (llama-cpp-python installed by hand; skipped without) ----
+
+# float32 tolerance on logits of size ~1 (output rows ~ N(0, 1/dim) against a normalised state): llama.cpp
+# and torch sum the same products in different orders, each dot product of <= 224 terms rounding to a few
+# 1e-7 relative, a few 1e-6 after two layers. A layout mistake (RoPE pairs, w1/w3, heads) moves logits by
+# 0.01 to 1: the tests below check that too, so that this tolerance cannot hide one. (Measured here: 2e-6.)
+LOGITS_ATOL = 1e-4
+
+
+def our_logits(args, sd, prompt):
+    """Our reference loop's float32 logits for every position of `prompt`: (len, vocab)."""
+    from llama.bench import build_ours
+
+    init_distributed(torch.device("cpu"))
+    ours = build_ours(args, sd, torch.device("cpu"), torch.float32, fast=False, compile=False)
+    with torch.inference_mode():
+        return ours.model(torch.tensor([prompt]), 0)[0]
+
+
+def llamacpp_logits(path, prompt):
+    """llama.cpp's float32 logits for every position of `prompt`, KV cache in float32: (len, vocab)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=MAX_SEQ_LEN, n_batch=MAX_SEQ_LEN, n_ubatch=MAX_SEQ_LEN,
+                          n_threads=torch.get_num_threads(), logits_all=True, type_k=0, type_v=0, verbose=False)
+    llm.eval(prompt)
+    return torch.from_numpy(np.array(llm.scores[: len(prompt)]))
+
+
+@pytest.mark.parametrize("params", [SMALL_GQA, SMALL_SCALED], ids=["gqa", "scaled-rope"])
+def test_llamacpp_gives_our_logits_at_every_position(tmp_path, params):
+    pytest.importorskip("llama_cpp")
+    args = model_args(params)
+    sd = random_state_dict(dict(params, vocab_size=300), seed=3)
+    prompt = torch.randint(0, 300, (32,), generator=torch.Generator().manual_seed(4)).tolist()
+    want = our_logits(args, sd, prompt)
+    got = llamacpp_logits(write_gguf(tmp_path / "m.gguf", args, sd, torch.float32), prompt)
+    torch.testing.assert_close(got, want, rtol=0, atol=LOGITS_ATOL)
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_llamacpp_tells_the_layouts_apart(tmp_path):
+    """The tolerance above is far below what a wrong layout costs: Hugging Face's RoPE layout (q and k rows
+    permuted per head), w1 and w3 swapped, or Llama 3.1's RoPE scaling left out of the file miss our logits
+    by more than 100 times the tolerance (measured here: 1.6, and 0.012 for the scaling, against 2e-6)."""
+    pytest.importorskip("llama_cpp")
+    from llama.bench import permute_for_hf
+
+    args = model_args(SMALL_SCALED)
+    sd = random_state_dict(dict(SMALL_SCALED, vocab_size=300), seed=3)
+    prompt = torch.randint(0, 300, (32,), generator=torch.Generator().manual_seed(4)).tolist()
+    want = our_logits(args, sd, prompt)
+    permuted, swapped = dict(sd), dict(sd)
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        permuted[p + "attention.wq.weight"] = permute_for_hf(sd[p + "attention.wq.weight"], args.n_heads)
+        permuted[p + "attention.wk.weight"] = permute_for_hf(sd[p + "attention.wk.weight"], args.n_kv_heads)
+        swapped[p + "feed_forward.w1.weight"] = sd[p + "feed_forward.w3.weight"]
+        swapped[p + "feed_forward.w3.weight"] = sd[p + "feed_forward.w1.weight"]
+    unscaled = dataclasses.replace(args, use_scaled_rope=False)
+    for name, wrong_args, wrong in [("hf-rope", args, permuted), ("w1-w3", args, swapped), ("no-scaling", unscaled, sd)]:
+        got = llamacpp_logits(write_gguf(tmp_path / f"{name}.gguf", wrong_args, wrong, torch.float32), prompt)
+        assert (got - want).abs().max() > 100 * LOGITS_ATOL, name
+
+
+def test_bench_llamacpp_generates_our_greedy_tokens_run_after_run(tmp_path):
+    """The bench's contender: from the same prompt, the tokens our fast loop chooses greedily, the same in
+    every run (each run starts from an empty cache), and one prompt at a time."""
+    pytest.importorskip("llama_cpp")
+    from llama.bench import build_ours
+    from llama.bench_llamacpp import build_llamacpp
+
+    args = model_args(SMALL_SCALED)
+    sd = random_state_dict(dict(SMALL_SCALED, vocab_size=300), seed=5)
+    prompt = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(6))
+    init_distributed(torch.device("cpu"))
+    ours = build_ours(args, sd, torch.device("cpu"), torch.float32, fast=True, compile=False)
+    want, _ = ours.generate(prompt.tolist(), max_gen_len=30, temperature=0.0)
+    generate = build_llamacpp(args, sd, torch.float32, threads=torch.get_num_threads())
+    assert generate(prompt, 30).tolist() == want
+    assert generate(prompt, 1).tolist() == [want[0][:1]]
+    assert generate(prompt, 30).tolist() == want
+    with pytest.raises(ValueError, match="batch of 2"):
+        generate(prompt.repeat(2, 1), 5)
