@@ -8,6 +8,7 @@ float32 rounding.
 """
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -194,3 +195,24 @@ def test_bench_llamacpp_generates_our_greedy_tokens_run_after_run(tmp_path):
     assert generate(prompt, 30).tolist() == want
     with pytest.raises(ValueError, match="batch of 2"):
         generate(prompt.repeat(2, 1), 5)
+
+
+def test_bench_adds_llamacpp_at_batch_1_only(tmp_path, monkeypatch):
+    """`python -m llama.bench --llamacpp`: llama.cpp beside ours at batch 1, with our tokens, a ratio and a
+    table column; left out at batch 2."""
+    pytest.importorskip("llama_cpp")
+    import llama.bench as bench
+
+    monkeypatch.setitem(bench.SHAPES, "tiny", dict(SMALL_SCALED, vocab_size=300))
+    out = tmp_path / "b.json"
+    bench.main(["--shape", "tiny", "--batch", "1", "2", "--dtype", "float32", "--new-tokens", "6",
+                "--prompt-len", "5", "--repeats", "2", "--device", "cpu", "--llamacpp", "--out", str(out),
+                "--chart", ""])
+    one, two = json.loads(out.read_text())["results"]
+    assert one["rows_matching_llamacpp"] == 1 and one["leading_tokens_matching_llamacpp"] == 6
+    assert one["llama.cpp"]["decode_tok_s"] > 0 and len(one["llama.cpp"]["runs_total_s"]) == 2
+    assert one["ratio_llamacpp"] == pytest.approx(one["ours"]["decode_tok_s"] / one["llama.cpp"]["decode_tok_s"])
+    assert "llama.cpp" not in two and "ratio_llamacpp" not in two and two["rows_matching_transformers"] == 2
+    table = bench.markdown_table(json.loads(out.read_text())).splitlines()
+    assert table[0].endswith("llama.cpp tok/s (ours / llama.cpp) |") and table[3].endswith("| - |")
+    assert f"({one['ratio_llamacpp']:.2f}x) |" in table[2]
