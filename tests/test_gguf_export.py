@@ -171,7 +171,8 @@ def test_llamacpp_tells_the_layouts_apart(tmp_path):
         swapped[p + "feed_forward.w1.weight"] = sd[p + "feed_forward.w3.weight"]
         swapped[p + "feed_forward.w3.weight"] = sd[p + "feed_forward.w1.weight"]
     unscaled = dataclasses.replace(args, use_scaled_rope=False)
-    for name, wrong_args, wrong in [("hf-rope", args, permuted), ("w1-w3", args, swapped), ("no-scaling", unscaled, sd)]:
+    for name, wrong_args, wrong in [("hf-rope", args, permuted), ("w1-w3", args, swapped),
+                                    ("no-scaling", unscaled, sd)]:
         got = llamacpp_logits(write_gguf(tmp_path / f"{name}.gguf", wrong_args, wrong, torch.float32), prompt)
         assert (got - want).abs().max() > 100 * LOGITS_ATOL, name
 
@@ -215,4 +216,5 @@ def test_bench_adds_llamacpp_at_batch_1_only(tmp_path, monkeypatch):
     assert "llama.cpp" not in two and "ratio_llamacpp" not in two and two["rows_matching_transformers"] == 2
     table = bench.markdown_table(json.loads(out.read_text())).splitlines()
     assert table[0].endswith("llama.cpp tok/s (ours / llama.cpp) |") and table[3].endswith("| - |")
-    assert f"({one['ratio_llamacpp']:.2f}x) |" in table[2]
+    assert f"({one['ratio_llamacpp']:.2f}x; median round {one['median_round_ratio_llamacpp']:.2f}x) |" in table[2]
+    assert one["median_round_ratio_llamacpp"] > 0
