@@ -15,9 +15,9 @@ systems produced the same tokens. The decode step's bytes read (every weight but
 the KV cache so far) times its steps per second is the effective bandwidth, set against the device's read
 bandwidth measured here (llama.bandwidth; the best of measurements at the start, in every round and at the
 end; also, less exposed to the luck of one quiet moment, each round's decode against that round's
-measurement, the median over rounds); that bandwidth over the bytes per step is the roofline, the decode speed no program can pass here,
-and the roofline over transformers' speed the largest ratio any program could reach against it. Writes
-JSON and, with matplotlib installed, a PNG chart.
+measurement, the median over rounds); that bandwidth over the bytes per step is the roofline, the decode
+speed no program can pass here, and the roofline over transformers' speed the largest ratio any program
+could reach against it. Writes JSON and, with matplotlib installed, a PNG chart.
 
 With --llamacpp, llama.cpp runs as a third system on a GGUF file of the same weights, at batch 1 only
 (llama.bench_llamacpp).
@@ -355,8 +355,6 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
     device = pick_device(opts.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if opts.llamacpp:
-        import_llama_cpp()  # fail now, naming the pip command, rather than after the first dtype
     init_distributed(device)
     log(f"measuring {device} read bandwidth ...")
     bandwidth = measure_read_bandwidth(device)
@@ -414,7 +412,7 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
             if "transformers" in res:
                 res["ratio_decode"] = res["ours"]["decode_tok_s"] / res["transformers"]["decode_tok_s"]
                 res["ratio_end_to_end"] = res["ours"]["end_to_end_tok_s"] / res["transformers"]["end_to_end_tok_s"]
-                res["rows_matching_transformers"] = int((tokens["ours"] == tokens["transformers"]).all(dim=1).sum())
+                same_tokens(res, tokens["ours"], tokens["transformers"], "transformers")
             if LLAMACPP in res:
                 res["ratio_llamacpp"] = res["ours"]["decode_tok_s"] / res[LLAMACPP]["decode_tok_s"]
                 res["ratio_llamacpp_end_to_end"] = res["ours"]["end_to_end_tok_s"] / res[LLAMACPP]["end_to_end_tok_s"]
