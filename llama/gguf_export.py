@@ -28,7 +28,8 @@ from typing import Dict, Union
 
 import torch
 
-from llama.model import ModelArgs, apply_scaling
+from llama.model import ModelArgs, apply_scaling, rope_frequencies
+from llama.reshard import full_shapes
 
 ARCH = "llama"
 
@@ -63,8 +64,7 @@ def gguf_name(meta_name: str) -> str:
 def rope_freq_factors(args: ModelArgs) -> torch.Tensor:
     """Llama 3.1 RoPE scaling as llama.cpp reads it: per pair, unscaled frequency / scaled frequency,
     (head_dim // 2,) float32 (1 where apply_scaling keeps the frequency, up to its scale factor)."""
-    hd = args.head_dim
-    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2)[: hd // 2].float() / hd))
+    freqs = rope_frequencies(args.head_dim, args.rope_theta)
     scaled = apply_scaling(freqs, args.rope_scaling_factor, args.rope_low_freq_factor,
                            args.rope_high_freq_factor, args.rope_original_context)
     return freqs / scaled
@@ -98,7 +98,7 @@ def write_gguf(path: Union[str, os.PathLike], args: ModelArgs, sd: Dict[str, tor
     if dtype not in types:
         raise ValueError(f"GGUF export supports {sorted(str(t) for t in types)}, got {dtype}")
     tensor_type, file_type = types[dtype]
-    expected = expected_shapes(args)
+    expected = full_shapes(args, args.vocab_size)
     names = set(sd) - {"rope.freqs"}
     if names != set(expected):
         raise ValueError(f"the state dict does not fit the model's shape: missing {sorted(set(expected) - names)}, "
@@ -140,24 +140,6 @@ def write_gguf(path: Union[str, os.PathLike], args: ModelArgs, sd: Dict[str, tor
     writer.write_tensors_to_file()
     writer.close()
     return os.fspath(path)
-
-
-def expected_shapes(args: ModelArgs) -> Dict[str, tuple]:
-    """Every weight of an unsharded Llama 3 checkpoint with these hyper-parameters, by Meta's name."""
-    n_kv = args.n_kv_heads or args.n_heads
-    dim, hd, hidden = args.dim, args.head_dim, args.ffn_hidden_dim
-    shapes = {"tok_embeddings.weight": (args.vocab_size, dim), "norm.weight": (dim,),
-              "output.weight": (args.vocab_size, dim)}
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        shapes.update({
-            p + "attention_norm.weight": (dim,), p + "ffn_norm.weight": (dim,),
-            p + "attention.wq.weight": (args.n_heads * hd, dim), p + "attention.wk.weight": (n_kv * hd, dim),
-            p + "attention.wv.weight": (n_kv * hd, dim), p + "attention.wo.weight": (dim, args.n_heads * hd),
-            p + "feed_forward.w1.weight": (hidden, dim), p + "feed_forward.w3.weight": (hidden, dim),
-            p + "feed_forward.w2.weight": (dim, hidden),
-        })
-    return shapes
 
 
 def _file_order(name: str) -> tuple:

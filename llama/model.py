@@ -110,6 +110,11 @@ def apply_scaling(
     return torch.where(wavelen < high_freq_wavelen, freqs, scaled)
 
 
+def rope_frequencies(head_dim: int, theta: float) -> torch.Tensor:
+    """(head_dim // 2,) float32: pair i of a head turns by theta^(-2i/head_dim) per position."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+
+
 def precompute_rope(
     head_dim: int, end: int, theta: float, use_scaled: bool = False, **scaling: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +124,7 @@ def precompute_rope(
     (torch.polar); real tables hold the same float32 values and work on every backend and in torch.compile.
     `scaling` overrides apply_scaling's constants (used only with `use_scaled`).
     """
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    freqs = rope_frequencies(head_dim, theta)
     if use_scaled:
         freqs = apply_scaling(freqs, **scaling)
     t = torch.arange(end, dtype=torch.float32)
