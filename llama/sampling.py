@@ -16,6 +16,10 @@ import torch
 # The fast path's nucleus search looks first among this many most likely tokens.
 PREFILTER_CANDIDATES = 256
 
+# greedy() splits each row of logits into chunks of this many (on the CPU, when it divides the vocabulary:
+# 128256 = 501 x 256, 32000 = 125 x 256).
+GREEDY_CHUNK = 256
+
 from llama.config import GenerationConfig
 
 
@@ -109,6 +113,26 @@ def sample_top_p_prefiltered(
     return torch.stack([ids[row][choice[row]] for row in range(bsz)])
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(logits, dim=-1), exactly: the first of equal maxima, a NaN counting as the largest.
+    logits: (bsz, vocab) -> (bsz,) token ids.
+
+    On the CPU torch.argmax walks a row one element at a time (71 us for 128256 float32 logits here, 145 us
+    for 4 rows), while the largest value of chunks of a row is a vectorised reduction. So: the largest
+    value of each chunk of GREEDY_CHUNK logits, the first chunk holding the row's largest (amax, like argmax,
+    lets a NaN win), then the first largest within that chunk: the same index. Measured inside the bf16
+    decode loop of the bench's small shape: 80 -> 67 us at batch 1, 154 -> 93 us at batch 4.
+    """
+    bsz, vocab = logits.shape
+    if logits.device.type != "cpu" or vocab % GREEDY_CHUNK or bsz == 0:
+        return torch.argmax(logits, dim=-1)
+    chunks = logits.reshape(bsz, vocab // GREEDY_CHUNK, GREEDY_CHUNK)
+    best = chunks.amax(dim=-1).argmax(dim=-1, keepdim=True)  # (bsz, 1) the first chunk holding the largest
+    within = torch.take_along_dim(chunks, best[:, :, None], dim=1).argmax(dim=-1)  # (bsz, 1) its position there
+    # (take_along_dim and an in-place add: few small ops, as each costs more than its work here)
+    return within.add_(best, alpha=GREEDY_CHUNK)[:, 0]
+
+
 def next_token(
     logits: torch.Tensor,
     temperature: float,
@@ -124,7 +148,7 @@ def next_token(
         probs = torch.softmax(logits / temperature, dim=-1)
         sample = sample_top_p_prefiltered if prefilter else sample_top_p
         return sample(probs, top_p, generator).reshape(-1)
-    return torch.argmax(logits, dim=-1)
+    return greedy(logits)
 
 
 # ---- logits processors (on raw logits, knowing the tokens so far) ----
@@ -255,7 +279,7 @@ class Sampler:
         for process in self.processors:
             logits = process(logits, context)
         if self.temperature == 0:
-            return torch.argmax(logits, dim=-1)
+            return greedy(logits)
         if self.top_k == 0 and self.min_p == 0 and self.generators is None:
             return next_token(logits, self.temperature, self.top_p, prefilter=self.prefilter)
         logits = min_p_filter(top_k_filter(logits / self.temperature, self.top_k), self.min_p)

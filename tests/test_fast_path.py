@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import llama.sampling as sampling
 from llama import Llama
-from llama.sampling import next_token, sample_top_p, sample_top_p_prefiltered
+from llama.sampling import GREEDY_CHUNK, greedy, next_token, sample_top_p, sample_top_p_prefiltered
 
 from helpers import SMALL_GQA, SMALL_MHA, SMALL_SCALED, write_byte_tokenizer, write_checkpoint
 
@@ -207,6 +207,28 @@ def test_prefilter_avoids_the_full_sort_when_the_nucleus_is_small(monkeypatch):
 
     monkeypatch.setattr(sampling, "sample_top_p", full_sort)
     assert sample_top_p_prefiltered(probs, 0.9).shape == (3, 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    bsz=st.integers(1, 5),
+    chunks=st.integers(1, 12),
+    extra=st.sampled_from([0, 0, 0, 1, 100]),  # 0: a whole number of chunks (the chunked search)
+    levels=st.sampled_from([0, 2, 5]),  # 0: continuous logits, else that many distinct values (ties)
+    specials=st.lists(st.tuples(st.integers(0, 4), st.floats(0, 1), st.sampled_from(["nan", "inf", "-inf"])),
+                      max_size=4),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_greedy_picks_what_torch_argmax_picks(bsz, chunks, extra, levels, specials, seed):
+    """Ties (the first wins), NaN (counts as the largest), infinities, whole chunks or not."""
+    vocab = chunks * GREEDY_CHUNK + extra
+    logits = torch.randn(bsz, vocab, generator=torch.Generator().manual_seed(seed))
+    if levels:
+        logits = torch.round(logits * levels)
+    for row, where, value in specials:
+        if row < bsz:
+            logits[row, int(where * (vocab - 1))] = float(value)
+    assert torch.equal(greedy(logits), torch.argmax(logits, dim=-1))
 
 
 def test_next_token_with_and_without_prefilter_agree():
