@@ -12,9 +12,10 @@ equal to float32 rounding, the same samples for the same seed, with less work:
 - the prefill computes logits only at each prompt's last position unless log-probabilities are asked for;
 - when the prompts have one length, every row stays at one position and the step is the reference's own
   (an int position, no mask); otherwise each row's attention is masked to its own positions;
-- stop tokens are checked on the device; the host looks at the flags only every `stop_check_every` steps
-  (extra steps after every row has stopped change nothing: outputs are cut at the first stop token; when
-  sampling, though, they would draw from the random generator, so sampling looks every step);
+- stop tokens are checked on the device; the host looks at the flags only every `stop_check_every` steps,
+  and then without waiting for the device (see StopWatch) (extra steps after every row has stopped change
+  nothing: outputs are cut at the first stop token; when sampling, though, they would draw from the random
+  generator, so sampling looks every step);
 - optionally (CUDA), the decode step is compiled with CUDA graphs: see DecodeStep.
 """
 
@@ -49,9 +50,12 @@ class DecodeStep:
                 raise ValueError("compile=True needs one model-parallel rank (fairscale's collectives don't compile)")
             # Compiled code cannot enter inference mode: compile forward's undecorated body (run under no_grad).
             self.forward = functools.partial(type(model).forward.__wrapped__, model)
-            # "reduce-overhead" (CUDA graphs: one launch a step), and coordinate-descent tuning of the
-            # generated kernels' block sizes (measured on an H100, Llama 3 8B, batch 1: 152 -> 168 tok/s).
-            options = {"triton.cudagraphs": True, "coordinate_descent_tuning": True}
+            # CUDA graphs (one launch a step); max_autotune, which times inductor's own kernels for each
+            # matrix product against cuBLAS (at batch 1 it picks generated one-row products fused with the
+            # RMSNorm before them); coordinate-descent tuning of the generated kernels' block sizes.
+            # Measured on an H100, Llama 3 8B, batch 1, in one call: graphs and tuning 151.5 tok/s, with
+            # max_autotune 167.9 (scripts/compile_variants.py).
+            options = {"triton.cudagraphs": True, "max_autotune": True, "coordinate_descent_tuning": True}
             self.compiled = torch.compile(self._step, options=options, fullgraph=True, dynamic=False)
 
     def _step(self, tokens: torch.Tensor, positions: Positions, kv_len: int) -> torch.Tensor:
@@ -71,6 +75,45 @@ class DecodeStep:
                 logits = self.compiled(tokens.clone(), positions.clone(), self.model.params.max_seq_len)
                 return logits.clone()
         return self._step(tokens, positions, kv_len)
+
+
+class StopWatch:
+    """Tells the loop when every row has stopped, looking at the device's flags every `every` steps.
+
+    A look is a device-to-host copy: the host waits for the device, which then idles while the host queues
+    the next step (on an H100, 8B, batch 1, about 1% of the decode time with a look every 8 steps). So with
+    every > 1 a look only starts the copy of the flag and reads the one started at the look before, by
+    then long done: the device always has work queued. Rows may thus run up to 2 * every steps past the
+    last stop, which changes no output (outputs are cut at the first stop token).
+    """
+
+    def __init__(self, every: int):
+        self.every = every
+        self.pending: Optional[tuple] = None  # (host copy of the flag, its copy's completion event or None)
+
+    def all_stopped(self, step: int, stopped: torch.Tensor) -> bool:
+        """stopped: (bsz,) bool flags on the device, after step `step` (0-based)."""
+        if (step + 1) % self.every:
+            return False
+        if self.every == 1:
+            return bool(stopped.all())
+        seen = self.pending is not None and self._read(*self.pending)
+        flag = stopped.all()  # a new tensor: later steps' in-place updates of `stopped` don't reach it
+        if flag.is_cuda:
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(flag, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending = (host, event)
+        else:
+            self.pending = (flag, None)
+        return seen
+
+    @staticmethod
+    def _read(flag: torch.Tensor, event: Optional["torch.cuda.Event"]) -> bool:
+        if event is not None:
+            event.synchronize()
+        return bool(flag)
 
 
 @dataclass
@@ -158,6 +201,7 @@ def decode(
     stopped = torch.zeros(bsz, dtype=torch.bool, device=device)
     # Prompts of one length keep every row at one position: the step then needs no per-row mask.
     aligned = len(set(batch.prompt_lens)) == 1
+    watch = StopWatch(stop_check_every)
     for i in range(n_steps):
         # Each row's tokens so far: its prompt and what it generated (rows past their end: up to it).
         context = Context(batch.tokens, torch.minimum(positions, ends), prompt_lens)
@@ -170,7 +214,7 @@ def decode(
         if tracker:  # host-side rows: the text so far, stop strings, lengths
             yield tracker.step(positions.tolist(), next_tok.tolist())
             stopped |= torch.tensor(tracker.done, device=device)
-        if i == n_steps - 1 or ((i + 1) % stop_check_every == 0 and bool(stopped.all())):
+        if i == n_steps - 1 or watch.all_stopped(i, stopped):
             break
         # Feed the new tokens. Rows past their end keep running (a batch runs as one) on a clamped position.
         feed_at = torch.clamp(positions, max=total_len - 1)

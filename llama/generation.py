@@ -426,7 +426,8 @@ class Llama:
             )
         total_len = min(self.model.params.max_seq_len, run.max_gen_len + max(map(len, run.prompt_tokens)))
         # A look at the stop flags is a device sync on accelerators: greedy decoding looks every 8 steps
-        # there. Sampling looks every step, to draw from the random stream as the reference does.
+        # there, without waiting (decoding.StopWatch). Sampling looks every step, to draw from the random
+        # stream as the reference does.
         every = 1 if self.device.type == "cpu" or cfg.temperature > 0 or run.track else 8
         return decode(
             self.model, self.decode_step, run, total_len, self._sampler(cfg, run.sample_index), stop_ids,

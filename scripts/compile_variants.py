@@ -2,17 +2,22 @@
 
     python scripts/compile_variants.py VARIANT [python -m llama.bench options ...]
 
-VARIANT names what changes from `compile=True` (CUDA graphs + coordinate-descent tuning, llama/decoding.py):
-  default    nothing (the baseline for the others, measured in the same call)
-  autotune   + inductor's max_autotune (Triton matrix-product templates tried against cuBLAS)
-  math       attention through SDPA's math backend, which inductor fuses into its own kernels
-  (several may be joined with '+', e.g. autotune+math). Run each in its own process, e.g.
+VARIANT names what changes from `compile=True` (CUDA graphs + max_autotune + coordinate-descent tuning,
+llama/decoding.py):
+  default      nothing (the baseline for the others, measured in the same call)
+  no-autotune  without max_autotune (cuBLAS for every matrix product)
+  math         attention through SDPA's math backend, which inductor fuses into its own kernels
+  gemv         one-row products written as multiply-and-sum, so inductor generates (and tunes) their kernels
+               instead of choosing between its templates and cuBLAS
+  cublaslt     cuBLASLt as torch's preferred BLAS library
+  (several may be joined with '+', e.g. no-autotune+math). Run each in its own process, e.g.
 
     B="--shape llama3-8b --device cuda --batch 1 --dtype bfloat16 --prompt-len 128 --repeats 3 --no-hf --compile"
-    for v in default autotune math autotune+math; do python scripts/compile_variants.py $v $B --out $v.json; done
+    for v in default no-autotune gemv cublaslt; do python scripts/compile_variants.py $v $B --out $v.json; done
 
-Measured on an H100 (bench/GPU_RESULTS.md): default 167.6 tok/s, autotune alone (without the tuning) 165.3,
-math 161.8.
+Measured on an H100, batch 1 (bench/GPU_RESULTS.md), before max_autotune joined compile=True, in one call:
+graphs + tuning 151.5 tok/s, with max_autotune 167.9, gemv 150.9, cublaslt 156.0; an earlier call: graphs
+alone 152.1, graphs + tuning 167.6, max_autotune without the tuning 165.3, math 161.8.
 """
 
 import sys
@@ -22,19 +27,19 @@ import torch
 from llama.bench import main
 from llama.decoding import DecodeStep
 
-KNOWN = {"default", "autotune", "math"}
+KNOWN = {"default", "no-autotune", "math", "gemv", "cublaslt"}
 
 
 def apply(variants: set) -> None:
     """Patch torch.compile / DecodeStep for the duration of this process."""
-    if "autotune" in variants:
+    if "no-autotune" in variants:
         compile_fn = torch.compile
 
-        def compile_with_autotune(fn, **kwargs):
-            kwargs["options"] = dict(kwargs.get("options") or {}, max_autotune=True)
+        def compile_without_autotune(fn, **kwargs):
+            kwargs["options"] = dict(kwargs.get("options") or {}, max_autotune=False)
             return compile_fn(fn, **kwargs)
 
-        torch.compile = compile_with_autotune
+        torch.compile = compile_without_autotune
     if "math" in variants:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -45,6 +50,20 @@ def apply(variants: set) -> None:
                 return step(self, *args)
 
         DecodeStep._step = step_with_math_attention
+    if "gemv" in variants:
+        from llama.fast_layers import FastLinear
+
+        linear = FastLinear.forward
+
+        def forward_as_sum(self, x):
+            if x.shape[-2] != 1 or self.weight is None:
+                return linear(self, x)
+            # x (bsz, 1, in) -> (bsz, 1, 1, in) * W (out, in) -> sum over in: (bsz, 1, out)
+            return (x.unsqueeze(-2) * self.weight).sum(-1)
+
+        FastLinear.forward = forward_as_sum
+    if "cublaslt" in variants:
+        torch.backends.cuda.preferred_blas_library("cublaslt")
 
 
 if __name__ == "__main__":

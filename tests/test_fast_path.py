@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import llama.generation as generation
 import llama.sampling as sampling
 from llama import Llama
 from llama.sampling import GREEDY_CHUNK, greedy, next_token, sample_top_p, sample_top_p_prefiltered
@@ -58,8 +59,15 @@ def test_fast_and_reference_paths_give_the_same_greedy_tokens_and_logprobs(pair,
     )
 
 
-def test_stop_tokens_end_rows_exactly_where_the_reference_ends_them(pair):
+@pytest.mark.parametrize("stop_check_every", [1, 3], ids=["looking-every-step", "looking-late-every-3rd"])
+def test_stop_tokens_end_rows_exactly_where_the_reference_ends_them(pair, stop_check_every, monkeypatch):
     fast, reference = pair
+    # On accelerators greedy decoding looks at the stop flags only every few steps, each look reading the
+    # flags of the look before (decoding.StopWatch): force that on the CPU too.
+    decode = generation.decode
+    monkeypatch.setattr(
+        generation, "decode", lambda *a, **k: decode(*a, **dict(k, stop_check_every=stop_check_every))
+    )
     prompts = random_prompts([4, 12, 7, 2], seed=3)
     saved = [llama.tokenizer.stop_tokens for llama in (fast, reference)]
     try:
