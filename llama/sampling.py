@@ -121,7 +121,8 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     for 4 rows), while the largest value of chunks of a row is a vectorised reduction. So: the largest
     value of each chunk of GREEDY_CHUNK logits, the first chunk holding the row's largest (amax, like argmax,
     lets a NaN win), then the first largest within that chunk: the same index. Measured inside the bf16
-    decode loop of the bench's small shape: 80 -> 67 us at batch 1, 154 -> 93 us at batch 4.
+    decode loop of the bench's small shape: 80 -> 67 us at batch 1, 154 -> 93 us at batch 4. On an H100
+    torch.argmax is the faster (28 us against 84-224 us for 1, 8 or 64 rows): it is kept there.
     """
     bsz, vocab = logits.shape
     if logits.device.type != "cpu" or vocab % GREEDY_CHUNK or bsz == 0:
