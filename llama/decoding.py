@@ -13,9 +13,9 @@ equal to float32 rounding, the same samples for the same seed, with less work:
 - when the prompts have one length, every row stays at one position and the step is the reference's own
   (an int position, no mask); otherwise each row's attention is masked to its own positions;
 - stop tokens are checked on the device; the host looks at the flags only every `stop_check_every` steps,
-  and then without waiting for the device (see StopWatch) (extra steps after every row has stopped change
-  nothing: outputs are cut at the first stop token; when sampling, though, they would draw from the random
-  generator, so sampling looks every step);
+  and then without waiting for the device (StopWatch). Extra steps after every row has stopped change
+  nothing (outputs are cut at the first stop token); when sampling, though, they would draw from the random
+  generator, so sampling looks every step;
 - optionally (CUDA), the decode step is compiled with CUDA graphs: see DecodeStep.
 """
 
@@ -82,9 +82,10 @@ class StopWatch:
 
     A look is a device-to-host copy: the host waits for the device, which then idles while the host queues
     the next step (on an H100, 8B, batch 1, about 1% of the decode time with a look every 8 steps). So with
-    every > 1 a look only starts the copy of the flag and reads the one started at the look before: if
-    the host has to wait for that copy, the device still has the steps queued since to work on. Rows may thus run up to 2 * every - 1 steps past
-    the last stop, which changes no output (outputs are cut at the first stop token).
+    every > 1 a look only starts the copy of the flag and reads the one started at the look before: if the
+    host has to wait for that copy, the device still has the steps queued since to work on. Rows may thus
+    run up to 2 * every - 1 steps past the last stop, which changes no output (outputs are cut at the first
+    stop token).
     """
 
     def __init__(self, every: int):
