@@ -16,8 +16,7 @@ equal to float32 rounding, the same samples for the same seed, with less work:
   and then without waiting for the device (StopWatch). Extra steps after every row has stopped change
   nothing (outputs are cut at the first stop token); when sampling, though, they would draw from the random
   generator, so sampling looks every step;
-- optionally (CUDA), the decode step is compiled with CUDA graphs: see DecodeStep. Greedy decoding then
-  runs the whole step in the graph, the argmax and the bookkeeping too (DecodeStep.greedy).
+- optionally (CUDA), the decode step is compiled with CUDA graphs: see DecodeStep.
 """
 
 import functools
@@ -29,7 +28,7 @@ import torch
 
 from llama.completion import DecodeRun
 from llama.model import Positions, Transformer
-from llama.sampling import Context, Sampler, greedy
+from llama.sampling import Context, Sampler
 from llama.scoring import LogprobRecorder
 from llama.streaming import RowTracker, StreamEvent
 
@@ -45,7 +44,7 @@ class DecodeStep:
     def __init__(self, model: Transformer, compile: bool = False):
         self.model = model
         self.forward = model.forward
-        self.compiled = self.compiled_greedy = None
+        self.compiled = None
         if compile:
             if fs_init.get_model_parallel_world_size() > 1:
                 raise ValueError("compile=True needs one model-parallel rank (fairscale's collectives don't compile)")
@@ -57,9 +56,7 @@ class DecodeStep:
             # Measured on an H100, Llama 3 8B, batch 1, in one call: graphs and tuning 151.5 tok/s, with
             # max_autotune 167.9 (scripts/compile_variants.py).
             options = {"triton.cudagraphs": True, "max_autotune": True, "coordinate_descent_tuning": True}
-            compile_fn = functools.partial(torch.compile, options=options, fullgraph=True, dynamic=False)
-            self.compiled = compile_fn(self._step)
-            self.compiled_greedy = compile_fn(self._greedy_step)  # compiled at its first call, like the other
+            self.compiled = torch.compile(self._step, options=options, fullgraph=True, dynamic=False)
 
     def _step(self, tokens: torch.Tensor, positions: Positions, kv_len: int) -> torch.Tensor:
         if isinstance(positions, int):
@@ -78,41 +75,6 @@ class DecodeStep:
                 logits = self.compiled(tokens.clone(), positions.clone(), self.model.params.max_seq_len)
                 return logits.clone()
         return self._step(tokens, positions, kv_len)
-
-    def _greedy_step(self, tokens: torch.Tensor, positions: torch.Tensor, stopped: torch.Tensor,
-                     last: torch.Tensor, sink: torch.Tensor, stop_tokens: torch.Tensor) -> tuple:
-        logits = self._step(tokens, torch.minimum(positions, last), self.model.params.max_seq_len)  # (bsz, vocab)
-        positions = positions + 1
-        next_tok = greedy(logits)  # (bsz,)
-        write_at, stopped = settle(next_tok, positions, last, sink, stop_tokens, stopped)
-        return next_tok, positions, stopped, write_at
-
-    def greedy(self, tokens: torch.Tensor, positions: torch.Tensor, stopped: torch.Tensor,
-               last: torch.Tensor, sink: torch.Tensor, stop_tokens: torch.Tensor) -> tuple:
-        """A whole greedy decode step, compiled into one graph (compile=True only): feed tokens (bsz,) at
-        positions (bsz,) (a row past its last position at it), take each row's most likely next token and
-        `settle` it. Returns (next tokens, positions + 1, stop flags, where to write the tokens), all (bsz,).
-
-        This is the decode loop's own work (the step, sampling.greedy, settle) in one CUDA graph, instead of
-        the argmax and a dozen small bookkeeping kernels launched one by one after each replay: on an H100,
-        Llama 3 8B, batch 1, in one call, 166.0 -> 172.9 tok/s.
-        """
-        if self.compiled is None:
-            raise ValueError("DecodeStep.greedy runs the compiled step: build the DecodeStep with compile=True")
-        # Inputs made under inference mode are copied: compiled code can't take them.
-        args = [t.clone() if t.is_inference() else t for t in (tokens, positions, stopped, last, sink, stop_tokens)]
-        with torch.inference_mode(False), torch.no_grad():
-            # Outputs are overwritten by the next replay, which takes them as inputs: copy them.
-            return tuple(t.clone() for t in self.compiled_greedy(*args))
-
-
-def settle(next_tok: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, sink: torch.Tensor,
-           stop_tokens: torch.Tensor, stopped: torch.Tensor) -> tuple:
-    """The bookkeeping after choosing each row's token next_tok (bsz,) for positions (bsz,): where the row
-    writes it (at its position, or in the scratch column `sink` once past its last position `last`), and
-    its stop flag (already stopped, a stop token, or its last position filled). Returns (write_at, stopped)."""
-    write_at = torch.where(positions <= last, positions, sink)
-    return write_at, stopped | torch.isin(next_tok, stop_tokens) | (positions >= last)
 
 
 class StopWatch:
@@ -200,7 +162,7 @@ def prefill(model: Transformer, batch: Batch, recorder: Optional[LogprobRecorder
     return logits[torch.arange(bsz, device=device), last]
 
 
-@torch.no_grad()  # not inference mode: its tensors go into the compiled greedy step, which can't take those
+@torch.inference_mode()
 def decode(
     model: Transformer,
     step: DecodeStep,
@@ -236,40 +198,29 @@ def decode(
     prompt_lens = torch.tensor(batch.prompt_lens, device=device)
     positions = prompt_lens.clone()  # (bsz,) where each row's next token goes
     ends = torch.tensor(batch.ends, device=device)
-    last = ends - 1  # (bsz,) each row's last position
     sink = torch.full_like(positions, total_len)  # the scratch column, for rows already at their end
     stopped = torch.zeros(bsz, dtype=torch.bool, device=device)
     # Prompts of one length keep every row at one position: the step then needs no per-row mask.
     aligned = len(set(batch.prompt_lens)) == 1
-    # Plain greedy decoding with a compiled step runs each whole step, bookkeeping too, in one graph.
-    fused = step.compiled is not None and sampler.plain_greedy and recorder is None and tracker is None
-
-    def choose(logits: torch.Tensor) -> tuple:
-        """Each row's next token from its logits (bsz, vocab) -> (next tokens, write_at, stop flags)."""
-        # Each row's tokens so far: its prompt and what it generated (rows past their end: up to it).
-        next_tok = sampler(logits, Context(batch.tokens, torch.minimum(positions, ends), prompt_lens))  # (bsz,)
-        write_at, now_stopped = settle(next_tok, positions, last, sink, stop_tokens, stopped)
-        if recorder is not None:
-            recorder.record_rows(logits, next_tok, write_at)
-        return next_tok, write_at, now_stopped
-
     watch = StopWatch(stop_check_every)
     for i in range(n_steps):
-        if i == 0:
-            next_tok, write_at, stopped = choose(logits)
-        elif fused:
-            next_tok, positions, stopped, write_at = step.greedy(next_tok, positions, stopped, last, sink, stop_tokens)
-        else:
-            # Feed the last tokens. Rows past their end keep running (a batch runs as one) at their last position.
-            kv_len = min(max(batch.prompt_lens) + i, total_len)  # every row's position is below it
-            logits = step(next_tok, batch.prompt_lens[0] + i - 1 if aligned else torch.minimum(positions, last), kv_len)
-            positions += 1
-            next_tok, write_at, stopped = choose(logits)
-        batch.tokens.scatter_(1, write_at[:, None], next_tok[:, None])
+        # Each row's tokens so far: its prompt and what it generated (rows past their end: up to it).
+        context = Context(batch.tokens, torch.minimum(positions, ends), prompt_lens)
+        next_tok = sampler(logits, context)  # (bsz,)
+        write_at = torch.where(positions < ends, positions, sink)[:, None]  # (bsz, 1)
+        batch.tokens.scatter_(1, write_at, next_tok[:, None])
+        if recorder is not None:
+            recorder.record_rows(logits, next_tok, write_at[:, 0])
+        stopped |= torch.isin(next_tok, stop_tokens) | (positions + 1 >= ends)
         if tracker:  # host-side rows: the text so far, stop strings, lengths
             yield tracker.step(positions.tolist(), next_tok.tolist())
             stopped |= torch.tensor(tracker.done, device=device)
         if i == n_steps - 1 or watch.all_stopped(i, stopped):
             break
+        # Feed the new tokens. Rows past their end keep running (a batch runs as one) on a clamped position.
+        feed_at = torch.clamp(positions, max=total_len - 1)
+        kv_len = min(max(batch.prompt_lens) + i + 1, total_len)  # every row's position is below it
+        logits = step(next_tok, batch.prompt_lens[0] + i if aligned else feed_at, kv_len)
+        positions += 1
     if tracker:
         yield tracker.finish_all()
