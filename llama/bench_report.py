@@ -31,8 +31,9 @@ def markdown_table(report: Dict[str, Any]) -> str:
     m = report["machine"]
     where = m.get("gpu") or f"{m.get('cpu')}, {m['threads']} threads"
     with_llamacpp = any(LLAMACPP in r for r in report["results"])
-    lines = ["| machine | model | dtype | batch | ours tok/s | transformers tok/s | ratio | % of read bandwidth (median round) "
-             "| roofline tok/s (largest possible ratio) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| machine | model | dtype | batch | ours tok/s | transformers tok/s | ratio "
+             "| % of read bandwidth (median round) | roofline tok/s (largest possible ratio) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     if with_llamacpp:
         lines[0] += " llama.cpp tok/s (ours / llama.cpp) |"
         lines[1] += "---|"
@@ -40,11 +41,14 @@ def markdown_table(report: Dict[str, Any]) -> str:
         hf = r.get("transformers", {}).get("decode_tok_s")
         hf_cell = "-" if hf is None else f"{hf:.1f}"
         ratio_cell = "-" if hf is None else f"{r['ratio_decode']:.2f}x"
+        roofline_cell = f"{r['roofline_decode_tok_s']:.0f}"
+        if hf is not None:
+            roofline_cell += f" ({r['largest_possible_ratio']:.2f}x)"
         lines.append(
             f"| {where} | {report['model']} | {r['dtype']} | {r['batch']} | {r['ours']['decode_tok_s']:.1f} | "
             f"{hf_cell} | {ratio_cell} | {r['ours']['fraction_of_read_bandwidth']:.0%} "
             f"({r['ours']['median_round_fraction_of_read_bandwidth']:.0%}) | "
-            f"{r['roofline_decode_tok_s']:.0f}" + ("" if hf is None else f" ({r['largest_possible_ratio']:.2f}x)") + " |"
+            f"{roofline_cell} |"
         )
         if with_llamacpp:
             lines[-1] += (f" {r[LLAMACPP]['decode_tok_s']:.1f} ({r['ratio_llamacpp']:.2f}x; median round "

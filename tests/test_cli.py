@@ -19,7 +19,10 @@ from llama import Llama
 from llama.chat import fit_history
 from llama.cli import main, parse_args
 from llama.tokenizer_llama2 import UNSAFE_ERROR
-from helpers import SMALL_GQA, subprocess_env, SMALL_MHA, random_state_dict, train_sentencepiece, write_byte_tokenizer, write_checkpoint
+from helpers import (
+    SMALL_GQA, SMALL_MHA, random_state_dict, subprocess_env, train_sentencepiece, write_byte_tokenizer,
+    write_checkpoint,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 STOP_TOKENS = (257, 264, 265)  # <|end_of_text|>, <|eom_id|>, <|eot_id|> after 256 byte tokens
@@ -184,8 +187,9 @@ def test_fit_history_drops_the_oldest_exchanges_and_keeps_the_system_message():
 
 
 def spawn_chat(ckpt: Path, *args: str) -> pexpect.spawn:
-    child = pexpect.spawn(sys.executable, ["-m", "llama", "chat", "--ckpt_dir", str(ckpt), "--device", "cpu", *args], cwd=str(REPO),
-                          encoding="utf-8", timeout=60, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    argv = ["-m", "llama", "chat", "--ckpt_dir", str(ckpt), "--device", "cpu", *args]
+    child = pexpect.spawn(sys.executable, argv, cwd=str(REPO), encoding="utf-8", timeout=60,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     child.expect("user> ")
     return child
 

@@ -137,7 +137,8 @@ def test_missing_and_unexpected_tensors_are_named(files, tmp_path):
     del state["layers.0.ffn_norm.weight"]
     state["layers.0.extra.weight"] = torch.zeros(3)
     torch.save(state, ckpt / "consolidated.00.pth")
-    with pytest.raises(ValueError, match=r"missing tensors \['layers\.0\.ffn_norm\.weight'\].*unexpected tensors \['layers\.0\.extra\.weight'\]"):
+    missing, unexpected = r"\['layers\.0\.ffn_norm\.weight'\]", r"\['layers\.0\.extra\.weight'\]"
+    with pytest.raises(ValueError, match=rf"missing tensors {missing}.*unexpected tensors {unexpected}"):
         build(ckpt, tok)
 
 

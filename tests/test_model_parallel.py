@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import SMALL_GQA, subprocess_env, SMALL_MHA, random_state_dict, real_tokenizer_path, write_byte_tokenizer, write_checkpoint
+from helpers import (
+    SMALL_GQA, SMALL_MHA, random_state_dict, real_tokenizer_path, subprocess_env, write_byte_tokenizer,
+    write_checkpoint,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,7 +67,8 @@ def test_example_text_completion_runs_with_plain_python(real_vocab_ckpt):
     out = run_single("example_text_completion.py", "--ckpt_dir", str(real_vocab_ckpt / "one"),
                      "--tokenizer_path", real_tokenizer_path(), "--max_gen_len", "8", "--device", "cpu")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "I believe the meaning of life is" in out.stdout and out.stdout.count("\n==================================") == 4
+    assert "I believe the meaning of life is" in out.stdout
+    assert out.stdout.count("\n==================================") == 4
 
 
 def test_example_text_completion_runs_under_torchrun_with_two_shards_and_rank_zero_prints(real_vocab_ckpt):
