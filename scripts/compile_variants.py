@@ -2,10 +2,11 @@
 
     python scripts/compile_variants.py VARIANT [python -m llama.bench options ...]
 
-VARIANT names what changes from `compile=True` (CUDA graphs + max_autotune + coordinate-descent tuning,
-llama/decoding.py):
+VARIANT names what changes from `compile=True` (CUDA graphs + max_autotune + coordinate-descent tuning +
+programmatic dependent launch where torch has it, llama/decoding.py):
   default      nothing (the baseline for the others, measured in the same call)
   no-autotune  without max_autotune (cuBLAS for every matrix product)
+  no-pdl       without programmatic dependent launch
   math         attention through SDPA's math backend, which inductor fuses into its own kernels
   gemv         one-row products written as multiply-and-sum, so inductor generates (and tunes) their kernels
                instead of choosing between its templates and cuBLAS
@@ -27,19 +28,22 @@ import torch
 from llama.bench import main
 from llama.decoding import DecodeStep
 
-KNOWN = {"default", "no-autotune", "math", "gemv", "cublaslt"}
+KNOWN = {"default", "no-autotune", "no-pdl", "math", "gemv", "cublaslt"}
 
 
 def apply(variants: set) -> None:
     """Patch torch.compile / DecodeStep for the duration of this process."""
-    if "no-autotune" in variants:
+    dropped = {"no-autotune": "max_autotune", "no-pdl": "triton.enable_pdl"}
+    if variants & dropped.keys():
         compile_fn = torch.compile
 
-        def compile_without_autotune(fn, **kwargs):
-            kwargs["options"] = dict(kwargs.get("options") or {}, max_autotune=False)
-            return compile_fn(fn, **kwargs)
+        def compile_without(fn, **kwargs):
+            options = dict(kwargs.get("options") or {})
+            for variant in variants & dropped.keys():
+                options.pop(dropped[variant], None)
+            return compile_fn(fn, **dict(kwargs, options=options))
 
-        torch.compile = compile_without_autotune
+        torch.compile = compile_without
     if "math" in variants:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
