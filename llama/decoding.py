@@ -21,7 +21,7 @@ equal to float32 rounding, the same samples for the same seed, with less work:
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -31,6 +31,26 @@ from llama.model import Positions, Transformer
 from llama.sampling import Context, Sampler
 from llama.scoring import LogprobRecorder
 from llama.streaming import RowTracker, StreamEvent
+
+
+def compile_options() -> Dict[str, bool]:
+    """Inductor's options for the compiled decode step (compile=True).
+
+    CUDA graphs (one launch a step); max_autotune, which times inductor's own kernels for each matrix
+    product against cuBLAS (at batch 1 it picks generated one-row products fused with the RMSNorm before
+    them); coordinate-descent tuning of the generated kernels' block sizes; programmatic dependent launch
+    where torch offers it (Hopper and later; inductor leaves it out elsewhere): each generated kernel starts
+    while the one before finishes, waiting only where it reads that one's output.
+    Measured on an H100, Llama 3 8B, batch 1: in one call, graphs and tuning 151.5 tok/s, with max_autotune
+    167.9 (scripts/compile_variants.py); in one process, without and with the launch, 168.1 -> 172.6
+    (scripts/compile_ab.py).
+    """
+    import torch._inductor.config as inductor_config  # (here: only compile=True needs it)
+
+    options = {"triton.cudagraphs": True, "max_autotune": True, "coordinate_descent_tuning": True}
+    if hasattr(inductor_config.triton, "enable_pdl"):  # an option of recent torch versions
+        options["triton.enable_pdl"] = True
+    return options
 
 
 class DecodeStep:
@@ -50,21 +70,7 @@ class DecodeStep:
                 raise ValueError("compile=True needs one model-parallel rank (fairscale's collectives don't compile)")
             # Compiled code cannot enter inference mode: compile forward's undecorated body (run under no_grad).
             self.forward = functools.partial(type(model).forward.__wrapped__, model)
-            import torch._inductor.config as inductor_config  # (here: only compile=True needs it)
-
-            # CUDA graphs (one launch a step); max_autotune, which times inductor's own kernels for each
-            # matrix product against cuBLAS (at batch 1 it picks generated one-row products fused with the
-            # RMSNorm before them); coordinate-descent tuning of the generated kernels' block sizes.
-            # Measured on an H100, Llama 3 8B, batch 1, in one call: graphs and tuning 151.5 tok/s, with
-            # max_autotune 167.9 (scripts/compile_variants.py).
-            options = {"triton.cudagraphs": True, "max_autotune": True, "coordinate_descent_tuning": True}
-            if hasattr(inductor_config.triton, "enable_pdl"):  # an option of recent torch versions
-                # Programmatic dependent launch (Hopper and later; inductor leaves it out elsewhere): each
-                # generated kernel starts while the one before finishes, waiting only where it reads that
-                # one's output. Same kernels, same results; one process, one H100, 8B, batch 1: 168.1 -> 172.6
-                # tok/s (median of 8 alternating rounds).
-                options["triton.enable_pdl"] = True
-            self.compiled = torch.compile(self._step, options=options, fullgraph=True, dynamic=False)
+            self.compiled = torch.compile(self._step, options=compile_options(), fullgraph=True, dynamic=False)
 
     def _step(self, tokens: torch.Tensor, positions: Positions, kv_len: int) -> torch.Tensor:
         if isinstance(positions, int):
