@@ -16,12 +16,11 @@ Measured on an H100, Llama 3 8B, batch 1, OPTION triton.enable_pdl: 172.6 tok/s 
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from llama import Llama
-from llama.bench import SHAPES, build_ours, random_weights
+from llama.bench import SHAPES, build_ours, random_weights, timed
 from llama.decoding import compile_options
 from llama.distributed import init_distributed, pick_device
 from llama.model import ModelArgs
@@ -52,26 +51,21 @@ def main() -> None:
     contenders = {"with": with_option, "without": without}
     prompts = torch.randint(0, args.vocab_size, (opts.batch, opts.prompt_len)).tolist()
 
-    def timed(llama: Llama, n: int):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        tokens, _ = llama.generate(prompts, max_gen_len=n, temperature=0)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start, tokens
+    def run(llama: Llama, n: int):
+        """(seconds, tokens) of a greedy generation of n tokens."""
+        return timed(lambda: llama.generate(prompts, max_gen_len=n, temperature=0)[0], device)
 
     tokens = {}
     for name, llama in contenders.items():  # compiles, autotunes, records the graphs
         for _ in range(2):
-            timed(llama, 1)
-            _, tokens[name] = timed(llama, opts.new_tokens)
+            run(llama, 1)
+            _, tokens[name] = run(llama, opts.new_tokens)
     print(f"same tokens: {tokens['with'] == tokens['without']}", flush=True)
     speeds = {name: [] for name in contenders}
     for r in range(opts.rounds):
         for name in list(contenders) if r % 2 == 0 else list(contenders)[::-1]:
-            full, _ = timed(contenders[name], opts.new_tokens)
-            first, _ = timed(contenders[name], 1)
+            full, _ = run(contenders[name], opts.new_tokens)
+            first, _ = run(contenders[name], 1)
             speeds[name].append(opts.batch * (opts.new_tokens - 1) / (full - first))
         print(f"round {r + 1}: " + "  ".join(f"{n} {s[-1]:.1f}" for n, s in speeds.items()), flush=True)
     for name, s in speeds.items():
