@@ -25,6 +25,7 @@ import sys
 
 import torch
 
+import llama.decoding as decoding
 from llama.bench import main
 from llama.decoding import DecodeStep
 
@@ -32,18 +33,13 @@ KNOWN = {"default", "no-autotune", "no-pdl", "math", "gemv", "cublaslt"}
 
 
 def apply(variants: set) -> None:
-    """Patch torch.compile / DecodeStep for the duration of this process."""
+    """Patch llama.decoding (compile_options, DecodeStep) for the duration of this process."""
     dropped = {"no-autotune": "max_autotune", "no-pdl": "triton.enable_pdl"}
     if variants & dropped.keys():
-        compile_fn = torch.compile
-
-        def compile_without(fn, **kwargs):
-            options = dict(kwargs.get("options") or {})
-            for variant in variants & dropped.keys():
-                options.pop(dropped[variant], None)
-            return compile_fn(fn, **dict(kwargs, options=options))
-
-        torch.compile = compile_without
+        options = decoding.compile_options()
+        for variant in variants & dropped.keys():
+            options.pop(dropped[variant], None)
+        decoding.compile_options = lambda: options  # what DecodeStep compiles with
     if "math" in variants:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -262,7 +262,7 @@ def test_compiled_step_gives_the_reference_greedy_tokens_and_logprobs(tmp_path):
                                      dtype=torch.float32, **kw)
     compiled, reference = build(compile=True), build(fast=False)
     steps = []
-    step = compiled.decode_step.__call__
+    step = compiled.decode_step
     compiled.decode_step = lambda *a: steps.append(1) or step(*a)  # counts the decode steps after the prefill
     for lengths in ([3, 11, 7], [5, 5]):
         prompts = random_prompts(lengths, seed=11)
