@@ -13,14 +13,14 @@ system it measures the time to first token (a 1-token run: prefill plus one choi
 from the two: prefill tokens/s and decode tokens/s; also the peak memory of the run and whether the two
 systems produced the same tokens. The decode step's bytes read (every weight but the embedding table, plus
 the KV cache so far) times its steps per second is the effective bandwidth, set against the device's read
-bandwidth measured here (llama.bandwidth; the best of measurements at the start, in every round and at the
+bandwidth measured here (bench.bandwidth; the best of measurements at the start, in every round and at the
 end; also, less exposed to the luck of one quiet moment, each round's decode against that round's
 measurement, the median over rounds); that bandwidth over the bytes per step is the roofline, the decode
 speed no program can pass here, and the roofline over transformers' speed the largest ratio any program
 could reach against it. Writes JSON and, with matplotlib installed, a PNG chart.
 
 With --llamacpp, llama.cpp runs as a third system on a GGUF file of the same weights, at batch 1 only
-(llama.bench_llamacpp).
+(bench.llamacpp).
 
 Needs transformers (a test dependency) unless --no-hf; matplotlib for the chart; llama-cpp-python and gguf
 for --llamacpp.
@@ -38,15 +38,15 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from llama.bandwidth import measure_read_bandwidth, synchronize
-from llama.bench_llamacpp import NAME as LLAMACPP, build_llamacpp, import_llama_cpp
-from llama.bench_report import chart, markdown_table, summary_line
-from llama.checkpoint import find_shards, load_into, load_shard, read_params
+from bench.bandwidth import measure_read_bandwidth, synchronize
+from bench.llamacpp import NAME as LLAMACPP, build_llamacpp, import_llama_cpp
+from bench.report import chart, markdown_table, summary_line
+from llama.checkpoints.meta import find_shards, load_into, load_shard, read_params
 from llama.distributed import default_dtype, init_distributed, pick_device
 from llama.generation import Llama
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import ChatFormat
-from llama.fast_layers import use_fast_layers
+from llama.fast.layers import use_fast_layers
 
 _COMMON = dict(vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0)
 SHAPES: Dict[str, Dict[str, Any]] = {

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, List, Optional
 
-from llama.checkpoint import MetaShards, find_tokenizer, open_checkpoint, tokenizer_kind, write_meta
-from llama.hf import write_hf
+from llama.checkpoints.meta import MetaShards, find_tokenizer, open_checkpoint, tokenizer_kind, write_meta
+from llama.checkpoints.hf import write_hf
 from llama.model import ModelArgs
 
 # params.json keys whose defaults are Meta's constants: written only when a Hugging Face config differs.

@@ -2,7 +2,7 @@
 
 from typing import Optional, Union
 
-from llama.checkpoint import tokenizer_kind
+from llama.checkpoints.meta import tokenizer_kind
 from llama.tokenizer import ChatFormat, Tokenizer
 from llama.tokenizer_llama2 import Llama2ChatFormat, SentencePieceTokenizer
 

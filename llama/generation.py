@@ -4,7 +4,7 @@ The story of a request: prompts are encoded to token ids, the decode loop (`_dec
 them, a Sampler picks each next token under the call's GenerationConfig, and the ids produced are cut at the
 first stop token (or stop string) and decoded. `generate`, `complete`, `generate_stream`, `text_completion`
 and `chat_completion` are views of that one loop. It comes in two versions with the same results: the fast
-loop of llama.decoding (the default) and Meta's reference loop of llama.reference (`fast=False`): one
+loop of llama.fast.loop (the default) and Meta's reference loop of llama.reference (`fast=False`): one
 position at a time, the first positions shared by every prompt in a single batched call. The prediction
 types and PromptError live in llama.predictions, the choice of tokenizer and chat format in llama.families.
 """
@@ -15,13 +15,13 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 
-from llama.checkpoint import find_tokenizer, load_checkpoint, load_into
+from llama.checkpoints.meta import find_tokenizer, load_checkpoint, load_into
 from llama.completion import Completion, DecodeRun, cut_completions
 from llama.config import GenerationConfig, resolve_config
-from llama.decoding import DecodeStep, decode
+from llama.fast.loop import DecodeStep, decode
 from llama.distributed import default_dtype, init_distributed, is_rank_zero, pick_device, pick_dtype
 from llama.families import AnyChatFormat, AnyTokenizer, load_tokenizer, make_chat_format
-from llama.fast_layers import use_fast_layers
+from llama.fast.layers import use_fast_layers
 from llama.model import ModelArgs, Transformer
 from llama.predictions import ChatPrediction, CompletionPrediction, PromptError, run_valid, to_prediction
 from llama.reference import decode_reference
@@ -64,7 +64,7 @@ class Llama:
             dtype: weight and activation dtype; default bf16 on CUDA (fp16 where bf16 is not supported),
                 float32 on the CPU. On CPUs with native bf16 (AVX512-BF16, AMX), bf16 is about twice as fast.
             chat_format: "llama3" or "llama2"; default the one of the tokenizer's family.
-            fast: decode with the fast loop (llama.decoding) on the fast layers (llama.fast_layers: fused
+            fast: decode with the fast loop (llama.fast.loop) on the fast layers (llama.fast.layers: fused
                 projections, on the CPU weights packed for oneDNN); False runs Meta's reference loop on
                 fairscale's layers. Same results.
             compile: compile the decode step with torch.compile (CUDA graphs and tuned kernels on CUDA);

@@ -172,7 +172,7 @@ class Attention(nn.Module):
         n_kv_heads = args.n_heads if args.n_kv_heads is None else args.n_kv_heads
         if mp_size > n_kv_heads:
             # Fewer KV heads than ranks: each rank holds a copy of the one KV head its query heads read, as
-            # if the model had mp_size KV heads (llama/reshard.py makes the copies when loading).
+            # if the model had mp_size KV heads (llama/checkpoints/reshard.py makes the copies when loading).
             if mp_size % n_kv_heads:
                 raise ValueError(f"model-parallel size {mp_size} is not a multiple of n_kv_heads={n_kv_heads}")
             n_kv_heads = mp_size
@@ -194,7 +194,7 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(
             args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=lambda x: x
         )
-        # The fast path (llama.fast_layers) replaces wq, wk, wv by one product with their outputs side by side.
+        # The fast path (llama.fast.layers) replaces wq, wk, wv by one product with their outputs side by side.
         self.wqkv: Optional[nn.Module] = None
 
         cache_shape = (args.max_batch_size, self.n_local_kv_heads, args.max_seq_len, self.head_dim)
@@ -259,7 +259,7 @@ class FeedForward(nn.Module):
         self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=lambda x: x)
         self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=lambda x: x)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=lambda x: x)
-        self.w13: Optional[nn.Module] = None  # the fast path's single product for w1 and w3 (llama.fast_layers)
+        self.w13: Optional[nn.Module] = None  # the fast path's single product for w1 and w3 (llama.fast.layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is not None:

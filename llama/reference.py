@@ -1,4 +1,4 @@
-"""Meta's decode loop: the reference the fast loop of llama.decoding is tested against.
+"""Meta's decode loop: the reference the fast loop of llama.fast.loop is tested against.
 
 Prompts are laid out left-aligned in one (bsz, total_len) buffer. The first call feeds every position up to
 the shortest prompt's end; then each step feeds one position for every row at once. Rows still inside
@@ -28,7 +28,7 @@ def decode_reference(
     detokenize: Callable[[Sequence[int]], str],
     pad_id: int,
 ) -> Iterator[List[StreamEvent]]:
-    """Meta's decode loop over the rows of `run`, the reference for llama.decoding's `decode`: leaves on
+    """Meta's decode loop over the rows of `run`, the reference for llama.fast.loop's `decode`: leaves on
     `run` the tokens (bsz, total_len) (row i's generation from position len(prompt i) on), the logprob
     recorder and the row tracker; with run.track, yields each step's StreamEvents. The rows stop at a
     token of `stop_ids`; positions past a row's end are left as they are: the caller cuts."""

@@ -2,13 +2,13 @@
 
     python scripts/compile_ab.py OPTION [--shape llama3-8b] [--batch 1] [--rounds 8]
 
-OPTION is one of llama.decoding.compile_options()'s keys (e.g. triton.enable_pdl, max_autotune). Both
+OPTION is one of llama.fast.loop.compile_options()'s keys (e.g. triton.enable_pdl, max_autotune). Both
 steps decode the same prompts greedily; rounds alternate, the order flipping every round, and each round
 times a 1-token and a full run of each (decode tok/s = the difference). Prints every round, the medians
 and whether the two steps chose the same tokens.
 
 Why one process: each process autotunes afresh, and the kernels it picks move the 8B batch-1 step by a few
-percent from process to process (bench/GPU_RESULTS.md, fourth session), more than most changes worth
+percent from process to process (bench/results/GPU_RESULTS.md, fourth session), more than most changes worth
 measuring; two steps compiled in one process share inductor's choices for the same matrix products.
 Measured on an H100, Llama 3 8B, batch 1, OPTION triton.enable_pdl: 172.6 tok/s with it, 168.1 without
 (medians of 8 rounds; the same tokens).
@@ -21,7 +21,7 @@ import torch
 
 from llama import Llama
 from llama.bench import SHAPES, build_ours, random_weights, timed
-from llama.decoding import compile_options
+from llama.fast.loop import compile_options
 from llama.distributed import init_distributed, pick_device
 from llama.model import ModelArgs
 

@@ -3,7 +3,7 @@
     python scripts/compile_variants.py VARIANT [python -m llama.bench options ...]
 
 VARIANT names what changes from `compile=True` (CUDA graphs + max_autotune + coordinate-descent tuning +
-programmatic dependent launch where torch has it, llama/decoding.py):
+programmatic dependent launch where torch has it, llama/fast/loop.py):
   default      nothing (the baseline for the others, measured in the same call)
   no-autotune  without max_autotune (cuBLAS for every matrix product)
   no-pdl       without programmatic dependent launch
@@ -16,7 +16,7 @@ programmatic dependent launch where torch has it, llama/decoding.py):
     B="--shape llama3-8b --device cuda --batch 1 --dtype bfloat16 --prompt-len 128 --repeats 3 --no-hf --compile"
     for v in default no-autotune gemv cublaslt; do python scripts/compile_variants.py $v $B --out $v.json; done
 
-Measured on an H100, batch 1 (bench/GPU_RESULTS.md), before max_autotune joined compile=True, in one call:
+Measured on an H100, batch 1 (bench/results/GPU_RESULTS.md), before max_autotune joined compile=True, in one call:
 graphs + tuning 151.5 tok/s, with max_autotune 167.9, gemv 150.9, cublaslt 156.0; an earlier call: graphs
 alone 152.1, graphs + tuning 167.6, max_autotune without the tuning 165.3, math 161.8.
 """
@@ -25,15 +25,15 @@ import sys
 
 import torch
 
-import llama.decoding as decoding
+import llama.fast.loop as decoding
 from llama.bench import main
-from llama.decoding import DecodeStep
+from llama.fast.loop import DecodeStep
 
 KNOWN = {"default", "no-autotune", "no-pdl", "math", "gemv", "cublaslt"}
 
 
 def apply(variants: set) -> None:
-    """Patch llama.decoding (compile_options, DecodeStep) for the duration of this process."""
+    """Patch llama.fast.loop (compile_options, DecodeStep) for the duration of this process."""
     dropped = {"no-autotune": "max_autotune", "no-pdl": "triton.enable_pdl"}
     if variants & dropped.keys():
         options = decoding.compile_options()
@@ -51,7 +51,7 @@ def apply(variants: set) -> None:
 
         DecodeStep._step = step_with_math_attention
     if "gemv" in variants:
-        from llama.fast_layers import FastLinear
+        from llama.fast.layers import FastLinear
 
         linear = FastLinear.forward
 

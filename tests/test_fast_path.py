@@ -1,4 +1,4 @@
-"""The fast path (llama.decoding, llama.fast_layers, the prefiltered top-p) against the reference path it
+"""The fast path (llama.fast.loop, llama.fast.layers, the prefiltered top-p) against the reference path it
 replaces: the same greedy tokens, logits and log-probabilities within 1e-5 in float32, rows cut at the same
 stop tokens, and top-p draws bit for bit the same as the full sort's."""
 

@@ -1,4 +1,4 @@
-"""llama.gguf_export: the GGUF file holds our weights and hyper-parameters, and llama.cpp runs it as we do.
+"""llama.checkpoints.gguf: the GGUF file holds our weights and hyper-parameters, and llama.cpp runs it as we do.
 
 The first tests read the file back with the gguf package's own reader (a parser we did not write). The
 llama.cpp tests run it (llama-cpp-python, installed by hand; they skip without it): llama.cpp's logits for
@@ -19,7 +19,7 @@ from helpers import SMALL_GQA, SMALL_SCALED, random_state_dict
 gguf = pytest.importorskip("gguf")
 
 from llama.distributed import init_distributed  # noqa: E402
-from llama.gguf_export import write_gguf  # noqa: E402
+from llama.checkpoints.gguf import write_gguf  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
 
 # llama.cpp's tensor names for Meta's (from llama.cpp's "llama" architecture), written out here rather than
@@ -182,7 +182,7 @@ def test_bench_llamacpp_generates_our_greedy_tokens_run_after_run(tmp_path):
     every run (each run starts from an empty cache), and one prompt at a time."""
     pytest.importorskip("llama_cpp")
     from llama.bench import build_ours
-    from llama.bench_llamacpp import build_llamacpp
+    from bench.llamacpp import build_llamacpp
 
     args = model_args(SMALL_SCALED)
     sd = random_state_dict(dict(SMALL_SCALED, vocab_size=300), seed=5)

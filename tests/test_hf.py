@@ -13,9 +13,9 @@ from safetensors.torch import load_file, save_file
 from helpers import (SMALL_GQA, SMALL_MHA, random_state_dict, save_hf_llama, shard_state_dict,
                      train_sentencepiece, write_byte_tokenizer, write_checkpoint)
 from llama import Llama
-from llama.checkpoint import open_checkpoint
+from llama.checkpoints.meta import open_checkpoint
 from llama.convert import main as convert_main
-from llama.hf import permute_rows, unpermute_rows
+from llama.checkpoints.hf import permute_rows, unpermute_rows
 from llama.model import ModelArgs
 
 TOKENS = torch.tensor([[1, 17, 300, 42, 7, 99, 250, 3, 77, 12, 400, 5],

@@ -12,7 +12,7 @@ import torch
 from helpers import (SMALL_MHA, random_state_dict, real_tokenizer_path, train_sentencepiece, write_byte_tokenizer,
                      write_checkpoint)
 from llama import Llama
-from llama.checkpoint import tokenizer_kind
+from llama.checkpoints.meta import tokenizer_kind
 from llama.generation import load_tokenizer, make_chat_format
 from llama.tokenizer import ChatFormat, Tokenizer
 from llama.tokenizer_llama2 import UNSAFE_ERROR, Llama2ChatFormat, SentencePieceTokenizer

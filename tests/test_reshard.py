@@ -1,7 +1,7 @@
 """Resharding at load: a checkpoint of N shards runs on M model-parallel ranks for any N, M the model allows.
 
 Pieces are compared bit for bit with tests/helpers.shard_state_dict (Meta-style sharding written with
-chunk / repeat_interleave, sharing nothing with llama.reshard); logits on 2 and 4 CPU ranks (gloo, processes
+chunk / repeat_interleave, sharing nothing with llama.checkpoints.reshard); logits on 2 and 4 CPU ranks (gloo, processes
 started as torchrun starts them) are compared with the unsharded original and with Hugging Face
 transformers (fp32, 1e-5)."""
 
@@ -18,8 +18,8 @@ import torch
 from helpers import (SMALL_GQA, SMALL_MHA, random_state_dict, save_hf_llama, shard_state_dict,
                      write_byte_tokenizer, write_checkpoint)
 from llama import Llama
-from llama.checkpoint import MetaShards, find_shards, load_checkpoint, open_checkpoint
-from llama.reshard import Layout, rank_state
+from llama.checkpoints.meta import MetaShards, find_shards, load_checkpoint, open_checkpoint
+from llama.checkpoints.reshard import Layout, rank_state
 
 ROOT = Path(__file__).resolve().parent.parent
 GQA = dict(SMALL_GQA, vocab_size=512)  # 8 query heads, 2 KV heads

@@ -15,8 +15,8 @@ Two twists:
 - The embedding. Llama 3 cuts tok_embeddings by vocabulary (dim 0), Llama 2 by the embedding dim (dim 1);
   a checkpoint's choice shows in its shard shapes. The model here always cuts it by vocabulary.
 
-A checkpoint format plugs in as a `Source`: Meta's shards (llama.checkpoint.MetaShards) and Hugging Face
-safetensors (llama.hf.HFSource) both are.
+A checkpoint format plugs in as a `Source`: Meta's shards (llama.checkpoints.meta.MetaShards) and Hugging Face
+safetensors (llama.checkpoints.hf.HFSource) both are.
 """
 
 from dataclasses import dataclass

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from llama.model import ModelArgs
-from llama.reshard import Layout, Source, check_split, full_shapes, rank_state
+from llama.checkpoints.reshard import Layout, Source, check_split, full_shapes, rank_state
 
 # Tensors found in some checkpoints that are not parameters: Llama 2's precomputed RoPE frequencies.
 IGNORED_KEYS = {"rope.freqs"}
@@ -185,7 +185,7 @@ def open_checkpoint(ckpt_dir: str) -> Tuple[Source, Dict[str, Any]]:
     if hf_files:
         if not has_config:
             raise FileNotFoundError(f"{ckpt_dir!r} holds safetensors files {hf_files} but no config.json")
-        from llama.hf import HFSource
+        from llama.checkpoints.hf import HFSource
 
         source = HFSource(path)
         return source, source.params

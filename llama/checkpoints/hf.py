@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from llama.model import ModelArgs
-from llama.reshard import Layout, Source, full_shapes, module_of, rank_tensor
+from llama.checkpoints.reshard import Layout, Source, full_shapes, module_of, rank_tensor
 
 LAYER_NAMES = {
     "attention.wq": "self_attn.q_proj",

@@ -2,7 +2,7 @@
 
 from typing import Any, Dict
 
-from llama.bench_llamacpp import NAME as LLAMACPP
+from bench.llamacpp import NAME as LLAMACPP
 
 
 def summary_line(res: Dict[str, Any]) -> str:

@@ -1,6 +1,6 @@
 """Write Meta-layout Llama weights as a GGUF file that llama.cpp runs (its "llama" architecture).
 
-    from llama.gguf_export import write_gguf
+    from llama.checkpoints.gguf import write_gguf
     write_gguf("model.gguf", args, state_dict, torch.bfloat16)
 
 Used by the benchmark (`python -m llama.bench --llamacpp`) to run llama.cpp on exactly the weights our model
@@ -29,7 +29,7 @@ from typing import Dict, Union
 import torch
 
 from llama.model import ModelArgs, apply_scaling, rope_frequencies
-from llama.reshard import full_shapes
+from llama.checkpoints.reshard import full_shapes
 
 ARCH = "llama"
 
@@ -110,7 +110,7 @@ def write_gguf(path: Union[str, os.PathLike], args: ModelArgs, sd: Dict[str, tor
 
     n_kv = args.n_kv_heads or args.n_heads
     writer = gguf.GGUFWriter(os.fspath(path), ARCH)  # also records general.architecture
-    writer.add_name("llama (exported by llama.gguf_export)")
+    writer.add_name("llama (exported by llama.checkpoints.gguf)")
     writer.add_file_type(int(file_type))
     writer.add_context_length(args.max_seq_len)
     writer.add_embedding_length(args.dim)

@@ -1,6 +1,6 @@
 """llama.cpp as a contender in the benchmark (`python -m llama.bench --llamacpp`), through llama-cpp-python.
 
-The bench's weights are written once per dtype as a GGUF file (llama.gguf_export) in a temporary folder, and
+The bench's weights are written once per dtype as a GGUF file (llama.checkpoints.gguf) in a temporary folder, and
 llama.cpp generates greedily from the same prompt token ids, exactly as many tokens as the others (its
 model has no vocabulary, so no token stops it). Every run starts from an empty cache: llama-cpp-python
 would otherwise reuse the previous run's prompt and skip the prefill being timed.
@@ -15,7 +15,7 @@ from typing import Callable, Dict
 
 import torch
 
-from llama.gguf_export import write_gguf
+from llama.checkpoints.gguf import write_gguf
 from llama.model import ModelArgs
 
 NAME = "llama.cpp"

@@ -1,0 +1,2 @@
+"""The fast path, layered on the reference from outside: layers swapped in after loading (layers.py) and the
+batched decode loop with its optionally compiled step (loop.py). Tests prove it gives the reference's numbers."""
