@@ -1,14 +1,14 @@
-"""What one pass of the decode loop is asked for and what it produces: its rows cut into Completions
-(llama.predictions shapes those as the prediction dicts of Meta's API)."""
+"""What a decode loop is asked for (`Rows`), what it returns (`Decoded`), and how each row of the result is
+cut into a `Completion` (llama.predictions shapes those as the prediction dicts of Meta's API)."""
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Generator, List, Optional, Tuple
 
 import torch
 
 from llama.config import GenerationConfig
 from llama.scoring import LogprobRecorder
-from llama.streaming import LENGTH, STOP_STRING, STOP_TOKEN, RowTracker
+from llama.streaming import LENGTH, STOP_STRING, STOP_TOKEN, RowTracker, StreamEvent
 from llama.tokenizer import Tokenizer
 
 
@@ -26,8 +26,8 @@ class Completion:
 
 
 @dataclass
-class DecodeRun:
-    """One pass of the decode loop: its rows (each prompt repeated n times) and, once done, its results."""
+class Rows:
+    """The rows of one decode loop: each prompt repeated n times (one row per sample), and what to record."""
 
     prompt_tokens: List[List[int]]  # one per row
     sample_index: List[int]  # which of its prompt's n samples each row is
@@ -36,25 +36,43 @@ class DecodeRun:
     logprobs: bool = False
     top_logprobs: int = 0
     track: bool = False  # follow every row's text on the host at each step (streaming, stop strings)
-    # Filled by the loop:
-    tokens: Optional[torch.Tensor] = None  # (bsz, total_len)
-    total_len: int = 0
-    recorder: Optional[LogprobRecorder] = None
-    tracker: Optional[RowTracker] = None
 
 
-def cut_completions(run: DecodeRun, tokenizer: Tokenizer, echo: bool) -> List[Completion]:
-    """Cut each row of a finished run into a Completion: the prompt (with echo) and the generation up to
+@dataclass
+class Decoded:
+    """What a decode loop returns."""
+
+    tokens: torch.Tensor  # (bsz, total_len or more): row i's prompt, then its generation from len(prompt i) on
+    total_len: int  # positions the loop could fill: min(max_seq_len, max_gen_len + longest prompt)
+    recorder: Optional[LogprobRecorder]  # the logprobs, with rows.logprobs
+    tracker: Optional[RowTracker]  # each row's text and stop reason, with rows.track
+
+
+# A decode loop: yields each step's StreamEvents (with rows.track; nothing otherwise), returns a Decoded.
+DecodeLoop = Generator[List[StreamEvent], None, Decoded]
+
+
+def run_to_end(loop: DecodeLoop) -> Decoded:
+    """Run a decode loop to its end, dropping the events it streams, and return its result."""
+    while True:
+        try:
+            next(loop)
+        except StopIteration as end:
+            return end.value
+
+
+def cut_completions(rows: Rows, decoded: Decoded, tokenizer: Tokenizer, echo: bool) -> List[Completion]:
+    """Cut each row of a finished loop into a Completion: the prompt (with echo) and the generation up to
     its first stop token, max_gen_len tokens or the end of the batch."""
-    stop_tokens = set() if run.config.ignore_eos else tokenizer.stop_tokens
-    logprobs, top = run.recorder.lists() if run.recorder else (None, None)
+    stop_tokens = set() if rows.config.ignore_eos else tokenizer.stop_tokens
+    logprobs, top = decoded.recorder.lists() if decoded.recorder else (None, None)
     out = []
-    for i, row in enumerate(run.tokens.tolist()):
-        prompt_len = len(run.prompt_tokens[i])
-        if run.tracker:  # the tracker saw every step: it knows where the row stopped and why
-            generated, reason = run.tracker.rows[i].tokens, run.tracker.rows[i].stop_reason
+    for i, row in enumerate(decoded.tokens.tolist()):
+        prompt_len = len(rows.prompt_tokens[i])
+        if decoded.tracker:  # the tracker saw every step: it knows where the row stopped and why
+            generated, reason = decoded.tracker.rows[i].tokens, decoded.tracker.rows[i].stop_reason
         else:
-            generated = row[prompt_len : min(prompt_len + run.max_gen_len, run.total_len)]
+            generated = row[prompt_len : min(prompt_len + rows.max_gen_len, decoded.total_len)]
             # Cut the generation (never the echoed prompt) before its first stop token.
             stops = [j for j, t in enumerate(generated) if t in stop_tokens]
             reason = STOP_TOKEN if stops else LENGTH
@@ -62,7 +80,7 @@ def cut_completions(run: DecodeRun, tokenizer: Tokenizer, echo: bool) -> List[Co
         start = 0 if echo else prompt_len
         end = prompt_len + len(generated)
         if reason == STOP_STRING:  # the text ends before the stop string, inside the last token's text
-            text = tokenizer.decode(row[start:prompt_len]) + run.tracker.rows[i].text.text
+            text = tokenizer.decode(row[start:prompt_len]) + decoded.tracker.rows[i].text.text
         else:
             text = tokenizer.decode(row[start:end])
         out.append(

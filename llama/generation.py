@@ -1,34 +1,90 @@
 """`Llama`: build a model from a checkpoint directory, then generate, complete text and chat.
 
-The story of a request: prompts are encoded to token ids, the decode loop (`_decode`) runs the model over
-them, a Sampler picks each next token under the call's GenerationConfig, and the ids produced are cut at the
-first stop token (or stop string) and decoded. `generate`, `complete`, `generate_stream`, `text_completion`
-and `chat_completion` are views of that one loop. It comes in two versions with the same results: the fast
-loop of llama.fast.loop (the default) and Meta's reference loop of llama.reference (`fast=False`): one
-position at a time, the first positions shared by every prompt in a single batched call. The prediction
-types and PromptError live in llama.predictions, the choice of tokenizer and chat format in llama.families.
+The story of one request, in the order of this file:
+1. `Llama.build` reads the tokenizer, starts torch.distributed and fairscale, and loads this rank's share of
+   the weights into the Transformer of llama.model.
+2. `complete` checks the prompts (`check_prompt`) and the settings, and repeats each prompt n times: one
+   row per sample.
+3. A decode loop runs the rows. `decode_reference` is Meta's: prefill up to the shortest prompt, then one
+   position per step: sample each row's next token (llama.sampling), write it, stop once every row has
+   reached a stop token. With fast=True its faster twin in llama.fast.loop runs instead, with the same
+   results; `uses_reference_loop` is the rule that picks.
+4. Each row is cut at its first stop token into a Completion (llama.completion), which `generate`,
+   `text_completion` and `chat_completion` shape as Meta's return values (llama.predictions).
 """
 
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 
 from llama.checkpoints.meta import find_tokenizer, load_checkpoint, load_into
-from llama.completion import Completion, DecodeRun, cut_completions
+from llama.completion import Completion, DecodeLoop, Decoded, Rows, cut_completions, run_to_end
 from llama.config import GenerationConfig, resolve_config
-from llama.fast.loop import DecodeStep, decode
 from llama.distributed import default_dtype, init_distributed, is_rank_zero, pick_device, pick_dtype
 from llama.families import AnyChatFormat, AnyTokenizer, load_tokenizer, make_chat_format
 from llama.fast.layers import use_fast_layers
+from llama.fast.loop import decode, stop_check_interval
+from llama.fast.step import DecodeStep
 from llama.model import ModelArgs, Transformer
-from llama.predictions import ChatPrediction, CompletionPrediction, PromptError, run_valid, to_prediction
-from llama.reference import decode_reference
-from llama.sampling import Sampler, build_processors, row_generators
-from llama.scoring import ScorePrediction, score_sequences
-from llama.streaming import StreamEvent
+from llama.predictions import ChatPrediction, CompletionPrediction, PromptError, to_predictions
+from llama.sampling import Context, Sampler, make_sampler
+from llama.scoring import LogprobRecorder, ScorePrediction, score_sequences
+from llama.streaming import RowTracker, StreamEvent
 from llama.tokenizer import Dialog, check_dialog
+
+
+def check_prompt(tokens: Sequence[int], params: ModelArgs) -> Optional[str]:
+    """Why these prompt tokens cannot be generated from, or None if they can."""
+    if len(tokens) == 0:
+        return "the prompt is empty (no tokens)"
+    if len(tokens) > params.max_seq_len:
+        return f"the prompt has {len(tokens)} tokens, more than max_seq_len={params.max_seq_len}"
+    bad = [t for t in tokens if not 0 <= t < params.vocab_size]
+    if bad:
+        return f"token ids {bad[:5]} are outside the vocabulary [0, {params.vocab_size})"
+    return None
+
+
+def check_settings(
+    params: ModelArgs,
+    n_prompts: int,
+    config: Optional[GenerationConfig],
+    max_gen_len: Optional[int],
+    controls: Dict[str, Any],
+) -> Tuple[GenerationConfig, int]:
+    """The checked settings of one call: its GenerationConfig (`config` updated by `controls`), and
+    max_gen_len (the argument, else config.max_new_tokens, else max_seq_len - 1). Raises ValueError for no
+    prompts, more rows than max_batch_size, or settings that contradict each other or the model."""
+    cfg = resolve_config(config, **controls)
+    if n_prompts == 0:
+        raise ValueError("no prompts given: pass a non-empty list")
+    if n_prompts * cfg.n > params.max_batch_size:
+        samples = f" x n={cfg.n} samples" if cfg.n > 1 else ""
+        raise ValueError(f"{n_prompts} prompts{samples} is more than max_batch_size={params.max_batch_size}")
+    if max_gen_len is None:
+        max_gen_len = cfg.max_new_tokens or params.max_seq_len - 1
+    if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 1:
+        raise ValueError(f"max_gen_len must be a positive integer, got {max_gen_len!r}")
+    if cfg.min_new_tokens > max_gen_len:
+        raise ValueError(f"min_new_tokens={cfg.min_new_tokens} is more than max_gen_len={max_gen_len}")
+    bad = [t for t in cfg.banned_token_ids if t >= params.vocab_size]
+    if bad:
+        raise ValueError(f"banned_token_ids {bad[:5]} are outside the vocabulary [0, {params.vocab_size})")
+    return cfg, max_gen_len
+
+
+def uses_reference_loop(fast: bool, config: GenerationConfig, prompt_tokens: Sequence[Sequence[int]]) -> bool:
+    """Whether a call runs Meta's reference loop (`Llama.decode_reference`) rather than the fast one.
+
+    Always with fast=False. With fast=True only where the fast loop cannot reproduce the reference's
+    samples: sampling from torch's global random stream (temperature > 0 and no seed) from prompts of
+    different lengths. The reference loop draws for every row at every step, rows still inside their
+    prompt too; the fast loop starts every row at once, so it would draw other numbers.
+    """
+    mixed_lengths = len(set(map(len, prompt_tokens))) > 1
+    return not fast or (config.temperature > 0 and config.seed is None and mixed_lengths)
 
 
 class Llama:
@@ -65,8 +121,8 @@ class Llama:
                 float32 on the CPU. On CPUs with native bf16 (AVX512-BF16, AMX), bf16 is about twice as fast.
             chat_format: "llama3" or "llama2"; default the one of the tokenizer's family.
             fast: decode with the fast loop (llama.fast.loop) on the fast layers (llama.fast.layers: fused
-                projections, on the CPU weights packed for oneDNN); False runs Meta's reference loop on
-                fairscale's layers. Same results.
+                projections, on the CPU weights packed for oneDNN); False runs Meta's reference loop
+                (`decode_reference`) on the reference model. Same results.
             compile: compile the decode step with torch.compile (CUDA graphs and tuned kernels on CUDA);
                 needs `fast`. The first batch of each size is slow (a minute or more at 8B) while it compiles.
 
@@ -107,8 +163,6 @@ class Llama:
             model = Transformer(model_args)
         load_into(model, state, device_, dtype, source=ckpt_dir)
         model.to(device_).eval()
-        if fast:
-            use_fast_layers(model, pack=not compile)
         if is_rank_zero():
             print(f"Loaded in {time.time() - start_time:.2f} seconds")
         return Llama(model, tokenizer, formatter, fast=fast, compile=compile)
@@ -121,9 +175,12 @@ class Llama:
         fast: bool = True,
         compile: bool = False,
     ):
-        """Wrap a loaded model. fast: decode with the fast loop; compile: compile its step (see build)."""
+        """Wrap a loaded model. fast: swap in the fast layers and decode with the fast loop; compile: compile
+        its step (see build)."""
         if compile and not fast:
             raise ValueError("compile=True compiles the fast decode loop's step: it needs fast=True")
+        if fast:  # the fast path is layered on from outside; the reference modules are left as they are
+            use_fast_layers(model, pack=not compile)
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = formatter or make_chat_format(tokenizer)
@@ -133,18 +190,6 @@ class Llama:
     @property
     def device(self) -> torch.device:
         return self.model.rope_cos.device
-
-    def _check_prompt(self, tokens: Sequence[int]) -> Optional[str]:
-        """Why these prompt tokens cannot be generated from, or None if they can."""
-        max_seq_len = self.model.params.max_seq_len
-        if len(tokens) == 0:
-            return "the prompt is empty (no tokens)"
-        if len(tokens) > max_seq_len:
-            return f"the prompt has {len(tokens)} tokens, more than max_seq_len={max_seq_len}"
-        bad = [t for t in tokens if not 0 <= t < self.model.vocab_size]
-        if bad:
-            return f"token ids {bad[:5]} are outside the vocabulary [0, {self.model.vocab_size})"
-        return None
 
     @torch.inference_mode()
     def generate(
@@ -159,7 +204,7 @@ class Llama:
         config: Optional[GenerationConfig] = None,
         **controls: Any,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
-        """Continue each prompt by up to `max_gen_len` tokens.
+        """Continue each prompt by up to `max_gen_len` tokens (Meta's signature and return value).
 
         Args:
             prompt_tokens: one list of token ids per prompt; lengths may differ.
@@ -182,7 +227,7 @@ class Llama:
         if not prompt_tokens:
             raise ValueError("generate needs at least one prompt, got an empty list")
         for i, tokens in enumerate(prompt_tokens):
-            problem = self._check_prompt(tokens)
+            problem = check_prompt(tokens, self.model.params)
             if problem:
                 raise ValueError(f"prompt {i}: {problem}")
         completions = self.complete(
@@ -191,6 +236,118 @@ class Llama:
         )
         rows = [c for samples in completions for c in samples]
         return [c.tokens for c in rows], ([c.logprobs for c in rows] if logprobs else None)
+
+    def complete(
+        self,
+        prompt_tokens: List[List[int]],
+        max_gen_len: Optional[int] = None,
+        *,
+        config: Optional[GenerationConfig] = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        echo: bool = False,
+        **controls: Any,
+    ) -> List[Optional[List[Completion]]]:
+        """Generate for token prompts and return everything known about each sample: per prompt, its
+        `config.n` Completions. Arguments as for `generate`; `top_logprobs` > 0 also returns that many most
+        likely alternatives (and their logprobs) at each returned position.
+
+        Raises:
+            ValueError: no prompts, more rows than max_batch_size, bad settings.
+            PromptError: some prompts cannot run (empty, too long, unknown ids); the others were completed
+                and are in its `.results` (None for the failed ones).
+        """
+        if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be an integer >= 0, got {top_logprobs!r}")
+        cfg, max_gen_len = check_settings(self.model.params, len(prompt_tokens), config, max_gen_len, controls)
+        problems = [check_prompt(tokens, self.model.params) for tokens in prompt_tokens]
+        valid = [i for i, problem in enumerate(problems) if problem is None]
+        results: List[Optional[List[Completion]]] = [None] * len(prompt_tokens)
+        if valid:
+            rows = Rows(
+                prompt_tokens=[prompt_tokens[i] for i in valid for _ in range(cfg.n)],
+                sample_index=[j for _ in valid for j in range(cfg.n)],
+                max_gen_len=max_gen_len,
+                config=cfg,
+                logprobs=logprobs or top_logprobs > 0,
+                top_logprobs=min(top_logprobs, self.model.vocab_size),
+                track=bool(cfg.stop),  # stop strings need the text of every row at every step
+            )
+            completions = cut_completions(rows, run_to_end(self.decode(rows)), self.tokenizer, echo)
+            for k, i in enumerate(valid):
+                results[i] = completions[k * cfg.n : (k + 1) * cfg.n]
+        errors = {i: problem for i, problem in enumerate(problems) if problem is not None}
+        if errors:
+            raise PromptError(errors, results)
+        return results
+
+    def decode(self, rows: Rows) -> DecodeLoop:
+        """The decode loop over `rows`: Meta's (decode_reference) or the fast one (llama.fast.loop), as
+        `uses_reference_loop` decides. Yields each step's StreamEvents with rows.track; returns a Decoded."""
+        cfg = rows.config
+        stop_ids = [] if cfg.ignore_eos else sorted(self.tokenizer.stop_tokens)
+        sampler = make_sampler(cfg, self.tokenizer, rows.sample_index, self.device, prefilter=self.fast)
+        if uses_reference_loop(self.fast, cfg, rows.prompt_tokens):
+            return self.decode_reference(rows, sampler, stop_ids)
+        total_len = min(self.model.params.max_seq_len, rows.max_gen_len + max(map(len, rows.prompt_tokens)))
+        every = stop_check_interval(self.device, cfg.temperature, rows.track)
+        return decode(
+            self.model, self.decode_step, rows, total_len, sampler, stop_ids, self.tokenizer.decode,
+            self.tokenizer.pad_id, stop_check_every=every,
+        )
+
+    @torch.inference_mode()
+    def decode_reference(self, rows: Rows, sampler: Sampler, stop_ids: List[int]) -> DecodeLoop:
+        """Meta's decode loop: the prompts left-aligned in one (bsz, total_len) buffer; the first call feeds
+        every position up to the shortest prompt's end, then each step one position of every row. Rows still
+        inside their prompt keep their prompt token there (the sampled one is thrown away), so every row draws
+        from the sampler at every step, as in Meta's llama3 `generate`. Rows stop at a token of `stop_ids`;
+        positions past a row's end are left as they are (the caller cuts)."""
+        cfg = rows.config
+        bsz = len(rows.prompt_tokens)
+        prompt_lens = [len(t) for t in rows.prompt_tokens]
+        min_prompt_len, max_prompt_len = min(prompt_lens), max(prompt_lens)
+        total_len = min(self.model.params.max_seq_len, rows.max_gen_len + max_prompt_len)
+
+        device = self.device
+        tokens = torch.full((bsz, total_len), self.tokenizer.pad_id, dtype=torch.long, device=device)
+        for k, t in enumerate(rows.prompt_tokens):
+            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+        prompt_lens_t = torch.tensor(prompt_lens, device=device)
+        # True where a row still holds its own prompt: those positions keep the prompt token.
+        input_text_mask = torch.arange(total_len, device=device)[None, :] < prompt_lens_t[:, None]
+        recorder = LogprobRecorder(bsz, total_len, rows.top_logprobs, device) if rows.logprobs else None
+        tracker = None
+        if rows.track:
+            ends = [min(p + rows.max_gen_len, total_len) for p in prompt_lens]
+            tracker = RowTracker(self.tokenizer.decode, prompt_lens, ends, stop_ids, cfg.stop)
+        stop_tokens = torch.tensor(stop_ids, dtype=torch.long, device=device)
+        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
+
+        prev_pos = 0
+        if min_prompt_len == total_len and recorder:  # nothing to generate: just score the prompts
+            logits = self.model.forward(tokens, prev_pos)
+            recorder.record(logits[:, :-1], tokens, first_target=1)
+        for cur_pos in range(min_prompt_len, total_len):
+            logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)  # (bsz, cur_pos - prev_pos, vocab)
+            # Sampling sees the last position's logits and every row's tokens so far (all rows are at
+            # cur_pos; those still in their prompt have n_generated < 0).
+            context = Context(tokens[:, :cur_pos], torch.full_like(prompt_lens_t, cur_pos), prompt_lens_t)
+            next_tok = sampler(logits[:, -1], context)  # (bsz,)
+            next_tok = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_tok)
+            tokens[:, cur_pos] = next_tok
+            if recorder:  # logits at positions prev_pos .. cur_pos - 1 predict the tokens at prev_pos + 1 .. cur_pos
+                recorder.record(logits, tokens, first_target=prev_pos + 1)
+            eos_reached |= ~input_text_mask[:, cur_pos] & torch.isin(next_tok, stop_tokens)
+            prev_pos = cur_pos
+            if tracker:  # host-side rows: the text so far, stop strings, lengths
+                yield tracker.step([cur_pos] * bsz, next_tok.tolist())
+                eos_reached |= torch.tensor(tracker.done, device=device)
+            if bool(eos_reached.all()):
+                break
+        if tracker:
+            yield tracker.finish_all()
+        return Decoded(tokens, total_len, recorder, tracker)
 
     def text_completion(
         self,
@@ -212,16 +369,21 @@ class Llama:
         top_logprobs > 0 each prediction also holds, per token, the most likely (token, logprob) pairs.
 
         Raises PromptError (a ValueError) naming the prompts that cannot run (empty, too long) after
-        completing the others, which it carries in `.results`.
+        completing the others, whose predictions it carries in `.results`.
         """
-        prompt_tokens = []
         for prompt in prompts:
             if not isinstance(prompt, str):
                 raise TypeError(f"prompts must be strings, got {type(prompt).__name__}: {prompt!r:.80}")
-            prompt_tokens.append(self.tokenizer.encode(prompt, bos=True, eos=False))
-        settings = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, config=config,
-                        logprobs=logprobs, top_logprobs=top_logprobs, echo=echo, **controls)
-        return self._complete(prompt_tokens, [None] * len(prompt_tokens), settings, lambda text: text)
+        prompt_tokens = [self.tokenizer.encode(prompt, bos=True, eos=False) for prompt in prompts]
+        shape = lambda results: to_predictions(results, self.tokenizer, lambda text: text, logprobs, top_logprobs)  # noqa: E731
+        try:
+            completions = self.complete(
+                prompt_tokens, max_gen_len, config=config, temperature=temperature, top_p=top_p,
+                logprobs=logprobs, top_logprobs=top_logprobs, echo=echo, **controls,
+            )
+        except PromptError as e:
+            raise PromptError(e.errors, shape(e.results)) from None
+        return shape(completions)
 
     def chat_completion(
         self,
@@ -239,141 +401,38 @@ class Llama:
 
         A dialog must be an optional system message, then user/assistant turns alternating and ending with
         the user. Returns one ChatPrediction per dialog (a list of n with n > 1). Raises PromptError (a
-        ValueError) naming the dialogs that cannot run, after answering the others, which it carries in
-        `.results`. With the Llama 2 chat format, a dialog containing its tags ([INST], <<SYS>>, ...) is
-        answered "Error: special tags are not allowed as part of the prompt." without running the model
-        (empty tokens and logprobs), as Meta's Llama 2 code answers it.
+        ValueError) naming the dialogs that cannot run, after answering the others, whose predictions it
+        carries in `.results`. With the Llama 2 chat format, a dialog containing its tags ([INST], <<SYS>>,
+        ...) is run as any other, and its answer's content replaced by "Error: special tags are not allowed
+        as part of the prompt.", as Meta's Llama 2 code does (tokens and logprobs are the generated ones).
         """
         prompt_tokens: List[List[int]] = []
-        problems: List[Optional[str]] = []
-        fixed: Dict[int, ChatPrediction] = {}
+        dialog_errors: Dict[int, str] = {}
         for i, dialog in enumerate(dialogs):
             try:
                 check_dialog(dialog)
             except ValueError as e:
-                prompt_tokens.append([])
-                problems.append(str(e))
-                continue
-            reply = self.formatter.fixed_reply(dialog)
-            if reply is not None:
-                fixed[i] = {"generation": {"role": "assistant", "content": reply}}
-                if logprobs or top_logprobs:
-                    fixed[i].update(tokens=[], logprobs=[])
-                if top_logprobs:
-                    fixed[i]["top_logprobs"] = []
-            prompt_tokens.append([] if reply is not None else self.formatter.encode_dialog_prompt(dialog))
-            problems.append(None)
-        settings = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, config=config,
-                        logprobs=logprobs, top_logprobs=top_logprobs, **controls)
-        return self._complete(
-            prompt_tokens, problems, settings, lambda text: {"role": "assistant", "content": text}, fixed
-        )
+                dialog_errors[i] = str(e)
+            prompt_tokens.append([] if i in dialog_errors else self.formatter.encode_dialog_prompt(dialog))
+        replies = [None if i in dialog_errors else self.formatter.fixed_reply(d) for i, d in enumerate(dialogs)]
 
-    def _complete(self, prompt_tokens, problems, settings, wrap, fixed=None) -> list:
-        """Complete the prompts without a problem, shape each sample as Meta's predictions, and raise
-        PromptError afterwards for the others (dialog problems, then prompt problems). Prompts in `fixed`
-        (index -> prediction) are answered with that prediction, without the model."""
-        fixed = fixed or {}
-        if not prompt_tokens:
-            raise ValueError("no prompts given: pass a non-empty list")
-        errors = {i: problem for i, problem in enumerate(problems) if problem}
-        ready = [i for i in range(len(prompt_tokens)) if i not in errors and i not in fixed]
-        completions: List[Optional[List[Completion]]] = [None] * len(prompt_tokens)
-        if ready:
-            try:
-                done = self.complete([prompt_tokens[i] for i in ready], **settings)
-            except PromptError as e:
-                done = e.results
-                errors.update({ready[j]: message for j, message in e.errors.items()})
-            for j, i in enumerate(ready):
-                completions[i] = done[j]
-        n = settings.get("n") or (settings["config"].n if settings.get("config") else 1)
-        results: list = []
-        for i, samples in enumerate(completions):
-            if i in fixed:
-                results.append(fixed[i] if n == 1 else [fixed[i]] * n)
-                continue
-            if samples is None:
-                results.append(None)
-                continue
-            predictions = [
-                to_prediction(c, self.tokenizer, wrap, settings["logprobs"], settings["top_logprobs"] > 0)
-                for c in samples
+        def shape(results: List[Optional[List[Completion]]]) -> list:
+            def wrap_each(i: int) -> Callable[[str], Dict[str, str]]:
+                return lambda text: {"role": "assistant", "content": text if replies[i] is None else replies[i]}
+
+            return [
+                to_predictions([samples], self.tokenizer, wrap_each(i), logprobs, top_logprobs)[0]
+                for i, samples in enumerate(results)
             ]
-            results.append(predictions if len(predictions) > 1 else predictions[0])
-        if errors:
-            raise PromptError(errors, results)
-        return results
 
-    def score(self, prompts: Sequence[Union[str, Sequence[int]]]) -> List[ScorePrediction]:
-        """Log-likelihood and perplexity of each text (encoded with <|begin_of_text|>) or token list:
-        the sum and mean of the logprobs of every token after the first, each given the ones before.
-
-        Any number of prompts (run max_batch_size at a time). Raises PromptError (a ValueError) naming the
-        prompts that cannot be scored (fewer than 2 tokens, longer than max_seq_len), after scoring the
-        others, which it carries in `.results`.
-        """
-        if not prompts:
-            raise ValueError("no prompts given: pass a non-empty list")
-        prompt_tokens = [
-            self.tokenizer.encode(p, bos=True, eos=False) if isinstance(p, str) else list(p) for p in prompts
-        ]
-        errors: Dict[int, str] = {}
-        for i, tokens in enumerate(prompt_tokens):
-            problem = self._check_prompt(tokens)
-            if problem is None and len(tokens) < 2:
-                problem = f"scoring needs at least 2 tokens, got {len(tokens)}"
-            if problem:
-                errors[i] = problem
-        score_valid = lambda valid: score_sequences(self.model, [prompt_tokens[i] for i in valid])  # noqa: E731
-        return run_valid(len(prompt_tokens), errors, score_valid)
-
-    def complete(
-        self,
-        prompt_tokens: List[List[int]],
-        max_gen_len: Optional[int] = None,
-        *,
-        config: Optional[GenerationConfig] = None,
-        logprobs: bool = False,
-        top_logprobs: int = 0,
-        echo: bool = False,
-        **controls: Any,
-    ) -> List[Optional[List[Completion]]]:
-        """Generate for token prompts and return everything known about each sample.
-
-        Arguments as for `generate`; `top_logprobs` > 0 also returns that many most likely alternatives
-        (and their logprobs) at each returned position.
-
-        Returns:
-            per prompt, its `config.n` Completions.
-
-        Raises:
-            ValueError: no prompts, more rows than max_batch_size, bad settings.
-            PromptError: some prompts cannot run (empty, too long, unknown ids); the others were completed
-                and are in its `.results` (None for the failed ones).
-        """
-        if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or top_logprobs < 0:
-            raise ValueError(f"top_logprobs must be an integer >= 0, got {top_logprobs!r}")
-        cfg, max_gen_len = self._settings(config, max_gen_len, controls)
-        self._check_batch(prompt_tokens, cfg)
-        errors = {i: p for i, p in enumerate(map(self._check_prompt, prompt_tokens)) if p}
-
-        def complete_valid(valid: List[int]) -> List[List[Completion]]:
-            run = DecodeRun(
-                prompt_tokens=[prompt_tokens[i] for i in valid for _ in range(cfg.n)],
-                sample_index=[j for _ in valid for j in range(cfg.n)],
-                max_gen_len=max_gen_len,
-                config=cfg,
-                logprobs=logprobs or top_logprobs > 0,
-                top_logprobs=min(top_logprobs, self.model.vocab_size),
-                track=bool(cfg.stop),  # stop strings need the text of every row at every step
+        try:
+            completions = self.complete(
+                prompt_tokens, max_gen_len, config=config, temperature=temperature, top_p=top_p,
+                logprobs=logprobs, top_logprobs=top_logprobs, **controls,
             )
-            for _ in self._decode(run):
-                pass
-            rows = cut_completions(run, self.tokenizer, echo)
-            return [rows[k * cfg.n : (k + 1) * cfg.n] for k in range(len(valid))]
-
-        return run_valid(len(prompt_tokens), errors, complete_valid)
+        except PromptError as e:  # a dialog that failed its checks has no prompt: say why it failed instead
+            raise PromptError({**e.errors, **dialog_errors}, shape(e.results)) from None
+        return shape(completions)
 
     def generate_stream(
         self,
@@ -394,79 +453,44 @@ class Llama:
         Raises:
             ValueError: as `generate`, before anything is yielded.
         """
-        cfg, max_gen_len = self._settings(config, max_gen_len, controls)
-        self._check_batch(prompt_tokens, cfg)
+        cfg, max_gen_len = check_settings(self.model.params, len(prompt_tokens), config, max_gen_len, controls)
         for i, tokens in enumerate(prompt_tokens):
-            problem = self._check_prompt(tokens)
+            problem = check_prompt(tokens, self.model.params)
             if problem:
                 raise ValueError(f"prompt {i}: {problem}")
-        run = DecodeRun(
+        rows = Rows(
             prompt_tokens=[t for t in prompt_tokens for _ in range(cfg.n)],
             sample_index=[j for _ in prompt_tokens for j in range(cfg.n)],
             max_gen_len=max_gen_len,
             config=cfg,
             track=True,
         )
-        return (event for events in self._decode(run) for event in events)
+        return (event for events in self.decode(rows) for event in events)
 
-    def _decode(self, run: DecodeRun) -> Iterator[List[StreamEvent]]:
-        """The decode loop over the rows of `run`: the fast one, or with fast=False Meta's (llama.reference).
-        With run.track it yields each step's StreamEvents; it leaves the token ids (bsz, total_len), their
-        logprobs and the row states on `run`."""
-        cfg = run.config
-        stop_ids = [] if cfg.ignore_eos else sorted(self.tokenizer.stop_tokens)
-        mixed_lengths = len(set(map(len, run.prompt_tokens))) > 1
-        if not self.fast or (cfg.temperature > 0 and cfg.seed is None and mixed_lengths):
-            # Sampling from torch's global random stream: the reference loop draws for every row at every
-            # step, rows still in their prompt too, so the fast loop, which starts every row at once, would
-            # draw other numbers. Only the reference loop reproduces Meta's samples for a given seed there.
-            return decode_reference(
-                self.model, run, self._sampler(cfg, run.sample_index), stop_ids, self.tokenizer.decode,
-                self.tokenizer.pad_id,
-            )
-        total_len = min(self.model.params.max_seq_len, run.max_gen_len + max(map(len, run.prompt_tokens)))
-        # A look at the stop flags is a device sync on accelerators: greedy decoding there looks every 4
-        # steps without waiting, at the copy started 4 steps before (decoding.StopWatch), so a batch runs at
-        # most 7 steps past its last stop. Sampling looks every step, to draw from the random stream as the
-        # reference does.
-        every = 1 if self.device.type == "cpu" or cfg.temperature > 0 or run.track else 4
-        return decode(
-            self.model, self.decode_step, run, total_len, self._sampler(cfg, run.sample_index), stop_ids,
-            self.tokenizer.decode, self.tokenizer.pad_id, stop_check_every=every,
-        )
+    def score(self, prompts: Sequence[Union[str, Sequence[int]]]) -> List[ScorePrediction]:
+        """Log-likelihood and perplexity of each text (encoded with <|begin_of_text|>) or token list:
+        the sum and mean of the logprobs of every token after the first, each given the ones before.
 
-    def _check_batch(self, prompt_tokens: List[List[int]], cfg: GenerationConfig) -> None:
-        if not prompt_tokens:
+        Any number of prompts (run max_batch_size at a time). Raises PromptError (a ValueError) naming the
+        prompts that cannot be scored (fewer than 2 tokens, longer than max_seq_len), after scoring the
+        others, which it carries in `.results`.
+        """
+        if not prompts:
             raise ValueError("no prompts given: pass a non-empty list")
-        max_batch_size = self.model.params.max_batch_size
-        if len(prompt_tokens) * cfg.n > max_batch_size:
-            samples = f" x n={cfg.n} samples" if cfg.n > 1 else ""
-            raise ValueError(f"{len(prompt_tokens)} prompts{samples} is more than max_batch_size={max_batch_size}")
-
-    def _settings(
-        self, config: Optional[GenerationConfig], max_gen_len: Optional[int], controls: Dict[str, Any]
-    ) -> Tuple[GenerationConfig, int]:
-        """The checked config for one call, and max_gen_len (argument, else max_new_tokens, else
-        max_seq_len - 1)."""
-        cfg = resolve_config(config, **controls)
-        if max_gen_len is None:
-            max_gen_len = cfg.max_new_tokens or self.model.params.max_seq_len - 1
-        if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, int) or max_gen_len < 1:
-            raise ValueError(f"max_gen_len must be a positive integer, got {max_gen_len!r}")
-        if cfg.min_new_tokens > max_gen_len:
-            raise ValueError(f"min_new_tokens={cfg.min_new_tokens} is more than max_gen_len={max_gen_len}")
-        bad = [t for t in cfg.banned_token_ids if t >= self.model.vocab_size]
-        if bad:
-            raise ValueError(f"banned_token_ids {bad[:5]} are outside the vocabulary [0, {self.model.vocab_size})")
-        return cfg, max_gen_len
-
-    def _sampler(self, cfg: GenerationConfig, sample_index: List[int]) -> Sampler:
-        banned: List[List[int]] = []
-        for word in cfg.banned_words:
-            # A word is spelt by different tokens at the start of a text and after a space.
-            for variant in dict.fromkeys([word, " " + word.lstrip(" ")]):
-                banned.append(self.tokenizer.encode(variant, bos=False, eos=False))
-        processors = build_processors(cfg, sorted(self.tokenizer.stop_tokens), banned)
-        generators = row_generators(cfg.seed, sample_index, self.device) if cfg.seed is not None else None
-        # The prefiltered top-p reads a flag on the host at each draw: free on the CPU only.
-        return Sampler(cfg, processors, generators, prefilter=self.fast and self.device.type == "cpu")
+        prompt_tokens = [
+            self.tokenizer.encode(p, bos=True, eos=False) if isinstance(p, str) else list(p) for p in prompts
+        ]
+        errors: Dict[int, str] = {}
+        for i, tokens in enumerate(prompt_tokens):
+            problem = check_prompt(tokens, self.model.params)
+            if problem is None and len(tokens) < 2:
+                problem = f"scoring needs at least 2 tokens, got {len(tokens)}"
+            if problem:
+                errors[i] = problem
+        valid = [i for i in range(len(prompt_tokens)) if i not in errors]
+        results: List[Optional[ScorePrediction]] = [None] * len(prompt_tokens)
+        for i, result in zip(valid, score_sequences(self.model, [prompt_tokens[i] for i in valid])):
+            results[i] = result
+        if errors:
+            raise PromptError(errors, results)
+        return results

@@ -8,7 +8,7 @@ dim (model width), n_heads / n_kv_heads (query / key-value heads on this rank), 
 import math
 import warnings
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -19,9 +19,6 @@ from fairscale.nn.model_parallel.layers import (
     VocabParallelEmbedding,
 )
 from torch import nn
-
-# Where new tokens go in the KV cache: one int for every row, or a (bsz,) tensor of per-row positions.
-Positions = Union[int, torch.Tensor]
 
 
 @dataclass
@@ -144,8 +141,8 @@ def interleave_rope(cos: torch.Tensor, sin: torch.Tensor) -> Tuple[torch.Tensor,
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (2i, 2i+1) of each head: Meta's interleaved layout, computed in float32.
 
-    x: (bsz, seqlen, heads, head_dim); cos, sin: interleave_rope's tables, (seqlen, head_dim), or
-    (bsz, seqlen, head_dim) when each row is at its own position.
+    x: (bsz, seqlen, heads, head_dim); cos, sin: interleave_rope's tables for the tokens' positions,
+    (seqlen, head_dim) (or (bsz, seqlen, head_dim), one table per row: llama.fast uses that).
     """
     xf = x.float()
     swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # each pair (a, b) -> (b, a)
@@ -156,6 +153,17 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 # ---- Attention ------------------------------------------------------------------------------------------
+
+
+def causal_mask(seqlen: int, start_pos: int, device: torch.device) -> Optional[torch.Tensor]:
+    """(seqlen, start_pos + seqlen) bool, True where new token i (at position start_pos + i) may attend: every
+    cached position and the new tokens j <= i. None for a single new token: it sees everything, so decode
+    steps need no mask."""
+    if seqlen == 1:
+        return None
+    rows = torch.arange(seqlen, device=device)[:, None] + start_pos
+    cols = torch.arange(start_pos + seqlen, device=device)[None, :]
+    return cols <= rows
 
 
 class Attention(nn.Module):
@@ -194,60 +202,37 @@ class Attention(nn.Module):
         self.wo = RowParallelLinear(
             args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=lambda x: x
         )
-        # The fast path (llama.fast.layers) replaces wq, wk, wv by one product with their outputs side by side.
-        self.wqkv: Optional[nn.Module] = None
 
         cache_shape = (args.max_batch_size, self.n_local_kv_heads, args.max_seq_len, self.head_dim)
         self.register_buffer("cache_k", torch.zeros(cache_shape), persistent=False)
         self.register_buffer("cache_v", torch.zeros(cache_shape), persistent=False)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        start_pos: Positions,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: Optional[torch.Tensor],
+        self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor]
     ) -> torch.Tensor:
-        """x: (bsz, seqlen, dim). start_pos: where the new tokens go in the cache: an int for every row, or a
-        (bsz,) tensor for one new token per row at each row's own position; then `mask` (bsz, 1, 1, kv_len)
-        says which of the first kv_len cache positions each row may read."""
+        """x: (bsz, seqlen, dim), the tokens at positions start_pos .. start_pos + seqlen - 1; cos, sin: the
+        RoPE tables at those positions; mask: (seqlen, start_pos + seqlen), True where a token may attend,
+        or None (one new token sees everything)."""
         bsz, seqlen, _ = x.shape
-        n_qk = self.n_local_heads + self.n_local_kv_heads
-        if self.wqkv is not None:  # the fast layers: one product, queries and keys rotated in one go
-            xqkv = self.wqkv(x).view(bsz, seqlen, n_qk + self.n_local_kv_heads, self.head_dim)
-            xqk = apply_rotary_emb(xqkv[:, :, :n_qk], cos, sin)
-            xq, xk, xv = xqk[:, :, : self.n_local_heads], xqk[:, :, self.n_local_heads :], xqkv[:, :, n_qk:]
-        else:
-            xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-            xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-            xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-            xq = apply_rotary_emb(xq, cos, sin)
-            xk = apply_rotary_emb(xk, cos, sin)
+        xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xq = apply_rotary_emb(xq, cos, sin)
+        xk = apply_rotary_emb(xk, cos, sin)
 
         # Heads before positions, as SDPA and the cache want them: (bsz, heads, seqlen, head_dim).
         xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)
-        if isinstance(start_pos, int):
-            end_pos = start_pos + seqlen
-            self.cache_k[:bsz, :, start_pos:end_pos] = xk
-            self.cache_v[:bsz, :, start_pos:end_pos] = xv
-        else:  # row i's one new token goes to position start_pos[i]
-            rows = torch.arange(bsz, device=x.device)
-            self.cache_k[rows, :, start_pos] = xk[:, :, 0]  # (bsz, n_kv_heads, head_dim)
-            self.cache_v[rows, :, start_pos] = xv[:, :, 0]
-            end_pos = mask.shape[-1]
+        end_pos = start_pos + seqlen
+        self.cache_k[:bsz, :, start_pos:end_pos] = xk
+        self.cache_v[:bsz, :, start_pos:end_pos] = xv
         keys = self.cache_k[:bsz, :, :end_pos]  # (bsz, n_kv_heads, end_pos, head_dim)
         values = self.cache_v[:bsz, :, :end_pos]
 
-        if seqlen == 1 and x.device.type == "cpu" and x.dtype != torch.float32:
-            # A decode step on the CPU: the float32 kernel, on upcast copies, is several times faster for one
-            # query than the bf16/fp16 one (and rounds less).
-            xq, keys, values = xq.float(), keys.float(), values.float()
         # enable_gqa lets each group of n_heads // n_kv_heads query heads read one K/V head in place.
         out = F.scaled_dot_product_attention(
             xq, keys, values, attn_mask=mask, enable_gqa=self.n_local_heads != self.n_local_kv_heads
         )  # (bsz, n_heads, seqlen, head_dim)
-        out = out.type_as(x).transpose(1, 2).reshape(bsz, seqlen, -1)  # (bsz, seqlen, n_heads * head_dim)
+        out = out.transpose(1, 2).reshape(bsz, seqlen, -1)  # (bsz, seqlen, n_heads * head_dim)
         return self.wo(out)
 
 
@@ -259,14 +244,9 @@ class FeedForward(nn.Module):
         self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=lambda x: x)
         self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=lambda x: x)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=lambda x: x)
-        self.w13: Optional[nn.Module] = None  # the fast path's single product for w1 and w3 (llama.fast.layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w13 is not None:
-            gate, up = self.w13(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.w1(x), self.w3(x)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Module):
@@ -281,12 +261,7 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        start_pos: Positions,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        mask: Optional[torch.Tensor],
+        self, x: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor]
     ) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, mask)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -326,47 +301,16 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     @torch.inference_mode()
-    def forward(
-        self,
-        tokens: torch.Tensor,
-        start_pos: Positions,
-        *,
-        kv_len: Optional[int] = None,
-        last_pos: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """Append `tokens` (bsz, seqlen) to the KV cache and return float32 logits (bsz, seqlen, vocab_size).
-
-        start_pos: an int, the cache position of the first new token in every row (Meta's interface); or a
-            (bsz,) tensor of per-row positions for one new token per row (seqlen 1), which then reads the
-            first `kv_len` cache positions, masked to those at or before the row's own.
-        last_pos: (bsz,) positions within `tokens`: return only the logits there, (bsz, 1, vocab_size).
-        """
+    def forward(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Append `tokens` (bsz, seqlen) to the KV cache at positions start_pos .. start_pos + seqlen - 1 of
+        every row and return float32 logits for every position, (bsz, seqlen, vocab_size)."""
         bsz, seqlen = tokens.shape
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
+        cos = self.rope_cos[start_pos : start_pos + seqlen]  # (seqlen, head_dim)
+        sin = self.rope_sin[start_pos : start_pos + seqlen]
 
-        mask = None
-        if isinstance(start_pos, int):
-            cos = self.rope_cos[start_pos : start_pos + seqlen]  # (seqlen, head_dim)
-            sin = self.rope_sin[start_pos : start_pos + seqlen]
-            if seqlen > 1:
-                # New token i (at position start_pos + i) sees every cached position and new tokens j <= i.
-                # A single new token sees everything, so decode steps need no mask.
-                rows = torch.arange(seqlen, device=tokens.device)[:, None] + start_pos
-                cols = torch.arange(start_pos + seqlen, device=tokens.device)[None, :]
-                mask = cols <= rows  # (seqlen, start_pos + seqlen), True = may attend
-        else:
-            if seqlen != 1 or kv_len is None:
-                raise ValueError(
-                    f"per-row positions take one token per row and a kv_len (got seqlen={seqlen}, kv_len={kv_len})"
-                )
-            cos = self.rope_cos[start_pos][:, None]  # (bsz, 1, head_dim)
-            sin = self.rope_sin[start_pos][:, None]
-            cols = torch.arange(kv_len, device=tokens.device)
-            mask = (cols[None, :] <= start_pos[:, None])[:, None, None, :]  # (bsz, 1, 1, kv_len)
-
+        mask = causal_mask(seqlen, start_pos, tokens.device)
         for layer in self.layers:
             h = layer(h, start_pos, cos, sin, mask)
-        if last_pos is not None:
-            h = h[torch.arange(bsz, device=h.device), last_pos][:, None]  # (bsz, 1, dim)
         h = self.norm(h)
         return self.output(h).float()  # (bsz, seqlen, vocab_size)

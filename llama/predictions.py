@@ -1,8 +1,7 @@
 """What the public calls return: Meta's prediction dicts (and how a Completion becomes one), and PromptError
-for a batch in which some prompts could not run (`run_valid` runs the others, then raises it carrying their
-results)."""
+for a batch in which some prompts could not run (raised after the others ran, carrying their results)."""
 
-from typing import Any, Callable, Dict, List, Tuple, TypedDict
+from typing import Any, Callable, Dict, List, Optional, Tuple, TypedDict
 
 from llama.completion import Completion
 from llama.tokenizer import Message, Tokenizer
@@ -38,6 +37,24 @@ def to_prediction(
     return prediction
 
 
+def to_predictions(
+    results: List[Optional[List[Completion]]],
+    tokenizer: Tokenizer,
+    wrap: Callable[[str], Any],
+    logprobs: bool,
+    top_logprobs: int,
+) -> list:
+    """Meta's prediction dicts for each prompt's samples: one, or a list of n (None for a failed prompt)."""
+    out: list = []
+    for samples in results:
+        if samples is None:
+            out.append(None)
+            continue
+        predictions = [to_prediction(c, tokenizer, wrap, logprobs, top_logprobs > 0) for c in samples]
+        out.append(predictions if len(predictions) > 1 else predictions[0])
+    return out
+
+
 class PromptError(ValueError):
     """Some prompts of a batch were invalid. The valid ones were still completed: `results` holds their
     predictions in order (None where a prompt failed) and `errors` maps each failed index to its message."""
@@ -47,16 +64,3 @@ class PromptError(ValueError):
         self.results = results
         details = "; ".join(f"prompt {i}: {msg}" for i, msg in sorted(errors.items()))
         super().__init__(f"{len(errors)} of {len(results)} prompts failed ({details})")
-
-
-def run_valid(count: int, errors: Dict[int, str], run: Callable[[List[int]], list]) -> list:
-    """Run the prompts without an error (`run` gets their indices, returns one result each, in order), put
-    the results in place (None for the failed prompts), then raise PromptError if any prompt failed."""
-    valid = [i for i in range(count) if i not in errors]
-    results: list = [None] * count
-    if valid:
-        for i, result in zip(valid, run(valid)):
-            results[i] = result
-    if errors:
-        raise PromptError(errors, results)
-    return results

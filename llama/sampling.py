@@ -9,7 +9,7 @@ Two kinds of small functions shape the last-position logits (bsz, vocab) before 
 """
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 
@@ -294,3 +294,19 @@ class Sampler:
             if active:
                 choices[i] = self.sample_top_p(probs[i : i + 1], self.top_p, g)[0, 0]
         return choices
+
+
+def make_sampler(
+    cfg: GenerationConfig, tokenizer: Any, sample_index: List[int], device: torch.device, prefilter: bool
+) -> Sampler:
+    """The Sampler of one call: cfg's processors (banned words as the tokenizer spells them), per-row
+    generators when cfg has a seed (row i draws from stream (seed, sample_index[i])), and with `prefilter`
+    the prefiltered top-p where it pays (it reads a flag on the host at each draw: free on the CPU only)."""
+    banned: List[List[int]] = []
+    for word in cfg.banned_words:
+        # A word is spelt by different tokens at the start of a text and after a space.
+        for variant in dict.fromkeys([word, " " + word.lstrip(" ")]):
+            banned.append(tokenizer.encode(variant, bos=False, eos=False))
+    processors = build_processors(cfg, sorted(tokenizer.stop_tokens), banned)
+    generators = row_generators(cfg.seed, sample_index, device) if cfg.seed is not None else None
+    return Sampler(cfg, processors, generators, prefilter=prefilter and device.type == "cpu")

@@ -179,7 +179,7 @@ class ChatFormat:
         return tokens
 
     def fixed_reply(self, dialog: Dialog) -> Optional[str]:
-        """An answer to give without running the model: never, in Llama 3's format (Llama 2's has one)."""
+        """An answer that replaces the generated text: never, in Llama 3's format (Llama 2's has one)."""
         return None
 
     def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:

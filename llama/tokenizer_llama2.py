@@ -61,8 +61,8 @@ class Llama2ChatFormat:
         self.tokenizer = tokenizer
 
     def fixed_reply(self, dialog: Dialog) -> Optional[str]:
-        """Meta's answer, given without running the model, to a dialog whose messages contain the format's
-        own tags (a user could otherwise forge turns); None for other dialogs."""
+        """Meta's answer to a dialog whose messages contain the format's own tags (a user could otherwise
+        forge turns), given in place of the generated text; None for other dialogs."""
         if any(tag in message["content"] for message in dialog for tag in SPECIAL_TAGS):
             return UNSAFE_ERROR
         return None

@@ -21,7 +21,7 @@ import torch
 
 from llama import Llama
 from llama.bench import SHAPES, build_ours, random_weights, timed
-from llama.fast.loop import compile_options
+from llama.fast.step import compile_options
 from llama.distributed import init_distributed, pick_device
 from llama.model import ModelArgs
 

@@ -25,15 +25,15 @@ import sys
 
 import torch
 
-import llama.fast.loop as decoding
+import llama.fast.step as decoding
 from llama.bench import main
-from llama.fast.loop import DecodeStep
+from llama.fast.step import DecodeStep
 
 KNOWN = {"default", "no-autotune", "no-pdl", "math", "gemv", "cublaslt"}
 
 
 def apply(variants: set) -> None:
-    """Patch llama.fast.loop (compile_options, DecodeStep) for the duration of this process."""
+    """Patch llama.fast.step (compile_options, DecodeStep) for the duration of this process."""
     dropped = {"no-autotune": "max_autotune", "no-pdl": "triton.enable_pdl"}
     if variants & dropped.keys():
         options = decoding.compile_options()

@@ -12,6 +12,9 @@ from hypothesis import strategies as st
 import llama.generation as generation
 import llama.sampling as sampling
 from llama import Llama
+from llama.fast.layers import FastAttention, can_pack, use_fast_layers
+from llama.fast.step import fast_forward
+from llama.model import Attention, ModelArgs, Transformer
 from llama.sampling import GREEDY_CHUNK, greedy, next_token, sample_top_p, sample_top_p_prefiltered
 
 from helpers import SMALL_GQA, SMALL_MHA, SMALL_SCALED, write_byte_tokenizer, write_checkpoint
@@ -127,7 +130,8 @@ def test_per_row_positions_give_the_logits_of_a_shared_position(pair):
     lens = [5, 12, 8]
     new = torch.tensor([7, 8, 9])
     fast.model.forward(tokens, 0)  # rows shorter than 12 cache junk past their length: masked, then overwritten
-    got = fast.model.forward(new[:, None], torch.tensor(lens), kv_len=13)[:, 0]  # (3, vocab)
+    with torch.inference_mode():
+        got = fast_forward(fast.model, new[:, None], torch.tensor(lens), kv_len=13)[:, 0]  # (3, vocab)
     for i, n in enumerate(lens):
         reference.model.forward(tokens[i : i + 1, :n], 0)
         want = reference.model.forward(new[i : i + 1, None], n)[0, 0]
@@ -138,7 +142,37 @@ def test_fast_layers_give_the_reference_logits_in_float32(pair):
     fast, reference = pair
     tokens = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(fast.model.forward(tokens, 0), reference.model.forward(tokens, 0), rtol=0, atol=1e-5)
-    assert fast.model.layers[0].attention.wqkv is not None and reference.model.layers[0].attention.wqkv is None
+    assert isinstance(fast.model.layers[0].attention, FastAttention)
+    assert isinstance(reference.model.layers[0].attention, Attention)
+
+
+def test_state_dict_has_metas_keys_shapes_and_values_in_both_modes(pair):
+    """Fused and (on the CPU) oneDNN-packed weights still read back as Meta's tensors, in Meta's order."""
+    fast, reference = pair
+    want, got = reference.model.state_dict(), fast.model.state_dict()
+    assert list(got) == list(want)
+    assert list(want)[:3] == ["tok_embeddings.weight", "layers.0.attention.wq.weight", "layers.0.attention.wk.weight"]
+    for key, value in want.items():
+        assert got[key].shape == value.shape and torch.equal(got[key], value), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_layers_hold_the_reference_weights_packed_or_fused(dtype):
+    """The swap changes how weights are held, not what they are: every fast module's state equals the
+    reference module's, packed for oneDNN or not."""
+    torch.manual_seed(0)
+    for pack in (False, True):
+        model = Transformer(ModelArgs(**dict(SMALL_GQA, vocab_size=64), max_seq_len=16, max_batch_size=2))
+        with torch.no_grad():  # (fairscale leaves the weights uninitialised: they come from files)
+            for weight in model.parameters():
+                weight.normal_()
+        model.to(dtype)
+        want = {k: v.clone() for k, v in model.state_dict().items()}
+        use_fast_layers(model, pack=pack)
+        use_fast_layers(model, pack=pack)  # a second call changes nothing
+        got = model.state_dict()
+        assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+        assert (model.output.packed is not None) == (pack and can_pack(torch.device("cpu"), dtype))
 
 
 def test_cpu_attention_reads_grouped_kv_heads_in_place(pair):
@@ -147,8 +181,8 @@ def test_cpu_attention_reads_grouped_kv_heads_in_place(pair):
     if fast.model.params.n_kv_heads is None:
         pytest.skip("multi-head attention: no grouped heads")
     fast.model.forward(torch.tensor([[1, 2, 3, 4]]), 0)
-    with torch.profiler.profile() as prof:
-        fast.model.forward(torch.tensor([[5]]), torch.tensor([4]), kv_len=5)
+    with torch.profiler.profile() as prof, torch.inference_mode():
+        fast_forward(fast.model, torch.tensor([[5]]), torch.tensor([4]), kv_len=5)
     names = {e.name for e in prof.events()}
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in names
     assert not names & {"aten::repeat_interleave", "aten::repeat"}  # how a math fallback would copy K/V

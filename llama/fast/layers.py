@@ -1,20 +1,24 @@
-"""The fast path's layers: fairscale's parallel layers swapped, once the weights are loaded, for equivalents
-that are cheaper to run. Same weights, same results (to float32 rounding); `Llama.build(fast=False)` keeps
-fairscale's layers.
+"""The fast path's layers, swapped in from outside once the weights are loaded (`use_fast_layers`): the same
+weights and the same results (to float32 rounding) as the reference modules of llama.model, cheaper to run.
 
 - On the CPU each weight is packed once into oneDNN's blocked layout. `F.linear` reorders a bf16 weight into
   that layout at every call (reading and writing it once more than needed) and runs a float32 product with
   one row on one thread; a decode step, which reads every weight once to multiply a few rows, then runs at
   a fraction of memory bandwidth. Packed, bf16 results are bit-identical to `F.linear`'s and float32 ones
   differ by rounding only (another summation order, about 1e-6 relative).
-- The query, key and value projections become one matrix product, and so do the SwiGLU's w1 and w3
-  (Attention.wqkv, FeedForward.w13): fewer, larger products, which split better over cores.
+- The query, key and value projections become one matrix product (FastAttention.wqkv), and so do the SwiGLU's
+  w1 and w3 (FastFeedForward.w13): fewer, larger products, which split better over cores.
+- FastAttention also takes one new token per row at each row's own cache position (the batched decode loop of
+  llama.fast.loop), and runs a CPU decode step's attention in float32 (faster there than bf16/fp16, and
+  closer to exact).
 - With one model-parallel rank the layers skip fairscale's no-op autograd functions, whose bookkeeping costs
   time at every call and which torch.compile cannot trace. With several ranks they all-reduce and gather
   exactly as fairscale does.
+
+Whatever is fused or packed, `model.state_dict()` still holds Meta's keys, shapes and values, in Meta's order.
 """
 
-from typing import Optional
+from typing import List, Optional, Sequence, Tuple, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -23,7 +27,11 @@ from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallel
 from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region, reduce_from_model_parallel_region
 from torch import nn
 
-from llama.model import Attention, FeedForward, Transformer
+from llama.model import Attention, FeedForward, Transformer, apply_rotary_emb
+
+# Where new tokens go in the KV cache: one int for every row (the reference's start_pos), or a (bsz,) tensor
+# of per-row positions, one new token per row.
+Positions = Union[int, torch.Tensor]
 
 # The number of rows oneDNN tunes a packed weight for (any number works). Measured here: from 4 rows up the
 # float32 kernels it picks stream weights about 1.3x faster than for 1 row, even for products with 1 row.
@@ -43,13 +51,22 @@ class FastLinear(nn.Module):
     """y = x W^T for this rank's slice W (out_features, in_features), then fairscale's all-reduce (row-parallel
     layers) or gather (column-parallel layers with gather_output) when there are several ranks.
 
-    With `pack`, W is held packed for oneDNN (an opaque tensor: no parameter or buffer, so state_dict() and
-    .to() leave it alone).
+    With `pack`, W is held packed for oneDNN (an opaque tensor: no parameter or buffer, so .to() leaves it
+    alone). A fused product is several of Meta's layers side by side: `parts` names them with their rows, in
+    order, and state_dict() writes each under its own name beside this module (Meta's keys and values).
     """
 
-    def __init__(self, weight: torch.Tensor, reduce: bool = False, gather: bool = False, pack: bool = False):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        reduce: bool = False,
+        gather: bool = False,
+        pack: bool = False,
+        parts: Sequence[Tuple[str, int]] = (),
+    ):
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.parts = list(parts)
         several_ranks = fs_init.get_model_parallel_world_size() > 1
         self.reduce = reduce and several_ranks
         self.gather = gather and several_ranks
@@ -70,6 +87,19 @@ class FastLinear(nn.Module):
         if self.gather:
             y = gather_from_model_parallel_region(y)
         return y
+
+    def dense_weight(self) -> torch.Tensor:
+        """W as a plain (out_features, in_features) tensor (unpacked from oneDNN's layout, exactly)."""
+        return self.packed.to_dense() if self.packed is not None else self.weight.detach()
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        weight = self.weight if keep_vars and self.packed is None else self.dense_weight()
+        if not self.parts:
+            destination[prefix + "weight"] = weight
+            return
+        owner = prefix[: prefix.rstrip(".").rfind(".") + 1]  # "layers.0.attention.wqkv." -> "layers.0.attention."
+        for (name, _), part in zip(self.parts, weight.split([rows for _, rows in self.parts])):
+            destination[f"{owner}{name}.weight"] = part
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.packed is not None}"
@@ -96,31 +126,107 @@ def _fast(linear: nn.Module, pack: bool) -> FastLinear:
     return FastLinear(linear.weight, gather=linear.gather_output, pack=pack)
 
 
-def _fused(linears, pack: bool) -> FastLinear:
-    """One column-parallel FastLinear whose output is the given layers' outputs side by side."""
-    if any(not isinstance(m, ColumnParallelLinear) or m.gather_output or m.bias is not None for m in linears):
+def _fused(named: List[Tuple[str, nn.Module]], pack: bool) -> FastLinear:
+    """One column-parallel FastLinear whose output is the named layers' outputs side by side."""
+    layers = [m for _, m in named]
+    if any(not isinstance(m, ColumnParallelLinear) or m.gather_output or m.bias is not None for m in layers):
         raise ValueError("only column-parallel, bias-free layers without gather_output can be fused")
-    weight = torch.cat([m.weight.detach() for m in linears], dim=0)  # (sum of out_features, in_features)
-    return FastLinear(weight, pack=pack)
+    weight = torch.cat([m.weight.detach() for m in layers], dim=0)  # (sum of out_features, in_features)
+    return FastLinear(weight, pack=pack, parts=[(name, m.weight.shape[0]) for name, m in named])
+
+
+class FastAttention(nn.Module):
+    """llama.model.Attention with one product for queries, keys and values, and per-row positions.
+
+    forward takes what the reference's takes, or a (bsz,) tensor `start_pos` for one new token per row at
+    each row's own position: then `mask` (bsz, 1, 1, kv_len) says which of the first kv_len cache positions
+    each row may read. The KV cache is the reference module's own (same buffers, same layout).
+    """
+
+    def __init__(self, attention: Attention, pack: bool):
+        super().__init__()
+        self.n_local_heads = attention.n_local_heads
+        self.n_local_kv_heads = attention.n_local_kv_heads
+        self.head_dim = attention.head_dim
+        self.wqkv = _fused([("wq", attention.wq), ("wk", attention.wk), ("wv", attention.wv)], pack)
+        self.wo = _fast(attention.wo, pack)
+        self.register_buffer("cache_k", attention.cache_k, persistent=False)
+        self.register_buffer("cache_v", attention.cache_v, persistent=False)
+
+    def forward(
+        self, x: torch.Tensor, start_pos: Positions, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        n_qk = self.n_local_heads + self.n_local_kv_heads
+        xqkv = self.wqkv(x).view(bsz, seqlen, n_qk + self.n_local_kv_heads, self.head_dim)
+        xqk = apply_rotary_emb(xqkv[:, :, :n_qk], cos, sin)  # queries and keys rotated in one go
+        xq, xk, xv = xqk[:, :, : self.n_local_heads], xqk[:, :, self.n_local_heads :], xqkv[:, :, n_qk:]
+
+        xq, xk, xv = xq.transpose(1, 2), xk.transpose(1, 2), xv.transpose(1, 2)  # (bsz, heads, seqlen, head_dim)
+        if isinstance(start_pos, int):
+            end_pos = start_pos + seqlen
+            self.cache_k[:bsz, :, start_pos:end_pos] = xk
+            self.cache_v[:bsz, :, start_pos:end_pos] = xv
+        else:  # row i's one new token goes to position start_pos[i]
+            rows = torch.arange(bsz, device=x.device)
+            self.cache_k[rows, :, start_pos] = xk[:, :, 0]  # (bsz, n_kv_heads, head_dim)
+            self.cache_v[rows, :, start_pos] = xv[:, :, 0]
+            end_pos = mask.shape[-1]
+        keys = self.cache_k[:bsz, :, :end_pos]  # (bsz, n_kv_heads, end_pos, head_dim)
+        values = self.cache_v[:bsz, :, :end_pos]
+
+        if seqlen == 1 and x.device.type == "cpu" and x.dtype != torch.float32:
+            # A decode step on the CPU: the float32 kernel, on upcast copies, is several times faster for one
+            # query than the bf16/fp16 one (and rounds less).
+            xq, keys, values = xq.float(), keys.float(), values.float()
+        out = F.scaled_dot_product_attention(
+            xq, keys, values, attn_mask=mask, enable_gqa=self.n_local_heads != self.n_local_kv_heads
+        )  # (bsz, n_heads, seqlen, head_dim)
+        out = out.type_as(x).transpose(1, 2).reshape(bsz, seqlen, -1)  # (bsz, seqlen, n_heads * head_dim)
+        return self.wo(out)
+
+
+class FastFeedForward(nn.Module):
+    """llama.model.FeedForward with one product for w1 and w3: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, feed_forward: FeedForward, pack: bool):
+        super().__init__()
+        self.w13 = _fused([("w1", feed_forward.w1), ("w3", feed_forward.w3)], pack)
+        self.w2 = _fast(feed_forward.w2, pack)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+def is_fast(model: Transformer) -> bool:
+    """True once use_fast_layers has swapped `model`'s layers."""
+    return all(isinstance(layer.attention, FastAttention) for layer in model.layers)
 
 
 @torch.no_grad()
 def use_fast_layers(model: Transformer, pack: bool = True) -> None:
-    """Swap, in place, `model`'s fairscale layers for fast ones holding the same weights; the old layers
-    and their dense weights are released. Call it once the weights are loaded and the model is on its device
-    in its final dtype. pack: pack weights for oneDNN where can_pack allows (not for torch.compile, which
-    cannot take pre-packed weights)."""
+    """Swap, in place, `model`'s reference layers for fast ones holding the same weights; the old layers and
+    their dense weights are released. Call it once the weights are loaded and the model is on its device in
+    its final dtype (a second call does nothing). pack: pack weights for oneDNN where can_pack allows (not
+    for torch.compile, which cannot take pre-packed weights).
+
+    `model.state_dict()` keeps Meta's keys, shapes and values, in the reference model's order.
+    """
+    if is_fast(model):
+        return
+    meta_keys = list(model.state_dict().keys())
     weight = model.output.weight
     pack = pack and can_pack(weight.device, weight.dtype)
-    for module in list(model.modules()):
-        if isinstance(module, Attention):
-            module.wqkv = _fused([module.wq, module.wk, module.wv], pack)
-            module.wq = module.wk = module.wv = None
-            module.wo = _fast(module.wo, pack)
-        elif isinstance(module, FeedForward):
-            module.w13 = _fused([module.w1, module.w3], pack)
-            module.w1 = module.w3 = None
-            module.w2 = _fast(module.w2, pack)
+    for layer in model.layers:
+        layer.attention = FastAttention(layer.attention, pack)
+        layer.feed_forward = FastFeedForward(layer.feed_forward, pack)
     model.output = _fast(model.output, pack)
     if isinstance(model.tok_embeddings, VocabParallelEmbedding) and fs_init.get_model_parallel_world_size() == 1:
         model.tok_embeddings = FastEmbedding(model.tok_embeddings.weight)
+
+    def in_meta_order(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
+        for key in meta_keys:  # fused layers write their parts together: put every key back in Meta's place
+            state.move_to_end(prefix + key)
+
+    model.register_state_dict_post_hook(in_meta_order)

@@ -1,8 +1,8 @@
 """The fast decode loop: every prompt prefilled whole in one batched call, then one token per row per step,
 each row at its own position, with no device-to-host copy in the step.
 
-It produces what the reference loop (llama.reference) produces: the same greedy tokens, logits
-equal to float32 rounding, the same samples for the same seed, with less work:
+It produces what the reference loop (`Llama.decode_reference`, llama/generation.py) produces: the same greedy
+tokens, logits equal to float32 rounding, the same samples for the same seed, with less work:
 - the reference prefills only up to the shortest prompt and feeds the rest of longer prompts one position
   per step; here each row's whole prompt goes in the first call and its generation starts right after it,
   so a batch takes max_gen_len steps, not max_gen_len plus the spread of prompt lengths. (A row's n-th token
@@ -16,79 +16,38 @@ equal to float32 rounding, the same samples for the same seed, with less work:
   and then without waiting for the device (StopWatch). Extra steps after every row has stopped change
   nothing (outputs are cut at the first stop token); when sampling, though, they would draw from the random
   generator, so sampling looks every step;
-- optionally (CUDA), the decode step is compiled with CUDA graphs: see DecodeStep.
+- optionally (CUDA), the decode step is compiled with CUDA graphs: see llama.fast.step.DecodeStep.
 """
 
-import functools
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
-import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 
-from llama.completion import DecodeRun
-from llama.model import Positions, Transformer
+from llama.completion import DecodeLoop, Decoded, Rows
+from llama.fast.step import DecodeStep, fast_forward
+from llama.model import Transformer
 from llama.sampling import Context, Sampler
 from llama.scoring import LogprobRecorder
-from llama.streaming import RowTracker, StreamEvent
+from llama.streaming import RowTracker
 
 
-def compile_options() -> Dict[str, bool]:
-    """Inductor's options for the compiled decode step (compile=True).
+# Greedy decoding on an accelerator looks at the stop flags every this many steps (see stop_check_interval).
+GREEDY_STOP_CHECK_EVERY = 4
 
-    CUDA graphs (one launch a step); max_autotune, which times inductor's own kernels for each matrix
-    product against cuBLAS (at batch 1 it picks generated one-row products fused with the RMSNorm before
-    them); coordinate-descent tuning of the generated kernels' block sizes; programmatic dependent launch
-    where torch offers it (Hopper and later; inductor leaves it out elsewhere): each generated kernel starts
-    while the one before finishes, waiting only where it reads that one's output.
-    Measured on an H100, Llama 3 8B, batch 1: in one call, graphs and tuning 151.5 tok/s, with max_autotune
-    167.9 (scripts/compile_variants.py); in one process, without and with the launch, 168.1 -> 172.6
-    (scripts/compile_ab.py).
+
+def stop_check_interval(device: torch.device, temperature: float, track: bool) -> int:
+    """How many steps the loop runs between looks at its stop flags.
+
+    A look is a device sync on accelerators: greedy decoding there looks every GREEDY_STOP_CHECK_EVERY steps,
+    without waiting, at the copy started at the look before (StopWatch), so a batch runs at most
+    2 * GREEDY_STOP_CHECK_EVERY - 1 steps past its last stop. The CPU has no sync to save; sampling looks
+    every step, to draw from the random stream as the reference does; tracked rows (streaming, stop
+    strings) are looked at on the host at every step anyway.
     """
-    import torch._inductor.config as inductor_config  # (here: only compile=True needs it)
-
-    options = {"triton.cudagraphs": True, "max_autotune": True, "coordinate_descent_tuning": True}
-    if hasattr(inductor_config.triton, "enable_pdl"):  # an option of recent torch versions
-        options["triton.enable_pdl"] = True
-    return options
-
-
-class DecodeStep:
-    """One decode step: one new token per row, each at its own cache position -> next-token logits.
-
-    With `compile=True` the step is compiled by torch.compile with CUDA graphs (on CUDA) and tuned
-    generated kernels: shapes must not change between steps, so the step always reads the whole cache (max_seq_len
-    positions), masked per row, instead of the part filled so far.
-    """
-
-    def __init__(self, model: Transformer, compile: bool = False):
-        self.model = model
-        self.forward = model.forward
-        self.compiled = None
-        if compile:
-            if fs_init.get_model_parallel_world_size() > 1:
-                raise ValueError("compile=True needs one model-parallel rank (fairscale's collectives don't compile)")
-            # Compiled code cannot enter inference mode: compile forward's undecorated body (run under no_grad).
-            self.forward = functools.partial(type(model).forward.__wrapped__, model)
-            self.compiled = torch.compile(self._step, options=compile_options(), fullgraph=True, dynamic=False)
-
-    def _step(self, tokens: torch.Tensor, positions: Positions, kv_len: int) -> torch.Tensor:
-        if isinstance(positions, int):
-            return self.forward(tokens[:, None], positions)[:, 0]
-        return self.forward(tokens[:, None], positions, kv_len=kv_len)[:, 0]  # (bsz, vocab)
-
-    def __call__(self, tokens: torch.Tensor, positions: Positions, kv_len: int) -> torch.Tensor:
-        """tokens: (bsz,); positions: (bsz,), or an int when every row is at the same position (then the
-        step reads the cache up to it, unmasked); kv_len: cache positions to read, beyond every row's."""
-        if self.compiled is not None:
-            if isinstance(positions, int):
-                positions = torch.full_like(tokens, positions)
-            # Compiled code cannot take inference tensors (those made under torch.inference_mode): run it
-            # outside inference mode, on copies. Its outputs are overwritten by the next replay: copy them.
-            with torch.inference_mode(False), torch.no_grad():
-                logits = self.compiled(tokens.clone(), positions.clone(), self.model.params.max_seq_len)
-                return logits.clone()
-        return self._step(tokens, positions, kv_len)
+    if device.type == "cpu" or temperature > 0 or track:
+        return 1
+    return GREEDY_STOP_CHECK_EVERY
 
 
 class StopWatch:
@@ -169,8 +128,8 @@ def prefill(model: Transformer, batch: Batch, recorder: Optional[LogprobRecorder
     inputs = torch.where(torch.arange(max_len, device=device)[None, :] < lens[:, None], inputs, 0)
     last = lens - 1  # (bsz,) each prompt's last position
     if recorder is None:
-        return model.forward(inputs, 0, last_pos=last)[:, 0]
-    logits = model.forward(inputs, 0)  # (bsz, max_len, vocab)
+        return fast_forward(model, inputs, 0, last_pos=last)[:, 0]
+    logits = fast_forward(model, inputs, 0)  # (bsz, max_len, vocab)
     # Logits at position i predict token i + 1 (padding gives junk there: cut, or overwritten later).
     recorder.record(logits[:, :-1], inputs, first_target=1)
     return logits[torch.arange(bsz, device=device), last]
@@ -180,32 +139,32 @@ def prefill(model: Transformer, batch: Batch, recorder: Optional[LogprobRecorder
 def decode(
     model: Transformer,
     step: DecodeStep,
-    run: DecodeRun,
+    rows: Rows,
     total_len: int,
     sampler: Sampler,
     stop_ids: List[int],
     detokenize: Callable[[Sequence[int]], str],
     pad_id: int,
     stop_check_every: int = 1,
-) -> Iterator[List[StreamEvent]]:
-    """The fast decode loop over the rows of `run`, as llama.reference's loop runs it: leaves on `run`
-    the tokens (bsz, total_len (+ 1 scratch column)) laid out as the reference lays them out (row i's
-    generation from position len(prompt i) on), the logprob recorder and the row tracker; with run.track,
+) -> DecodeLoop:
+    """The fast decode loop over `rows`, with the results of the reference loop (Llama.decode_reference):
+    returns the tokens (bsz, total_len + 1 scratch column) laid out as the reference lays them out (row i's
+    generation from position len(prompt i) on), the logprob recorder and the row tracker; with rows.track,
     yields each step's StreamEvents. Positions past a row's end are left as they are: the caller cuts."""
     device = model.rope_cos.device
-    batch = lay_out(run.prompt_tokens, run.max_gen_len, total_len, pad_id, device)
-    bsz = len(run.prompt_tokens)
-    recorder = LogprobRecorder(bsz, total_len + 1, run.top_logprobs, device) if run.logprobs else None
+    batch = lay_out(rows.prompt_tokens, rows.max_gen_len, total_len, pad_id, device)
+    bsz = len(rows.prompt_tokens)
+    recorder = LogprobRecorder(bsz, total_len + 1, rows.top_logprobs, device) if rows.logprobs else None
     tracker = None
-    if run.track:
-        tracker = RowTracker(detokenize, batch.prompt_lens, batch.ends, stop_ids, run.config.stop)
-    run.tokens, run.recorder, run.tracker, run.total_len = batch.tokens, recorder, tracker, total_len
+    if rows.track:
+        tracker = RowTracker(detokenize, batch.prompt_lens, batch.ends, stop_ids, rows.config.stop)
+    decoded = Decoded(batch.tokens, total_len, recorder, tracker)
 
     n_steps = max(e - n for e, n in zip(batch.ends, batch.prompt_lens))  # the longest-running row's
     if n_steps == 0 and recorder is None:  # every prompt fills the context: nothing to do
         if tracker:
             yield tracker.finish_all()
-        return
+        return decoded
     logits = prefill(model, batch, recorder)  # (bsz, vocab)
 
     stop_tokens = torch.tensor(stop_ids, dtype=torch.long, device=device)
@@ -238,3 +197,4 @@ def decode(
         positions += 1
     if tracker:
         yield tracker.finish_all()
+    return decoded
