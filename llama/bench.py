@@ -5,7 +5,7 @@
     python -m llama.bench --ckpt-dir ~/models/Llama3.2-1B --batch 1
     python -m llama.bench --batch 1 --llamacpp   # also llama.cpp (llama-cpp-python, installed by hand)
 
-Random weights at a named shape (or a real checkpoint, in any layout Llama.build reads) are loaded once into our Transformer and,
+Random weights at a named shape (or a real checkpoint, in any layout) are loaded once into our Transformer and,
 converted to Hugging Face's layout (sharing every tensor it can), into `LlamaForCausalLM`. For each dtype
 and batch size both generate greedily from the same random prompt, the same number of tokens (stop tokens
 are ignored by both), alternating run by run in this one process so that both see the same machine. Per

@@ -126,9 +126,10 @@ def read_prompts(args: argparse.Namespace) -> List[Prompt]:
     for i, text in enumerate(args.prompt, start=1):
         try:
             text.encode("utf-8")
-        except UnicodeEncodeError as e:  # undecodable bytes of argv arrive as lone surrogates
-            raise ValueError(f"--prompt number {i} is not valid UTF-8: byte 0x{ord(text[e.start]) - 0xDC00:02x} "
-                             f"at character {e.start + 1}") from None
+        except UnicodeEncodeError as e:  # bytes of argv that are not UTF-8 arrive as lone surrogates
+            code = ord(text[e.start])
+            what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+            raise ValueError(f"--prompt number {i} is not valid UTF-8: {what} at character {e.start + 1}") from None
         prompts.append(text)
     if args.prompts_file:
         prompts.extend(read_prompts_file(args.prompts_file))

@@ -74,9 +74,10 @@ class Llama:
         Raises:
             FileNotFoundError: a missing directory, params.json, shard or tokenizer file.
             TypeError: a params.json value of the wrong type.
-            ValueError: bad sizes, an unknown device or dtype, a corrupt or unsafe shard, a model that cannot be split over
-                model_parallel_size ranks, a vocabulary size that differs from the tokenizer's, tensors that
-                do not match the model, a config.json for another architecture, a directory mixing layouts.
+            ValueError: bad sizes, an unknown device or dtype, a corrupt or unsafe shard, a model that cannot
+                be split over model_parallel_size ranks, a vocabulary size that differs from the tokenizer's,
+                tensors that do not match the model, a config.json for another architecture, a directory
+                mixing layouts.
         """
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -245,10 +246,11 @@ class Llama:
 
         A dialog must be an optional system message, then user/assistant turns alternating and ending with
         the user. Returns one ChatPrediction per dialog (a list of n with n > 1). Raises TypeError for one
-        dialog instead of a list of them; PromptError (a ValueError) naming the dialogs that cannot run, after answering the others, which it carries in
-        `.results`. With the Llama 2 chat format, a dialog containing its tags ([INST], <<SYS>>, ...) is
-        answered "Error: special tags are not allowed as part of the prompt." without running the model
-        (empty tokens and logprobs), as Meta's Llama 2 code answers it.
+        dialog instead of a list of them; PromptError (a ValueError) naming the dialogs that cannot run,
+        after answering the others, which it carries in `.results`. With the Llama 2 chat format, a dialog
+        containing its tags ([INST], <<SYS>>, ...) is answered "Error: special tags are not allowed as part
+        of the prompt." without running the model (empty tokens and logprobs), as Meta's Llama 2 code
+        answers it.
         """
         if isinstance(dialogs, (str, bytes, dict)) or (
             isinstance(dialogs, (list, tuple)) and dialogs and isinstance(dialogs[0], dict)

@@ -57,13 +57,13 @@ def cli(ckpt: Path, *args: str) -> int:
 
 
 def test_text_completion_refuses_one_string_instead_of_running_one_prompt_per_character(llama):
-    with pytest.raises(TypeError, match=r"text_completion takes a list of prompts; got one str 'abc': pass \[prompt\]"):
+    with pytest.raises(TypeError, match=r"takes a list of prompts; got one str 'abc': pass \[prompt\]"):
         llama.text_completion("abc", max_gen_len=2)
 
 
 def test_chat_completion_refuses_one_dialog_instead_of_a_list_of_dialogs(llama):
     dialog = [{"role": "user", "content": "hi"}]
-    with pytest.raises(TypeError, match=r"takes a list of dialogs, each a list of messages; got one dialog .*\[dialog\]"):
+    with pytest.raises(TypeError, match=r"takes a list of dialogs, each a list of messages; got one dialog .*\[dia"):
         llama.chat_completion(dialog, max_gen_len=2)
     with pytest.raises(TypeError, match="got one message"):
         llama.chat_completion(dialog[0], max_gen_len=2)
@@ -318,7 +318,7 @@ def test_the_bench_on_a_missing_folder_says_so(tmp_path, capsys):
 # ---- files written ----
 
 
-@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)], ids=["umask-022", "umask-027"])
 def test_written_safetensors_get_the_mode_the_umask_gives(ckpt, tmp_path, umask, mode):
     previous = os.umask(umask)
     try:
