@@ -14,6 +14,7 @@ import fire
 from llama import Dialog, Llama
 from llama.demo import DEMO_MAX_SEQ_LEN, DemoModelError, build_demo, demo_description
 from llama.distributed import is_rank_zero
+from llama.interrupt import exit_on_interrupt
 
 DIALOGS: List[Dialog] = [
     [{"role": "user", "content": "what is the recipe of mayonnaise?"}],
@@ -113,4 +114,5 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    with exit_on_interrupt():  # Ctrl-C: a short message and status 130, not a traceback
+        fire.Fire(main)

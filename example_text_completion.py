@@ -14,6 +14,7 @@ import fire
 from llama import Llama
 from llama.demo import DemoModelError, build_demo, demo_description
 from llama.distributed import is_rank_zero
+from llama.interrupt import exit_on_interrupt
 
 PROMPTS: List[str] = [
     # For these prompts, the expected answer is the natural continuation of the prompt
@@ -90,4 +91,5 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    with exit_on_interrupt():  # Ctrl-C: a short message and status 130, not a traceback
+        fire.Fire(main)

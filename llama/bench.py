@@ -5,7 +5,7 @@
     python -m llama.bench --ckpt-dir ~/models/Llama3.2-1B --batch 1
     python -m llama.bench --batch 1 --llamacpp   # also llama.cpp (llama-cpp-python, installed by hand)
 
-Random weights at a named shape (or a real single-shard checkpoint) are loaded once into our Transformer and,
+Random weights at a named shape (or a real checkpoint, in any layout) are loaded once into our Transformer and,
 converted to Hugging Face's layout (sharing every tensor it can), into `LlamaForCausalLM`. For each dtype
 and batch size both generate greedily from the same random prompt, the same number of tokens (stop tokens
 are ignored by both), alternating run by run in this one process so that both see the same machine. Per
@@ -41,9 +41,10 @@ import torch
 from bench.bandwidth import measure_read_bandwidth, synchronize
 from bench.llamacpp import NAME as LLAMACPP, build_llamacpp, import_llama_cpp
 from bench.report import chart, markdown_table, summary_line
-from llama.checkpoints.meta import find_shards, load_into, load_shard, read_params
+from llama.checkpoints.meta import load_checkpoint, load_into
 from llama.distributed import default_dtype, init_distributed, pick_device
 from llama.generation import Llama
+from llama.interrupt import report_interrupt
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import ChatFormat
 from llama.fast.layers import use_fast_layers
@@ -333,16 +334,15 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
 
 def load_weights(opts: argparse.Namespace, device: torch.device, dtype: torch.dtype, max_seq_len: int,
                  max_batch_size: int) -> tuple:
-    """(ModelArgs, Meta-layout state dict on `device` in `dtype`) from --ckpt-dir or --shape."""
+    """(ModelArgs, Meta-layout state dict on `device` in `dtype`) from --ckpt-dir or --shape. A checkpoint
+    may have any layout Llama.build reads (Meta shards, however many; a Hugging Face directory): it is put
+    together whole, for one process."""
     if opts.ckpt_dir:
-        params = read_params(opts.ckpt_dir)
-        shards = find_shards(opts.ckpt_dir)
-        if len(shards) != 1:
-            raise ValueError(f"the bench loads single-shard checkpoints; {opts.ckpt_dir!r} has {len(shards)}")
-        if params.get("vocab_size", -1) <= 0:
-            raise ValueError(f"{opts.ckpt_dir!r}/params.json has no vocab_size (Llama 2): pass a Llama 3 model")
+        state, params = load_checkpoint(opts.ckpt_dir, model_parallel_size=1, model_parallel_rank=0)
+        # Llama 2's params.json says vocab_size -1 (the tokenizer's); the embedding holds the number.
+        params = dict(params, vocab_size=state["tok_embeddings.weight"].shape[0])
         args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
-        sd = {k: v.to(device=device, dtype=dtype) for k, v in load_shard(shards[0]).items() if k != "rope.freqs"}
+        sd = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     else:
         args = ModelArgs.from_params(SHAPES[opts.shape], max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         sd = random_weights(args, dtype, device, opts.seed)
@@ -444,7 +444,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m llama.bench", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--shape", choices=sorted(SHAPES), default="small", help="random weights at this shape")
-    src.add_argument("--ckpt-dir", help="a Meta-format single-shard Llama 3 checkpoint instead")
+    src.add_argument("--ckpt-dir", help="a checkpoint instead (Meta's layout, any number of shards, or a "
+                     "Hugging Face directory)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=["bfloat16", "float32"])
     p.add_argument("--prompt-len", type=int, default=32)
@@ -469,17 +470,32 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error("--new-tokens must be at least 2 (decode speed is measured past the first token)")
     if min(opts.batch) < 1:
         p.error(f"--batch sizes must be positive, got {opts.batch}")
+    if opts.ckpt_dir and not os.path.isdir(opts.ckpt_dir):
+        p.error(f"checkpoint directory not found: {opts.ckpt_dir!r}")
     if opts.llamacpp:
         try:
             import_llama_cpp()
         except ImportError as e:
             p.error(str(e))
+    if not opts.no_hf:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            p.error("the comparison with Hugging Face needs transformers (pip install transformers); "
+                    "or pass --no-hf to time this library alone")
     return opts
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    """Run the bench. A missing or unreadable checkpoint exits with status 2 and a message; Ctrl-C with 130."""
     opts = parse_args(argv)
-    report = run(opts)
+    try:
+        report = run(opts)
+    except (OSError, ValueError, TypeError) as e:
+        log(f"error: {e}")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(report_interrupt())
     with open(opts.out, "w") as f:
         json.dump(report, f, indent=2)
     log(f"wrote {opts.out}")

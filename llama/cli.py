@@ -8,6 +8,7 @@ talks (see llama/chat.py). Under torchrun every rank computes and rank 0 alone r
 """
 
 import argparse
+import codecs
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from llama.completion import Completion
 from llama.config import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, GenerationConfig
 from llama.distributed import is_rank_zero
 from llama.generation import Llama, PromptError
+from llama.interrupt import report_interrupt
 from llama.tokenizer import Dialog, check_dialog
 
 Prompt = Union[str, Dialog]
@@ -50,7 +52,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     io = p.add_argument_group("prompts and output")
     io.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     io.add_argument("--prompts_file", help="one prompt per line (blank lines skipped); in a .jsonl file each "
-                    'line is a JSON string, {"prompt": "..."} or {"dialog": [messages]}')
+                    'line is a JSON string, {"prompt": "..."} or {"dialog": [messages]}; a .json file holds a '
+                    "JSON array of them")
     io.add_argument("--output_file", help=".jsonl: one JSON object per prompt and line; .json: an array")
     io.add_argument("--batch_size", type=int, default=4, help="prompts per batch")
     io.add_argument("--use_chat_template", action="store_true", help="send each prompt as a user message")
@@ -119,22 +122,60 @@ def build(args: argparse.Namespace, max_batch_size: int) -> Llama:
 
 def read_prompts(args: argparse.Namespace) -> List[Prompt]:
     """The --prompt values, then the prompts of --prompts_file."""
-    prompts: List[Prompt] = list(args.prompt)
+    prompts: List[Prompt] = []
+    for i, text in enumerate(args.prompt, start=1):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes of argv that are not UTF-8 arrive as lone surrogates
+            code = ord(text[e.start])
+            what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+            raise ValueError(f"--prompt number {i} is not valid UTF-8: {what} at character {e.start + 1}") from None
+        prompts.append(text)
     if args.prompts_file:
-        if not os.path.isfile(args.prompts_file):
-            raise FileNotFoundError(f"prompts file not found: {args.prompts_file!r}")
-        with open(args.prompts_file, encoding="utf-8") as f:
-            lines = [line.rstrip("\r\n") for line in f]
-        for lineno, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            if args.prompts_file.endswith(".jsonl"):
-                prompts.append(_json_prompt(line, f"{args.prompts_file}:{lineno}"))
-            else:
-                prompts.append(line)
+        prompts.extend(read_prompts_file(args.prompts_file))
     if not prompts:
         raise ValueError("no prompts: give --prompt TEXT or --prompts_file FILE")
     return prompts
+
+
+def read_prompts_file(path: str) -> List[Prompt]:
+    """The prompts of a file, by its extension: .json holds a JSON array of prompts; .jsonl one prompt per
+    line; any other file one plain-text prompt per line. Blank lines are skipped. A JSON prompt is a string,
+    {"prompt": "..."}, {"dialog": [messages]} or [messages]. Errors name the file and the line (or item)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompts file not found: {path!r}")
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    if path.endswith(".json"):
+        text = "\n".join(_decode_line(raw, path, n) for n, raw in enumerate(data.split(b"\n"), start=1))
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(items, list):
+            raise ValueError(f"{path}: a .json prompts file holds a JSON array of prompts, got a "
+                             f"{type(items).__name__}; for one prompt per line use a .jsonl file")
+        return [_prompt_value(item, f"{path}: item {i}") for i, item in enumerate(items)]
+    prompts: List[Prompt] = []
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        line = _decode_line(raw, path, lineno).rstrip("\r")
+        if not line.strip():
+            continue
+        if path.endswith(".jsonl"):
+            prompts.append(_json_prompt(line, f"{path}:{lineno}"))
+        else:
+            prompts.append(line)
+    return prompts
+
+
+def _decode_line(raw: bytes, path: str, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                         "save the file as UTF-8") from None
 
 
 def _json_prompt(line: str, where: str) -> Prompt:
@@ -142,11 +183,42 @@ def _json_prompt(line: str, where: str) -> Prompt:
         value = json.loads(line)
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not JSON ({e})") from None
+    return _prompt_value(value, where)
+
+
+def _prompt_value(value: Any, where: str) -> Prompt:
+    """The prompt a JSON value stands for: a string, or a dialog (a list of messages, checked later)."""
     if isinstance(value, dict):
-        value = value.get("prompt", value.get("dialog"))
+        keys = sorted(value)
+        if keys not in (["prompt"], ["dialog"]):
+            raise ValueError(f'{where}: an object holds exactly one key, "prompt" (a string) or "dialog" (a list of '
+                             f"messages); got keys {keys}")
+        key, value = keys[0], value[keys[0]]
+        if key == "prompt" and not isinstance(value, str):
+            raise ValueError(f'{where}: "prompt" must be a string, got {json.dumps(value):.80}')
+        if key == "dialog" and not isinstance(value, list):
+            raise ValueError(f'{where}: "dialog" must be a list of messages, got {json.dumps(value):.80}; for '
+                             'plain text write {"prompt": ...}')
+        return value
     if not isinstance(value, (str, list)):
-        raise ValueError(f'{where}: expected a string, {{"prompt": ...}} or {{"dialog": [...]}}, got {line:.80}')
+        raise ValueError(f'{where}: expected a string, {{"prompt": ...}} or {{"dialog": [...]}}, got '
+                         f"{json.dumps(value):.80}")
     return value
+
+
+def check_output_file(path: str) -> None:
+    """Raise ValueError or FileNotFoundError unless `path` can be written as --output_file: checked before
+    the model loads (minutes for a large one) rather than found when the first result is written. Nothing
+    is created or truncated here."""
+    if not path.endswith((".jsonl", ".json")):
+        raise ValueError(f"--output_file must end in .jsonl or .json, got {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"--output_file {path!r} is a directory")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--output_file {path!r}: the directory {folder!r} does not exist")
+    if not os.access(path if os.path.exists(path) else folder, os.W_OK):
+        raise ValueError(f"--output_file {path!r} cannot be written here (permission denied)")
 
 
 class RecordWriter:
@@ -304,8 +376,11 @@ def batches(items: Sequence[Prompt], size: int) -> Iterator[Sequence[Prompt]]:
 
 
 def run_batch(args: argparse.Namespace) -> int:
-    """Complete every prompt, batch by batch; failing prompts get an error record and the rest go on."""
+    """Complete every prompt, batch by batch; failing prompts get an error record and the rest go on.
+    Returns 0, or 1 when some prompts failed (after a summary on stderr)."""
     config = generation_config(args)
+    if args.output_file:
+        check_output_file(args.output_file)
     prompts = read_prompts(args)
     llama = build(args, max_batch_size=args.batch_size * config.n)
     rank_zero = is_rank_zero()
@@ -330,11 +405,16 @@ def run_batch(args: argparse.Namespace) -> int:
     finally:
         if writer:
             writer.close()
+    if failed:
+        if rank_zero:
+            print(f"error: {failed} of {len(prompts)} prompts failed (their records say why)", file=sys.stderr)
+        return 1
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line; return the exit status (2 for a usage or input error)."""
+    """Run the command line; return the exit status: 0, 1 when some prompts failed, 2 for a usage or input
+    error, 130 after Ctrl-C. Under torchrun, rank 0 alone reports."""
     args = parse_args(argv)
     try:
         if args.command == "chat":
@@ -342,6 +422,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             return run_chat(args)
         return run_batch(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (OSError, ValueError, TypeError) as e:
+        if is_rank_zero():
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return report_interrupt()

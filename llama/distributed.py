@@ -16,10 +16,17 @@ import torch.distributed as dist
 
 
 def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
-    """`device` if given, else this rank's CUDA device when CUDA is available, else the CPU."""
+    """`device` if given, else this rank's CUDA device when CUDA is available, else the CPU. Raises ValueError
+    for a name torch does not know (such as "gpu"), listing the usual ones."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"unknown device {device!r}: expected cpu, cuda or cuda:N (or another device type torch knows, "
+            "such as mps or xpu)"
+        ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device='cuda' was asked for but torch.cuda.is_available() is False")
@@ -33,15 +40,32 @@ def pick_device(device: Optional[Union[str, torch.device]] = None) -> torch.devi
     return device
 
 
-def pick_dtype(device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.dtype:
-    """`dtype` if given; else bf16 on CUDA where supported (fp16 where not), float32 on the CPU."""
+def pick_dtype(device: torch.device, dtype: Optional[Union[str, torch.dtype]] = None) -> torch.dtype:
+    """`dtype` if given, a torch dtype or its name ("bfloat16", "torch.float16", "half", ...); else bf16 on
+    CUDA where supported (fp16 where not), float32 on the CPU. Raises ValueError for another name or a type
+    that is not floating-point."""
+    if isinstance(dtype, str):
+        dtype = _dtype_named(dtype)
     if dtype is not None:
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"dtype must be a torch.dtype or its name, got {dtype!r}")
         if not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point type, got {dtype}")
         return dtype
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def _dtype_named(name: str) -> torch.dtype:
+    """The torch dtype called `name`, with or without its "torch." prefix."""
+    found = getattr(torch, name[len("torch."):] if name.startswith("torch.") else name, None)
+    if not isinstance(found, torch.dtype):
+        raise ValueError(
+            f"unknown dtype {name!r}: expected a torch.dtype or the name of one, such as 'bfloat16', 'float16' "
+            "or 'float32'"
+        )
+    return found
 
 
 @contextlib.contextmanager
@@ -97,5 +121,8 @@ def _destroy_process_group() -> None:
 
 
 def is_rank_zero() -> bool:
-    """True in the process that should print: global rank 0, or the only process."""
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """True in the process that should print: global rank 0, or the only process. Before the process group
+    starts, torchrun's RANK says (so that an error found early is printed once, not by every rank)."""
+    if dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"

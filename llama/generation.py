@@ -98,7 +98,7 @@ class Llama:
         seed: int = 1,
         *,
         device: Optional[str] = None,
-        dtype: Optional[torch.dtype] = None,
+        dtype: Optional[Union[str, torch.dtype]] = None,
         chat_format: Optional[str] = None,
         fast: bool = True,
         compile: bool = False,
@@ -117,8 +117,9 @@ class Llama:
             model_parallel_size: ranks the model is split over; default the world size (1 without torchrun).
             seed: the random seed, the same on every rank so that all ranks sample the same tokens.
             device: "cuda", "cpu", ...; default CUDA when available, else the CPU.
-            dtype: weight and activation dtype; default bf16 on CUDA (fp16 where bf16 is not supported),
-                float32 on the CPU. On CPUs with native bf16 (AVX512-BF16, AMX), bf16 is about twice as fast.
+            dtype: weight and activation dtype, or its name ("bfloat16"); default bf16 on CUDA (fp16 where
+                bf16 is not supported), float32 on the CPU. On CPUs with native bf16 (AVX512-BF16, AMX), bf16
+                is about twice as fast.
             chat_format: "llama3" or "llama2"; default the one of the tokenizer's family.
             fast: decode with the fast loop (llama.fast.loop) on the fast layers (llama.fast.layers: fused
                 projections, on the CPU weights packed for oneDNN); False runs Meta's reference loop
@@ -128,9 +129,11 @@ class Llama:
 
         Raises:
             FileNotFoundError: a missing directory, params.json, shard or tokenizer file.
-            ValueError: bad sizes, a corrupt or unsafe shard, a model that cannot be split over
-                model_parallel_size ranks, a vocabulary size that differs from the tokenizer's, tensors that
-                do not match the model, a config.json for another architecture, a directory mixing layouts.
+            TypeError: a params.json value of the wrong type.
+            ValueError: bad sizes, an unknown device or dtype, a corrupt or unsafe shard, a model that cannot
+                be split over model_parallel_size ranks, a vocabulary size that differs from the tokenizer's,
+                tensors that do not match the model, a config.json for another architecture, a directory
+                mixing layouts.
         """
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -368,9 +371,13 @@ class Llama:
         Returns one CompletionPrediction per prompt, or with n > 1 a list of n per prompt. With
         top_logprobs > 0 each prediction also holds, per token, the most likely (token, logprob) pairs.
 
-        Raises PromptError (a ValueError) naming the prompts that cannot run (empty, too long) after
-        completing the others, whose predictions it carries in `.results`.
+        Raises TypeError for one str instead of a list of them; PromptError (a ValueError) naming the
+        prompts that cannot run (empty, too long) after completing the others, whose predictions it carries
+        in `.results`.
         """
+        if isinstance(prompts, (str, bytes)):  # iterating a str would run one prompt per character
+            raise TypeError(f"text_completion takes a list of prompts; got one {type(prompts).__name__} "
+                            f"{prompts!r:.60}: pass [prompt]")
         for prompt in prompts:
             if not isinstance(prompt, str):
                 raise TypeError(f"prompts must be strings, got {type(prompt).__name__}: {prompt!r:.80}")
@@ -400,12 +407,21 @@ class Llama:
         """Answer each dialog as the assistant. Defaults and controls as for `text_completion`.
 
         A dialog must be an optional system message, then user/assistant turns alternating and ending with
-        the user. Returns one ChatPrediction per dialog (a list of n with n > 1). Raises PromptError (a
-        ValueError) naming the dialogs that cannot run, after answering the others, whose predictions it
-        carries in `.results`. With the Llama 2 chat format, a dialog containing its tags ([INST], <<SYS>>,
-        ...) is run as any other, and its answer's content replaced by "Error: special tags are not allowed
-        as part of the prompt.", as Meta's Llama 2 code does (tokens and logprobs are the generated ones).
+        the user. Returns one ChatPrediction per dialog (a list of n with n > 1). Raises TypeError for one
+        dialog instead of a list of them; PromptError (a ValueError) naming the dialogs that cannot run,
+        after answering the others, whose predictions it carries in `.results`. With the Llama 2 chat
+        format, a dialog containing its tags ([INST], <<SYS>>, ...) is run as any other, and its answer's
+        content replaced by "Error: special tags are not allowed as part of the prompt.", as Meta's Llama 2
+        code does (tokens and logprobs are the generated ones).
         """
+        if isinstance(dialogs, (str, bytes, dict)) or (
+            isinstance(dialogs, (list, tuple)) and dialogs and isinstance(dialogs[0], dict)
+        ):
+            # One dialog (a list of messages) would otherwise run as one failing "dialog" per message.
+            what = "one message" if isinstance(dialogs, dict) else (
+                "one dialog" if isinstance(dialogs, (list, tuple)) else f"a {type(dialogs).__name__}")
+            raise TypeError(f"chat_completion takes a list of dialogs, each a list of messages; got {what} "
+                            f"{dialogs!r:.60}: pass [dialog]")
         prompt_tokens: List[List[int]] = []
         dialog_errors: Dict[int, str] = {}
         for i, dialog in enumerate(dialogs):

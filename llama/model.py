@@ -20,6 +20,8 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
+from llama.params_check import check_param_types, describe_unknown_keys
+
 
 @dataclass
 class ModelArgs:
@@ -48,12 +50,16 @@ class ModelArgs:
     max_seq_len: int = 2048
 
     @classmethod
-    def from_params(cls, params: Dict[str, Any], **overrides: Any) -> "ModelArgs":
-        """Build from a params.json dict (plus overrides such as max_seq_len); unknown keys warn, never fail."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
+    def from_params(cls, params: Dict[str, Any], source: str = "params.json", **overrides: Any) -> "ModelArgs":
+        """Build from a params.json dict (plus overrides such as max_seq_len); unknown keys warn, never fail.
+
+        Raises TypeError naming the key, the value and `source` (the file it came from) for a value that does
+        not have its field's type, such as `"n_layers": "6"`."""
+        check_param_types(params, cls, source)
+        unknown = describe_unknown_keys(params, cls)
         if unknown:
-            warnings.warn(f"params.json: ignoring unknown keys {unknown}", stacklevel=2)
+            warnings.warn(f"{source}: ignoring unknown keys {unknown}", stacklevel=2)
+        known = {f.name for f in fields(cls)}
         values = {k: v for k, v in params.items() if k in known}
         values.update(overrides)
         return cls(**values)

@@ -61,7 +61,7 @@ def test_a_prompts_file_round_trips_to_jsonl_one_record_per_prompt_failures_incl
     (tmp_path / "prompts.txt").write_text("\n".join(prompts[:3]) + "\n\n" + "\n".join(prompts[3:]) + "\n")
     out = tmp_path / "out.jsonl"
     assert run_cli(ckpt, "--prompts_file", str(tmp_path / "prompts.txt"), "--output_file", str(out),
-                   "--batch_size", "2", "--max_gen_len", "8") == 0
+                   "--batch_size", "2", "--max_gen_len", "8") == 1  # 1: a prompt failed
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["index"] for r in records] == [0, 1, 2, 3, 4]
     assert [r["prompt"] for r in records] == prompts
@@ -75,6 +75,7 @@ def test_a_prompts_file_round_trips_to_jsonl_one_record_per_prompt_failures_incl
         assert r["stop_reason"] == ("length" if r["generated_tokens"] == 8 else "stop_token")
     captured = capsys.readouterr()
     assert "3/3 batches, 1 failed prompts" in captured.err  # the progress bar
+    assert "error: 1 of 5 prompts failed" in captured.err
     assert "error: the prompt has 81 tokens" in captured.out
     assert "[3] fourth" in captured.out and "[4] five" not in captured.out  # 4 shown when writing a file
 
@@ -82,7 +83,7 @@ def test_a_prompts_file_round_trips_to_jsonl_one_record_per_prompt_failures_incl
 def test_json_output_is_an_array_and_prompts_can_be_given_on_the_command_line(ckpt, llama, tmp_path):
     out = tmp_path / "out.json"
     assert run_cli(ckpt, "--prompt", "one", "--prompt", TOO_LONG, "--prompt", "three", "--output_file", str(out),
-                   "--max_gen_len", "6", "--no_progress", "--max_display", "0") == 0
+                   "--max_gen_len", "6", "--no_progress", "--max_display", "0") == 1
     records = json.loads(out.read_text())
     assert [r["prompt"] for r in records] == ["one", TOO_LONG, "three"]
     assert [r["error"] is None for r in records] == [True, False, True]
@@ -97,7 +98,7 @@ def test_chat_template_and_jsonl_prompts_with_dialogs(ckpt, llama, tmp_path):
     (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out.jsonl"
     assert run_cli(ckpt, "--prompts_file", str(tmp_path / "prompts.jsonl"), "--output_file", str(out),
-                   "--use_chat_template", "--max_gen_len", "6", "--no_progress") == 0
+                   "--use_chat_template", "--max_gen_len", "6", "--no_progress") == 1
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == 4 and "alternating user/assistant" in records[3]["error"]
     dialogs = [[{"role": "user", "content": "plain"}], [{"role": "user", "content": "as object"}], dialog]
@@ -165,7 +166,8 @@ def test_python_dash_m_llama_runs_and_rank_zero_alone_writes_under_torchrun(ckpt
         out = tmp_path / f"{name}.jsonl"
         done = subprocess.run([*launcher, "--ckpt_dir", str(ckpt_dir), *common, "--output_file", str(out)],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
-        assert done.returncode == 0, done.stderr
+        assert done.returncode == 1, done.stderr  # one prompt failed
+        assert done.stderr.count("error: 1 of 3 prompts failed") == 1  # said by rank 0 only
         records = [json.loads(line) for line in out.read_text().splitlines()]
         assert [r["prompt"] for r in records] == ["first", TOO_LONG, "third"]
         assert [r["error"] is None for r in records] == [True, False, True]

@@ -11,6 +11,7 @@ It differs from Meta's layout in three ways:
 """
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -195,7 +196,7 @@ class HFSource:
         self.params, self.tied = read_config(self.dir / "config.json")
         self._files = self._tensor_files()
         self._handles: Dict[Path, Any] = {}
-        args = ModelArgs.from_params(self.params)
+        args = ModelArgs.from_params(self.params, source=str(self.dir / "config.json"))
         self.layout = Layout(1, args.n_kv_heads, args.head_dim)
         self._shapes = full_shapes(args, self.params["vocab_size"])
         self._names = {name: self._hf_name_of(name) for name in self._shapes}
@@ -264,6 +265,13 @@ class HFSource:
         return tensor
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it, then setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_hf(
     source: Source,
     args: ModelArgs,
@@ -316,13 +324,18 @@ def write_hf(
         total += size
     flush()
 
+    # safetensors writes through a private temporary file (mode 0600): give each file the mode any new file
+    # gets here (0644 under umask 022), as the config.json beside it has.
+    mode = 0o666 & ~_umask()
     if len(written) == 1:
         (out_dir / "part-00000.tmp").rename(out_dir / "model.safetensors")
+        (out_dir / "model.safetensors").chmod(mode)
     else:
         weight_map = {}
         for i, names in enumerate(written):
             file = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
             (out_dir / f"part-{i:05d}.tmp").rename(out_dir / file)
+            (out_dir / file).chmod(mode)
             weight_map.update({name: file for name in names})
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -17,6 +17,7 @@ from torch import nn
 
 from llama.model import ModelArgs
 from llama.checkpoints.reshard import Layout, Source, check_split, full_shapes, rank_state
+from llama.params_check import check_param_types, unknown_keys_hint
 
 # Tensors found in some checkpoints that are not parameters: Llama 2's precomputed RoPE frequencies.
 IGNORED_KEYS = {"rope.freqs"}
@@ -34,16 +35,20 @@ def find_shards(ckpt_dir: str) -> List[Path]:
 
 
 def read_params(ckpt_dir: str) -> Dict[str, Any]:
-    """The dict in `ckpt_dir`/params.json. Raises FileNotFoundError or ValueError."""
+    """The dict in `ckpt_dir`/params.json. Raises FileNotFoundError, ValueError, or TypeError for a value
+    of the wrong type (naming the key, the value and the file)."""
     path = Path(ckpt_dir) / "params.json"
     if not path.is_file():
         raise FileNotFoundError(f"params.json not found in checkpoint directory {ckpt_dir!r}")
     try:
-        params = json.loads(path.read_text())
+        params = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text: {e}") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{str(path)!r} is not valid JSON: {e}") from None
     if not isinstance(params, dict):
         raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(params).__name__}")
+    check_param_types(params, ModelArgs, str(path))
     return params
 
 
@@ -126,6 +131,7 @@ class MetaShards:
             raise ValueError(
                 f"{str(files[0])!r}: tensor 'tok_embeddings.weight' has shape {tuple(embedding.shape)}, which is "
                 f"neither (vocab / {n}, dim={args.dim}) nor (vocab, dim / {n}) for a {n}-shard checkpoint"
+                + unknown_keys_hint(params, ModelArgs)
             )
         if args.vocab_size > 0 and vocab_size != args.vocab_size:
             raise ValueError(
@@ -141,7 +147,7 @@ class MetaShards:
             if missing or unexpected:
                 raise ValueError(
                     f"{str(path)!r} does not hold the model params.json describes: missing tensors "
-                    f"{missing[:10]}, unexpected tensors {unexpected[:10]}"
+                    f"{missing[:10]}, unexpected tensors {unexpected[:10]}{unknown_keys_hint(params, ModelArgs)}"
                 )
             wrong = []
             for name, full in self._shapes.items():
@@ -151,7 +157,7 @@ class MetaShards:
             if wrong:
                 raise ValueError(
                     f"checkpoint file {str(path)!r} (shard {part} of {n}) has tensors of the wrong shape for the "
-                    "model params.json describes: " + "; ".join(wrong[:10])
+                    "model params.json describes: " + "; ".join(wrong[:10]) + unknown_keys_hint(params, ModelArgs)
                 )
 
     def names(self) -> List[str]:
@@ -250,7 +256,10 @@ def tokenizer_kind(path: str) -> str:
 
 
 def find_tokenizer(ckpt_dir: str) -> str:
-    """The tokenizer.model beside a checkpoint: in `ckpt_dir` or its original/ folder (Hugging Face repos)."""
+    """The tokenizer.model beside a checkpoint: in `ckpt_dir` or its original/ folder (Hugging Face repos).
+    Raises FileNotFoundError naming the directory when it does not exist, else the tokenizer."""
+    if not Path(ckpt_dir).is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir!r}")
     for candidate in (Path(ckpt_dir) / "tokenizer.model", Path(ckpt_dir) / "original" / "tokenizer.model"):
         if candidate.is_file():
             return str(candidate)
