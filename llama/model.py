@@ -20,6 +20,8 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
+from llama.family_params import implied_params
+
 # Where new tokens go in the KV cache: one int for every row, or a (bsz,) tensor of per-row positions.
 Positions = Union[int, torch.Tensor]
 
@@ -39,9 +41,11 @@ class ModelArgs:
     multiple_of: int = 256  # the FFN hidden size is rounded up to a multiple of this
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
+    # Meta's Llama 3 default. `from_params` reads a params.json without the key as Llama 2's 10000 (see
+    # llama.family_params).
     rope_theta: float = 500000
     use_scaled_rope: bool = False  # Llama 3.1+: stretch low RoPE frequencies for long context
-    # The scaling's constants: Meta's code always uses these; Hugging Face's Llama 3.2 configs say factor 32.
+    # The scaling's constants: Meta's code always uses these; `from_params` takes 32 for Llama 3.2 1B/3B.
     rope_scaling_factor: float = 8.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
@@ -52,12 +56,16 @@ class ModelArgs:
 
     @classmethod
     def from_params(cls, params: Dict[str, Any], **overrides: Any) -> "ModelArgs":
-        """Build from a params.json dict (plus overrides such as max_seq_len); unknown keys warn, never fail."""
+        """Build from a params.json dict (plus overrides such as max_seq_len); unknown keys warn, never fail.
+
+        Keys the file leaves out take its family's values, not the dataclass defaults: no `rope_theta` is
+        Llama 2's base 10000; Llama 3.2 1B/3B scale RoPE by 32 (llama.family_params)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(params) - known)
         if unknown:
             warnings.warn(f"params.json: ignoring unknown keys {unknown}", stacklevel=2)
-        values = {k: v for k, v in params.items() if k in known}
+        values = implied_params(params)
+        values.update({k: v for k, v in params.items() if k in known})
         values.update(overrides)
         return cls(**values)
 
