@@ -25,8 +25,7 @@ from hf_reference import META_TO_HF, permute_for_hf
 from llama import Llama
 from llama.checkpoint import open_checkpoint
 from llama.convert import main as convert_main
-from llama.model import ModelArgs, rope_frequencies
-from llama.rope_freqs import model_frequencies
+from llama.model import ModelArgs, apply_scaling, rope_frequencies
 
 # Meta's params.json, value for value (reference-facts.md; CodeLlama 7B as Meta ships it).
 L3_8B = {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256, "multiple_of": 1024,
@@ -195,7 +194,7 @@ def test_shrunk_scaled_rows_use_every_branch_of_the_scaling(name):
     their head_dim (128, or 3.2 1B's 64) puts wavelengths on both sides of 8192 / 4 and of 8192 positions."""
     args = ModelArgs.from_params(row_params(name))
     unscaled = rope_frequencies(args.head_dim, args.rope_theta)
-    scaled = model_frequencies(args)
+    scaled = apply_scaling(unscaled, args.rope_scaling_factor)
     kept = torch.isclose(scaled, unscaled, rtol=1e-6, atol=0)
     slowed = torch.isclose(scaled, unscaled / args.rope_scaling_factor, rtol=1e-6, atol=0)
     assert kept.any() and slowed.any() and (~kept & ~slowed).any(), name
@@ -219,3 +218,55 @@ def test_convert_writes_the_familys_base_scaling_and_context_and_transformers_ag
     back, meta = ModelArgs.from_params(params), family["ours"].model.params
     for field in ("rope_theta", "use_scaled_rope", "rope_scaling_factor", "rope_original_context"):
         assert getattr(back, field) == getattr(meta, field), field
+
+
+def test_hf_directory_converted_back_to_meta_says_no_more_than_metas_files(family, tmp_path):
+    """HF -> Meta writes no RoPE scaling key the family implies anyway (Meta's files carry none): 3.2's
+    factor 32 comes back from the shape, as it came from Meta's file."""
+    assert convert_main([str(family["ckpt"]), str(tmp_path / "hf")]) == 0
+    assert convert_main([str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    back = json.loads((tmp_path / "back" / "params.json").read_text())
+    assert not [k for k in back if k.startswith("rope_") and k != "rope_theta"], back
+    args, meta = ModelArgs.from_params(back), family["ours"].model.params
+    assert (args.rope_theta, args.use_scaled_rope, args.rope_scaling_factor) == \
+        (meta.rope_theta, meta.use_scaled_rope, meta.rope_scaling_factor)
+
+
+@pytest.fixture
+def llama2_files(tmp_path, tokenizers):
+    """Llama 2 7B's files, shrunk as in ROWS: params.json as Meta ships it and rope.freqs at base 10000."""
+    params = row_params("llama2-7b")
+    ckpt = tmp_path / "meta"
+    sd = random_state_dict(dict(params, vocab_size=SP_VOCAB), seed=2, dtype=torch.bfloat16)
+    write_checkpoint(ckpt, params, sd=sd, extra={"rope.freqs": meta_rope_freqs(128)})
+    return ckpt, params, tokenizers["sentencepiece"]
+
+
+def test_llama2_rope_freqs_that_disagree_with_params_json_are_refused_naming_both(llama2_files):
+    ckpt, params, tokenizer = llama2_files
+    (ckpt / "params.json").write_text(json.dumps(dict(params, rope_theta=500000.0)))  # a wrong base, added
+    with pytest.raises(ValueError, match=r"consolidated\.00\.pth.*rope\.freqs.*rope_theta=500000.*pair 1: "
+                                         r"checkpoint \[0\.867.*params\.json \[0\.814"):
+        Llama.build(str(ckpt), tokenizer, 64, 1, device="cpu")
+
+
+def test_rope_freqs_of_another_head_size_are_refused_naming_the_shapes(llama2_files):
+    ckpt, _, tokenizer = llama2_files
+    state = torch.load(ckpt / "consolidated.00.pth", weights_only=True)
+    state["rope.freqs"] = meta_rope_freqs(64)
+    torch.save(state, ckpt / "consolidated.00.pth")
+    with pytest.raises(ValueError, match=r"rope\.freqs' has shape \(32,\).*head_dim 128.*64 pairs"):
+        Llama.build(str(ckpt), tokenizer, 64, 1, device="cpu")
+
+
+def test_explicit_rope_scaling_factor_in_params_json_wins_over_the_family_default(tmp_path):
+    for name, default in (("llama3.2-1b", 32.0), ("llama3.2-3b", 32.0), ("llama3.1-8b", 8.0)):
+        assert ModelArgs.from_params(META_PARAMS[name]).rope_scaling_factor == default
+        for explicit in (8.0, 16.0, 32.0):
+            params = dict(META_PARAMS[name], rope_scaling_factor=explicit)
+            assert ModelArgs.from_params(params).rope_scaling_factor == explicit
+    # ... and it is what a converted config.json states.
+    params = dict(row_params("llama3.2-1b"), rope_scaling_factor=8.0)
+    write_checkpoint(tmp_path / "meta", params, sd=random_state_dict(params, seed=3, dtype=torch.bfloat16))
+    assert convert_main([str(tmp_path / "meta"), str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["rope_scaling"]["factor"] == 8.0
