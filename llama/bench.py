@@ -135,9 +135,10 @@ def build_hf(args: ModelArgs, sd: Dict[str, torch.Tensor], device: torch.device,
 
     n_kv = args.n_kv_heads or args.n_heads
     rope: Dict[str, Any] = {"rope_type": "default", "rope_theta": args.rope_theta}
-    if args.use_scaled_rope:  # Meta's constants (Hugging Face's 3.2 configs say factor 32; Meta's code uses 8)
-        rope = {"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    if args.use_scaled_rope:  # the constants our model uses (factor 32 for Llama 3.2 1B/3B: llama.params)
+        rope = {"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": args.rope_scaling_factor,
+                "low_freq_factor": args.rope_low_freq_factor, "high_freq_factor": args.rope_high_freq_factor,
+                "original_max_position_embeddings": args.rope_original_context}
     config = LlamaConfig(
         vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=n_kv,

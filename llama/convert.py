@@ -13,20 +13,18 @@ import argparse
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from llama.checkpoints.meta import MetaShards, find_tokenizer, open_checkpoint, tokenizer_kind, write_meta
 from llama.checkpoints.hf import write_hf
+from llama.params import hf_context_length
 from llama.model import ModelArgs
 
-# params.json keys whose defaults are Meta's constants: written only when a Hugging Face config differs.
-ROPE_DEFAULTS = {
-    "rope_scaling_factor": 8.0,
-    "rope_low_freq_factor": 1.0,
-    "rope_high_freq_factor": 4.0,
-    "rope_original_context": 8192,
-}
+# params.json keys Meta's files never carry: written only when a Hugging Face config differs from what the
+# file implies without them (Meta's constants; factor 32 for Llama 3.2 1B/3B).
+ROPE_KEYS = ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_context")
 
 
 SIZE_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -42,10 +40,22 @@ def parse_size(text: str) -> int:
 
 
 def default_max_position_embeddings(args: ModelArgs) -> int:
-    """The context Meta's Hugging Face configs state: 131072 (3.1, 3.2), 8192 (3), 4096 (2)."""
-    if args.use_scaled_rope:
-        return 131072
-    return 8192 if args.rope_theta >= 500000 else 4096
+    """The context Meta's Hugging Face configs state: 131072 (3.1+), 8192 (3), 16384 (CodeLlama), 4096 (2)."""
+    return hf_context_length(args.rope_theta, args.use_scaled_rope)
+
+
+def meta_params(params: Dict[str, Any]) -> Dict[str, Any]:
+    """`params` without the RoPE scaling keys whose values the rest of the file implies anyway, so that a
+    converted params.json reads like Meta's (whose files never carry those keys)."""
+    without = {k: v for k, v in params.items() if k not in ROPE_KEYS}
+    implied = _quiet_args(without)
+    return {k: v for k, v in params.items() if k not in ROPE_KEYS or getattr(implied, k) != v}
+
+
+def _quiet_args(params: Dict[str, Any]) -> ModelArgs:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unknown keys are warned about where the model is built
+        return ModelArgs.from_params(params)
 
 
 def convert(
@@ -92,8 +102,7 @@ def convert(
             embedding_dim = int(embedding_split == "dim")
         else:
             raise ValueError(f"--embedding_split must be 'vocab' or 'dim', got {embedding_split!r}")
-        meta_params = {k: v for k, v in params.items() if ROPE_DEFAULTS.get(k, object()) != v}
-        write_meta(source, meta_params, out, shards or 1, embedding_dim)
+        write_meta(source, meta_params(params), out, shards or 1, embedding_dim)
         if tokenizer:
             shutil.copyfile(tokenizer, out / "tokenizer.model")
         return to

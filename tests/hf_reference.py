@@ -32,9 +32,10 @@ def hf_model(params: Dict, sd: Dict[str, torch.Tensor], max_positions: int = 256
 
     n_heads = params["n_heads"]
     n_kv = params.get("n_kv_heads") or n_heads
-    rope = {"rope_type": "default", "rope_theta": params["rope_theta"]}
+    theta = params.get("rope_theta", 10000.0)  # as transformers' converter reads a Llama 2 file
+    rope = {"rope_type": "default", "rope_theta": theta}
     if params.get("use_scaled_rope"):
-        rope = {"rope_type": "llama3", "rope_theta": params["rope_theta"], "factor": 8.0,
+        rope = {"rope_type": "llama3", "rope_theta": theta, "factor": 8.0,
                 "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     config = LlamaConfig(
         vocab_size=params["vocab_size"], hidden_size=params["dim"], intermediate_size=ffn_hidden_dim(params),

@@ -11,7 +11,7 @@ import torch
 from llama import Llama, PromptError
 from llama.model import ModelArgs
 
-from helpers import SMALL_GQA, write_byte_tokenizer, write_checkpoint
+from helpers import SMALL_GQA, meta_rope_freqs, write_byte_tokenizer, write_checkpoint
 
 PARAMS = dict(SMALL_GQA, vocab_size=512)
 
@@ -142,10 +142,10 @@ def test_missing_and_unexpected_tensors_are_named(files, tmp_path):
         build(ckpt, tok)
 
 
-def test_llama2_rope_freqs_tensor_is_ignored(files, tmp_path):
+def test_rope_freqs_tensor_matching_params_is_accepted_and_not_loaded(files, tmp_path):
     ckpt, tok = copy_ckpt(files, tmp_path)
     state = torch.load(ckpt / "consolidated.00.pth", weights_only=True)
-    state["rope.freqs"] = torch.zeros(4)
+    state["rope.freqs"] = meta_rope_freqs(PARAMS["dim"] // PARAMS["n_heads"], PARAMS["rope_theta"])
     torch.save(state, ckpt / "consolidated.00.pth")
     build(ckpt, tok)
 

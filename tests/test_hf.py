@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import (SMALL_GQA, SMALL_MHA, random_state_dict, save_hf_llama, shard_state_dict,
+from helpers import (SMALL_GQA, SMALL_MHA, meta_rope_freqs, random_state_dict, save_hf_llama, shard_state_dict,
                      train_sentencepiece, write_byte_tokenizer, write_checkpoint)
 from llama import Llama
 from llama.checkpoints.meta import open_checkpoint
@@ -88,7 +88,8 @@ def test_llama2_meta_to_hf_matches_transformers(tmp_path):
     meta = tmp_path / "meta"
     params = dict(SMALL_MHA, vocab_size=320)
     sd = random_state_dict(params, seed=5)
-    write_checkpoint(meta, dict(params, vocab_size=-1), n_shards=2, sd=sd, embedding_dim=1)
+    write_checkpoint(meta, dict(params, vocab_size=-1), n_shards=2, sd=sd, embedding_dim=1,
+                     extra={"rope.freqs": meta_rope_freqs(params["dim"] // params["n_heads"])})
     shutil.copy(sp, meta / "tokenizer.model")
     assert convert_main([str(meta), str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "tokenizer.model").is_file()  # Llama 2 repos keep it at the top
@@ -98,10 +99,12 @@ def test_llama2_meta_to_hf_matches_transformers(tmp_path):
     tokens = TOKENS % 320
     torch.testing.assert_close(hf_logits(model, tokens), our_logits(meta, None, tokens), atol=1e-5, rtol=0)
     # And back: Llama 2's column-cut embedding is chosen again because the tokenizer is SentencePiece.
+    # (rope.freqs is not a parameter: checked against params.json on reading, not carried over.)
     assert convert_main([str(tmp_path / "hf"), str(tmp_path / "back"), "--shards", "2"]) == 0
     for r in range(2):
         a = torch.load(meta / f"consolidated.{r:02d}.pth")
         b = torch.load(tmp_path / "back" / f"consolidated.{r:02d}.pth")
+        assert a.pop("rope.freqs") is not None
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

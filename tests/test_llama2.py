@@ -9,8 +9,8 @@ import pytest
 import sentencepiece
 import torch
 
-from helpers import (SMALL_MHA, random_state_dict, real_tokenizer_path, train_sentencepiece, write_byte_tokenizer,
-                     write_checkpoint)
+from helpers import (SMALL_MHA, meta_rope_freqs, random_state_dict, real_tokenizer_path, train_sentencepiece,
+                     write_byte_tokenizer, write_checkpoint)
 from llama import Llama
 from llama.checkpoints.meta import tokenizer_kind
 from llama.generation import load_tokenizer, make_chat_format
@@ -36,7 +36,7 @@ def llama2(sp_path, tmp_path_factory):
     columns, rope.freqs in every shard."""
     ckpt = tmp_path_factory.mktemp("llama2")
     sd = random_state_dict(dict(SMALL_MHA, vocab_size=VOCAB), seed=3)
-    rope_freqs = {"rope.freqs": torch.rand(8)}
+    rope_freqs = {"rope.freqs": meta_rope_freqs(SMALL_MHA["dim"] // SMALL_MHA["n_heads"])}
     write_checkpoint(ckpt, dict(SMALL_MHA, vocab_size=-1), 2, sd=sd, embedding_dim=1, extra=rope_freqs)
     return Llama.build(str(ckpt), sp_path, max_seq_len=128, max_batch_size=4, device="cpu")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (SMALL_GQA, SMALL_MHA, random_state_dict, save_hf_llama, shard_state_dict,
+from helpers import (SMALL_GQA, SMALL_MHA, meta_rope_freqs, random_state_dict, save_hf_llama, shard_state_dict,
                      write_byte_tokenizer, write_checkpoint)
 from llama import Llama
 from llama.checkpoints.meta import MetaShards, find_shards, load_checkpoint, open_checkpoint
@@ -35,7 +35,7 @@ def ckpts(tmp_path_factory):
     for n in (1, 2, 4, 8):
         write_checkpoint(root / f"gqa{n}", GQA, n, sd=sd)
     sd2 = random_state_dict(dict(LLAMA2, vocab_size=512), seed=2)
-    rope_freqs = {"rope.freqs": torch.rand(SMALL_MHA["dim"] // SMALL_MHA["n_heads"] // 2)}
+    rope_freqs = {"rope.freqs": meta_rope_freqs(SMALL_MHA["dim"] // SMALL_MHA["n_heads"])}
     for n in (1, 2):
         write_checkpoint(root / f"llama2_{n}", LLAMA2, n, sd=sd2, embedding_dim=1, extra=rope_freqs)
     hf_model = save_hf_llama(root / "hf", seed=3, tie=True, max_shard_size="60KB", rope_scaling={

@@ -17,9 +17,11 @@ from torch import nn
 
 from llama.model import ModelArgs
 from llama.checkpoints.reshard import Layout, Source, check_split, full_shapes, rank_state
-from llama.params_check import check_param_types, unknown_keys_hint
+from llama.params import check_param_types, unknown_keys_hint
+from llama.checkpoints.rope_freqs import check_rope_freqs
 
-# Tensors found in some checkpoints that are not parameters: Llama 2's precomputed RoPE frequencies.
+# Tensors found in some checkpoints that are not parameters: Llama 2's precomputed RoPE frequencies
+# (checked against params.json by MetaShards, then left out).
 IGNORED_KEYS = {"rope.freqs"}
 
 
@@ -159,6 +161,8 @@ class MetaShards:
                     f"checkpoint file {str(path)!r} (shard {part} of {n}) has tensors of the wrong shape for the "
                     "model params.json describes: " + "; ".join(wrong[:10]) + unknown_keys_hint(params, ModelArgs)
                 )
+            if "rope.freqs" in shard:
+                check_rope_freqs(shard["rope.freqs"], args, f"checkpoint file {str(path)!r}")
 
     def names(self) -> List[str]:
         return list(self._shapes)
