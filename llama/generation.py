@@ -25,10 +25,13 @@ from llama.fast_layers import use_fast_layers
 from llama.model import ModelArgs, Transformer
 from llama.predictions import ChatPrediction, CompletionPrediction, PromptError, run_valid, to_prediction
 from llama.reference import decode_reference
-from llama.sampling import Sampler, build_processors, row_generators
+from llama.sampling import Sampler, build_processors, row_generators, sample_top_p  # noqa: F401 (Meta's name)
 from llama.scoring import ScorePrediction, score_sequences
 from llama.streaming import StreamEvent
-from llama.tokenizer import Dialog, check_dialog
+# Meta's llama.generation also offers these names (the Llama 2 one its chat tags): scripts import them from here.
+from llama.tokenizer import ChatFormat, Dialog, Message, Role, Tokenizer  # noqa: F401
+from llama.tokenizer_llama2 import B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR  # noqa: F401
+from llama.tool_calls import reply_message
 
 
 class Llama:
@@ -221,7 +224,7 @@ class Llama:
             prompt_tokens.append(self.tokenizer.encode(prompt, bos=True, eos=False))
         settings = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, config=config,
                         logprobs=logprobs, top_logprobs=top_logprobs, echo=echo, **controls)
-        return self._complete(prompt_tokens, [None] * len(prompt_tokens), settings, lambda text: text)
+        return self._complete(prompt_tokens, [None] * len(prompt_tokens), settings, lambda c: c.text)
 
     def chat_completion(
         self,
@@ -237,47 +240,44 @@ class Llama:
     ) -> List[Union[ChatPrediction, List[ChatPrediction]]]:
         """Answer each dialog as the assistant. Defaults and controls as for `text_completion`.
 
-        A dialog must be an optional system message, then user/assistant turns alternating and ending with
-        the user. Returns one ChatPrediction per dialog (a list of n with n > 1). Raises PromptError (a
-        ValueError) naming the dialogs that cannot run, after answering the others, which it carries in
-        `.results`. With the Llama 2 chat format, a dialog containing its tags ([INST], <<SYS>>, ...) is
-        answered "Error: special tags are not allowed as part of the prompt." without running the model
-        (empty tokens and logprobs), as Meta's Llama 2 code answers it.
+        A dialog must be an optional system message, then (Llama 3) user, assistant and ipython messages
+        ending with user or ipython, or (Llama 2) user/assistant turns alternating and ending with the user.
+        Returns one ChatPrediction per dialog (a list of n with n > 1). When a Llama 3.1+ reply calls a tool,
+        its message also holds "tool_calls", "python_tag" and "stop_reason" (llama.tool_calls). Raises
+        PromptError (a ValueError) naming the dialogs that cannot run, after answering the others, which it
+        carries in `.results`. With the Llama 2 chat format, a dialog containing its tags ([INST], <<SYS>>,
+        ...) is answered "Error: special tags are not allowed as part of the prompt.", as Meta's Llama 2 code
+        answers it: the model still runs, and with logprobs its tokens and logprobs are returned beside it.
         """
         prompt_tokens: List[List[int]] = []
         problems: List[Optional[str]] = []
-        fixed: Dict[int, ChatPrediction] = {}
+        fixed: Dict[int, str] = {}
         for i, dialog in enumerate(dialogs):
             try:
-                check_dialog(dialog)
+                self.formatter.check_dialog(dialog)
             except ValueError as e:
                 prompt_tokens.append([])
                 problems.append(str(e))
                 continue
             reply = self.formatter.fixed_reply(dialog)
             if reply is not None:
-                fixed[i] = {"generation": {"role": "assistant", "content": reply}}
-                if logprobs or top_logprobs:
-                    fixed[i].update(tokens=[], logprobs=[])
-                if top_logprobs:
-                    fixed[i]["top_logprobs"] = []
-            prompt_tokens.append([] if reply is not None else self.formatter.encode_dialog_prompt(dialog))
+                fixed[i] = reply
+            prompt_tokens.append(self.formatter.encode_dialog_prompt(dialog))
             problems.append(None)
         settings = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, config=config,
                         logprobs=logprobs, top_logprobs=top_logprobs, **controls)
-        return self._complete(
-            prompt_tokens, problems, settings, lambda text: {"role": "assistant", "content": text}, fixed
-        )
+        special_tokens = self.tokenizer.special_tokens
+        return self._complete(prompt_tokens, problems, settings, lambda c: reply_message(c, special_tokens), fixed)
 
     def _complete(self, prompt_tokens, problems, settings, wrap, fixed=None) -> list:
         """Complete the prompts without a problem, shape each sample as Meta's predictions, and raise
         PromptError afterwards for the others (dialog problems, then prompt problems). Prompts in `fixed`
-        (index -> prediction) are answered with that prediction, without the model."""
+        (index -> text) run as the others do, but their generation's content is that text."""
         fixed = fixed or {}
         if not prompt_tokens:
             raise ValueError("no prompts given: pass a non-empty list")
         errors = {i: problem for i, problem in enumerate(problems) if problem}
-        ready = [i for i in range(len(prompt_tokens)) if i not in errors and i not in fixed]
+        ready = [i for i in range(len(prompt_tokens)) if i not in errors]
         completions: List[Optional[List[Completion]]] = [None] * len(prompt_tokens)
         if ready:
             try:
@@ -290,9 +290,6 @@ class Llama:
         n = settings.get("n") or (settings["config"].n if settings.get("config") else 1)
         results: list = []
         for i, samples in enumerate(completions):
-            if i in fixed:
-                results.append(fixed[i] if n == 1 else [fixed[i]] * n)
-                continue
             if samples is None:
                 results.append(None)
                 continue
@@ -300,6 +297,8 @@ class Llama:
                 to_prediction(c, self.tokenizer, wrap, settings["logprobs"], settings["top_logprobs"] > 0)
                 for c in samples
             ]
+            for prediction in predictions if i in fixed else []:
+                prediction["generation"] = {"role": "assistant", "content": fixed[i]}
             results.append(predictions if len(predictions) > 1 else predictions[0])
         if errors:
             raise PromptError(errors, results)
