@@ -287,7 +287,6 @@ class Llama:
                 errors.update({ready[j]: message for j, message in e.errors.items()})
             for j, i in enumerate(ready):
                 completions[i] = done[j]
-        n = settings.get("n") or (settings["config"].n if settings.get("config") else 1)
         results: list = []
         for i, samples in enumerate(completions):
             if samples is None:

@@ -232,7 +232,8 @@ def test_text_completion_takes_metas_positional_arguments_and_returns_its_dicts(
 
 
 def test_chat_completion_takes_metas_positional_arguments_and_returns_its_dicts(generator):
-    dialogs = [[{"role": "user", "content": "hi"}], [{"role": "system", "content": "s"}, {"role": "user", "content": "x"}]]
+    dialogs = [[{"role": "user", "content": "hi"}],
+               [{"role": "system", "content": "s"}, {"role": "user", "content": "x"}]]
     plain = generator.chat_completion(dialogs, 0.0, 0.9, 5)
     assert [set(r) for r in plain] == [{"generation"}] * 2
     assert all(set(r["generation"]) == {"role", "content"} and r["generation"]["role"] == "assistant" for r in plain)

@@ -99,7 +99,8 @@ def test_system_prompt_writes_metas_tool_lines():
                          today="21 September 2024", instructions="You are a helpful assistant.") + "\n" \
         == SYSTEM_3_1_TOOLS
     assert system_prompt() == "Environment: ipython"
-    assert system_prompt(["brave_search", "wolfram_alpha"]) + "\n" == "Environment: ipython\nTools: brave_search, wolfram_alpha\n"
+    lines = "Environment: ipython\nTools: brave_search, wolfram_alpha\n"  # Meta's full-interaction example
+    assert system_prompt(["brave_search", "wolfram_alpha"]) + "\n" == lines
     assert system_prompt(ipython=False, instructions="Be brief.") == "Be brief."
     with pytest.raises(ValueError, match=r"identifiers.*\['brave search'\]"):
         system_prompt(["brave search"])
@@ -169,7 +170,8 @@ def test_llama3_dialogs_take_ipython_messages_and_llama2_dialogs_do_not(tok):
     with pytest.raises(ValueError, match="message 0: only assistant messages carry"):
         fmt.check_dialog([{"role": "user", "content": "a", "python_tag": True}])
     with pytest.raises(ValueError, match="'stop_reason' must be one of"):
-        fmt.check_dialog([{"role": "assistant", "content": "a", "stop_reason": "eom"}, {"role": "user", "content": "b"}])
+        fmt.check_dialog([{"role": "assistant", "content": "a", "stop_reason": "eom"},
+                          {"role": "user", "content": "b"}])
     with pytest.raises(ValueError, match="unknown role 'ipython'"):
         check_dialog([{"role": "user", "content": "a"}, {"role": "ipython", "content": "b"}])  # Llama 2's rule
 
@@ -207,7 +209,7 @@ def scripted(tiny, prompt_len, script, fast):
 @pytest.fixture
 def restore_forward(tiny):
     yield
-    del tiny.model.forward  # back to Transformer.forward
+    tiny.model.__dict__.pop("forward", None)  # back to Transformer.forward
 
 
 @pytest.mark.parametrize("fast", [False, True], ids=["reference-loop", "fast-loop"])
