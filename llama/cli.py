@@ -23,7 +23,7 @@ from llama.config import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, GenerationConfig
 from llama.distributed import is_rank_zero
 from llama.generation import Llama, PromptError
 from llama.interrupt import report_interrupt
-from llama.tokenizer import Dialog, check_dialog
+from llama.tokenizer import Dialog
 
 Prompt = Union[str, Dialog]
 
@@ -293,7 +293,7 @@ def complete_batch(
             if dialog is None:
                 tokens[i] = llama.tokenizer.encode(prompt, bos=True, eos=False)
                 continue
-            check_dialog(dialog)
+            llama.formatter.check_dialog(dialog)
             reply = llama.formatter.fixed_reply(dialog)
             if reply is not None:
                 fixed[i] = reply

@@ -23,6 +23,7 @@ class Completion:
     stop_reason: str  # "stop_token", "stop_string" or "length"
     logprobs: Optional[List[float]] = None  # one per id in `tokens`, with logprobs or top_logprobs
     top_logprobs: Optional[List[List[Tuple[int, float]]]] = None  # per id, the likeliest (id, logprob)
+    stop_token: Optional[int] = None  # the stop token that ended it (stop_reason "stop_token"), e.g. <|eom_id|>
 
 
 @dataclass
@@ -92,6 +93,7 @@ def cut_completions(rows: Rows, decoded: Decoded, tokenizer: Tokenizer, echo: bo
                 stop_reason=reason,
                 logprobs=logprobs[i][start:end] if logprobs else None,
                 top_logprobs=top[i][start:end] if top else None,
+                stop_token=row[prompt_len + len(generated)] if reason == STOP_TOKEN else None,
             )
         )
     return out

@@ -29,10 +29,13 @@ from llama.fast.loop import decode, stop_check_interval
 from llama.fast.step import DecodeStep
 from llama.model import ModelArgs, Transformer
 from llama.predictions import ChatPrediction, CompletionPrediction, PromptError, to_predictions
-from llama.sampling import Context, Sampler, make_sampler
+from llama.sampling import Context, Sampler, make_sampler, sample_top_p  # noqa: F401 (Meta's name)
 from llama.scoring import LogprobRecorder, ScorePrediction, score_sequences
 from llama.streaming import RowTracker, StreamEvent
-from llama.tokenizer import Dialog, check_dialog
+# Meta's llama.generation also offers these names (the Llama 2 one its chat tags): scripts import them from here.
+from llama.tokenizer import ChatFormat, Dialog, Message, Role, Tokenizer  # noqa: F401
+from llama.tokenizer_llama2 import B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR  # noqa: F401
+from llama.tool_calls import reply_message
 
 
 def check_prompt(tokens: Sequence[int], params: ModelArgs) -> Optional[str]:
@@ -383,7 +386,7 @@ class Llama:
             if not isinstance(prompt, str):
                 raise TypeError(f"prompts must be strings, got {type(prompt).__name__}: {prompt!r:.80}")
         prompt_tokens = [self.tokenizer.encode(prompt, bos=True, eos=False) for prompt in prompts]
-        shape = lambda results: to_predictions(results, self.tokenizer, lambda text: text, logprobs, top_logprobs)  # noqa: E731
+        shape = lambda results: to_predictions(results, self.tokenizer, lambda c: c.text, logprobs, top_logprobs)  # noqa: E731
         try:
             completions = self.complete(
                 prompt_tokens, max_gen_len, config=config, temperature=temperature, top_p=top_p,
@@ -407,13 +410,15 @@ class Llama:
     ) -> List[Union[ChatPrediction, List[ChatPrediction]]]:
         """Answer each dialog as the assistant. Defaults and controls as for `text_completion`.
 
-        A dialog must be an optional system message, then user/assistant turns alternating and ending with
-        the user. Returns one ChatPrediction per dialog (a list of n with n > 1). Raises TypeError for one
-        dialog instead of a list of them; PromptError (a ValueError) naming the dialogs that cannot run,
-        after answering the others, whose predictions it carries in `.results`. With the Llama 2 chat
-        format, a dialog containing its tags ([INST], <<SYS>>, ...) is run as any other, and its answer's
-        content replaced by "Error: special tags are not allowed as part of the prompt.", as Meta's Llama 2
-        code does (tokens and logprobs are the generated ones).
+        A dialog must be an optional system message, then (Llama 3) user, assistant and ipython messages
+        ending with user or ipython, or (Llama 2) user/assistant turns alternating and ending with the user.
+        Returns one ChatPrediction per dialog (a list of n with n > 1). When a Llama 3.1+ reply calls a tool,
+        its message also holds "tool_calls", "python_tag" and "stop_reason" (llama.tool_calls). Raises
+        TypeError for one dialog instead of a list of them; PromptError (a ValueError) naming the dialogs that
+        cannot run, after answering the others, whose predictions it carries in `.results`. With the Llama 2
+        chat format, a dialog containing its tags ([INST], <<SYS>>, ...) is run as any other, and its
+        answer's content replaced by "Error: special tags are not allowed as part of the prompt.", as Meta's
+        Llama 2 code does (tokens and logprobs are the generated ones).
         """
         if isinstance(dialogs, (str, bytes, dict)) or (
             isinstance(dialogs, (list, tuple)) and dialogs and isinstance(dialogs[0], dict)
@@ -427,15 +432,18 @@ class Llama:
         dialog_errors: Dict[int, str] = {}
         for i, dialog in enumerate(dialogs):
             try:
-                check_dialog(dialog)
+                self.formatter.check_dialog(dialog)
             except ValueError as e:
                 dialog_errors[i] = str(e)
             prompt_tokens.append([] if i in dialog_errors else self.formatter.encode_dialog_prompt(dialog))
         replies = [None if i in dialog_errors else self.formatter.fixed_reply(d) for i, d in enumerate(dialogs)]
+        special_tokens = self.tokenizer.special_tokens
 
         def shape(results: List[Optional[List[Completion]]]) -> list:
-            def wrap_each(i: int) -> Callable[[str], Dict[str, str]]:
-                return lambda text: {"role": "assistant", "content": text if replies[i] is None else replies[i]}
+            def wrap_each(i: int) -> Callable[[Completion], Dict[str, Any]]:
+                if replies[i] is None:
+                    return lambda c: reply_message(c, special_tokens)
+                return lambda c: {"role": "assistant", "content": replies[i]}
 
             return [
                 to_predictions([samples], self.tokenizer, wrap_each(i), logprobs, top_logprobs)[0]

@@ -7,7 +7,7 @@ dim (model width), n_heads / n_kv_heads (query / key-value heads on this rank), 
 
 import math
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Dict, Optional, Tuple
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -42,12 +42,13 @@ class ModelArgs:
     # Meta's Llama 3 default. `from_params` reads a params.json without the key as Llama 2's 10000 (see
     # llama.params).
     rope_theta: float = 500000
-    use_scaled_rope: bool = False  # Llama 3.1+: stretch low RoPE frequencies for long context
+    # Keyword-only (after max_seq_len): positional arguments keep the order of Meta's llama3 ModelArgs.
+    use_scaled_rope: bool = field(default=False, kw_only=True)  # Llama 3.1+: stretch low RoPE frequencies
     # The scaling's constants: Meta's code always uses these; `from_params` takes 32 for Llama 3.2 1B/3B.
-    rope_scaling_factor: float = 8.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_context: int = 8192
+    rope_scaling_factor: float = field(default=8.0, kw_only=True)
+    rope_low_freq_factor: float = field(default=1.0, kw_only=True)
+    rope_high_freq_factor: float = field(default=4.0, kw_only=True)
+    rope_original_context: int = field(default=8192, kw_only=True)
 
     max_batch_size: int = 32
     max_seq_len: int = 2048
@@ -77,10 +78,16 @@ class ModelArgs:
     @property
     def ffn_hidden_dim(self) -> int:
         """SwiGLU hidden size: 2/3 of 4*dim, times ffn_dim_multiplier, rounded up to multiple_of."""
-        hidden = int(2 * (4 * self.dim) / 3)
-        if self.ffn_dim_multiplier is not None:
-            hidden = int(self.ffn_dim_multiplier * hidden)
-        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        return swiglu_hidden_dim(4 * self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+
+def swiglu_hidden_dim(hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    """Meta's SwiGLU sizing of a starting size (4 * dim): 2/3 of it, times ffn_dim_multiplier, rounded up to a
+    multiple of multiple_of."""
+    hidden = int(2 * hidden_dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
 class RMSNorm(nn.Module):
@@ -251,8 +258,14 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x), the hidden dimension split across ranks."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(
+        self, dim: int, hidden_dim: int, multiple_of: Optional[int] = None, ffn_dim_multiplier: Optional[float] = None
+    ):
+        """hidden_dim: the hidden size. Given `multiple_of` (Meta's call, FeedForward(dim, 4 * dim, multiple_of,
+        ffn_dim_multiplier)), hidden_dim is Meta's starting size, turned into the hidden size as Meta does."""
         super().__init__()
+        if multiple_of is not None:
+            hidden_dim = swiglu_hidden_dim(hidden_dim, multiple_of, ffn_dim_multiplier)
         self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=lambda x: x)
         self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=lambda x: x)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=lambda x: x)
@@ -326,3 +339,31 @@ class Transformer(nn.Module):
             h = layer(h, start_pos, cos, sin, mask)
         h = self.norm(h)
         return self.output(h).float()  # (bsz, seqlen, vocab_size)
+
+
+# ---- Meta's helpers, for scripts that import them from llama.model --------------------------------------
+# The model above keeps RoPE as real cos/sin tables and lets SDPA share K/V heads (enable_gqa); Meta's model
+# uses these instead. They give Meta's values, for code written against Meta's llama.model.
+
+
+def precompute_freqs_cis(dim: int, end: int, theta: float = 10000.0, use_scaled: bool = False) -> torch.Tensor:
+    """Meta's RoPE table: (end, dim // 2) complex64, e^(i * pos * theta^(-2k/dim)); `use_scaled` applies Llama
+    3.1's frequency scaling (as in Meta's llama-models). Equal to precompute_rope's cos + i sin."""
+    freqs = rope_frequencies(dim, theta)
+    if use_scaled:
+        freqs = apply_scaling(freqs)
+    angles = torch.outer(torch.arange(end, dtype=torch.float32), freqs)  # (end, dim // 2)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def reshape_for_broadcast(freqs_cis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """View freqs_cis (seqlen, d) as (1, seqlen, 1, ..., d) to multiply x (bsz, seqlen, ..., d)."""
+    if x.ndim < 2 or freqs_cis.shape != (x.shape[1], x.shape[-1]):
+        raise ValueError(f"freqs_cis of shape {tuple(freqs_cis.shape)} does not fit x of shape {tuple(x.shape)}")
+    return freqs_cis.view(*[d if i in (1, x.ndim - 1) else 1 for i, d in enumerate(x.shape)])
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(bsz, seqlen, n_kv_heads, head_dim) -> (bsz, seqlen, n_kv_heads * n_rep, head_dim), each KV head
+    repeated n_rep times in a row (the query heads that share it)."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=2)

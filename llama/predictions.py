@@ -22,11 +22,16 @@ class ChatPrediction(TypedDict, total=False):
 
 
 def to_prediction(
-    completion: Completion, tokenizer: Tokenizer, wrap: Callable[[str], Any], logprobs: bool, top_logprobs: bool
+    completion: Completion,
+    tokenizer: Tokenizer,
+    wrap: Callable[[Completion], Any],
+    logprobs: bool,
+    top_logprobs: bool,
 ) -> Dict[str, Any]:
-    """Meta's prediction dict: {"generation": wrap(text)}, with logprobs also "tokens" (each decoded on
-    its own) and "logprobs", with top_logprobs also "top_logprobs" as (token text, logprob) pairs."""
-    prediction: Dict[str, Any] = {"generation": wrap(completion.text)}
+    """Meta's prediction dict: {"generation": wrap(completion)} (its text, or a chat message), with logprobs
+    also "tokens" (each decoded on its own) and "logprobs", with top_logprobs also "top_logprobs" as
+    (token text, logprob) pairs."""
+    prediction: Dict[str, Any] = {"generation": wrap(completion)}
     if logprobs or top_logprobs:
         prediction["tokens"] = [tokenizer.decode([t]) for t in completion.tokens]
         prediction["logprobs"] = completion.logprobs

@@ -3,16 +3,27 @@
 import base64
 import os
 import re
-from typing import AbstractSet, Collection, Dict, Iterator, List, Literal, Optional, Sequence, TypedDict, Union
+from typing import (
+    AbstractSet, Collection, Dict, Iterator, List, Literal, NotRequired, Optional, Sequence, TypedDict, Union
+)
 
 import tiktoken
 
-Role = Literal["system", "user", "assistant"]
+from llama.tool_calls import ToolCall, check_tool_fields
+
+# "ipython" (Llama 3.1+) carries a tool's output back to the model.
+Role = Literal["system", "user", "assistant", "ipython"]
 
 
 class Message(TypedDict):
     role: Role
     content: str
+    # An assistant turn that called a tool (Llama 3.1+; llama.tool_calls): the calls parsed from `content`,
+    # whether the model began it with <|python_tag|>, and how it ended: "end_of_message" (<|eom_id|>: the
+    # model waits for the tool's answer) or "end_of_turn" (<|eot_id|>). Re-encoded exactly as the model wrote.
+    tool_calls: NotRequired[List[ToolCall]]
+    python_tag: NotRequired[bool]
+    stop_reason: NotRequired[Literal["end_of_message", "end_of_turn"]]
 
 
 Dialog = Sequence[Message]
@@ -108,9 +119,9 @@ class Tokenizer:
     def encode(
         self,
         s: str,
-        *,
         bos: bool,
         eos: bool,
+        *,
         allowed_special: Union[Literal["all"], AbstractSet[str]] = set(),
         disallowed_special: Union[Literal["all"], Collection[str]] = (),
     ) -> List[int]:
@@ -133,8 +144,9 @@ class Tokenizer:
         return t
 
     def decode(self, t: Sequence[int]) -> str:
-        """Decode token ids to text (bytes that are not valid UTF-8 become U+FFFD)."""
-        return self.model.decode(list(t))
+        """Decode token ids to text (bytes that are not valid UTF-8 become U+FFFD). Ids of -1 (Meta's Llama 3
+        pad id) are skipped, as Meta's decode skips them."""
+        return self.model.decode([token for token in t if token != -1])
 
 
 def _split_long_runs(s: str, max_run: int) -> Iterator[str]:
@@ -159,10 +171,17 @@ def _split_long_runs(s: str, max_run: int) -> Iterator[str]:
 
 
 class ChatFormat:
-    """Llama 3 chat prompts: each message is a header, its stripped content and <|eot_id|>."""
+    """Llama 3 chat prompts: each message is a header, its content and <|eot_id|>.
 
-    def __init__(self, tokenizer: Tokenizer):
+    With `strip` (the default, as Meta's llama3 package) message text is stripped of surrounding whitespace;
+    strip=False writes it as given, as Meta's llama-models package (Llama 3.1+) does. An assistant message
+    holding a tool call (llama.tool_calls) is always written as given, after <|python_tag|> if the model
+    wrote one and ending with <|eom_id|> where the model ended with it, so that it re-encodes byte for byte.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, *, strip: bool = True):
         self.tokenizer = tokenizer
+        self.strip = strip
 
     def encode_header(self, message: Message) -> List[int]:
         tokens = [self.tokenizer.special_tokens["<|start_header_id|>"]]
@@ -174,13 +193,31 @@ class ChatFormat:
     def encode_message(self, message: Message) -> List[int]:
         # Content is always plain text: "<|eot_id|>" typed by a user stays ordinary characters.
         tokens = self.encode_header(message)
-        tokens.extend(self.tokenizer.encode(message["content"].strip(), bos=False, eos=False))
-        tokens.append(self.tokenizer.eot_id)
+        if message.get("python_tag"):
+            tokens.append(self.tokenizer.special_tokens["<|python_tag|>"])
+        text = message["content"]
+        if self.strip and "tool_calls" not in message:
+            text = text.strip()
+        tokens.extend(self.tokenizer.encode(text, bos=False, eos=False))
+        end = "<|eom_id|>" if message.get("stop_reason") == "end_of_message" else "<|eot_id|>"
+        tokens.append(self.tokenizer.special_tokens[end])
         return tokens
 
     def fixed_reply(self, dialog: Dialog) -> Optional[str]:
         """An answer that replaces the generated text: never, in Llama 3's format (Llama 2's has one)."""
         return None
+
+    def check_dialog(self, dialog: Dialog) -> None:
+        """Raise ValueError unless `dialog` is: an optional system message, then user, assistant and ipython
+        (tool output) messages in any order (Meta's own tool examples hold two user messages in a row),
+        ending with a user or ipython message for the assistant to answer."""
+        _check_messages(dialog, ("system", "user", "assistant", "ipython"))
+        roles = [m["role"] for m in dialog]
+        if "system" in roles[1:] or roles[-1] not in ("user", "ipython"):
+            raise ValueError(
+                "a Llama 3 dialog must be an optional system message, then user, assistant and ipython messages "
+                f"ending with user (or ipython, a tool's output); got roles {roles}"
+            )
 
     def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
         """<|begin_of_text|>, every message, then an empty assistant header for the model to continue."""
@@ -191,18 +228,24 @@ class ChatFormat:
         return tokens
 
 
-def check_dialog(dialog: Dialog) -> None:
-    """Raise ValueError unless `dialog` is: an optional system message, then user/assistant turns
-    alternating, starting and ending with the user."""
+def _check_messages(dialog: Dialog, roles: Sequence[str]) -> None:
+    """Raise ValueError unless `dialog` is a non-empty list of messages with a str content and a role in `roles`
+    (and, on assistant messages, well-formed tool-call fields)."""
     if not isinstance(dialog, (list, tuple)) or not dialog:
         raise ValueError(f"a dialog must be a non-empty list of messages, got {dialog!r:.80}")
     for i, message in enumerate(dialog):
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
             raise ValueError(f"message {i} must be a dict with a str 'content', got {message!r:.80}")
-        if message.get("role") not in ("system", "user", "assistant"):
-            raise ValueError(
-                f"message {i} has unknown role {message.get('role')!r}; expected system, user or assistant"
-            )
+        if message.get("role") not in roles:
+            raise ValueError(f"message {i} has unknown role {message.get('role')!r}; expected {', '.join(roles)}")
+        check_tool_fields(message, i)
+
+
+def check_dialog(dialog: Dialog) -> None:
+    """Raise ValueError unless `dialog` is: an optional system message, then user/assistant turns
+    alternating, starting and ending with the user (the Llama 2 format's rule; ChatFormat.check_dialog
+    gives Llama 3's, which also takes ipython messages)."""
+    _check_messages(dialog, ("system", "user", "assistant"))
     turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
     roles = [m["role"] for m in turns]
     expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(roles))]

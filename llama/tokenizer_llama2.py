@@ -6,7 +6,7 @@
 import os
 from typing import List, Optional, Sequence
 
-from llama.tokenizer import Dialog
+from llama.tokenizer import Dialog, check_dialog
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -41,8 +41,8 @@ class SentencePieceTokenizer:
         self.stop_tokens = {self.eos_id}
         self.special_tokens: dict = {}  # none beyond bos/eos: Llama 3's chat format cannot use this tokenizer
 
-    def encode(self, s: str, *, bos: bool, eos: bool) -> List[int]:
-        """Encode `s` into token ids, optionally with bos / eos around it."""
+    def encode(self, s: str, bos: bool, eos: bool) -> List[int]:
+        """Encode `s` into token ids, optionally with bos / eos around it (positional, as in Meta's Llama 2)."""
         if not isinstance(s, str):
             raise TypeError(f"Tokenizer.encode expects a str, got {type(s).__name__}")
         t = self.model.encode(s)
@@ -50,6 +50,11 @@ class SentencePieceTokenizer:
 
     def decode(self, t: Sequence[int]) -> str:
         return self.model.decode(list(t))
+
+    @property
+    def sp_model(self):
+        """The SentencePieceProcessor, under the name Meta's Llama 2 Tokenizer gives it."""
+        return self.model
 
 
 class Llama2ChatFormat:
@@ -67,8 +72,13 @@ class Llama2ChatFormat:
             return UNSAFE_ERROR
         return None
 
+    def check_dialog(self, dialog: Dialog) -> None:
+        """Raise ValueError unless `dialog` is an optional system message, then user/assistant turns
+        alternating, starting and ending with the user (Meta's Llama 2 rule)."""
+        check_dialog(dialog)
+
     def encode_dialog_prompt(self, dialog: Dialog) -> List[int]:
-        """Token ids of a dialog that llama.tokenizer.check_dialog accepts."""
+        """Token ids of a dialog that check_dialog accepts."""
         if dialog[0]["role"] == "system":
             first_user = B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]
             dialog = [{"role": "user", "content": first_user}, *dialog[2:]]

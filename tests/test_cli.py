@@ -100,7 +100,7 @@ def test_chat_template_and_jsonl_prompts_with_dialogs(ckpt, llama, tmp_path):
     assert run_cli(ckpt, "--prompts_file", str(tmp_path / "prompts.jsonl"), "--output_file", str(out),
                    "--use_chat_template", "--max_gen_len", "6", "--no_progress") == 1
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(records) == 4 and "alternating user/assistant" in records[3]["error"]
+    assert len(records) == 4 and "ending with user" in records[3]["error"]
     dialogs = [[{"role": "user", "content": "plain"}], [{"role": "user", "content": "as object"}], dialog]
     assert [r["generation"] for r in records[:3]] == greedy(llama, dialogs, 6, chat=True)
 

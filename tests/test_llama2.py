@@ -117,15 +117,13 @@ def test_dialog_containing_special_tags_gets_metas_error_answer_and_others_still
     prompt = llama2.formatter.encode_dialog_prompt(good)
     tokens, _ = llama2.generate([prompt], max_gen_len=5, temperature=0)
     assert results[0]["generation"] == {"role": "assistant", "content": llama2.tokenizer.decode(tokens[0])}
-    # As Meta's Llama 2 code: the model still runs on the dialog, and its tokens and logprobs come back beside
-    # the fixed answer.
+    # As Meta's Llama 2 chat_completion: the tagged dialog still runs, and with logprobs its generated tokens
+    # and their logprobs come beside the fixed answer.
     with_logprobs = llama2.chat_completion([bad], temperature=0, max_gen_len=5, logprobs=True)
-    bad_tokens, bad_logprobs = llama2.generate(
-        [llama2.formatter.encode_dialog_prompt(bad)], max_gen_len=5, temperature=0, logprobs=True
-    )
+    tokens, logprobs = llama2.generate([llama2.formatter.encode_dialog_prompt(bad)], 5, temperature=0, logprobs=True)
     assert with_logprobs[0]["generation"] == {"role": "assistant", "content": UNSAFE_ERROR}
-    assert with_logprobs[0]["tokens"] == [llama2.tokenizer.decode([t]) for t in bad_tokens[0]]
-    assert with_logprobs[0]["logprobs"] == bad_logprobs[0] and len(bad_tokens[0]) > 0
+    assert with_logprobs[0]["tokens"] == [llama2.tokenizer.decode([t]) for t in tokens[0]]
+    assert with_logprobs[0]["logprobs"] == logprobs[0] and len(tokens[0]) == 5
 
 
 def test_text_completion_with_sentencepiece_tokenizer(llama2):
