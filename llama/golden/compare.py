@@ -83,8 +83,9 @@ def compare_records(ref: Record, other: Record, tol: Tolerances, stop_ids: Set[i
             if o is not None:
                 overlaps.append(o)
 
+    greedy_failures: List[str] = []
     if ref.greedy is not None and other.greedy is not None and prompt_ok:
-        failures += _compare_greedy(ref, other, tol, stop_ids, token_text, res, deltas, overlaps)
+        greedy_failures = _compare_greedy(ref, other, tol, stop_ids, token_text, res, deltas, overlaps)
     elif ref.greedy is not None and other.greedy is None and prompt_ok:
         res.notes.append("the other engine gave no greedy generation")
 
@@ -98,11 +99,17 @@ def compare_records(ref: Record, other: Record, tol: Tolerances, stop_ids: Set[i
         if over:
             first = min(over, key=lambda d: (d[0] != "scored", d[1]))  # teacher forcing first: no decode path
             res.first_over = f"{first[0]} {first[1]}"
-            failures.append(_logprob_cause(first, ref, tol, [d for d in deltas if d[0] == "scored"]))
+            cause = _logprob_cause(first, ref, tol, [d for d in deltas if d[0] == "scored"])
+            # The cause listed first is the most telling: teacher forcing, then the greedy run's parting.
+            # (a greedy step's logprobs going off before the greedy ids part is the earlier sign)
+            earlier = first[0] == "scored" or res.greedy_parts_at is None or first[1] < res.greedy_parts_at
+            failures += [cause] + greedy_failures if earlier else greedy_failures + [cause]
+            greedy_failures = []
         elif res.mean_dlogprob > tol.mean_logprob:
-            failures.append(f"logprobs: mean |Δ| {res.mean_dlogprob:.3g} over {len(deltas)} positions is above "
+            greedy_failures.append(f"logprobs: mean |Δ| {res.mean_dlogprob:.3g} over {len(deltas)} positions is above "
                             f"{tol.mean_logprob:g} (no single position above {tol.logprob:g}): a small bias "
                             f"everywhere, e.g. a dtype or a norm epsilon")
+    failures += greedy_failures
     if overlaps:
         res.topk_overlap = sum(overlaps) / len(overlaps)
     if not deltas and res.greedy_parts_at is None and not failures and (ref.scored or ref.greedy):

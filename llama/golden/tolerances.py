@@ -6,10 +6,13 @@
 - tie: greedy decoding may part where the reference's top-1 logprob minus its logprob of the other
   engine's choice is below this (a near-tie: rounding decides it); above it, parting is a disagreement.
 
-The defaults were measured on this repository's tiny test models and the demo model (see docs/golden.md):
-float32 engines agree to about 1e-5, bf16 ones to a few hundredths; each default leaves a margin of ten
-or so over what correct engines showed, and stays well below what the broken engines of tests/test_golden.py
-showed.
+The defaults come from what correct engines showed on the demo model's bundled prompts (docs/golden.md):
+float32, this package against transformers: max |Δ| 4.8e-5, mean at most 1.1e-5; bfloat16, this package
+against transformers in bf16, or against its own float32 run: max |Δ| 0.15, mean at most 0.016, and greedy
+runs parting on gaps of 0.0007 to 0.06. float32 leaves a margin of 10 to 20, bfloat16 of 3 (bf16 noise
+grows with the model); float16 carries 3 more mantissa bits than bfloat16, so a tenth or less of its noise
+is expected; quantized weights (q8, q4) move logprobs by up to about a nat, and their defaults are only a
+starting point: set your own with the compare flags.
 """
 
 from dataclasses import dataclass, replace
@@ -35,9 +38,9 @@ class Tolerances:
 
 DEFAULTS: Dict[str, Tolerances] = {
     "float32": Tolerances(logprob=1e-3, mean_logprob=1e-4, tie=1e-3),
-    "float16": Tolerances(logprob=0.1, mean_logprob=0.02, tie=0.05),
-    "bfloat16": Tolerances(logprob=0.25, mean_logprob=0.05, tie=0.15),
-    QUANTIZED: Tolerances(logprob=1.0, mean_logprob=0.2, tie=0.5),
+    "float16": Tolerances(logprob=0.2, mean_logprob=0.02, tie=0.1),
+    "bfloat16": Tolerances(logprob=0.5, mean_logprob=0.05, tie=0.25),
+    QUANTIZED: Tolerances(logprob=2.0, mean_logprob=0.25, tie=0.75),
 }
 ORDER = ["float32", "float16", "bfloat16", QUANTIZED]  # tight to loose
 
