@@ -126,7 +126,10 @@ def _other(args: argparse.Namespace, golden: Golden, tokenizer) -> Golden:
         engine = OursEngine.build(target, max_seq_len=int(settings.get("max_seq_len", 512)), dtype=dtype,
                                   device=args.device)
     else:
-        token_ids = TokenIds(tokenizer.decode, tokenizer.n_words) if tokenizer is not None else None
+        token_ids = None
+        if tokenizer is not None:
+            token_bytes = getattr(getattr(tokenizer, "model", None), "decode_single_token_bytes", None)
+            token_ids = TokenIds(tokenizer.decode, tokenizer.n_words, token_bytes)
         return load_outputs(spec, token_ids)
     other = run_engine(engine, golden, progress=sys.stderr)
     other.path = spec

@@ -12,8 +12,8 @@ prompt's "id" and either
 
 An optional first line {"header": {"dtype": "bfloat16", "engine": "..."}} gives the dtype that picks the
 default tolerances. OpenAI-style records name tokens by their text, so reading them needs the tokenizer:
-each text is mapped to the first id that decodes to it (a token that is not whole UTF-8 on its own may map
-to another such token; the comparison then shows it).
+"bytes" (as OpenAI gives them) are matched exactly; a text alone is mapped to the first id that decodes to
+it (a token that is not whole UTF-8 may then map to another such token, and the comparison shows it).
 """
 
 from pathlib import Path
@@ -25,21 +25,35 @@ Decoder = Callable[[List[int]], str]
 
 
 class TokenIds:
-    """Token text -> id, from a tokenizer's decode (built once, on first use)."""
+    """Token text (or bytes) -> id, from a tokenizer (the table is built once, on first use).
 
-    def __init__(self, decode: Decoder, n_words: int):
-        self.decode, self.n_words = decode, n_words
-        self._ids: Optional[Dict[str, int]] = None
+    With `token_bytes` (id -> the token's bytes, e.g. tiktoken's decode_single_token_bytes), records that
+    carry OpenAI's "bytes" are matched exactly; texts are matched to the first id that decodes to them.
+    """
 
-    def __call__(self, text: str) -> int:
-        if self._ids is None:
-            self._ids = {}
-            for i in range(self.n_words):
-                self._ids.setdefault(self.decode([i]), i)
-        return self._ids.get(text, -1)  # -1: no id decodes to it; never equal to a real id
+    def __init__(self, decode: Decoder, n_words: int, token_bytes: Optional[Callable[[int], bytes]] = None):
+        self.decode, self.n_words, self.token_bytes = decode, n_words, token_bytes
+        self._by_text: Optional[Dict[str, int]] = None
+        self._by_bytes: Dict[bytes, int] = {}
+
+    def _build(self) -> None:
+        self._by_text = {}
+        for i in range(self.n_words):
+            self._by_text.setdefault(self.decode([i]), i)
+            if self.token_bytes is not None:
+                self._by_bytes.setdefault(self.token_bytes(i), i)
+
+    def __call__(self, token: Union[str, bytes]) -> int:
+        if self._by_text is None:
+            self._build()
+        if isinstance(token, bytes):
+            if self._by_bytes:
+                return self._by_bytes.get(token, -1)
+            token = token.decode("utf-8", errors="replace")
+        return self._by_text.get(token, -1)  # -1: no such token; never equal to a real id
 
 
-def load_outputs(path: Union[str, Path], token_ids: Optional[Callable[[str], int]] = None) -> Golden:
+def load_outputs(path: Union[str, Path], token_ids: Optional[Callable[[Union[str, bytes]], int]] = None) -> Golden:
     """Another engine's outputs in any of the accepted forms (see the module docstring).
 
     Raises:
@@ -62,7 +76,8 @@ def load_outputs(path: Union[str, Path], token_ids: Optional[Callable[[str], int
     return Golden(header=header, records=records, path=str(path))
 
 
-def parse_output(obj: Any, where: str, token_ids: Optional[Callable[[str], int]] = None) -> Record:
+def parse_output(obj: Any, where: str, token_ids: Optional[Callable[[Union[str, bytes]], int]] = None
+                 ) -> Record:
     """One line of another engine's outputs as a Record."""
     if not isinstance(obj, dict) or "id" not in obj:
         raise ValueError(f"{where}: each line needs the golden prompt's \"id\", got {str(obj)[:80]!r}")
@@ -105,7 +120,7 @@ def _minimal(obj: Dict[str, Any], where: str) -> Record:
     return Record(id=str(obj["id"]), prompt={}, prompt_ids=prompt_ids, greedy=greedy, scored=scored)
 
 
-def _openai(obj: Dict[str, Any], where: str, token_ids: Callable[[str], int]) -> Record:
+def _openai(obj: Dict[str, Any], where: str, token_ids: Callable[[Union[str, bytes]], int]) -> Record:
     body = obj.get("response", obj)
     finish = None
     if isinstance(body, dict) and body.get("choices"):
@@ -140,8 +155,8 @@ def _openai(obj: Dict[str, Any], where: str, token_ids: Callable[[str], int]) ->
     return Record(id=str(obj["id"]), prompt={}, prompt_ids=None, greedy=greedy)
 
 
-def _text(entry: Dict[str, Any]) -> str:
-    """A token's text; from its bytes when given (OpenAI gives them for tokens that are not whole UTF-8)."""
+def _text(entry: Dict[str, Any]) -> Union[str, bytes]:
+    """A token's bytes when given (OpenAI gives them: a token need not be whole UTF-8), else its text."""
     if entry.get("bytes") is not None:
-        return bytes(entry["bytes"]).decode("utf-8", errors="replace")
+        return bytes(entry["bytes"])
     return entry["token"]
