@@ -289,6 +289,18 @@ def test_transformers_on_the_demo_weights_passes_the_bundled_fp32_golden(demo_hf
     assert max(p.max_dlogprob for p in report.prompts) < 1e-4
 
 
+def test_the_epsilon_of_llama_2_chat_copies_is_caught_on_the_demo_model_as_position_independent():
+    # 1e-6 instead of 1e-5, as some Llama 2 chat copies ship it: it moves logprobs by about 1e-3.
+    params = dict(json.loads((DEMO / "params.json").read_text()), norm_eps=1e-6)
+    sd = torch.load(DEMO / "consolidated.00.pth", map_location="cpu", weights_only=True)
+    golden = load_golden(BUNDLED["float32"])
+    report = check(golden, HFEngine(hf_model(params, {k: v.float() for k, v in sd.items()}, max_positions=512),
+                                    set(golden.header["stop_ids"])))
+    assert len(report.failed) == len(golden.records)
+    for p in report.failed:
+        assert "position 1 already differs" in p.cause and "does not depend on position" in p.cause, p.cause
+
+
 def test_bf16_against_the_fp32_golden_passes_on_near_ties_that_fp32_tolerances_reject():
     fp32, bf16 = load_golden(BUNDLED["float32"]), load_golden(BUNDLED["bfloat16"])
     report = compare(fp32, bf16)
