@@ -91,7 +91,7 @@ def compare_records(ref: Record, other: Record, tol: Tolerances, stop_ids: Set[i
     if ref.greedy is not None and other.greedy is not None and prompt_ok:
         greedy_failures = _compare_greedy(ref, other, tol, stop_ids, token_text, res, deltas, overlaps)
     elif ref.greedy is not None and other.greedy is None and prompt_ok:
-        res.notes.append("the other engine gave no greedy generation")
+        res.notes.append("note: the other engine gave no greedy generation")
 
     res.positions = len(deltas)
     if deltas:
@@ -120,12 +120,12 @@ def compare_records(ref: Record, other: Record, tol: Tolerances, stop_ids: Set[i
         if not (other.greedy and other.greedy.ids):
             failures.append("nothing to compare: the other record has no scored positions and no greedy ids")
         else:
-            res.notes.append("no logprobs to compare: greedy ids only")
+            res.notes.append("note: no logprobs to compare: greedy ids only")
 
     if failures:
         res.verdict = "FAIL"
         res.cause = failures[0]
-        res.notes = failures[1:] + res.notes
+        res.notes = [f"also: {f}" for f in failures[1:]] + res.notes
     elif res.parting == "near-tie":
         res.verdict = "near-tie"
         res.cause = (f"greedy parts at step {res.greedy_parts_at} on a near-tie: the reference's top two differ by "
@@ -181,14 +181,14 @@ def _compare_greedy(ref: Record, other: Record, tol: Tolerances, stop_ids: Set[i
             return [f"stop tokens: the other engine stopped after step {n - 1} (last id {last}) where the "
                     f"reference went on with {_token(token_text, g.ids[n])}"]
         if o.stop_reason != "stop_token":
-            res.notes.append(f"the other engine generated fewer tokens ({len(o.ids)} vs {len(g.ids)})")
+            res.notes.append(f"note: the other engine generated fewer tokens ({len(o.ids)} vs {len(g.ids)})")
     elif len(o.ids) > n:  # the reference ended first
         if g.stop_reason == "stop_token":
             res.parting = "stop"
             res.greedy_parts_at, res.greedy_position = n, base + n
             return [f"stop tokens: the reference stops at step {n - 1} with {_token(token_text, g.ids[-1])} (a stop "
                     f"token); the other engine went on for {len(o.ids) - n} more tokens"]
-        res.notes.append(f"the reference generated fewer tokens ({len(g.ids)} vs {len(o.ids)})")
+        res.notes.append(f"note: the reference generated fewer tokens ({len(g.ids)} vs {len(o.ids)})")
     return []
 
 

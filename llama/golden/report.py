@@ -81,7 +81,7 @@ class Report:
         lines = [f"reference: {self.reference}", f"other:     {self.other}", ""]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         details = [f"  {p.id}: {p.verdict}: {p.cause}" for p in self.prompts if p.cause]
-        details += [f"  {p.id}: note: {n}" for p in self.prompts for n in p.notes]
+        details += [f"  {p.id}: {n}" for p in self.prompts for n in p.notes]
         if details:
             lines += [""] + details
         lines += [f"  note: {n}" for n in self.notes]
