@@ -193,3 +193,20 @@ def test_llama_cpp_is_optional_and_its_absence_is_reported_cleanly(setup, tmp_pa
     _, _, out, _ = setup
     result = golden_cli("compare", str(out), f"llamacpp:{tmp_path / 'model.gguf'}")
     assert result.returncode == 2 and "pip install llama-cpp-python" in result.stderr
+
+
+def test_compare_runs_transformers_from_a_hugging_face_directory(tmp_path):
+    from helpers import save_hf_llama
+
+    save_hf_llama(tmp_path / "hf", seed=2)  # written by transformers' own save_pretrained
+    tok = write_byte_tokenizer(tmp_path / "tokenizer.model")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    golden = tmp_path / "golden.jsonl.gz"
+    result = golden_cli("record", "--ckpt_dir", str(tmp_path / "hf"), "--tokenizer_path", str(tok), "--prompts",
+                        str(prompts), "--out", str(golden), "--max_new_tokens", "6", "--top_k", "3",
+                        "--max_seq_len", "64")
+    assert result.returncode == 0, result.stderr
+    assert "model.safetensors" in load_golden(golden).header["files"]["md5"]
+    result = golden_cli("compare", str(golden), f"hf:{tmp_path / 'hf'}")
+    assert result.returncode == 0 and "PASS: 4 prompts agree" in result.stdout, result.stdout + result.stderr
