@@ -210,3 +210,14 @@ def test_compare_runs_transformers_from_a_hugging_face_directory(tmp_path):
     assert "model.safetensors" in load_golden(golden).header["files"]["md5"]
     result = golden_cli("compare", str(golden), f"hf:{tmp_path / 'hf'}")
     assert result.returncode == 0 and "PASS: 4 prompts agree" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_prompt_longer_than_the_context_is_named_before_any_prompt_runs(setup, tmp_path):
+    d, _, _, _ = setup
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text(json.dumps({"id": "ok", "prompt": "short"}) + "\n"
+                       + json.dumps({"id": "long", "prompt": "x" * 100}) + "\n")
+    result = golden_cli("record", "--ckpt_dir", str(d / "ckpt"), "--prompts", str(prompts), "--out",
+                        str(tmp_path / "out.jsonl"), "--max_seq_len", "64")
+    assert result.returncode == 2 and "'long' (101 tokens)" in result.stderr and "max_seq_len=64" in result.stderr
+    assert "[1/2]" not in result.stderr

@@ -81,16 +81,26 @@ def _record(args: argparse.Namespace) -> int:
                               dtype=DTYPES.get(args.dtype), device=args.device)
     settings = {"max_new_tokens": args.max_new_tokens, "top_k": args.top_k, "max_seq_len": args.max_seq_len,
                 "decoding": "greedy", "prompts_per_call": 1}
-    header = make_header(engine, settings, args.ckpt_dir, tokenizer_path)
     import torch.distributed as dist
 
     distributed = dist.is_available() and dist.is_initialized()
     writer = not distributed or dist.get_rank() == 0
+    # Only the writer needs the header (md5 sums of big checkpoints take minutes); every rank needs settings.
+    header = make_header(engine, settings, args.ckpt_dir, tokenizer_path) if writer else {"settings": settings}
     golden = record(engine, prompts, args.out, header, progress=sys.stderr if writer else None, writer=writer,
-                    barrier=dist.barrier if distributed else (lambda: None))
+                    share=_broadcast if distributed else (lambda obj: obj))
     if writer:
         print(f"{args.out}: {len(golden.records)} prompts", file=sys.stderr)
     return 0
+
+
+def _broadcast(obj):
+    """Rank 0's `obj` on every rank."""
+    import torch.distributed as dist
+
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def _tokenizer(path: Optional[str]):

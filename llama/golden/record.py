@@ -126,13 +126,15 @@ def make_header(engine: Engine, settings: Dict[str, Any], ckpt_dir: Optional[str
 
 def record(engine: Engine, prompts: List[Prompt], out: Union[str, Path], header: Dict[str, Any],
            progress: Optional[TextIO] = sys.stderr, writer: bool = True,
-           barrier: Callable[[], None] = lambda: None) -> Golden:
+           share: Callable[[Any], Any] = lambda obj: obj) -> Golden:
     """Run `engine` on `prompts` and append one record per prompt to `out` as soon as it is done.
 
     If `out` exists, its header must agree with `header` on the model, dtype, device and settings, and
     prompts it already holds (same id and same prompt) are skipped: an interrupted run picks up where it
-    stopped. Only the `writer` (rank 0 under torchrun) touches the file; every rank runs the model, and
-    `barrier` is called after every rank has read the file and before the writer repairs it.
+    stopped. Under torchrun every rank runs the model and only the `writer` (rank 0) reads and writes the
+    file; `share` sends the writer's object to every rank (torch.distributed.broadcast_object_list), so
+    that all ranks skip the same prompts without needing the file. Other ranks' header only needs
+    "settings".
 
     Raises:
         ValueError: an existing file for another model or settings, or for other prompts under these ids.
@@ -141,22 +143,19 @@ def record(engine: Engine, prompts: List[Prompt], out: Union[str, Path], header:
     done: Dict[str, Record] = {}
     existing_header = None
     intact = True
-    if out.exists():
-        existing_header, done, intact = _read_existing(out)
-        mismatched = [k for k in RESUME_KEYS if existing_header.get(k) != header.get(k)]
-        if mismatched:
-            raise ValueError(
-                f"{str(out)!r} was recorded with other {mismatched} ("
-                + "; ".join(f"{k}: {existing_header.get(k)!r} there, {header.get(k)!r} now" for k in mismatched)
-                + "): write to a new file, or delete it to start again")
-        by_id = {p.id: p for p in prompts}
-        for rid, rec in done.items():
-            if rid in by_id and prompt_key(by_id[rid]) != prompt_key(Prompt.from_record(rid, rec.prompt,
-                                                                                          rec.continuation)):
-                raise ValueError(f"{str(out)!r} holds a record {rid!r} for another prompt than the prompts "
-                                 f"file's {rid!r}: give the prompts new ids or write to a new file")
-    barrier()
-    todo = [p for p in prompts if p.id not in done]
+    problem = None
+    if writer and out.exists():
+        try:
+            existing_header, done, intact = _read_existing(out)
+            problem = _resume_problem(out, existing_header, header, done, prompts)
+        except ValueError as e:
+            problem = str(e)
+    shared = share({"problem": problem, "done": sorted(done)} if writer else None)
+    if shared["problem"]:
+        raise ValueError(shared["problem"])
+    done_ids = set(shared["done"])
+    todo = [p for p in prompts if p.id not in done_ids]
+    _check_lengths(engine, todo, int(header["settings"]["max_seq_len"]))
     if progress and writer and done:
         print(f"{out}: {len(done)} of {len(prompts)} prompts already recorded, {len(todo)} to go",
               file=progress)
@@ -167,7 +166,7 @@ def record(engine: Engine, prompts: List[Prompt], out: Union[str, Path], header:
             write_line(f, existing_header or header)
             for rec in done.values():
                 write_line(f, rec.to_json())
-        else:
+        elif todo:
             f = open_text(out, "a")
     settings = header["settings"]
     records = list(done.values())
@@ -184,6 +183,39 @@ def record(engine: Engine, prompts: List[Prompt], out: Union[str, Path], header:
         if f is not None:
             f.close()
     return Golden(header=existing_header or header, records=records, path=str(out))
+
+
+def _check_lengths(engine: Engine, prompts: List[Prompt], max_seq_len: int) -> None:
+    """Encode every prompt before running any: ValueError naming those that do not fit the context."""
+    problems = []
+    for p in prompts:
+        ids = engine.encode(p)
+        if ids is None:
+            continue
+        extra = engine.encode_continuation(p.continuation) if p.continuation is not None else []
+        n = len(ids) + len(extra or [])
+        if not ids or n > max_seq_len:
+            problems.append(f"{p.id!r} ({n} tokens)")
+    if problems:
+        raise ValueError(f"prompts empty or longer than max_seq_len={max_seq_len} with their continuation: "
+                         f"{', '.join(problems[:10])}; raise --max_seq_len or shorten them")
+
+
+def _resume_problem(out: Path, existing: Dict[str, Any], header: Dict[str, Any], done: Dict[str, Record],
+                    prompts: List[Prompt]) -> Optional[str]:
+    """Why the records in `out` cannot be continued with this run, or None."""
+    mismatched = [k for k in RESUME_KEYS if existing.get(k) != header.get(k)]
+    if mismatched:
+        return (f"{str(out)!r} was recorded with other {mismatched} ("
+                + "; ".join(f"{k}: {existing.get(k)!r} there, {header.get(k)!r} now" for k in mismatched)
+                + "): write to a new file, or delete it to start again")
+    by_id = {p.id: p for p in prompts}
+    for rid, rec in done.items():
+        if rid in by_id and prompt_key(by_id[rid]) != prompt_key(Prompt.from_record(rid, rec.prompt,
+                                                                                      rec.continuation)):
+            return (f"{str(out)!r} holds a record {rid!r} for another prompt than the prompts file's "
+                    f"{rid!r}: give the prompts new ids or write to a new file")
+    return None
 
 
 def _read_existing(out: Path):
