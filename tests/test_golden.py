@@ -254,7 +254,7 @@ def test_assert_matches_raises_with_the_readable_report(tiny, golden32, tmp_path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "demo"
-BUNDLED = {dtype: DEMO / "golden" / f"demo-{dtype}.jsonl.gz" for dtype in ("float32", "bfloat16")}
+BUNDLED = {dtype: ROOT / "models" / "demo-golden" / f"demo-{dtype}.jsonl.gz" for dtype in ("float32", "bfloat16")}
 
 
 def subset(golden: Golden, ids) -> Golden:
