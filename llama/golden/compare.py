@@ -72,20 +72,8 @@ def compare_records(ref: Record, other: Record, tol: Tolerances, stop_ids: Set[i
                 f"{[_token(token_text, t) for t in ours]}, other {[_token(token_text, t) for t in theirs]}"
             )
 
-    # Teacher-forced positions: entry t - 1 scores ids[t], in the context ids[:t].
     if ref.scored is not None and other.scored is not None:
-        part = _first_difference(ref.scored.ids, other.scored.ids)
-        shared = len(ref.scored.ids) if part is None else part  # positions 0 .. shared - 1 agree
-        n = min(shared - 1, len(ref.scored.logprobs), len(other.scored.logprobs))
-        for k in range(max(n, 0)):
-            deltas.append(("scored", k + 1, k + 1, abs(ref.scored.logprobs[k] - other.scored.logprobs[k])))
-            if k == 0:  # position 1 diagnoses the cause (_logprob_cause): look at every token both list
-                a, b = ref.scored.top(0), other.scored.top(0)
-                at_1 = max([deltas[-1][3]] + [abs(a[t] - b[t]) for t in set(a) & set(b)])
-            o = _overlap(ref.scored.top_ids[k] if k < len(ref.scored.top_ids) else [],
-                         other.scored.top_ids[k] if k < len(other.scored.top_ids) else [])
-            if o is not None:
-                overlaps.append(o)
+        at_1 = _compare_scored(ref, other, deltas, overlaps)
 
     greedy_failures: List[str] = []
     if ref.greedy is not None and other.greedy is not None and prompt_ok:
@@ -110,9 +98,10 @@ def compare_records(ref: Record, other: Record, tol: Tolerances, stop_ids: Set[i
             failures += [cause] + greedy_failures if earlier else greedy_failures + [cause]
             greedy_failures = []
         elif res.mean_dlogprob > tol.mean_logprob:
-            greedy_failures.append(f"logprobs: mean |Δ| {res.mean_dlogprob:.3g} over {len(deltas)} positions is above "
-                            f"{tol.mean_logprob:g} (no single position above {tol.logprob:g}): a small bias "
-                            f"everywhere, e.g. a dtype or a norm epsilon")
+            greedy_failures.append(
+                f"logprobs: mean |Δ| {res.mean_dlogprob:.3g} over {len(deltas)} positions is above "
+                f"{tol.mean_logprob:g} (no single position above {tol.logprob:g}): a small bias everywhere, "
+                f"e.g. a dtype or a norm epsilon")
     failures += greedy_failures
     if overlaps:
         res.topk_overlap = sum(overlaps) / len(overlaps)
@@ -131,6 +120,26 @@ def compare_records(ref: Record, other: Record, tol: Tolerances, stop_ids: Set[i
         res.cause = (f"greedy parts at step {res.greedy_parts_at} on a near-tie: the reference's top two differ by "
                      f"{res.ref_gap:.3g} <= tie tolerance {tol.tie:g}; the steps after it are not compared")
     return res
+
+
+def _compare_scored(ref: Record, other: Record, deltas: List[Tuple[str, int, int, float]],
+                    overlaps: List[float]) -> Optional[float]:
+    """Teacher-forced positions, up to the first id the two sequences differ on (entry t - 1 scores ids[t]
+    in the context ids[:t]). Returns the largest |Δ logprob| at position 1 over its token and every
+    alternative both engines list, which _logprob_cause reads."""
+    a, b = ref.scored, other.scored
+    part = _first_difference(a.ids, b.ids)
+    shared = len(a.ids) if part is None else part  # positions 0 .. shared - 1 hold the same ids
+    at_1 = None
+    for k in range(max(min(shared - 1, len(a.logprobs), len(b.logprobs)), 0)):
+        deltas.append(("scored", k + 1, k + 1, abs(a.logprobs[k] - b.logprobs[k])))
+        if k == 0:
+            ta, tb = a.top(0), b.top(0)
+            at_1 = max([deltas[-1][3]] + [abs(ta[t] - tb[t]) for t in set(ta) & set(tb)])
+        o = _overlap(a.top_ids[k] if k < len(a.top_ids) else [], b.top_ids[k] if k < len(b.top_ids) else [])
+        if o is not None:
+            overlaps.append(o)
+    return at_1
 
 
 def _compare_greedy(ref: Record, other: Record, tol: Tolerances, stop_ids: Set[int],
