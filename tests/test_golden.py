@@ -289,6 +289,28 @@ def test_transformers_on_the_demo_weights_passes_the_bundled_fp32_golden(demo_hf
     assert max(p.max_dlogprob for p in report.prompts) < 1e-4
 
 
+def test_transformers_in_bf16_passes_the_bundled_bf16_golden(demo_hf, tmp_path):
+    demo_hf.save_pretrained(tmp_path / "hf")
+    golden = load_golden(BUNDLED["bfloat16"])
+    engine = HFEngine.from_pretrained(str(tmp_path / "hf"), set(golden.header["stop_ids"]), dtype=torch.bfloat16)
+    report = assert_matches(golden, engine)
+    assert "bfloat16" in report.tolerance_source
+    assert max(p.max_dlogprob for p in report.prompts) > 1e-3  # two bf16 engines round differently
+
+
+def test_rope_frequencies_rounded_to_bf16_fail_on_the_long_prompt_as_position_dependent(demo_hf):
+    import copy
+
+    # model.to(bfloat16) also casts transformers' RoPE inv_freq buffer: the angles go wrong as positions
+    # grow, which only the long prompt reaches (from_pretrained(dtype=...) keeps the buffer in float32).
+    golden = load_golden(BUNDLED["bfloat16"])
+    engine = HFEngine(copy.deepcopy(demo_hf).to(torch.bfloat16), set(golden.header["stop_ids"]))
+    report = check(golden, engine)
+    p = {p.id: p for p in report.prompts}["text-long"]
+    assert not report.passed and p.verdict == "FAIL"
+    assert "position-dependent" in p.cause and int(p.first_over.split()[1]) > 100, p.cause
+
+
 def test_the_epsilon_of_llama_2_chat_copies_is_caught_on_the_demo_model_as_position_independent():
     # 1e-6 instead of 1e-5, as some Llama 2 chat copies ship it: it moves logprobs by about 1e-3.
     params = dict(json.loads((DEMO / "params.json").read_text()), norm_eps=1e-6)
