@@ -30,7 +30,9 @@ def check(golden: Union[Golden, str, Path], other: Other, tolerances: Optional[T
     if isinstance(other, (str, Path)):
         other = load_outputs(other)
     elif not isinstance(other, Golden):
+        name = getattr(other, "name", type(other).__name__)
         other = run_engine(other, golden)
+        other.path = f"engine {name!r}"  # what the report calls it
     return compare(golden, other, tolerances, token_text)
 
 
