@@ -7,7 +7,6 @@ LlamaForCausalLM on the same weights, built wrong the ways real conversions go w
 a tokenizer that lacks one merge; the reference's numbers never come from the engine under test.
 """
 
-import gzip
 import json
 from pathlib import Path
 

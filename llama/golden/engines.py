@@ -9,7 +9,7 @@ Other engines (Hugging Face transformers, llama.cpp) are in llama.golden.adapter
 one to break it on purpose.
 """
 
-from typing import Any, Dict, List, Optional, Protocol, Set, Union
+from typing import Any, Dict, List, Optional, Protocol, Set, Tuple, Union
 
 import torch
 
@@ -40,7 +40,7 @@ class Engine(Protocol):
         """Teacher forcing: logprobs (and top_k alternatives) for positions 1 .. len(ids) - 1."""
 
 
-def cut_at_stop(ids: List[int], stop_ids: Set[int]) -> tuple:
+def cut_at_stop(ids: List[int], stop_ids: Set[int]) -> Tuple[List[int], str]:
     """(ids up to and including the first stop id, "stop_token") or (ids, "length")."""
     for j, t in enumerate(ids):
         if t in stop_ids:

@@ -18,8 +18,9 @@ import torch
 
 from llama.golden.engines import Engine
 from llama.golden.prompts import Prompt, prompt_key
-from llama.golden.schema import FORMAT, FORMAT_VERSION, Golden, Record, is_golden_header, open_text, read_lines, \
-    write_line
+from llama.golden.schema import (
+    FORMAT, FORMAT_VERSION, Golden, Record, is_golden_header, open_text, read_lines, write_line,
+)
 
 DEFAULT_MAX_NEW_TOKENS = 32
 DEFAULT_TOP_K = 20
