@@ -1,7 +1,9 @@
 """`python -m llama.golden record / compare` as a user runs them: files, exit codes, resuming, torchrun, and
 other engines' outputs in the documented schemas."""
 
+import contextlib
 import gzip
+import io
 import json
 import re
 import subprocess
@@ -13,6 +15,7 @@ import torch
 
 from helpers import SMALL_GQA, random_state_dict, subprocess_env, write_byte_tokenizer, write_checkpoint
 from llama.golden import compare, load_golden, load_outputs
+from llama.golden.__main__ import main
 from llama.golden.formats import TokenIds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,9 +28,17 @@ PROMPTS = [
 ]
 
 
-def golden_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def golden_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m llama.golden ARGS`, run in this process (a new interpreter per call would cost seconds)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def golden_subprocess(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "llama.golden", *args], capture_output=True, text=True,
-                          cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), timeout=timeout)
+                          cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +89,8 @@ def test_compare_fails_with_exit_1_when_the_logprobs_move_beyond_the_tolerance(s
     record = json.loads(lines[1])
     record["scored"]["logprobs"][2] += 0.01  # position 3 of prompt "a"
     (tmp_path / "other.jsonl").write_text("\n".join([lines[0], json.dumps(record)] + lines[2:]) + "\n")
-    result = golden_cli("compare", str(out), str(tmp_path / "other.jsonl"), "--json_out", str(tmp_path / "r.json"))
+    result = golden_subprocess("compare", str(out), str(tmp_path / "other.jsonl"), "--json_out",
+                               str(tmp_path / "r.json"))
     assert result.returncode == 1
     assert re.search(r"^a +FAIL ", result.stdout, re.M) and "at scored 3" in result.stdout
     assert json.loads((tmp_path / "r.json").read_text())["prompts"][0]["first_over"] == "scored 3"
