@@ -12,9 +12,9 @@ from typing import List, Optional
 import fire
 
 from llama import Dialog, Llama
-from llama.demo import DEMO_MAX_SEQ_LEN, DemoModelError, build_demo, demo_description
+from llama.cli.demo import DEMO_MAX_SEQ_LEN, DemoModelError, build_demo, demo_description
 from llama.distributed import is_rank_zero
-from llama.interrupt import exit_on_interrupt
+from llama.cli.interrupt import exit_on_interrupt
 
 DIALOGS: List[Dialog] = [
     [{"role": "user", "content": "what is the recipe of mayonnaise?"}],

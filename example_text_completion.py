@@ -12,9 +12,9 @@ from typing import List, Optional
 import fire
 
 from llama import Llama
-from llama.demo import DemoModelError, build_demo, demo_description
+from llama.cli.demo import DemoModelError, build_demo, demo_description
 from llama.distributed import is_rank_zero
-from llama.interrupt import exit_on_interrupt
+from llama.cli.interrupt import exit_on_interrupt
 
 PROMPTS: List[str] = [
     # For these prompts, the expected answer is the natural continuation of the prompt

@@ -1,4 +1,4 @@
-"""The benchmark's report (llama.bench): a line per result, the README's table, and a chart."""
+"""The benchmark's report (bench/run.py): a line per result, the README's table, and a chart."""
 
 from typing import Any, Dict
 

@@ -1,4 +1,4 @@
-"""`python -m llama`: see llama/cli.py."""
+"""`python -m llama`: see llama/cli/."""
 
 import sys
 

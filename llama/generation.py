@@ -122,7 +122,7 @@ class Llama:
             device: "cuda", "cpu", ...; default CUDA when available, else the CPU.
             dtype: weight and activation dtype, or its name ("bfloat16"); default bf16 on CUDA (fp16 where
                 bf16 is not supported), float32 on the CPU. On CPUs with native bf16 (AVX512-BF16, AMX), bf16
-                is about twice as fast.
+                is faster.
             chat_format: "llama3" or "llama2"; default the one of the tokenizer's family.
             fast: decode with the fast loop (llama.fast.loop) on the fast layers (llama.fast.layers: fused
                 projections, on the CPU weights packed for oneDNN); False runs Meta's reference loop

@@ -117,12 +117,11 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     """torch.argmax(logits, dim=-1), exactly: the first of equal maxima, a NaN counting as the largest.
     logits: (bsz, vocab) -> (bsz,) token ids.
 
-    On the CPU torch.argmax walks a row one element at a time (71 us for 128256 float32 logits here, 145 us
-    for 4 rows), while the largest value of chunks of a row is a vectorised reduction. So: the largest
-    value of each chunk of GREEDY_CHUNK logits, the first chunk holding the row's largest (amax, like argmax,
-    lets a NaN win), then the first largest within that chunk: the same index. Measured inside the bf16
-    decode loop of the bench's small shape: 80 -> 67 us at batch 1, 154 -> 93 us at batch 4. On an H100
-    torch.argmax is the faster (28 us against 84-224 us for 1, 8 or 64 rows): it is kept there.
+    On the CPU torch.argmax walks a row one element at a time, while the largest value of chunks of a row is
+    a vectorised reduction. So: the largest value of each chunk of GREEDY_CHUNK logits, the first chunk
+    holding the row's largest (amax, like argmax, lets a NaN win), then the first largest within that chunk:
+    the same index, faster. On GPUs torch.argmax is the faster: it is kept there (measured: bench/README.md,
+    History).
     """
     bsz, vocab = logits.shape
     if logits.device.type != "cpu" or vocab % GREEDY_CHUNK or bsz == 0:

@@ -20,7 +20,7 @@ import statistics
 import torch
 
 from llama import Llama
-from llama.bench import SHAPES, build_ours, random_weights, timed
+from bench.run import SHAPES, build_ours, random_weights, timed
 from llama.fast.step import compile_options
 from llama.distributed import init_distributed, pick_device
 from llama.model import ModelArgs

@@ -26,7 +26,7 @@ import sys
 import torch
 
 import llama.fast.step as decoding
-from llama.bench import main
+from bench.run import main
 from llama.fast.step import DecodeStep
 
 KNOWN = {"default", "no-autotune", "no-pdl", "math", "gemv", "cublaslt"}

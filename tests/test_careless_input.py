@@ -18,7 +18,7 @@ import torch
 
 from llama import Llama
 from llama.cli import main
-from llama.convert import main as convert_main
+from llama.checkpoints.convert import main as convert_main
 from llama.distributed import pick_device, pick_dtype
 from helpers import SMALL_GQA, random_state_dict, subprocess_env, write_byte_tokenizer, write_checkpoint
 
@@ -272,7 +272,7 @@ def test_ctrl_c_during_generation_exits_130_with_a_short_message_and_no_tracebac
 
 
 def bench_weights(ckpt_dir: Path):
-    from llama.bench import load_weights
+    from bench.run import load_weights
 
     opts = argparse.Namespace(ckpt_dir=str(ckpt_dir), shape=None, seed=0)
     return load_weights(opts, torch.device("cpu"), torch.float32, max_seq_len=16, max_batch_size=1)
@@ -296,7 +296,7 @@ def test_the_bench_takes_llama2_vocab_size_from_the_embedding(tmp_path):
 
 
 def test_the_bench_without_transformers_says_so_before_any_work(monkeypatch, capsys):
-    import llama.bench as bench
+    import bench.run as bench
 
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
     with pytest.raises(SystemExit) as info:
@@ -307,7 +307,7 @@ def test_the_bench_without_transformers_says_so_before_any_work(monkeypatch, cap
 
 
 def test_the_bench_on_a_missing_folder_says_so(tmp_path, capsys):
-    import llama.bench as bench
+    import bench.run as bench
 
     with pytest.raises(SystemExit) as info:
         bench.main(["--ckpt-dir", str(tmp_path / "nowhere"), "--no-hf"])

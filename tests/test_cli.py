@@ -16,7 +16,7 @@ import pexpect
 import pytest
 
 from llama import Llama
-from llama.chat import fit_history
+from llama.cli.chat import fit_history
 from llama.cli import main, parse_args
 from llama.tokenizer_llama2 import UNSAFE_ERROR
 from helpers import (

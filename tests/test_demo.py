@@ -16,7 +16,7 @@ import torch
 
 from helpers import random_state_dict
 from llama import Llama, Tokenizer
-from llama.demo import DEMO_DIR, DemoModelError, build_demo
+from llama.cli.demo import DEMO_DIR, DemoModelError, build_demo
 
 REPO = Path(__file__).resolve().parent.parent
 

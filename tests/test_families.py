@@ -24,7 +24,7 @@ from helpers import meta_rope_freqs, random_state_dict, train_sentencepiece, wri
 from hf_reference import META_TO_HF, permute_for_hf
 from llama import Llama
 from llama.checkpoints.meta import open_checkpoint
-from llama.convert import main as convert_main
+from llama.checkpoints.convert import main as convert_main
 from llama.model import ModelArgs, apply_scaling, rope_frequencies
 
 # Meta's params.json, value for value (reference-facts.md; CodeLlama 7B as Meta ships it).

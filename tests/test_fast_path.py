@@ -327,7 +327,7 @@ def test_compile_needs_the_fast_loop(pair):
 
 def test_bench_runs_both_systems_on_the_same_weights(tmp_path, monkeypatch):
     """A tiny run of `python -m llama.bench`: transformers on the converted weights produces our tokens."""
-    import llama.bench as bench
+    import bench.run as bench
 
     monkeypatch.setitem(bench.SHAPES, "tiny", dict(SMALL_SCALED, vocab_size=300))
     out, chart = tmp_path / "b.json", tmp_path / "b.png"

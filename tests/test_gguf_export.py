@@ -123,7 +123,7 @@ LOGITS_ATOL = 1e-4
 
 def our_logits(args, sd, prompt):
     """Our reference loop's float32 logits for every position of `prompt`: (len, vocab)."""
-    from llama.bench import build_ours
+    from bench.run import build_ours
 
     init_distributed(torch.device("cpu"))
     ours = build_ours(args, sd, torch.device("cpu"), torch.float32, fast=False, compile=False)
@@ -157,7 +157,7 @@ def test_llamacpp_tells_the_layouts_apart(tmp_path):
     permuted per head), w1 and w3 swapped, or Llama 3.1's RoPE scaling left out of the file miss our logits
     by more than 100 times the tolerance (measured here: 1.6, and 0.012 for the scaling, against 2e-6)."""
     pytest.importorskip("llama_cpp")
-    from llama.bench import permute_for_hf
+    from bench.run import permute_for_hf
 
     args = model_args(SMALL_SCALED)
     sd = random_state_dict(dict(SMALL_SCALED, vocab_size=300), seed=3)
@@ -181,7 +181,7 @@ def test_bench_llamacpp_generates_our_greedy_tokens_run_after_run(tmp_path):
     """The bench's contender: from the same prompt, the tokens our fast loop chooses greedily, the same in
     every run (each run starts from an empty cache), and one prompt at a time."""
     pytest.importorskip("llama_cpp")
-    from llama.bench import build_ours
+    from bench.run import build_ours
     from bench.llamacpp import build_llamacpp
 
     args = model_args(SMALL_SCALED)
@@ -202,7 +202,7 @@ def test_bench_adds_llamacpp_at_batch_1_only(tmp_path, monkeypatch):
     """`python -m llama.bench --llamacpp`: llama.cpp beside ours at batch 1, with our tokens, a ratio and a
     table column; left out at batch 2."""
     pytest.importorskip("llama_cpp")
-    import llama.bench as bench
+    import bench.run as bench
 
     monkeypatch.setitem(bench.SHAPES, "tiny", dict(SMALL_SCALED, vocab_size=300))
     out = tmp_path / "b.json"

@@ -14,7 +14,7 @@ from helpers import (SMALL_GQA, SMALL_MHA, meta_rope_freqs, random_state_dict, s
                      train_sentencepiece, write_byte_tokenizer, write_checkpoint)
 from llama import Llama
 from llama.checkpoints.meta import open_checkpoint
-from llama.convert import main as convert_main
+from llama.checkpoints.convert import main as convert_main
 from llama.checkpoints.hf import permute_rows, unpermute_rows
 from llama.model import ModelArgs
 

@@ -33,8 +33,8 @@ from llama.model import Attention, FeedForward, Transformer, apply_rotary_emb
 # of per-row positions, one new token per row.
 Positions = Union[int, torch.Tensor]
 
-# The number of rows oneDNN tunes a packed weight for (any number works). Measured here: from 4 rows up the
-# float32 kernels it picks stream weights about 1.3x faster than for 1 row, even for products with 1 row.
+# The number of rows oneDNN tunes a packed weight for (any number works): from 4 rows up, the float32 kernels
+# it picks stream weights faster than those for 1 row, even for products with 1 row.
 PACK_FOR_ROWS = 16
 
 

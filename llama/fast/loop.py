@@ -54,7 +54,7 @@ class StopWatch:
     """Tells the loop when every row has stopped, looking at the device's flags every `every` steps.
 
     A look is a device-to-host copy: the host waits for the device, which then idles while the host queues
-    the next step (on an H100, 8B, batch 1, about 1% of the decode time with a look every 8 steps). So with
+    the next step (about 1% of an 8B decode step on a GPU at batch 1, with a look every 8 steps). So with
     every > 1 a look only starts the copy of the flag and reads the one started at the look before: if the
     host has to wait for that copy, the device still has the steps queued since to work on. Rows may thus
     run up to 2 * every - 1 steps past the last stop, which changes no output (outputs are cut at the first

@@ -62,10 +62,8 @@ def compile_options() -> Dict[str, bool]:
     product against cuBLAS (at batch 1 it picks generated one-row products fused with the RMSNorm before
     them); coordinate-descent tuning of the generated kernels' block sizes; programmatic dependent launch
     where torch offers it (Hopper and later; inductor leaves it out elsewhere): each generated kernel starts
-    while the one before finishes, waiting only where it reads that one's output.
-    Measured on an H100, Llama 3 8B, batch 1: in one call, graphs and tuning 151.5 tok/s, with max_autotune
-    167.9 (scripts/compile_variants.py); in one process, without and with the launch, 168.1 -> 172.6
-    (scripts/compile_ab.py).
+    while the one before finishes, waiting only where it reads that one's output. What each option gains is
+    measured by scripts/compile_ab.py and scripts/compile_variants.py (figures: bench/README.md, History).
     """
     import torch._inductor.config as inductor_config  # (here: only compile=True needs it)
 

@@ -12,7 +12,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
-from llama.cli import build, generation_config
+from llama.cli.options import build, generation_config
 from llama.config import GenerationConfig
 from llama.distributed import is_rank_zero
 from llama.generation import Llama

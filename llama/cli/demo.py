@@ -12,7 +12,7 @@ from typing import Optional, Union
 
 from llama.generation import Llama
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "models" / "demo"
+DEMO_DIR = Path(__file__).resolve().parents[2] / "models" / "demo"
 DEMO_FILES = ("consolidated.00.pth", "params.json", "tokenizer.model")
 DEMO_MAX_SEQ_LEN = 256  # the context it was trained on: positions beyond it were never seen
 
