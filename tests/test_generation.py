@@ -4,22 +4,18 @@ transformers' model (no KV cache, no batching) on the same weights."""
 import pytest
 import torch
 
-from llama import Llama
 from llama.sampling import sample_top_p
 
-from helpers import SMALL_GQA, write_byte_tokenizer, write_checkpoint
+from helpers import SMALL_GQA
 from hf_reference import hf_model
 
 PARAMS = dict(SMALL_GQA, vocab_size=512)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gen")
-    sd = write_checkpoint(d / "ckpt", PARAMS, seed=11)
-    tok = write_byte_tokenizer(d / "tok.model")
-    llama = Llama.build(str(d / "ckpt"), str(tok), max_seq_len=48, max_batch_size=4, device="cpu")
-    return llama, hf_model(PARAMS, sd)
+def setup(tiny_checkpoint, tiny_llama):
+    llama = tiny_llama(PARAMS, seed=11, max_seq_len=48, max_batch_size=4, device="cpu")
+    return llama, hf_model(PARAMS, tiny_checkpoint(PARAMS, seed=11).state_dict)
 
 
 def naive_greedy(hf, prompt, n):
@@ -170,9 +166,7 @@ def test_sample_top_p_draws_in_proportion_inside_the_nucleus():
     assert abs(share_of_0 - 2 / 3) < 0.04 and not (draws == 2).any()
 
 
-def test_build_twice_in_one_process_gives_two_working_generators(tmp_path):
-    write_checkpoint(tmp_path / "ckpt", PARAMS, seed=11)
-    tok = write_byte_tokenizer(tmp_path / "tok.model")
-    first = Llama.build(str(tmp_path / "ckpt"), str(tok), max_seq_len=32, max_batch_size=2, device="cpu")
-    second = Llama.build(str(tmp_path / "ckpt"), str(tok), max_seq_len=16, max_batch_size=1, device="cpu")
+def test_build_twice_in_one_process_gives_two_working_generators(tiny_llama):
+    first = tiny_llama(PARAMS, seed=11, max_seq_len=32, max_batch_size=2, device="cpu")
+    second = tiny_llama(PARAMS, seed=11, max_seq_len=16, max_batch_size=1, device="cpu")
     assert first.generate(PROMPTS[:2], 6, temperature=0)[0][0] == second.generate(PROMPTS[:1], 6, temperature=0)[0][0]

@@ -142,8 +142,7 @@ def test_chat_format_follows_the_tokenizer_and_can_be_forced(sp_path):
         make_chat_format(tiktoken_tok, "llama4")
 
 
-def test_build_forces_chat_format(sp_path, tmp_path):
-    tok = str(write_byte_tokenizer(tmp_path / "tokenizer.model"))
-    write_checkpoint(tmp_path / "ckpt", dict(SMALL_MHA, vocab_size=512))
-    generator = Llama.build(str(tmp_path / "ckpt"), tok, 32, 1, device="cpu", chat_format="llama2")
+def test_build_forces_chat_format(tiny_llama):
+    generator = tiny_llama(dict(SMALL_MHA, vocab_size=512), max_seq_len=32, max_batch_size=1, device="cpu",
+                           chat_format="llama2")
     assert isinstance(generator.formatter, Llama2ChatFormat)
