@@ -83,7 +83,7 @@ def test_json_output_is_an_array_and_prompts_can_be_given_on_the_command_line(ck
     assert [records[0]["generation"], records[2]["generation"]] == greedy(llama, ["one", "three"], 6)
 
 
-def test_chat_template_and_jsonl_prompts_with_dialogs(ckpt, llama, tmp_path):
+def test_use_chat_template_answers_jsonl_prompts_and_dialogs_as_chat_completion_does(ckpt, llama, tmp_path):
     dialog = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
               {"role": "user", "content": "ok"}]
     lines = [json.dumps("plain"), json.dumps({"prompt": "as object"}), json.dumps({"dialog": dialog}),

@@ -65,13 +65,13 @@ def test_sentencepiece_tokenizer_has_llama2_special_ids(sp_path, sp):
     assert tok.decode(tok.encode(text, bos=False, eos=False)) == text
 
 
-def test_chat_single_turn(sp_path, sp):
+def test_a_user_message_is_stripped_and_wrapped_in_inst_tags(sp_path, sp):
     fmt = Llama2ChatFormat(SentencePieceTokenizer(sp_path))
     assert fmt.encode_dialog_prompt([{"role": "user", "content": "  Hello there \n"}]) == \
         ids(sp, "[INST] Hello there [/INST]")
 
 
-def test_chat_single_turn_with_system_prompt(sp_path, sp):
+def test_a_system_message_goes_in_sys_tags_inside_the_first_inst(sp_path, sp):
     fmt = Llama2ChatFormat(SentencePieceTokenizer(sp_path))
     dialog = [{"role": "system", "content": "Always answer with a haiku"},
               {"role": "user", "content": "What is the capital of France?"}]
@@ -79,7 +79,7 @@ def test_chat_single_turn_with_system_prompt(sp_path, sp):
         ids(sp, "[INST] <<SYS>>\nAlways answer with a haiku\n<</SYS>>\n\nWhat is the capital of France? [/INST]")
 
 
-def test_chat_multi_turn(sp_path, sp):
+def test_each_exchange_is_an_inst_block_closed_by_eos(sp_path, sp):
     fmt = Llama2ChatFormat(SentencePieceTokenizer(sp_path))
     dialog = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": " Hi! How are you? "},
               {"role": "user", "content": "fine, thank you"}]
@@ -88,7 +88,7 @@ def test_chat_multi_turn(sp_path, sp):
     )
 
 
-def test_chat_multi_turn_with_system_prompt(sp_path, sp):
+def test_a_system_message_is_folded_into_the_first_exchange_only(sp_path, sp):
     fmt = Llama2ChatFormat(SentencePieceTokenizer(sp_path))
     dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
               {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Paris?"},
@@ -121,7 +121,7 @@ def test_dialog_containing_special_tags_gets_metas_error_answer_and_others_still
     assert with_logprobs[0]["tokens"] == [] and with_logprobs[0]["logprobs"] == []
 
 
-def test_text_completion_with_sentencepiece_tokenizer(llama2):
+def test_text_completion_decodes_the_generated_tokens_with_sentencepiece(llama2):
     result = llama2.text_completion(["The capital of France"], temperature=0, max_gen_len=6, logprobs=True)
     prompt = llama2.tokenizer.encode("The capital of France", bos=True, eos=False)
     tokens, logprobs = llama2.generate([prompt], max_gen_len=6, temperature=0, logprobs=True)

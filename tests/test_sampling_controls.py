@@ -209,7 +209,7 @@ def test_a_seeded_prompt_samples_the_same_alone_or_beside_other_prompts(llama):
     assert batch[1] == alone
 
 
-def test_n_samples_per_prompt(llama):
+def test_n_gives_n_different_samples_per_prompt_in_prompt_major_rows(llama):
     settings = dict(temperature=1.0, top_p=1.0, seed=9, n=3, ignore_eos=True)
     results = llama.text_completion(["p", "q"], max_gen_len=8, **settings)
     assert [len(r) for r in results] == [3, 3]

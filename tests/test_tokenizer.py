@@ -30,23 +30,23 @@ def test_special_token_ids_follow_the_128000_base_ranks(tokenizer):
     assert max(tokenizer.special_tokens.values()) == 128255
 
 
-def test_meta_published_encode_vector(tokenizer):
+def test_encode_gives_metas_published_ids(tokenizer):
     assert tokenizer.encode("This is a test sentence.", bos=True, eos=True) == [
         128000, 2028, 374, 264, 1296, 11914, 13, 128001
     ]
 
 
-def test_meta_published_decode_vector(tokenizer):
+def test_decode_gives_metas_published_text(tokenizer):
     ids = [128000, 2028, 374, 264, 1296, 11914, 13, 128001]
     assert tokenizer.decode(ids) == "<|begin_of_text|>This is a test sentence.<|end_of_text|>"
 
 
-def test_meta_published_message_vector(tokenizer):
+def test_a_chat_message_encodes_to_metas_published_ids(tokenizer):
     tokens = ChatFormat(tokenizer).encode_message({"role": "user", "content": "This is a test sentence."})
     assert tokens == [128006, 882, 128007, 271, 2028, 374, 264, 1296, 11914, 13, 128009]
 
 
-def test_meta_published_dialog_vector(tokenizer):
+def test_a_dialog_prompt_encodes_to_metas_published_ids(tokenizer):
     tokens = ChatFormat(tokenizer).encode_dialog_prompt(
         [
             {"role": "system", "content": "This is a test sentence."},
@@ -75,13 +75,13 @@ def test_special_token_text_in_chat_content_cannot_open_a_header(tokenizer):
 
 @settings(max_examples=200, deadline=None)
 @given(st.text())
-def test_roundtrip_arbitrary_unicode(tokenizer, text):
+def test_decode_inverts_encode_on_arbitrary_unicode(tokenizer, text):
     assert tokenizer.decode(tokenizer.encode(text, bos=False, eos=False)) == text
 
 
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.sampled_from([" ", "\n", "\t", "  ", "a", "é", "中", "\r\n", "1234"]), max_size=3000))
-def test_roundtrip_whitespace_heavy_text(tokenizer, pieces):
+def test_decode_inverts_encode_on_whitespace_heavy_text(tokenizer, pieces):
     text = "".join(pieces)
     assert tokenizer.decode(tokenizer.encode(text, bos=False, eos=False)) == text
 
@@ -91,7 +91,7 @@ def test_roundtrip_whitespace_heavy_text(tokenizer, pieces):
     [" " * 500_000, "a" * 450_000, ("x" * 30_000 + " " * 30_000) * 8, "héllo wörld 你好 " * 30_000],
     ids=["spaces", "one-letter-run", "alternating-long-runs", "mixed-unicode"],
 )
-def test_roundtrip_inputs_over_400k_characters(tokenizer, text):
+def test_decode_inverts_encode_on_inputs_over_400k_characters(tokenizer, text):
     assert len(text) > 400_000
     ids = tokenizer.encode(text, bos=True, eos=True)
     assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id
@@ -133,7 +133,7 @@ def test_bad_dialogs_are_rejected_with_the_reason(dialog, match):
         check_dialog(dialog)
 
 
-def test_good_dialogs_pass():
+def test_well_formed_dialogs_are_accepted():
     check_dialog([{"role": "user", "content": "a"}])
     check_dialog([{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
                   {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}])
