@@ -287,6 +287,7 @@ def test_compile_needs_the_fast_loop(pair):
         Llama(fast.model, fast.tokenizer, fast=False, compile=True)
 
 
+@pytest.mark.slow  # the benchmark end to end: GiB-sized bandwidth probes and timed rounds
 def test_bench_runs_both_systems_on_the_same_weights(tmp_path, monkeypatch):
     """A tiny run of `python -m llama.bench`: transformers on the converted weights produces our tokens."""
     import llama.bench as bench
