@@ -41,6 +41,9 @@ def build(ckpt, tok, **kw):
     return Llama.build(str(ckpt), str(tok), device="cpu", **kw)
 
 
+# ---- loading: files, shards, params.json, sizes ----
+
+
 def test_a_missing_checkpoint_directory_raises_file_not_found_naming_it(files, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         build(tmp_path / "nowhere", files[1])
@@ -165,6 +168,9 @@ def test_max_seq_len_must_be_a_positive_integer(files, value):
 def test_max_batch_size_must_be_a_positive_integer(files):
     with pytest.raises(ValueError, match="max_batch_size"):
         build(files[0], files[1], max_batch_size=0)
+
+
+# ---- prompts and generation settings ----
 
 
 def test_a_prompt_longer_than_max_seq_len_is_refused_naming_its_index(llama):

@@ -143,6 +143,9 @@ def test_chat_completion_answers_as_the_assistant(setup):
     assert result == {"generation": {"role": "assistant", "content": llama.tokenizer.decode(tokens[0])}}
 
 
+# ---- sample_top_p: Meta's nucleus sampler ----
+
+
 def test_sample_top_p_keeps_exactly_the_nucleus():
     # Sorted mass: 0.5, 0.8 (crosses p=0.6, so kept), then 0.15 and 0.05 are dropped.
     probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
@@ -164,6 +167,9 @@ def test_sample_top_p_draws_in_proportion_inside_the_nucleus():
     draws = torch.cat([sample_top_p(probs.clone(), 0.8, g) for _ in range(3000)]).flatten()
     share_of_0 = (draws == 0).float().mean().item()
     assert abs(share_of_0 - 2 / 3) < 0.04 and not (draws == 2).any()
+
+
+# ---- Llama.build ----
 
 
 def test_build_twice_in_one_process_gives_two_working_generators(tiny_llama):

@@ -45,6 +45,9 @@ def ids(sp, text, bos=True, eos=False):
     return ([1] if bos else []) + sp.encode(text) + ([2] if eos else [])
 
 
+# ---- the SentencePiece tokenizer ----
+
+
 def test_tokenizer_kind_is_sniffed_from_the_contents(sp_path, tmp_path):
     assert tokenizer_kind(sp_path) == "sentencepiece"
     assert tokenizer_kind(real_tokenizer_path()) == "tiktoken"
@@ -63,6 +66,9 @@ def test_sentencepiece_tokenizer_has_llama2_special_ids(sp_path, sp):
     text = "Hello there! The capital of France."
     assert tok.encode(text, bos=True, eos=True) == [1] + sp.encode(text) + [2]
     assert tok.decode(tok.encode(text, bos=False, eos=False)) == text
+
+
+# ---- the Llama 2 chat format: Meta's prompt strings ----
 
 
 def test_a_user_message_is_stripped_and_wrapped_in_inst_tags(sp_path, sp):
@@ -98,6 +104,9 @@ def test_a_system_message_is_folded_into_the_first_exchange_only(sp_path, sp):
         + ids(sp, "[INST] Paris? [/INST] Capital of France. ", eos=True)
         + ids(sp, "[INST] Thanks [/INST]")
     )
+
+
+# ---- a Llama 2 checkpoint end to end ----
 
 
 def test_llama2_checkpoint_builds_with_vocab_from_tokenizer_and_llama2_chat(llama2):
@@ -142,7 +151,7 @@ def test_chat_format_follows_the_tokenizer_and_can_be_forced(sp_path):
         make_chat_format(tiktoken_tok, "llama4")
 
 
-def test_build_forces_chat_format(tiny_llama):
+def test_build_chat_format_llama2_overrides_the_tokenizers_family(tiny_llama):
     generator = tiny_llama(dict(SMALL_MHA, vocab_size=512), max_seq_len=32, max_batch_size=1, device="cpu",
                            chat_format="llama2")
     assert isinstance(generator.formatter, Llama2ChatFormat)

@@ -55,6 +55,9 @@ def real_vocab_ckpt(tiny_checkpoint):
             for name, n in (("one", 1), ("two", 2))}
 
 
+# ---- Meta's example scripts, run the ways the README shows ----
+
+
 def test_example_text_completion_runs_with_plain_python(real_vocab_ckpt):
     out = run_single("example_text_completion.py", "--ckpt_dir", str(real_vocab_ckpt["one"]),
                      "--tokenizer_path", real_tokenizer_path(), "--max_gen_len", "8", "--device", "cpu")

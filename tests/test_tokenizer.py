@@ -30,6 +30,9 @@ def test_special_token_ids_follow_the_128000_base_ranks(tokenizer):
     assert max(tokenizer.special_tokens.values()) == 128255
 
 
+# ---- Meta's published vectors ----
+
+
 def test_encode_gives_metas_published_ids(tokenizer):
     assert tokenizer.encode("This is a test sentence.", bos=True, eos=True) == [
         128000, 2028, 374, 264, 1296, 11914, 13, 128001
@@ -59,6 +62,9 @@ def test_a_dialog_prompt_encodes_to_metas_published_ids(tokenizer):
     ]
 
 
+# ---- special-token text in user input ----
+
+
 def test_special_token_text_is_plain_text_by_default(tokenizer):
     ids = tokenizer.encode("<|eot_id|>", bos=False, eos=False)
     assert tokenizer.eot_id not in ids and len(ids) > 1
@@ -71,6 +77,9 @@ def test_special_token_text_in_chat_content_cannot_open_a_header(tokenizer):
     tokens = ChatFormat(tokenizer).encode_message({"role": "user", "content": content})
     assert tokens.count(tokenizer.special_tokens["<|start_header_id|>"]) == 1
     assert tokens.count(tokenizer.eot_id) == 1 and tokens[-1] == tokenizer.eot_id
+
+
+# ---- round trips ----
 
 
 @settings(max_examples=200, deadline=None)
@@ -98,6 +107,9 @@ def test_decode_inverts_encode_on_inputs_over_400k_characters(tokenizer, text):
     assert tokenizer.decode(ids[1:-1]) == text
 
 
+# ---- tokenizer files ----
+
+
 def test_any_bpe_file_gets_the_special_tokens_after_its_base_vocabulary(tmp_path):
     tok = Tokenizer(str(write_byte_tokenizer(tmp_path / "bytes.model")))
     assert tok.n_words == 512 and tok.bos_id == 256 and tok.eot_id == 265
@@ -114,6 +126,9 @@ def test_corrupt_tokenizer_file_is_named_with_its_line(tmp_path):
     bad.write_text("YQ== 0\nthis is not base64 and rank\n")
     with pytest.raises(ValueError, match=r"bad.model.*line 2"):
         Tokenizer(str(bad))
+
+
+# ---- dialogs ----
 
 
 @pytest.mark.parametrize(
