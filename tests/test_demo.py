@@ -152,6 +152,7 @@ def _run(script: Path, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["example_text_completion.py", "example_chat_completion.py"])
 def test_examples_run_with_no_arguments_on_the_demo_model(script):
     out = _run(REPO / script, REPO)
@@ -160,6 +161,7 @@ def test_examples_run_with_no_arguments_on_the_demo_model(script):
     assert out.stdout.count("\n==================================") == 4
 
 
+@pytest.mark.slow
 def test_example_without_the_demo_files_exits_with_the_retrain_command(tmp_path):
     # A copy of the repository's code without models/demo: the example must explain, not crash.
     shutil.copytree(REPO / "llama", tmp_path / "llama", ignore=shutil.ignore_patterns("__pycache__"))

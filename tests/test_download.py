@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here runs download.sh in bash
 SCRIPT = Path(__file__).resolve().parent.parent / "download.sh"
 SHARD_BYTES = 96 * 1024  # big enough that a download can be cut in the middle
 

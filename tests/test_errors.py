@@ -11,27 +11,25 @@ import torch
 from llama import Llama, PromptError
 from llama.model import ModelArgs
 
-from helpers import SMALL_GQA, meta_rope_freqs, write_byte_tokenizer, write_checkpoint
+from helpers import SMALL_GQA, meta_rope_freqs
 
 PARAMS = dict(SMALL_GQA, vocab_size=512)
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("err")
-    write_checkpoint(d / "ckpt", PARAMS, seed=1)
-    tok = write_byte_tokenizer(d / "tok.model")
-    return d, d / "ckpt", tok
+def files(tiny_checkpoint):
+    """(checkpoint directory, tokenizer path), shared with other tests: damage only a copy (copy_ckpt)."""
+    ckpt = tiny_checkpoint(PARAMS, seed=1)
+    return ckpt.dir, ckpt.tokenizer
 
 
 @pytest.fixture(scope="module")
-def llama(files):
-    _, ckpt, tok = files
-    return Llama.build(str(ckpt), str(tok), max_seq_len=32, max_batch_size=2, device="cpu")
+def llama(tiny_llama):
+    return tiny_llama(PARAMS, seed=1, max_seq_len=32, max_batch_size=2, device="cpu")
 
 
 def copy_ckpt(files, tmp_path):
-    _, ckpt, tok = files
+    ckpt, tok = files
     dst = tmp_path / "ckpt"
     shutil.copytree(ckpt, dst)
     return dst, tok
@@ -43,28 +41,31 @@ def build(ckpt, tok, **kw):
     return Llama.build(str(ckpt), str(tok), device="cpu", **kw)
 
 
-def test_missing_checkpoint_directory(files, tmp_path):
+# ---- loading: files, shards, params.json, sizes ----
+
+
+def test_a_missing_checkpoint_directory_raises_file_not_found_naming_it(files, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        build(tmp_path / "nowhere", files[2])
+        build(tmp_path / "nowhere", files[1])
 
 
-def test_missing_params_json(files, tmp_path):
+def test_a_missing_params_json_raises_file_not_found_naming_it(files, tmp_path):
     ckpt, tok = copy_ckpt(files, tmp_path)
     os.remove(ckpt / "params.json")
     with pytest.raises(FileNotFoundError, match="params.json"):
         build(ckpt, tok)
 
 
-def test_missing_shard(files, tmp_path):
+def test_a_missing_shard_raises_file_not_found_naming_it(files, tmp_path):
     ckpt, tok = copy_ckpt(files, tmp_path)
     os.remove(ckpt / "consolidated.00.pth")
     with pytest.raises(FileNotFoundError, match="consolidated"):
         build(ckpt, tok)
 
 
-def test_missing_tokenizer(files, tmp_path):
+def test_a_missing_tokenizer_raises_file_not_found_naming_it(files, tmp_path):
     with pytest.raises(FileNotFoundError, match="absent.model"):
-        build(files[1], tmp_path / "absent.model")
+        build(files[0], tmp_path / "absent.model")
 
 
 def test_truncated_shard_names_the_file(files, tmp_path):
@@ -103,10 +104,9 @@ def test_a_checkpoint_whose_pickle_runs_code_is_refused_without_running_it(files
     assert not marker.exists()
 
 
-def test_shard_count_differs_from_model_parallel_size(files, tmp_path):
+def test_two_shards_load_on_one_rank_but_a_copied_shard_is_refused_by_its_vocabulary(files, tiny_checkpoint, tmp_path):
     # Checkpoints are resharded at load (tests/test_reshard.py): 2 shards run on 1 rank ...
-    write_checkpoint(tmp_path / "two", PARAMS, n_shards=2, seed=1)
-    build(tmp_path / "two", files[2])
+    build(tiny_checkpoint(PARAMS, seed=1, n_shards=2).dir, files[1])
     # ... but a copy of a 1-shard file is no second shard: it holds twice the vocabulary a 2-shard cut would.
     ckpt, tok = copy_ckpt(files, tmp_path)
     shutil.copy(ckpt / "consolidated.00.pth", ckpt / "consolidated.01.pth")
@@ -115,7 +115,7 @@ def test_shard_count_differs_from_model_parallel_size(files, tmp_path):
         build(ckpt, tok)
 
 
-def test_vocab_size_differs_from_the_tokenizer(files, tmp_path):
+def test_a_vocab_size_other_than_the_tokenizers_is_refused_naming_both(files, tmp_path):
     ckpt, tok = copy_ckpt(files, tmp_path)
     (ckpt / "params.json").write_text(json.dumps(dict(PARAMS, vocab_size=1000)))
     with pytest.raises(ValueError, match="vocab_size=1000 .* 512 tokens"):
@@ -160,36 +160,39 @@ def test_unknown_params_keys_warn_and_are_ignored(files, tmp_path):
 
 
 @pytest.mark.parametrize("value", [0, -5, 2.5, "128", None])
-def test_max_seq_len_out_of_range(files, value):
+def test_max_seq_len_must_be_a_positive_integer(files, value):
     with pytest.raises(ValueError, match=f"max_seq_len must be a positive integer, got {value!r}"):
-        build(files[1], files[2], max_seq_len=value)
+        build(files[0], files[1], max_seq_len=value)
 
 
-def test_max_batch_size_out_of_range(files):
+def test_max_batch_size_must_be_a_positive_integer(files):
     with pytest.raises(ValueError, match="max_batch_size"):
-        build(files[1], files[2], max_batch_size=0)
+        build(files[0], files[1], max_batch_size=0)
 
 
-def test_prompt_longer_than_max_seq_len(llama):
+# ---- prompts and generation settings ----
+
+
+def test_a_prompt_longer_than_max_seq_len_is_refused_naming_its_index(llama):
     with pytest.raises(ValueError, match="prompt 1: the prompt has 40 tokens, more than max_seq_len=32"):
         llama.generate([[256, 1], [256] * 40], max_gen_len=4)
 
 
-def test_more_prompts_than_max_batch_size(llama):
+def test_more_prompts_than_max_batch_size_are_refused(llama):
     with pytest.raises(ValueError, match="3 prompts is more than max_batch_size=2"):
         llama.generate([[256]] * 3, max_gen_len=4)
     with pytest.raises(ValueError, match="3 prompts is more than max_batch_size=2"):
         llama.text_completion(["a", "b", "c"], max_gen_len=4)
 
 
-def test_empty_prompt_list(llama):
+def test_an_empty_prompt_list_is_refused(llama):
     with pytest.raises(ValueError, match="at least one prompt"):
         llama.generate([], max_gen_len=4)
     with pytest.raises(ValueError, match="no prompts"):
         llama.text_completion([], max_gen_len=4)
 
 
-def test_empty_prompt_and_out_of_vocabulary_ids(llama):
+def test_an_empty_prompt_and_out_of_vocabulary_ids_are_refused(llama):
     with pytest.raises(ValueError, match="prompt 0: the prompt is empty"):
         llama.generate([[]], max_gen_len=4)
     with pytest.raises(ValueError, match=r"token ids \[999\] are outside the vocabulary \[0, 512\)"):
@@ -202,7 +205,7 @@ def test_empty_prompt_and_out_of_vocabulary_ids(llama):
     (dict(top_p=1.5), r"top_p must be in \(0, 1\], got 1.5"),
     (dict(max_gen_len=0), "max_gen_len must be a positive integer, got 0"),
 ])
-def test_bad_generation_settings(llama, kw, match):
+def test_bad_generation_settings_are_refused_naming_the_value(llama, kw, match):
     kw = dict(dict(max_gen_len=4), **kw)
     with pytest.raises(ValueError, match=match):
         llama.generate([[256, 1]], **kw)
@@ -229,12 +232,13 @@ def test_a_bad_dialog_is_reported_and_the_others_still_answered(llama):
         llama.chat_completion([bad_order], max_gen_len=4, temperature=0)
 
 
+@pytest.mark.slow
 def test_checks_survive_python_dash_O(files):
     # `python -O` strips assert statements: user-facing checks must not rely on them.
     import subprocess
     import sys
 
-    _, ckpt, tok = files
+    ckpt, tok = files
     code = (
         "from llama import Llama\n"
         f"g = Llama.build({str(ckpt)!r}, {str(tok)!r}, max_seq_len=32, max_batch_size=2, device='cpu')\n"

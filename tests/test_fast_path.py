@@ -17,20 +17,17 @@ from llama.fast.step import fast_forward
 from llama.model import Attention, ModelArgs, Transformer
 from llama.sampling import GREEDY_CHUNK, greedy, next_token, sample_top_p, sample_top_p_prefiltered
 
-from helpers import SMALL_GQA, SMALL_MHA, SMALL_SCALED, write_byte_tokenizer, write_checkpoint
+from helpers import SMALL_GQA, SMALL_MHA, SMALL_SCALED
 
 SHAPES = {"gqa": SMALL_GQA, "mha": SMALL_MHA, "scaled_rope": SMALL_SCALED}
 MAX_SEQ_LEN = 40
 
 
 @pytest.fixture(scope="module", params=sorted(SHAPES))
-def pair(request, tmp_path_factory):
+def pair(request, tiny_llama):
     """(fast, reference) Llamas built from one random checkpoint."""
-    d = tmp_path_factory.mktemp(request.param)
     params = dict(SHAPES[request.param], vocab_size=512)
-    write_checkpoint(d / "ckpt", params, seed=5)
-    tok = str(write_byte_tokenizer(d / "tok.model"))
-    build = lambda fast: Llama.build(str(d / "ckpt"), tok, MAX_SEQ_LEN, max_batch_size=4, device="cpu", fast=fast)
+    build = lambda fast: tiny_llama(params, seed=5, max_seq_len=MAX_SEQ_LEN, max_batch_size=4, device="cpu", fast=fast)
     return build(True), build(False)
 
 
@@ -284,16 +281,15 @@ def test_next_token_with_and_without_prefilter_agree():
 # ---- options and the benchmark ---------------------------------------------------------------------------
 
 
-def test_compiled_step_gives_the_reference_greedy_tokens_and_logprobs(tmp_path):
+@pytest.mark.slow
+def test_compiled_step_gives_the_reference_greedy_tokens_and_logprobs(tiny_llama):
     """compile=True (torch.compile; CUDA graphs and tuned kernels on a GPU, inductor's C++ on the CPU) on
     mixed prompt lengths and one length: the reference loop's tokens, logprobs within 1e-5 in float32; rows
     end exactly at the reference's stop tokens, and the loop soon after they all have."""
     params = dict(SMALL_GQA, vocab_size=512)
-    write_checkpoint(tmp_path / "ckpt", params, seed=6)
-    tok = str(write_byte_tokenizer(tmp_path / "tok.model"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    build = lambda **kw: Llama.build(str(tmp_path / "ckpt"), tok, MAX_SEQ_LEN, max_batch_size=4, device=device,
-                                     dtype=torch.float32, **kw)
+    build = lambda **kw: tiny_llama(params, seed=6, max_seq_len=MAX_SEQ_LEN, max_batch_size=4, device=device,
+                                    dtype=torch.float32, **kw)
     compiled, reference = build(compile=True), build(fast=False)
     steps = []
     step = compiled.decode_step
@@ -325,6 +321,7 @@ def test_compile_needs_the_fast_loop(pair):
         Llama(fast.model, fast.tokenizer, fast=False, compile=True)
 
 
+@pytest.mark.slow  # the benchmark end to end: GiB-sized bandwidth probes and timed rounds
 def test_bench_runs_both_systems_on_the_same_weights(tmp_path, monkeypatch):
     """A tiny run of `python -m llama.bench`: transformers on the converted weights produces our tokens."""
     import bench.run as bench

@@ -4,22 +4,18 @@ transformers' model (no KV cache, no batching) on the same weights."""
 import pytest
 import torch
 
-from llama import Llama
 from llama.sampling import sample_top_p
 
-from helpers import SMALL_GQA, write_byte_tokenizer, write_checkpoint
+from helpers import SMALL_GQA
 from hf_reference import hf_model
 
 PARAMS = dict(SMALL_GQA, vocab_size=512)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gen")
-    sd = write_checkpoint(d / "ckpt", PARAMS, seed=11)
-    tok = write_byte_tokenizer(d / "tok.model")
-    llama = Llama.build(str(d / "ckpt"), str(tok), max_seq_len=48, max_batch_size=4, device="cpu")
-    return llama, hf_model(PARAMS, sd)
+def setup(tiny_checkpoint, tiny_llama):
+    llama = tiny_llama(PARAMS, seed=11, max_seq_len=48, max_batch_size=4, device="cpu")
+    return llama, hf_model(PARAMS, tiny_checkpoint(PARAMS, seed=11).state_dict)
 
 
 def naive_greedy(hf, prompt, n):
@@ -147,6 +143,9 @@ def test_chat_completion_answers_as_the_assistant(setup):
     assert result == {"generation": {"role": "assistant", "content": llama.tokenizer.decode(tokens[0])}}
 
 
+# ---- sample_top_p: Meta's nucleus sampler ----
+
+
 def test_sample_top_p_keeps_exactly_the_nucleus():
     # Sorted mass: 0.5, 0.8 (crosses p=0.6, so kept), then 0.15 and 0.05 are dropped.
     probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
@@ -170,9 +169,10 @@ def test_sample_top_p_draws_in_proportion_inside_the_nucleus():
     assert abs(share_of_0 - 2 / 3) < 0.04 and not (draws == 2).any()
 
 
-def test_build_twice_in_one_process_gives_two_working_generators(tmp_path):
-    write_checkpoint(tmp_path / "ckpt", PARAMS, seed=11)
-    tok = write_byte_tokenizer(tmp_path / "tok.model")
-    first = Llama.build(str(tmp_path / "ckpt"), str(tok), max_seq_len=32, max_batch_size=2, device="cpu")
-    second = Llama.build(str(tmp_path / "ckpt"), str(tok), max_seq_len=16, max_batch_size=1, device="cpu")
+# ---- Llama.build ----
+
+
+def test_build_twice_in_one_process_gives_two_working_generators(tiny_llama):
+    first = tiny_llama(PARAMS, seed=11, max_seq_len=32, max_batch_size=2, device="cpu")
+    second = tiny_llama(PARAMS, seed=11, max_seq_len=16, max_batch_size=1, device="cpu")
     assert first.generate(PROMPTS[:2], 6, temperature=0)[0][0] == second.generate(PROMPTS[:1], 6, temperature=0)[0][0]

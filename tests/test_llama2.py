@@ -45,6 +45,9 @@ def ids(sp, text, bos=True, eos=False):
     return ([1] if bos else []) + sp.encode(text) + ([2] if eos else [])
 
 
+# ---- the SentencePiece tokenizer ----
+
+
 def test_tokenizer_kind_is_sniffed_from_the_contents(sp_path, tmp_path):
     assert tokenizer_kind(sp_path) == "sentencepiece"
     assert tokenizer_kind(real_tokenizer_path()) == "tiktoken"
@@ -65,13 +68,16 @@ def test_sentencepiece_tokenizer_has_llama2_special_ids(sp_path, sp):
     assert tok.decode(tok.encode(text, bos=False, eos=False)) == text
 
 
-def test_chat_single_turn(sp_path, sp):
+# ---- the Llama 2 chat format: Meta's prompt strings ----
+
+
+def test_a_user_message_is_stripped_and_wrapped_in_inst_tags(sp_path, sp):
     fmt = Llama2ChatFormat(SentencePieceTokenizer(sp_path))
     assert fmt.encode_dialog_prompt([{"role": "user", "content": "  Hello there \n"}]) == \
         ids(sp, "[INST] Hello there [/INST]")
 
 
-def test_chat_single_turn_with_system_prompt(sp_path, sp):
+def test_a_system_message_goes_in_sys_tags_inside_the_first_inst(sp_path, sp):
     fmt = Llama2ChatFormat(SentencePieceTokenizer(sp_path))
     dialog = [{"role": "system", "content": "Always answer with a haiku"},
               {"role": "user", "content": "What is the capital of France?"}]
@@ -79,7 +85,7 @@ def test_chat_single_turn_with_system_prompt(sp_path, sp):
         ids(sp, "[INST] <<SYS>>\nAlways answer with a haiku\n<</SYS>>\n\nWhat is the capital of France? [/INST]")
 
 
-def test_chat_multi_turn(sp_path, sp):
+def test_each_exchange_is_an_inst_block_closed_by_eos(sp_path, sp):
     fmt = Llama2ChatFormat(SentencePieceTokenizer(sp_path))
     dialog = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": " Hi! How are you? "},
               {"role": "user", "content": "fine, thank you"}]
@@ -88,7 +94,7 @@ def test_chat_multi_turn(sp_path, sp):
     )
 
 
-def test_chat_multi_turn_with_system_prompt(sp_path, sp):
+def test_a_system_message_is_folded_into_the_first_exchange_only(sp_path, sp):
     fmt = Llama2ChatFormat(SentencePieceTokenizer(sp_path))
     dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
               {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Paris?"},
@@ -98,6 +104,9 @@ def test_chat_multi_turn_with_system_prompt(sp_path, sp):
         + ids(sp, "[INST] Paris? [/INST] Capital of France. ", eos=True)
         + ids(sp, "[INST] Thanks [/INST]")
     )
+
+
+# ---- a Llama 2 checkpoint end to end ----
 
 
 def test_llama2_checkpoint_builds_with_vocab_from_tokenizer_and_llama2_chat(llama2):
@@ -126,7 +135,7 @@ def test_dialog_containing_special_tags_gets_metas_error_answer_and_others_still
     assert with_logprobs[0]["logprobs"] == logprobs[0] and len(tokens[0]) == 5
 
 
-def test_text_completion_with_sentencepiece_tokenizer(llama2):
+def test_text_completion_decodes_the_generated_tokens_with_sentencepiece(llama2):
     result = llama2.text_completion(["The capital of France"], temperature=0, max_gen_len=6, logprobs=True)
     prompt = llama2.tokenizer.encode("The capital of France", bos=True, eos=False)
     tokens, logprobs = llama2.generate([prompt], max_gen_len=6, temperature=0, logprobs=True)
@@ -147,8 +156,7 @@ def test_chat_format_follows_the_tokenizer_and_can_be_forced(sp_path):
         make_chat_format(tiktoken_tok, "llama4")
 
 
-def test_build_forces_chat_format(sp_path, tmp_path):
-    tok = str(write_byte_tokenizer(tmp_path / "tokenizer.model"))
-    write_checkpoint(tmp_path / "ckpt", dict(SMALL_MHA, vocab_size=512))
-    generator = Llama.build(str(tmp_path / "ckpt"), tok, 32, 1, device="cpu", chat_format="llama2")
+def test_build_chat_format_llama2_overrides_the_tokenizers_family(tiny_llama):
+    generator = tiny_llama(dict(SMALL_MHA, vocab_size=512), max_seq_len=32, max_batch_size=1, device="cpu",
+                           chat_format="llama2")
     assert isinstance(generator.formatter, Llama2ChatFormat)

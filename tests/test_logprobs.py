@@ -9,15 +9,12 @@ import pytest
 import torch
 
 from llama import Llama, PromptError
-from helpers import SMALL_GQA, write_byte_tokenizer, write_checkpoint
+from helpers import SMALL_GQA
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> Llama:
-    d = tmp_path_factory.mktemp("logprobs")
-    write_checkpoint(d / "ckpt", dict(SMALL_GQA, vocab_size=512), seed=3)
-    tokenizer = write_byte_tokenizer(d / "tokenizer.model")
-    return Llama.build(str(d / "ckpt"), str(tokenizer), max_seq_len=48, max_batch_size=4, device="cpu")
+def llama(tiny_llama) -> Llama:
+    return tiny_llama(dict(SMALL_GQA, vocab_size=512), seed=3, max_seq_len=48, max_batch_size=4, device="cpu")
 
 
 def forward_logprobs(llama: Llama, tokens) -> torch.Tensor:

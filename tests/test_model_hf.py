@@ -4,10 +4,9 @@ float32 logits agree to 1e-5 relative, for a full sequence and token by token th
 import pytest
 import torch
 
-from llama import Llama
 from llama.model import ModelArgs, apply_scaling, precompute_rope
 
-from helpers import SMALL_GQA, SMALL_MHA, SMALL_SCALED, write_byte_tokenizer, write_checkpoint
+from helpers import SMALL_GQA, SMALL_MHA, SMALL_SCALED
 from hf_reference import hf_model
 
 CONFIGS = {"llama3-gqa": SMALL_GQA, "llama3.1-scaled-rope": SMALL_SCALED, "mha": SMALL_MHA}
@@ -19,12 +18,10 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
-def pair(request, tmp_path_factory):
+def pair(request, tiny_checkpoint, tiny_llama):
     params = dict(CONFIGS[request.param], vocab_size=512)
-    d = tmp_path_factory.mktemp(request.param)
-    sd = write_checkpoint(d / "ckpt", params, seed=3)
-    tok = write_byte_tokenizer(d / "tok.model")
-    ours = Llama.build(str(d / "ckpt"), str(tok), max_seq_len=64, max_batch_size=2, device="cpu")
+    sd = tiny_checkpoint(params, seed=3).state_dict
+    ours = tiny_llama(params, seed=3, max_seq_len=64, max_batch_size=2, device="cpu")
     tokens = torch.randint(0, 512, (2, SEQLEN), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         reference = hf_model(params, sd)(tokens).logits.float()

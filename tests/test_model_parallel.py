@@ -9,12 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (
-    SMALL_GQA, SMALL_MHA, random_state_dict, real_tokenizer_path, subprocess_env, write_byte_tokenizer,
-    write_checkpoint,
-)
+from helpers import SMALL_GQA, SMALL_MHA, real_tokenizer_path, subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -30,17 +28,14 @@ def run_single(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("params", [SMALL_GQA, SMALL_MHA], ids=["gqa", "mha"])
-def test_two_shards_on_two_processes_match_one_shard(tmp_path, params):
+def test_two_shards_on_two_processes_match_one_shard(tiny_checkpoint, tmp_path, params):
     params = dict(params, vocab_size=512)
-    sd = random_state_dict(params, seed=4)
-    write_checkpoint(tmp_path / "one", params, n_shards=1, sd=sd)
-    write_checkpoint(tmp_path / "two", params, n_shards=2, sd=sd)
-    tok = write_byte_tokenizer(tmp_path / "tok.model")
+    one_shard, two_shards = (tiny_checkpoint(params, seed=4, n_shards=n) for n in (1, 2))  # the same weights
     worker = str(ROOT / "tests" / "mp_worker.py")
 
-    single = run_single(worker, str(tmp_path / "one"), str(tok), str(tmp_path / "one.pt"))
+    single = run_single(worker, str(one_shard.dir), str(one_shard.tokenizer), str(tmp_path / "one.pt"))
     assert single.returncode == 0, single.stderr[-3000:]
-    double = torchrun(2, worker, str(tmp_path / "two"), str(tok), str(tmp_path / "two.pt"))
+    double = torchrun(2, worker, str(two_shards.dir), str(two_shards.tokenizer), str(tmp_path / "two.pt"))
     assert double.returncode == 0, double.stderr[:4000] + "\n...\n" + double.stderr[-2000:]
 
     one = torch.load(tmp_path / "one.pt", weights_only=True)
@@ -53,18 +48,18 @@ def test_two_shards_on_two_processes_match_one_shard(tmp_path, params):
 
 
 @pytest.fixture(scope="module")
-def real_vocab_ckpt(tmp_path_factory):
+def real_vocab_ckpt(tiny_checkpoint):
     """A tiny random model with Meta's 128256-token vocabulary, in 1 and 2 shards (bf16, as Meta ships)."""
-    d = tmp_path_factory.mktemp("realvocab")
     params = dict(SMALL_GQA, vocab_size=128256)
-    sd = random_state_dict(params, seed=9, dtype=torch.bfloat16)
-    write_checkpoint(d / "one", params, n_shards=1, sd=sd)
-    write_checkpoint(d / "two", params, n_shards=2, sd=sd)
-    return d
+    return {name: tiny_checkpoint(params, seed=9, n_shards=n, dtype=torch.bfloat16, tokenizer="llama3").dir
+            for name, n in (("one", 1), ("two", 2))}
+
+
+# ---- Meta's example scripts, run the ways the README shows ----
 
 
 def test_example_text_completion_runs_with_plain_python(real_vocab_ckpt):
-    out = run_single("example_text_completion.py", "--ckpt_dir", str(real_vocab_ckpt / "one"),
+    out = run_single("example_text_completion.py", "--ckpt_dir", str(real_vocab_ckpt["one"]),
                      "--tokenizer_path", real_tokenizer_path(), "--max_gen_len", "8", "--device", "cpu")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "I believe the meaning of life is" in out.stdout
@@ -72,7 +67,7 @@ def test_example_text_completion_runs_with_plain_python(real_vocab_ckpt):
 
 
 def test_example_text_completion_runs_under_torchrun_with_two_shards_and_rank_zero_prints(real_vocab_ckpt):
-    out = torchrun(2, "example_text_completion.py", "--ckpt_dir", str(real_vocab_ckpt / "two"),
+    out = torchrun(2, "example_text_completion.py", "--ckpt_dir", str(real_vocab_ckpt["two"]),
                    "--tokenizer_path", real_tokenizer_path(), "--max_gen_len", "8", "--device", "cpu")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("I believe the meaning of life is") == 1  # rank 1 prints nothing
@@ -80,7 +75,7 @@ def test_example_text_completion_runs_under_torchrun_with_two_shards_and_rank_ze
 
 
 def test_example_chat_completion_runs_under_torchrun_with_two_shards(real_vocab_ckpt):
-    out = torchrun(2, "example_chat_completion.py", "--ckpt_dir", str(real_vocab_ckpt / "two"),
+    out = torchrun(2, "example_chat_completion.py", "--ckpt_dir", str(real_vocab_ckpt["two"]),
                    "--tokenizer_path", real_tokenizer_path(), "--max_gen_len", "8", "--device", "cpu")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("User: what is the recipe of mayonnaise?") == 1

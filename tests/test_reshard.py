@@ -93,6 +93,7 @@ def test_n_shards_on_one_process_match_the_original_logits(ckpts, name):
     torch.testing.assert_close(logits, reference(ckpts, name), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_2_and_4_ranks_match_the_original_logits_and_generations(ckpts):
     """One 4-process gloo run: model-parallel 4 (more ranks than the 2 KV heads: they are replicated)
     and 2, for checkpoints of 1, 2 and 8 shards, Llama 2's layout and a Hugging Face directory."""

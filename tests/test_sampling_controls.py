@@ -19,7 +19,7 @@ from llama.sampling import (
     repetition_penalty,
     top_k_filter,
 )
-from helpers import SMALL_GQA, write_byte_tokenizer, write_checkpoint
+from helpers import SMALL_GQA
 
 VOCAB = 512  # 256 bytes + 256 special tokens
 LETTERS = list(range(ord("a"), ord("z") + 1))
@@ -27,11 +27,8 @@ NOT_LETTERS = [t for t in range(VOCAB) if t not in LETTERS]
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> Llama:
-    d = tmp_path_factory.mktemp("controls")
-    write_checkpoint(d / "ckpt", dict(SMALL_GQA, vocab_size=VOCAB))
-    tokenizer = write_byte_tokenizer(d / "tokenizer.model")
-    return Llama.build(str(d / "ckpt"), str(tokenizer), max_seq_len=64, max_batch_size=6, device="cpu")
+def llama(tiny_llama) -> Llama:
+    return tiny_llama(dict(SMALL_GQA, vocab_size=VOCAB), max_seq_len=64, max_batch_size=6, device="cpu")
 
 
 def encode(llama: Llama, *texts: str):
@@ -212,7 +209,7 @@ def test_a_seeded_prompt_samples_the_same_alone_or_beside_other_prompts(llama):
     assert batch[1] == alone
 
 
-def test_n_samples_per_prompt(llama):
+def test_n_gives_n_different_samples_per_prompt_in_prompt_major_rows(llama):
     settings = dict(temperature=1.0, top_p=1.0, seed=9, n=3, ignore_eos=True)
     results = llama.text_completion(["p", "q"], max_gen_len=8, **settings)
     assert [len(r) for r in results] == [3, 3]

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from llama import Llama
 from llama.streaming import TextStream
-from helpers import SMALL_GQA, train_sentencepiece, write_byte_tokenizer, write_checkpoint
+from helpers import SMALL_GQA, train_sentencepiece
 
 def bytes_decode(tokens) -> str:
     """A byte tokenizer's decode: token t is byte t."""
@@ -17,11 +17,8 @@ def bytes_decode(tokens) -> str:
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory) -> Llama:
-    d = tmp_path_factory.mktemp("streaming")
-    write_checkpoint(d / "ckpt", dict(SMALL_GQA, vocab_size=512), seed=1)
-    tokenizer = write_byte_tokenizer(d / "tokenizer.model")
-    return Llama.build(str(d / "ckpt"), str(tokenizer), max_seq_len=64, max_batch_size=6)
+def llama(tiny_llama) -> Llama:
+    return tiny_llama(dict(SMALL_GQA, vocab_size=512), seed=1, max_seq_len=64, max_batch_size=6)
 
 
 def collect(events):

@@ -30,23 +30,26 @@ def test_special_token_ids_follow_the_128000_base_ranks(tokenizer):
     assert max(tokenizer.special_tokens.values()) == 128255
 
 
-def test_meta_published_encode_vector(tokenizer):
+# ---- Meta's published vectors ----
+
+
+def test_encode_gives_metas_published_ids(tokenizer):
     assert tokenizer.encode("This is a test sentence.", bos=True, eos=True) == [
         128000, 2028, 374, 264, 1296, 11914, 13, 128001
     ]
 
 
-def test_meta_published_decode_vector(tokenizer):
+def test_decode_gives_metas_published_text(tokenizer):
     ids = [128000, 2028, 374, 264, 1296, 11914, 13, 128001]
     assert tokenizer.decode(ids) == "<|begin_of_text|>This is a test sentence.<|end_of_text|>"
 
 
-def test_meta_published_message_vector(tokenizer):
+def test_a_chat_message_encodes_to_metas_published_ids(tokenizer):
     tokens = ChatFormat(tokenizer).encode_message({"role": "user", "content": "This is a test sentence."})
     assert tokens == [128006, 882, 128007, 271, 2028, 374, 264, 1296, 11914, 13, 128009]
 
 
-def test_meta_published_dialog_vector(tokenizer):
+def test_a_dialog_prompt_encodes_to_metas_published_ids(tokenizer):
     tokens = ChatFormat(tokenizer).encode_dialog_prompt(
         [
             {"role": "system", "content": "This is a test sentence."},
@@ -57,6 +60,9 @@ def test_meta_published_dialog_vector(tokenizer):
         128000, 128006, 9125, 128007, 271, 2028, 374, 264, 1296, 11914, 13, 128009, 128006, 882, 128007,
         271, 2028, 374, 264, 2077, 13, 128009, 128006, 78191, 128007, 271,
     ]
+
+
+# ---- special-token text in user input ----
 
 
 def test_special_token_text_is_plain_text_by_default(tokenizer):
@@ -73,15 +79,18 @@ def test_special_token_text_in_chat_content_cannot_open_a_header(tokenizer):
     assert tokens.count(tokenizer.eot_id) == 1 and tokens[-1] == tokenizer.eot_id
 
 
+# ---- round trips ----
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.text())
-def test_roundtrip_arbitrary_unicode(tokenizer, text):
+def test_decode_inverts_encode_on_arbitrary_unicode(tokenizer, text):
     assert tokenizer.decode(tokenizer.encode(text, bos=False, eos=False)) == text
 
 
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.sampled_from([" ", "\n", "\t", "  ", "a", "é", "中", "\r\n", "1234"]), max_size=3000))
-def test_roundtrip_whitespace_heavy_text(tokenizer, pieces):
+def test_decode_inverts_encode_on_whitespace_heavy_text(tokenizer, pieces):
     text = "".join(pieces)
     assert tokenizer.decode(tokenizer.encode(text, bos=False, eos=False)) == text
 
@@ -91,11 +100,14 @@ def test_roundtrip_whitespace_heavy_text(tokenizer, pieces):
     [" " * 500_000, "a" * 450_000, ("x" * 30_000 + " " * 30_000) * 8, "héllo wörld 你好 " * 30_000],
     ids=["spaces", "one-letter-run", "alternating-long-runs", "mixed-unicode"],
 )
-def test_roundtrip_inputs_over_400k_characters(tokenizer, text):
+def test_decode_inverts_encode_on_inputs_over_400k_characters(tokenizer, text):
     assert len(text) > 400_000
     ids = tokenizer.encode(text, bos=True, eos=True)
     assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id
     assert tokenizer.decode(ids[1:-1]) == text
+
+
+# ---- tokenizer files ----
 
 
 def test_any_bpe_file_gets_the_special_tokens_after_its_base_vocabulary(tmp_path):
@@ -116,6 +128,9 @@ def test_corrupt_tokenizer_file_is_named_with_its_line(tmp_path):
         Tokenizer(str(bad))
 
 
+# ---- dialogs ----
+
+
 @pytest.mark.parametrize(
     "dialog, match",
     [
@@ -133,7 +148,7 @@ def test_bad_dialogs_are_rejected_with_the_reason(dialog, match):
         check_dialog(dialog)
 
 
-def test_good_dialogs_pass():
+def test_well_formed_dialogs_are_accepted():
     check_dialog([{"role": "user", "content": "a"}])
     check_dialog([{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
                   {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}])
