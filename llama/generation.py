@@ -14,7 +14,7 @@ The story of one request, in the order of this file:
 """
 
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -28,14 +28,13 @@ from llama.fast.layers import use_fast_layers
 from llama.fast.loop import decode, stop_check_interval
 from llama.fast.step import DecodeStep
 from llama.model import ModelArgs, Transformer
-from llama.predictions import ChatPrediction, CompletionPrediction, PromptError, to_predictions
+from llama.predictions import ChatPrediction, CompletionPrediction, PromptError, chat_predictions, to_predictions
 from llama.sampling import Context, Sampler, make_sampler, sample_top_p  # noqa: F401 (Meta's name)
 from llama.scoring import LogprobRecorder, ScorePrediction, score_sequences
 from llama.streaming import RowTracker, StreamEvent
 # Meta's llama.generation also offers these names (the Llama 2 one its chat tags): scripts import them from here.
 from llama.tokenizer import ChatFormat, Dialog, Message, Role, Tokenizer  # noqa: F401
 from llama.tokenizer_llama2 import B_INST, B_SYS, E_INST, E_SYS, SPECIAL_TAGS, UNSAFE_ERROR  # noqa: F401
-from llama.tool_calls import reply_message
 
 
 def check_prompt(tokens: Sequence[int], params: ModelArgs) -> Optional[str]:
@@ -76,6 +75,28 @@ def check_settings(
     if bad:
         raise ValueError(f"banned_token_ids {bad[:5]} are outside the vocabulary [0, {params.vocab_size})")
     return cfg, max_gen_len
+
+
+def check_text_prompts(prompts: Any) -> None:
+    """Raise TypeError unless `prompts` is a list of strings (one str would run one prompt per character)."""
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError(f"text_completion takes a list of prompts; got one {type(prompts).__name__} "
+                        f"{prompts!r:.60}: pass [prompt]")
+    for prompt in prompts:
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompts must be strings, got {type(prompt).__name__}: {prompt!r:.80}")
+
+
+def check_dialog_list(dialogs: Any) -> None:
+    """Raise TypeError for one dialog (or one message) where a list of dialogs belongs: it would otherwise run
+    as one failing "dialog" per message."""
+    if isinstance(dialogs, (str, bytes, dict)) or (
+        isinstance(dialogs, (list, tuple)) and dialogs and isinstance(dialogs[0], dict)
+    ):
+        what = "one message" if isinstance(dialogs, dict) else (
+            "one dialog" if isinstance(dialogs, (list, tuple)) else f"a {type(dialogs).__name__}")
+        raise TypeError(f"chat_completion takes a list of dialogs, each a list of messages; got {what} "
+                        f"{dialogs!r:.60}: pass [dialog]")
 
 
 def uses_reference_loop(fast: bool, config: GenerationConfig, prompt_tokens: Sequence[Sequence[int]]) -> bool:
@@ -379,14 +400,12 @@ class Llama:
         prompts that cannot run (empty, too long) after completing the others, whose predictions it carries
         in `.results`.
         """
-        if isinstance(prompts, (str, bytes)):  # iterating a str would run one prompt per character
-            raise TypeError(f"text_completion takes a list of prompts; got one {type(prompts).__name__} "
-                            f"{prompts!r:.60}: pass [prompt]")
-        for prompt in prompts:
-            if not isinstance(prompt, str):
-                raise TypeError(f"prompts must be strings, got {type(prompt).__name__}: {prompt!r:.80}")
+        check_text_prompts(prompts)
         prompt_tokens = [self.tokenizer.encode(prompt, bos=True, eos=False) for prompt in prompts]
-        shape = lambda results: to_predictions(results, self.tokenizer, lambda c: c.text, logprobs, top_logprobs)  # noqa: E731
+
+        def shape(results: List[Optional[List[Completion]]]) -> list:
+            return to_predictions(results, self.tokenizer, lambda c: c.text, logprobs, top_logprobs)
+
         try:
             completions = self.complete(
                 prompt_tokens, max_gen_len, config=config, temperature=temperature, top_p=top_p,
@@ -420,14 +439,7 @@ class Llama:
         answer's content replaced by "Error: special tags are not allowed as part of the prompt.", as Meta's
         Llama 2 code does (tokens and logprobs are the generated ones).
         """
-        if isinstance(dialogs, (str, bytes, dict)) or (
-            isinstance(dialogs, (list, tuple)) and dialogs and isinstance(dialogs[0], dict)
-        ):
-            # One dialog (a list of messages) would otherwise run as one failing "dialog" per message.
-            what = "one message" if isinstance(dialogs, dict) else (
-                "one dialog" if isinstance(dialogs, (list, tuple)) else f"a {type(dialogs).__name__}")
-            raise TypeError(f"chat_completion takes a list of dialogs, each a list of messages; got {what} "
-                            f"{dialogs!r:.60}: pass [dialog]")
+        check_dialog_list(dialogs)
         prompt_tokens: List[List[int]] = []
         dialog_errors: Dict[int, str] = {}
         for i, dialog in enumerate(dialogs):
@@ -437,18 +449,9 @@ class Llama:
                 dialog_errors[i] = str(e)
             prompt_tokens.append([] if i in dialog_errors else self.formatter.encode_dialog_prompt(dialog))
         replies = [None if i in dialog_errors else self.formatter.fixed_reply(d) for i, d in enumerate(dialogs)]
-        special_tokens = self.tokenizer.special_tokens
 
         def shape(results: List[Optional[List[Completion]]]) -> list:
-            def wrap_each(i: int) -> Callable[[Completion], Dict[str, Any]]:
-                if replies[i] is None:
-                    return lambda c: reply_message(c, special_tokens)
-                return lambda c: {"role": "assistant", "content": replies[i]}
-
-            return [
-                to_predictions([samples], self.tokenizer, wrap_each(i), logprobs, top_logprobs)[0]
-                for i, samples in enumerate(results)
-            ]
+            return chat_predictions(results, self.tokenizer, replies, logprobs, top_logprobs)
 
         try:
             completions = self.complete(

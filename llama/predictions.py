@@ -5,6 +5,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, TypedDict
 
 from llama.completion import Completion
 from llama.tokenizer import Message, Tokenizer
+from llama.tool_calls import reply_message
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -57,6 +58,26 @@ def to_predictions(
             continue
         predictions = [to_prediction(c, tokenizer, wrap, logprobs, top_logprobs > 0) for c in samples]
         out.append(predictions if len(predictions) > 1 else predictions[0])
+    return out
+
+
+def chat_predictions(
+    results: List[Optional[List[Completion]]],
+    tokenizer: Tokenizer,
+    replies: List[Optional[str]],
+    logprobs: bool,
+    top_logprobs: int,
+) -> list:
+    """Meta's chat predictions: each sample's assistant message (with its tool calls, llama.tool_calls), or,
+    where `replies` holds a fixed answer for a dialog (Llama 2's to a dialog holding its tags), that answer as
+    the content, beside the generated tokens and logprobs."""
+    out = []
+    for samples, reply in zip(results, replies):
+        if reply is None:
+            wrap = lambda c: reply_message(c, tokenizer.special_tokens)  # noqa: E731
+        else:
+            wrap = lambda c, reply=reply: {"role": "assistant", "content": reply}  # noqa: E731
+        out.extend(to_predictions([samples], tokenizer, wrap, logprobs, top_logprobs))
     return out
 
 

@@ -89,8 +89,9 @@ def tiny_llama(tiny_checkpoint) -> Callable[..., Llama]:
     max_seq_len=64, max_batch_size=4, **build_kwargs): Llama.build on tiny_checkpoint(...)'s files.
 
     Each call builds a new Llama, as Llama.build does (seeding torch's global RNG; the Llama holds a KV cache),
-    so that no test inherits another's state by accident; the files are shared. build_kwargs (device, dtype, fast, compile, chat_format, ...) go to Llama.build as
-    given: leave device out for Llama.build's own default."""
+    so that no test inherits another's state by accident; the files are shared. build_kwargs (device, dtype,
+    fast, compile, chat_format, ...) go to Llama.build as given: leave device out for Llama.build's own
+    default."""
     from llama import Llama  # imported when first asked for: test files that build no model skip it
 
     def build(params: Dict = SMALL_GQA, *, seed: int = 0, n_shards: int = 1,
