@@ -1,6 +1,7 @@
 """`Llama`: build a model from a checkpoint directory, then generate, complete text and chat.
 
-The story of one request, in the order of this file:
+The story of one request. The checks it meets come first, as plain functions; then `Llama`, whose methods
+follow the request:
 1. `Llama.build` reads the tokenizer, starts torch.distributed and fairscale, and loads this rank's share of
    the weights into the Transformer of llama.model.
 2. `complete` checks the prompts (`check_prompt`) and the settings, and repeats each prompt n times: one
@@ -112,6 +113,9 @@ def uses_reference_loop(fast: bool, config: GenerationConfig, prompt_tokens: Seq
 
 
 class Llama:
+    """A loaded model, its tokenizer and chat format: Meta's `Llama`, with the generation controls, streaming,
+    scoring and the fast path added (see the module's docstring for a request's way through it)."""
+
     @staticmethod
     def build(
         ckpt_dir: str,
