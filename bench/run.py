@@ -41,6 +41,7 @@ import torch
 from bench.bandwidth import measure_read_bandwidth, synchronize
 from bench.llamacpp import NAME as LLAMACPP, build_llamacpp, import_llama_cpp
 from bench.report import chart, markdown_table, summary_line
+from llama.checkpoints.hf import LAYER_NAMES, TOP_NAMES, permute_rows as permute_for_hf
 from llama.checkpoints.meta import load_checkpoint, load_into
 from llama.distributed import default_dtype, init_distributed, pick_device
 from llama.generation import Llama
@@ -122,13 +123,6 @@ def build_ours(
     return Llama(model, tokenizer, ChatFormat(tokenizer), fast=fast, compile=compile)  # type: ignore[arg-type]
 
 
-def permute_for_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta's RoPE rotates adjacent pairs (2i, 2i+1) of a head, HF's rotates halves (i, i + head_dim/2):
-    reorder each head's rows, (heads, head_dim/2, 2, dim) -> swap the middle axes -> flatten."""
-    out_dim, dim = w.shape
-    return w.view(n_heads, out_dim // n_heads // 2, 2, dim).transpose(1, 2).reshape(out_dim, dim)
-
-
 def build_hf(args: ModelArgs, sd: Dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
     """transformers' LlamaForCausalLM holding the same tensors (q and k rows permuted copies)."""
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -145,13 +139,7 @@ def build_hf(args: ModelArgs, sd: Dict[str, torch.Tensor], device: torch.device,
         rms_norm_eps=args.norm_eps, rope_parameters=rope, max_position_embeddings=max(args.max_seq_len, 8192),
         tie_word_embeddings=False, attention_bias=False, mlp_bias=False, dtype=dtype,
     )
-    names = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-             "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-             "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-             "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm",
-             "ffn_norm": "post_attention_layernorm"}
-    hf_sd = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
-             "lm_head.weight": sd["output.weight"]}
+    hf_sd = {f"{TOP_NAMES[name]}.weight": sd[f"{name}.weight"] for name in TOP_NAMES}
     for key, value in sd.items():
         if key.startswith("layers."):
             _, i, rest = key.split(".", 2)
@@ -160,7 +148,7 @@ def build_hf(args: ModelArgs, sd: Dict[str, torch.Tensor], device: torch.device,
                 value = permute_for_hf(value, args.n_heads)
             elif name == "attention.wk":
                 value = permute_for_hf(value, n_kv)
-            hf_sd[f"model.layers.{i}.{names[name]}.weight"] = value
+            hf_sd[f"model.layers.{i}.{LAYER_NAMES[name]}.weight"] = value
     with torch.device(device), default_dtype(dtype):
         model = LlamaForCausalLM(config)
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in hf_sd.items()}, strict=False, assign=True)

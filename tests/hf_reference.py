@@ -27,6 +27,24 @@ def permute_for_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, out_dim // n_heads // 2, 2, dim).transpose(1, 2).reshape(out_dim, dim)
 
 
+def hf_state_dict(sd: Dict[str, torch.Tensor], n_heads: int, n_kv: int) -> Dict[str, torch.Tensor]:
+    """Meta's tensors under transformers' names, wq and wk rows permuted (written here, apart from llama's own
+    conversion, so that tests compare against an independent one)."""
+    hf_sd = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
+             "lm_head.weight": sd["output.weight"]}
+    for k, v in sd.items():
+        if not k.startswith("layers."):
+            continue
+        _, i, rest = k.split(".", 2)
+        name = rest.rsplit(".", 1)[0]
+        if name == "attention.wq":
+            v = permute_for_hf(v, n_heads)
+        elif name == "attention.wk":
+            v = permute_for_hf(v, n_kv)
+        hf_sd[f"model.layers.{i}.{META_TO_HF[name]}.weight"] = v
+    return hf_sd
+
+
 def hf_model(params: Dict, sd: Dict[str, torch.Tensor], max_positions: int = 256):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -44,18 +62,7 @@ def hf_model(params: Dict, sd: Dict[str, torch.Tensor], max_positions: int = 256
         tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
     )
     config._attn_implementation = "eager"
-    hf_sd = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
-             "lm_head.weight": sd["output.weight"]}
-    for k, v in sd.items():
-        if not k.startswith("layers."):
-            continue
-        _, i, rest = k.split(".", 2)
-        name = rest.rsplit(".", 1)[0]
-        if name == "attention.wq":
-            v = permute_for_hf(v, n_heads)
-        elif name == "attention.wk":
-            v = permute_for_hf(v, n_kv)
-        hf_sd[f"model.layers.{i}.{META_TO_HF[name]}.weight"] = v
+    hf_sd = hf_state_dict(sd, n_heads, n_kv)
     model = LlamaForCausalLM(config).float().eval()
     missing, unexpected = model.load_state_dict(hf_sd, strict=False)
     assert not unexpected and not [m for m in missing if "rotary" not in m], (missing, unexpected)

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from helpers import meta_rope_freqs, random_state_dict, train_sentencepiece, write_byte_tokenizer, write_checkpoint
-from hf_reference import META_TO_HF, permute_for_hf
+from hf_reference import hf_state_dict
 from llama import Llama
 from llama.checkpoints.meta import open_checkpoint
 from llama.checkpoints.convert import main as convert_main
@@ -100,15 +100,7 @@ def hf_twin(params: Dict[str, Any], sd: Dict[str, torch.Tensor], version: str, v
         num_hidden_layers=params["n_layers"], rms_norm_eps=params["norm_eps"], num_key_value_heads=n_kv,
         vocab_size=vocab, **converter_config(params, version),
     )
-    hf_sd = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
-             "lm_head.weight": sd["output.weight"]}
-    for key, value in sd.items():
-        if key.startswith("layers."):
-            _, i, rest = key.split(".", 2)
-            name = rest.rsplit(".", 1)[0]
-            if name in ("attention.wq", "attention.wk"):
-                value = permute_for_hf(value, n_heads if name == "attention.wq" else n_kv)
-            hf_sd[f"model.layers.{i}.{META_TO_HF[name]}.weight"] = value
+    hf_sd = hf_state_dict(sd, n_heads, n_kv)
     with _no_init():  # every weight is replaced below: skip transformers' random init (seconds at dim 3072)
         model = LlamaForCausalLM(config).eval()
     model.load_state_dict({k: v.float() for k, v in hf_sd.items()}, strict=True)

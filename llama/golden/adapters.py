@@ -84,41 +84,23 @@ class HFEngine:
     @torch.inference_mode()
     def greedy(self, prompt_ids: List[int], max_new_tokens: int, top_k: int) -> Sequence:
         device = next(self.model.parameters()).device
-        ids = torch.tensor([prompt_ids], device=device)
-        out = self.model(input_ids=ids, use_cache=True)
-        logprobs = self._logprobs(out.logits[0, -1])  # (vocab,)
-        past = getattr(out, self._cache_arg)
-        chosen: List[int] = []
-        chosen_lp: List[float] = []
-        tops_ids, tops_lp = [], []
-        n_past = len(prompt_ids)
-        while True:
-            token = int(torch.argmax(logprobs))
-            chosen.append(token)
-            chosen_lp.append(float(logprobs[token]))
-            t_ids, t_lp = _top(logprobs[None], top_k)
-            tops_ids.append(t_ids[0])
-            tops_lp.append(t_lp[0])
-            if token in self._stop_ids or len(chosen) == max_new_tokens:
-                break
-            position = torch.tensor([[self.decode_position(n_past)]], device=device)
+        out = self.model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True)
+        state = {"past": getattr(out, self._cache_arg), "n_past": len(prompt_ids)}
+
+        def feed(token: int) -> torch.Tensor:
+            position = torch.tensor([[self.decode_position(state["n_past"])]], device=device)
             out = self.model(input_ids=torch.tensor([[token]], device=device), position_ids=position,
-                             use_cache=True, **{self._cache_arg: past})
-            past = getattr(out, self._cache_arg)
-            logprobs = self._logprobs(out.logits[0, -1])
-            n_past += 1
-        ids_, reason = cut_at_stop(chosen, self._stop_ids)
-        return Sequence(ids=ids_, logprobs=chosen_lp, top_ids=tops_ids, top_logprobs=tops_lp, stop_reason=reason)
+                             use_cache=True, **{self._cache_arg: state["past"]})
+            state["past"], state["n_past"] = getattr(out, self._cache_arg), state["n_past"] + 1
+            return self._logprobs(out.logits[0, -1])
+
+        return greedy_loop(self._logprobs(out.logits[0, -1]), feed, self._stop_ids, max_new_tokens, top_k)
 
     @torch.inference_mode()
     def score(self, ids: List[int], top_k: int) -> Sequence:
         device = next(self.model.parameters()).device
         logits = self.model(input_ids=torch.tensor([ids], device=device)).logits[0, :-1]  # (n - 1, vocab)
-        logprobs = self._logprobs(logits)
-        targets = torch.tensor(ids[1:], device=device)
-        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-        t_ids, t_lp = _top(logprobs, top_k)
-        return Sequence(ids=list(ids), logprobs=chosen, top_ids=t_ids, top_logprobs=t_lp)
+        return scored(ids, self._logprobs(logits), top_k)
 
 
 class LlamaCppEngine:
@@ -159,28 +141,49 @@ class LlamaCppEngine:
         scores = torch.from_numpy(self.llm.scores[: self.llm.n_tokens].copy())
         return torch.log_softmax(scores.float(), dim=-1)
 
+    def _last_logprobs(self) -> torch.Tensor:
+        logits = torch.from_numpy(self.llm.scores[self.llm.n_tokens - 1].copy())
+        return torch.log_softmax(logits.float(), dim=-1)
+
     def greedy(self, prompt_ids: List[int], max_new_tokens: int, top_k: int) -> Sequence:
         self.llm.reset()
         self.llm.eval(prompt_ids)
-        chosen, chosen_lp, tops_ids, tops_lp = [], [], [], []
-        while True:
-            logits = torch.from_numpy(self.llm.scores[self.llm.n_tokens - 1].copy())
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            token = int(torch.argmax(logprobs))
-            chosen.append(token)
-            chosen_lp.append(float(logprobs[token]))
-            t_ids, t_lp = _top(logprobs[None], top_k)
-            tops_ids.append(t_ids[0])
-            tops_lp.append(t_lp[0])
-            if token in self._stop_ids or len(chosen) == max_new_tokens:
-                break
+
+        def feed(token: int) -> torch.Tensor:
             self.llm.eval([token])
-        ids_, reason = cut_at_stop(chosen, self._stop_ids)
-        return Sequence(ids=ids_, logprobs=chosen_lp, top_ids=tops_ids, top_logprobs=tops_lp, stop_reason=reason)
+            return self._last_logprobs()
+
+        return greedy_loop(self._last_logprobs(), feed, self._stop_ids, max_new_tokens, top_k)
 
     def score(self, ids: List[int], top_k: int) -> Sequence:
-        logprobs = self._eval(ids)[:-1]
-        targets = torch.tensor(ids[1:])
-        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-        t_ids, t_lp = _top(logprobs, top_k)
-        return Sequence(ids=list(ids), logprobs=chosen, top_ids=t_ids, top_logprobs=t_lp)
+        return scored(ids, self._eval(ids)[:-1], top_k)
+
+
+def greedy_loop(
+    logprobs: torch.Tensor, feed: Callable[[int], torch.Tensor], stop_ids: Set[int], max_new_tokens: int, top_k: int
+) -> Sequence:
+    """Greedy decoding from the logprobs (vocab,) after the prompt: take the argmax, record it and the top_k,
+    stop at a stop token (kept) or after max_new_tokens, else `feed` the token and get the next logprobs."""
+    chosen: List[int] = []
+    chosen_lp: List[float] = []
+    tops_ids, tops_lp = [], []
+    while True:
+        token = int(torch.argmax(logprobs))
+        chosen.append(token)
+        chosen_lp.append(float(logprobs[token]))
+        t_ids, t_lp = _top(logprobs[None], top_k)
+        tops_ids.append(t_ids[0])
+        tops_lp.append(t_lp[0])
+        if token in stop_ids or len(chosen) == max_new_tokens:
+            break
+        logprobs = feed(token)
+    ids, reason = cut_at_stop(chosen, stop_ids)
+    return Sequence(ids=ids, logprobs=chosen_lp, top_ids=tops_ids, top_logprobs=tops_lp, stop_reason=reason)
+
+
+def scored(ids: List[int], logprobs: torch.Tensor, top_k: int) -> Sequence:
+    """Teacher-forced scores of ids[1:] from logprobs (len(ids) - 1, vocab), each row predicting the next id."""
+    targets = torch.tensor(ids[1:], device=logprobs.device)
+    chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    t_ids, t_lp = _top(logprobs, top_k)
+    return Sequence(ids=list(ids), logprobs=chosen, top_ids=t_ids, top_logprobs=t_lp)
