@@ -59,8 +59,14 @@ class TextStream:
         now = self._decode(self._tokens[self._prefix_offset :])
         if len(now) <= len(before) or (now.endswith("\ufffd") and not final):
             return ""  # nothing yet, or a character still missing bytes
-        self._prefix_offset, self._read_offset = self._read_offset, len(self._tokens)
-        return now[len(before) :]
+        new = now[len(before) :]
+        # The next window starts at the new tokens only if their text holds more than spaces: SentencePiece
+        # drops the spaces a text starts with, and a window of spaces alone would also drop those of the
+        # tokens after it (found by hypothesis: <0x00>, "▁", "▁a" streamed one space fewer than decode).
+        if new.strip():
+            self._prefix_offset = self._read_offset
+        self._read_offset = len(self._tokens)
+        return new
 
     def _extend(self, new: str, final: bool) -> str:
         # A stop string that ends in the new text starts at most longest_stop - 1 characters before it.

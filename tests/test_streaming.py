@@ -4,7 +4,7 @@ non-streaming calls token for token."""
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from llama import Llama
@@ -89,6 +89,7 @@ def sentencepiece_decode(tmp_path_factory):
 
 @settings(max_examples=100, deadline=None)
 @given(tokens=st.lists(st.integers(3, 319), max_size=30))
+@example(tokens=[3, 268, 259])  # <0x00>, "▁", "▁a": a window of spaces alone once lost a space
 def test_pieces_concatenate_to_sentencepiece_decode(sentencepiece_decode, tokens):
     """SentencePiece drops a text's leading space and spells bytes as <0x..> pieces: pieces still add up.
 
