@@ -104,8 +104,9 @@ class HFEngine:
 
 
 class LlamaCppEngine:
-    """llama.cpp through llama-cpp-python, on a GGUF file (e.g. `python -m llama.gguf_export`'s). It is
-    given the golden's ids, since our GGUF export carries no vocabulary."""
+    """llama.cpp through llama-cpp-python, on a GGUF file (e.g. one written by
+    llama.checkpoints.gguf.write_gguf). It is given the golden's ids, since our GGUF export carries no
+    vocabulary."""
 
     name = "llama.cpp"
 
