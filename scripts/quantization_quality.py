@@ -5,7 +5,8 @@ float32 and bf16 on the same weights (a measurement, not a test; figures in docs
 
 The held-out text is the last 5% of each of Austen's six novels, which neither the demo's tokenizer nor the
 model saw in training (scripts/train_demo.py; the corpus: scripts/austen.py). It is scored by `Llama.score`
-in windows of 256 tokens (<|begin_of_text|> and 255 of text). Greedy agreement: 64 tokens from the first
+in windows of 256 tokens (<|begin_of_text|> and 255 of text), the text laid out as the training script
+lays it (paragraphs on one line, each followed by a blank line). Greedy agreement: 64 tokens from the first
 words of held-out paragraphs, int8 against the same activation dtype without quantization.
 """
 
@@ -32,11 +33,14 @@ WINDOW = 256
 
 def held_out_windows(corpus: str, tokenizer, limit: int) -> List[List[int]]:
     novels = austen.read_novels(austen.find_rdata(corpus))
-    windows = []
-    for _, text in novels:
-        ids = tokenizer.encode(austen.split_holdout(text, HOLDOUT)[1], bos=False, eos=False)
-        windows += [[tokenizer.bos_id] + ids[i : i + WINDOW - 1] for i in range(0, len(ids) - 1, WINDOW - 1)]
-    return [w for w in windows if len(w) > 1][:limit] if limit else [w for w in windows if len(w) > 1]
+    ids: List[int] = []
+    for _, text in novels:  # as scripts/train_demo.py lays the held-out text out: paragraphs, then an eos
+        for paragraph in austen.paragraphs(austen.split_holdout(text, HOLDOUT)[1]):
+            ids += tokenizer.encode(paragraph + "\n\n", bos=False, eos=False)
+        ids.append(tokenizer.eos_id)
+    windows = [[tokenizer.bos_id] + ids[i : i + WINDOW - 1] for i in range(0, len(ids), WINDOW - 1)]
+    windows = [w for w in windows if len(w) > 1]
+    return windows[:limit] if limit else windows
 
 
 def greedy_prompts(corpus: str, n: int) -> List[str]:

@@ -67,7 +67,7 @@ def test_quantize_int8_gives_the_definitions_values():
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["int8pack_mm", "dequantize"])
-@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 5, 64)], ids=["one-row", "batch"])
+@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 5, 64), (2, 20, 64)], ids=["one-row", "batch", "prefill"])
 def test_int8_linear_equals_f_linear_on_the_dequantized_weight(kernel, shape):
     if kernel and not int8pack_mm_works(torch.device("cpu"), torch.float32):
         pytest.skip("this torch has no CPU _weight_int8pack_mm")
@@ -131,6 +131,9 @@ def test_int8_logits_stay_within_the_quantization_error_of_the_float32_logits(ti
 
 
 def test_demo_model_int8_greedy_tokens_mostly_agree_with_float32():
+    """Greedy continuations part for good at the first token that differs, so agreement is counted as each
+    continuation's agreeing prefix. Measured: 99 of 128 tokens (3 of 4 continuations whole); bf16 against
+    float32 parts as often (scripts/quantization_quality.py: 5/16 identical continuations, int8 9/16)."""
     from llama.cli.demo import DEMO_DIR
 
     prompts = ["It is a truth universally acknowledged, that", "Elizabeth could not help", "Mr. Knightley",
@@ -138,12 +141,10 @@ def test_demo_model_int8_greedy_tokens_mostly_agree_with_float32():
     runs = {}
     for quantize in (None, "int8"):
         llama = Llama.build(str(DEMO_DIR), None, 128, 4, device="cpu", quantize=quantize)
-        runs[quantize] = llama.text_completion(prompts, temperature=0, max_gen_len=32)
-    tokens = [(a["generation"], b["generation"]) for a, b in zip(runs[None], runs["int8"])]
-    # Once one token differs the continuations part: count the agreeing prefix of each, in characters.
-    common = [len(a) if a == b else next(i for i, (x, y) in enumerate(zip(a + "\0", b + "\0")) if x != y)
-              for a, b in tokens]
-    assert sum(common) >= 0.75 * sum(len(a) for a, _ in tokens), tokens
+        tokens = [llama.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+        runs[quantize] = llama.generate(tokens, max_gen_len=32, temperature=0, ignore_eos=True)[0]
+    prefix = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a)) for a, b in zip(*runs.values())]
+    assert sum(prefix) >= 0.6 * 4 * 32, (prefix, runs)
 
 
 @pytest.mark.parametrize("bad", ["int4", "INT8", "int-8", 8, "fp8"])
@@ -198,6 +199,7 @@ def test_int8_checkpoint_reloads_bit_identical_with_identical_logits(int8_dirs, 
         llama = Llama.build(str(stored), None, 64, 2, device="cpu", fast=fast)
         layers = int8_layers(llama)
         assert layers.keys() == expected_layers.keys() and len(layers) == (9 if fast else 15)
+        assert torch.equal(layers["output"].scale, reference_quantize(ckpt.state_dict["output.weight"])[1])
         for name, layer in layers.items():
             assert torch.equal(layer.weight, expected_layers[name].weight), name
             assert torch.equal(layer.scale, expected_layers[name].scale), name

@@ -16,10 +16,13 @@ the model-parallel group before quantizing, so every rank holds the full rows' s
 full Q: the ranks together hold exactly what one rank would (llama.checkpoints.quantized does the same).
 
 Kernels: torch's own `aten._weight_int8pack_mm(x (M, K), Q (N, K) int8, scale (N,) in x's dtype)` where it
-runs (the CPU; probed once per device and dtype), else the same product written out,
-`F.linear(x, Q.to(x.dtype)) * scale`, which is what torch.compile fuses into one kernel on CUDA.
+runs (the CPU; probed once per device and dtype) for products of a few rows (decode steps), else the same product
+written out, `F.linear(x, Q.to(x.dtype)) * scale`: for many rows (a prefill) the float copy of Q costs less
+than the kernel's repeated conversions, and torch.compile fuses this form into one kernel.
 """
 
+import platform
+import warnings
 from typing import Dict, Optional, Sequence, Tuple
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -36,6 +39,10 @@ from llama.model import Transformer
 # The values `quantize` takes (besides None, no quantization).
 QUANTIZE_CHOICES = ("int8",)
 INT8_MAX = 127
+# The most input rows (tokens) a product sends through `_weight_int8pack_mm`: it converts the weight's int8
+# values to float again for every 4 rows, which is cheap for a decode step's few rows; a prefill's hundreds go
+# through one float copy of the weight and torch's float matrix product instead.
+KERNEL_MAX_ROWS = 16
 # Rows quantized at a time: float32 temporaries stay near this many bytes, whatever the weight's size.
 CHUNK_BYTES = 256 * 2**20
 
@@ -153,8 +160,8 @@ class Int8Linear(nn.Module):
         self.use_kernel = self.in_features % 16 == 0 and int8pack_mm_works(q.device, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_kernel and not torch.compiler.is_compiling():
-            x2 = x.reshape(-1, self.in_features)  # the kernel takes a 2-d, contiguous input (M, K)
+        x2 = x.reshape(-1, self.in_features)  # (M, K): the kernel takes a 2-d, contiguous input
+        if self.use_kernel and x2.shape[0] <= KERNEL_MAX_ROWS and not torch.compiler.is_compiling():
             if not x2.is_contiguous() or x2.data_ptr() % 64:
                 x2 = x2.clone(memory_format=torch.contiguous_format)  # a fresh, aligned copy
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale_act)
@@ -215,6 +222,12 @@ def use_int8_layers(
     dtype: the activations' dtype. `model.state_dict()` then holds Meta's keys with the dequantized weights.
     """
     scales = scales or {}
+    device = model.rope_cos.device
+    if device.type == "cpu" and dtype == torch.float32 and platform.machine().lower() in ("x86_64", "amd64"):
+        # Measured (docs/quantization.md): torch's x86 kernel has vector loops for bf16 inputs only.
+        warnings.warn("int8 weights with float32 activations run torch's scalar int8 kernel on this CPU, "
+                      "several times slower than float32 weights: pass dtype=torch.bfloat16 for speed",
+                      stacklevel=2)
     if fast and not is_fast(model):
         use_fast_layers(model, pack=False)  # packing is for float weights; int8 ones are read as they are
     for path, linear in _linears(model).items():
