@@ -6,9 +6,10 @@
     python -m llama.convert SRC_DIR INT8_DIR --quantize int8 # either -> Meta, int8 weights (docs/quantization.md)
 
 Tensors are copied bit for bit (only the order of the q/k rows within each head changes between layouts),
-so a round trip gives back identical tensors (--quantize int8 quantizes the linear weights, as
-Llama.build(..., quantize="int8") would: the same int8 tensors and scales). The source can be any layout `Llama.build` reads; the
-tokenizer.model beside it is copied where the target layout keeps it. Memory: one output file at a time.
+so a round trip gives back identical tensors. --quantize int8 quantizes the linear weights as
+Llama.build(..., quantize="int8") does (the same int8 tensors and scales; docs/quantization.md). The source
+can be any layout `Llama.build` reads; the tokenizer.model beside it is copied where the target layout keeps
+it. Memory: one output file at a time.
 """
 
 import argparse
@@ -163,7 +164,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--max_shard_size", default="5GB", help="Hugging Face target: largest file (default 5GB)")
     parser.add_argument("--max_position_embeddings", type=int, help="Hugging Face target: context in config.json")
     parser.add_argument("--embedding_split", choices=("vocab", "dim"), help="Meta target: tok_embeddings cut")
-    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="Meta target: int8 linear weights with per-row scales")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                        help="Meta target: int8 linear weights with per-row scales")
     opts = parser.parse_args(argv)
     try:
         to = convert(**vars(opts))

@@ -16,9 +16,9 @@ the model-parallel group before quantizing, so every rank holds the full rows' s
 full Q: the ranks together hold exactly what one rank would (llama.checkpoints.quantized does the same).
 
 Kernels: torch's own `aten._weight_int8pack_mm(x (M, K), Q (N, K) int8, scale (N,) in x's dtype)` where it
-runs (the CPU; probed once per device and dtype) for products of a few rows (decode steps), else the same product
-written out, `F.linear(x, Q.to(x.dtype)) * scale`: for many rows (a prefill) the float copy of Q costs less
-than the kernel's repeated conversions, and torch.compile fuses this form into one kernel.
+runs (the CPU; probed once per device and dtype) for products of a few rows (decode steps), else the same
+product written out, `F.linear(x, Q.to(x.dtype)) * scale`: for many rows (a prefill) the float copy of Q costs
+less than the kernel's repeated conversions, and torch.compile can fuse this form into one kernel.
 """
 
 import platform
@@ -199,13 +199,13 @@ def _linears(model: nn.Module) -> Dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
 
 
-def _meta_names(path: str, linear: nn.Module) -> Sequence[Tuple[str, int]]:
-    """(Meta's weight name without ".weight", rows) for each of Meta's layers that a linear layer holds."""
+def _meta_names(path: str, linear: nn.Module) -> Sequence[str]:
+    """Meta's names (without ".weight") of the layers a linear layer holds, in order: several for a fused one."""
     parts = getattr(linear, "parts", None)
     if not parts:
-        return [(path, linear.weight.shape[0] if linear.weight is not None else linear.out_features)]
+        return [path]
     owner = path.rsplit(".", 1)[0]
-    return [(f"{owner}.{name}", rows) for name, rows in parts]
+    return [f"{owner}.{name}" for name, _ in parts]
 
 
 @torch.no_grad()
@@ -220,6 +220,7 @@ def use_int8_layers(
     fast: first swap in the fast path's layers (fused, not packed), as Llama does with fast=True; with
     fast=False the reference modules keep running, on Int8Linears.
     dtype: the activations' dtype. `model.state_dict()` then holds Meta's keys with the dequantized weights.
+    A second call finds no linear layer left to swap and does nothing.
     """
     scales = scales or {}
     device = model.rope_cos.device
@@ -227,18 +228,18 @@ def use_int8_layers(
         # Measured (docs/quantization.md): torch's x86 kernel has vector loops for bf16 inputs only.
         warnings.warn("int8 weights with float32 activations run torch's scalar int8 kernel on this CPU, "
                       "several times slower than float32 weights: pass dtype=torch.bfloat16 for speed",
-                      stacklevel=2)
+                      stacklevel=3)  # the caller of the no_grad wrapper
     if fast and not is_fast(model):
         use_fast_layers(model, pack=False)  # packing is for float weights; int8 ones are read as they are
     for path, linear in _linears(model).items():
         names = _meta_names(path, linear)
         weight = linear.dense_weight() if isinstance(linear, FastLinear) else linear.weight.detach()
         if weight.dtype == torch.int8:
-            missing = [n + ".scale" for n, _ in names if n + ".scale" not in scales]
+            missing = [n + ".scale" for n in names if n + ".scale" not in scales]
             if missing:
                 raise ValueError(f"int8 weights without their scales: {missing}")
             q = weight
-            scale = torch.cat([scales[n + ".scale"].to(weight.device) for n, _ in names])
+            scale = torch.cat([scales[n + ".scale"].to(weight.device) for n in names])
         else:
             row_parallel = isinstance(linear, RowParallelLinear) or getattr(linear, "reduce", False)
             q, scale = quantize_row_parallel(weight) if row_parallel else quantize_int8(weight)
