@@ -276,3 +276,15 @@ def test_two_ranks_give_the_one_rank_int8_logits(tiny_checkpoint, tmp_path):
     rel = ((one["logits"] - two["logits"]).abs().max() / one["logits"].abs().max()).item()
     assert rel <= 1e-5
     assert one["generated"] == two["generated"]
+
+
+@pytest.mark.slow
+def test_compiled_int8_step_gives_the_eager_greedy_tokens_and_logprobs(tiny_llama):
+    prompts = [[256, 5, 6, 7], [256, 1]]
+    eager = tiny_llama(PARAMS, seed=6, device="cpu", quantize="int8", max_batch_size=2)
+    compiled = tiny_llama(PARAMS, seed=6, device="cpu", quantize="int8", max_batch_size=2, compile=True)
+    tokens, logprobs = eager.generate(prompts, max_gen_len=12, temperature=0, logprobs=True)
+    tokens_c, logprobs_c = compiled.generate(prompts, max_gen_len=12, temperature=0, logprobs=True)
+    assert tokens_c == tokens
+    for row, row_c in zip(logprobs, logprobs_c):
+        torch.testing.assert_close(torch.tensor(row_c), torch.tensor(row), rtol=0, atol=1e-5)
