@@ -4,6 +4,7 @@
     python -m llama.bench --shape llama3-8b --device cuda --batch 1 64 --dtype bfloat16 [--compile]
     python -m llama.bench --ckpt-dir ~/models/Llama3.2-1B --batch 1
     python -m llama.bench --batch 1 --llamacpp   # also llama.cpp (llama-cpp-python, installed by hand)
+    python -m llama.bench --no-hf --quantize int8  # also ours with int8 weights ("ours-int8"), same run
 
 Random weights at a named shape (or a real checkpoint, in any layout) are loaded once into our Transformer and,
 converted to Hugging Face's layout (sharing every tensor it can), into `LlamaForCausalLM`. For each dtype
@@ -49,6 +50,7 @@ from llama.cli.interrupt import report_interrupt
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import ChatFormat
 from llama.fast.layers import use_fast_layers
+from llama.fast.quantize import QUANTIZE_CHOICES, use_int8_layers
 
 _COMMON = dict(vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0)
 SHAPES: Dict[str, Dict[str, Any]] = {
@@ -110,13 +112,16 @@ class NoStopTokenizer:
 
 
 def build_ours(
-    args: ModelArgs, sd: Dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, fast: bool, compile: bool
+    args: ModelArgs, sd: Dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, fast: bool, compile: bool,
+    quantize: Optional[str] = None,
 ) -> Llama:
-    """Our model on `sd`, as Llama.build makes it."""
+    """Our model on `sd`, as Llama.build makes it (with quantize="int8": its weights in `dtype`, quantized)."""
     with default_dtype(dtype):
         model = Transformer(args)
     load_into(model, sd, device, dtype, source="bench weights")
     model.to(device).eval()
+    if quantize:
+        use_int8_layers(model, dtype, fast=fast)
     if fast:
         use_fast_layers(model, pack=not compile)
     tokenizer = NoStopTokenizer()
@@ -291,11 +296,15 @@ def summarise(system: System, bsz: int, prompt_len: int, n_tokens: int) -> Dict[
 
 
 def bytes_per_decode_step(sd: Dict[str, torch.Tensor], args: ModelArgs, dtype: torch.dtype, bsz: int,
-                          prompt_len: int, n_tokens: int) -> Dict[str, float]:
+                          prompt_len: int, n_tokens: int, int8: bool = False) -> Dict[str, float]:
     """What one decode step must read, on average over the run: every weight except the embedding table
-    (of which it reads one row per sequence), and the keys and values cached so far."""
+    (of which it reads one row per sequence), and the keys and values cached so far. int8: linear weights
+    are 1 byte each, plus a scale per row in `dtype`."""
     size = torch.empty((), dtype=dtype).element_size()
-    weights = sum(v.numel() for k, v in sd.items() if k != "tok_embeddings.weight") * size + bsz * args.dim * size
+    weights = bsz * args.dim * size
+    for k, v in sd.items():
+        if k != "tok_embeddings.weight":
+            weights += v.numel() + v.shape[0] * size if int8 and v.dim() == 2 else v.numel() * size
     n_kv = args.n_kv_heads or args.n_heads
     mean_len = prompt_len + n_tokens / 2  # positions attended to, averaged over the decode steps
     kv = 2 * args.n_layers * bsz * n_kv * args.head_dim * mean_len * size
@@ -366,6 +375,9 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
             b.numel() * b.element_size() for n, b in ours.model.named_buffers() if n.endswith(("cache_k", "cache_v"))
         )
         built = [ours_system("ours", ours)]
+        if opts.quantize:
+            built.append(ours_system(f"ours-{opts.quantize}", build_ours(args, sd, device, dtype, True, opts.compile,
+                                                                        opts.quantize)))
         if opts.simple:
             built.append(ours_system("ours-simple", build_ours(args, sd, device, dtype, False, False)))
         if not opts.no_hf:
@@ -388,13 +400,16 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
                 res[s.name] = summarise(s, bsz, opts.prompt_len, opts.new_tokens)
             traffic = bytes_per_decode_step(sd, args, dtype, bsz, opts.prompt_len, opts.new_tokens)
             res["bytes_per_decode_step"] = traffic
+            int8_traffic = bytes_per_decode_step(sd, args, dtype, bsz, opts.prompt_len, opts.new_tokens, int8=True)
             res["kv_cache_bytes"] = kv_cache_bytes
             res["round_read_bandwidths_bytes_s"] = round_bandwidths
             for s in systems:
-                res[s.name]["effective_bandwidth_bytes_s"] = traffic["total_bytes"] * res[s.name]["decode_steps_s"]
+                step_bytes = (int8_traffic if s.name == "ours-int8" else traffic)["total_bytes"]
+                res[s.name]["bytes_per_decode_step"] = step_bytes
+                res[s.name]["effective_bandwidth_bytes_s"] = step_bytes * res[s.name]["decode_steps_s"]
                 # Each round's decode against the bandwidth measured in that round, the median over rounds:
                 # both sides seen under the same load (the best-of figures may come from different moments).
-                fractions = [traffic["total_bytes"] * (opts.new_tokens - 1) / max(full - ttft, 1e-9) / bw
+                fractions = [step_bytes * (opts.new_tokens - 1) / max(full - ttft, 1e-9) / bw
                              for full, ttft, bw in zip(s.full, s.ttft, round_bandwidths)]
                 res[s.name]["median_round_fraction_of_read_bandwidth"] = statistics.median(fractions)
             tokens = {s.name: s.tokens for s in systems}
@@ -410,6 +425,8 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
                 res["median_round_ratio_llamacpp"] = statistics.median(
                     [(cf - ct) / max(of - ot, 1e-9) for of, ot, cf, ct in zip(o.full, o.ttft, c.full, c.ttft)])
                 same_tokens(res, tokens["ours"], tokens[LLAMACPP], "llamacpp")
+            if "ours-int8" in res:  # greedy agreement of the int8 weights with this dtype's
+                same_tokens(res, tokens["ours"], tokens["ours-int8"], "int8")
             report["results"].append(res)
             log(f"  {label}: " + ", ".join(f"{s.name} {res[s.name]['decode_tok_s']:.1f} tok/s" for s in systems))
         del ours, built, sd
@@ -418,7 +435,7 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
     bandwidth = max(bandwidth, measure_read_bandwidth(device))
     report["read_bandwidth_bytes_s"] = bandwidth
     for res in report["results"]:
-        for name in ("ours", "ours-simple", "transformers", LLAMACPP):
+        for name in ("ours", "ours-simple", "ours-int8", "transformers", LLAMACPP):
             if name in res:
                 res[name]["fraction_of_read_bandwidth"] = res[name]["effective_bandwidth_bytes_s"] / bandwidth
         # The roofline: no decode loop reads its bytes faster than the memory delivers them.
@@ -445,6 +462,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="compile our decode step (CUDA graphs)")
     p.add_argument("--simple", action="store_true", help="also run our reference loop (fast=False)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="also run ours with int8 weights (ours-int8)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--llamacpp", action="store_true",
                    help="also run llama.cpp on the same weights, batch 1 only (needs llama-cpp-python and gguf)")

@@ -21,12 +21,14 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 
 from llama.checkpoints.meta import find_tokenizer, load_checkpoint, load_into
+from llama.checkpoints.quantized import int8_scales
 from llama.completion import Completion, DecodeLoop, Decoded, Rows, cut_completions, run_to_end
 from llama.config import GenerationConfig, resolve_config
 from llama.distributed import default_dtype, init_distributed, is_rank_zero, pick_device, pick_dtype
 from llama.families import AnyChatFormat, AnyTokenizer, load_tokenizer, make_chat_format
 from llama.fast.layers import use_fast_layers
 from llama.fast.loop import decode, stop_check_interval
+from llama.fast.quantize import check_quantize, use_int8_layers
 from llama.fast.step import DecodeStep
 from llama.model import ModelArgs, Transformer
 from llama.predictions import ChatPrediction, CompletionPrediction, PromptError, chat_predictions, to_predictions
@@ -130,6 +132,7 @@ class Llama:
         chat_format: Optional[str] = None,
         fast: bool = True,
         compile: bool = False,
+        quantize: Optional[str] = None,
     ) -> "Llama":
         """Load a checkpoint and its tokenizer, starting torch.distributed and fairscale model parallelism if
         they are not started yet.
@@ -154,19 +157,23 @@ class Llama:
                 (`decode_reference`) on the reference model. Same results.
             compile: compile the decode step with torch.compile (CUDA graphs and tuned kernels on CUDA);
                 needs `fast`. The first batch of each size is slow (a minute or more at 8B) while it compiles.
+            quantize: "int8": every linear layer (not the embedding) holds int8 weights with one scale per
+                output row, quantized at load from the checkpoint's values (llama.fast.quantize;
+                docs/quantization.md); None: as stored. A checkpoint stored int8 loads int8 either way.
 
         Raises:
             FileNotFoundError: a missing directory, params.json, shard or tokenizer file.
             TypeError: a params.json value of the wrong type.
-            ValueError: bad sizes, an unknown device or dtype, a corrupt or unsafe shard, a model that cannot
-                be split over model_parallel_size ranks, a vocabulary size that differs from the tokenizer's,
-                tensors that do not match the model, a config.json for another architecture, a directory
-                mixing layouts, a Llama 2 `rope.freqs` tensor that disagrees with the RoPE base params.json
-                gives.
+            ValueError: bad sizes, an unknown device, dtype or quantize value, a corrupt or unsafe shard, a
+                model that cannot be split over model_parallel_size ranks, a vocabulary size that differs from
+                the tokenizer's, tensors that do not match the model, a config.json for another architecture, a
+                directory mixing layouts, a Llama 2 `rope.freqs` tensor that disagrees with the RoPE base
+                params.json gives, an unknown "quantization" in params.json.
         """
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_quantize(quantize)
         start_time = time.time()
         tokenizer_path = tokenizer_path or find_tokenizer(ckpt_dir)
         tokenizer = load_tokenizer(tokenizer_path)
@@ -181,6 +188,7 @@ class Llama:
 
         # This rank's share of the weights, however many files (Meta or Hugging Face) hold them.
         state, params = load_checkpoint(ckpt_dir, model_parallel_size, fs_init.get_model_parallel_rank())
+        params, int8 = int8_scales(state, params, quantize, device_, ckpt_dir)  # int8 weights: their scales
         model_args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         if model_args.vocab_size == -1:
             model_args.vocab_size = tokenizer.n_words
@@ -195,6 +203,8 @@ class Llama:
             model = Transformer(model_args)
         load_into(model, state, device_, dtype, source=ckpt_dir)
         model.to(device_).eval()
+        if int8 is not None:  # layered on from outside, as the fast path is (and with it, for fast=True)
+            use_int8_layers(model, dtype, fast=fast, scales=int8)
         if is_rank_zero():
             print(f"Loaded in {time.time() - start_time:.2f} seconds")
         return Llama(model, tokenizer, formatter, fast=fast, compile=compile)

@@ -3,10 +3,13 @@
     python -m llama.convert META_DIR HF_DIR                  # Meta -> Hugging Face (safetensors)
     python -m llama.convert HF_DIR META_DIR                  # Hugging Face -> Meta (one consolidated.00.pth)
     python -m llama.convert SRC_DIR META_DIR --shards 8      # either -> Meta, cut for 8 model-parallel ranks
+    python -m llama.convert SRC_DIR INT8_DIR --quantize int8 # either -> Meta, int8 weights (docs/quantization.md)
 
 Tensors are copied bit for bit (only the order of the q/k rows within each head changes between layouts),
-so a round trip gives back identical tensors. The source can be any layout `Llama.build` reads; the
-tokenizer.model beside it is copied where the target layout keeps it. Memory: one output file at a time.
+so a round trip gives back identical tensors. --quantize int8 quantizes the linear weights as
+Llama.build(..., quantize="int8") does (the same int8 tensors and scales; docs/quantization.md). The source
+can be any layout `Llama.build` reads; the tokenizer.model beside it is copied where the target layout keeps
+it. Memory: one output file at a time.
 """
 
 import argparse
@@ -19,6 +22,8 @@ from typing import Any, Dict, List, Optional
 
 from llama.checkpoints.meta import MetaShards, find_tokenizer, open_checkpoint, tokenizer_kind, write_meta
 from llama.checkpoints.hf import write_hf
+from llama.checkpoints.quantized import INT8_PARAMS, PARAMS_KEY, QuantizedSource, stored_quantization
+from llama.fast.quantize import QUANTIZE_CHOICES, check_quantize
 from llama.params import hf_context_length
 from llama.model import ModelArgs
 
@@ -66,6 +71,7 @@ def convert(
     max_shard_size: str = "5GB",
     max_position_embeddings: Optional[int] = None,
     embedding_split: Optional[str] = None,
+    quantize: Optional[str] = None,
 ) -> str:
     """Write the checkpoint in `src` to the new directory `dst`; return the target layout ("meta" or "hf").
 
@@ -76,14 +82,24 @@ def convert(
         max_position_embeddings: Hugging Face target only: the context stated in config.json.
         embedding_split: Meta target only: cut tok_embeddings by "vocab" (Llama 3) or "dim" (Llama 2);
             default as the source does, or "dim" for a Hugging Face source with a SentencePiece tokenizer.
+        quantize: "int8": write int8 linear weights with their scales (Meta target only; the default then).
 
     Raises FileNotFoundError, ValueError (bad options, a non-empty `dst`, a source that does not load).
     """
+    check_quantize(quantize)
     source, params = open_checkpoint(src)
     is_meta = isinstance(source, MetaShards)
-    to = to or ("meta" if shards or not is_meta else "hf")
+    to = to or ("meta" if shards or quantize or not is_meta else "hf")
     if to not in ("meta", "hf"):
         raise ValueError(f"--to must be 'meta' or 'hf', got {to!r}")
+    stored = stored_quantization(params, f"{src}/params.json")
+    if stored and (quantize or to == "hf"):
+        raise ValueError(f"{src!r} is already {stored}: it can be resharded (--to meta, --shards), not quantized "
+                         "again or written as Hugging Face files; convert the float checkpoint instead")
+    if quantize and to == "hf":
+        raise ValueError("--quantize writes Meta checkpoints (consolidated.NN.pth with scales): leave out --to hf")
+    if quantize:
+        source, params = QuantizedSource(source), dict(params, **{PARAMS_KEY: INT8_PARAMS})
     if to == "hf" and shards is not None:
         raise ValueError("--shards applies to Meta checkpoints only (Hugging Face files are not model-parallel)")
     out = Path(dst)
@@ -148,6 +164,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--max_shard_size", default="5GB", help="Hugging Face target: largest file (default 5GB)")
     parser.add_argument("--max_position_embeddings", type=int, help="Hugging Face target: context in config.json")
     parser.add_argument("--embedding_split", choices=("vocab", "dim"), help="Meta target: tok_embeddings cut")
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES,
+                        help="Meta target: int8 linear weights with per-row scales")
     opts = parser.parse_args(argv)
     try:
         to = convert(**vars(opts))

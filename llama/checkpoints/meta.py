@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from llama.model import ModelArgs
+from llama.checkpoints.quantized import check_int8_shard, stored_quantization, with_scales, without_quantization
 from llama.checkpoints.reshard import Layout, Source, check_split, full_shapes, rank_state
 from llama.params import check_param_types, unknown_keys_hint
 from llama.checkpoints.rope_freqs import check_rope_freqs
@@ -77,6 +78,7 @@ def load_into(
 
     Strict: a missing or unexpected tensor, or a shape that differs, raises ValueError naming the tensors,
     the shapes and `source`. Tensors are converted one at a time, so peak memory stays near the model's size.
+    int8 tensors (quantized weights, llama.checkpoints.quantized) stay int8.
     """
     expected = dict(model.named_parameters())
     found = {k: v for k, v in state.items() if k not in IGNORED_KEYS}
@@ -98,7 +100,7 @@ def load_into(
     for name, tensor in found.items():
         module_name, _, param_name = name.rpartition(".")
         module = model.get_submodule(module_name)
-        value = tensor.to(device=device, dtype=dtype)
+        value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
         setattr(module, param_name, nn.Parameter(value, requires_grad=False))
 
 
@@ -117,6 +119,9 @@ class MetaShards:
         """Open every shard and check that each holds the tensors of the model params.json describes, in the
         shapes a cut into len(files) pieces gives. Raises ValueError naming the file and the tensor."""
         self.files = files
+        # An int8 checkpoint (llama.checkpoints.quantized) also holds scales; its params key is no ModelArgs field.
+        quantized = stored_quantization(params, str(files[0].parent / "params.json")) is not None
+        params = without_quantization(params)
         self.shards = [load_shard(f) for f in files]
         args = _model_args(params)
         n = len(files)
@@ -142,6 +147,8 @@ class MetaShards:
             )
         self.layout = Layout(n, n_kv_heads, args.head_dim, embedding_dim)
         self._shapes = full_shapes(args, vocab_size)
+        if quantized:
+            self._shapes = with_scales(self._shapes)
         for part, (path, shard) in enumerate(zip(files, self.shards)):
             found = set(shard) - IGNORED_KEYS
             missing = sorted(set(self._shapes) - found)
@@ -161,6 +168,8 @@ class MetaShards:
                     f"checkpoint file {str(path)!r} (shard {part} of {n}) has tensors of the wrong shape for the "
                     "model params.json describes: " + "; ".join(wrong[:10]) + unknown_keys_hint(params, ModelArgs)
                 )
+            if quantized:
+                check_int8_shard(shard, str(path))
             if "rope.freqs" in shard:
                 check_rope_freqs(shard["rope.freqs"], args, f"checkpoint file {str(path)!r}")
 

@@ -88,6 +88,8 @@ class Layout:
     def split_dim(self, name: str) -> Optional[int]:
         """The dimension `name` is cut along, or None if every part holds all of it."""
         module = module_of(name)
+        if name.endswith(".scale"):  # an int8 weight's per-row scales (llama.checkpoints.quantized): cut with
+            return 0 if module in COLUMN_PARALLEL else None  # its rows; a row-parallel one's are whole rows'
         if module == "tok_embeddings":
             return self.embedding_dim
         if module in COLUMN_PARALLEL:

@@ -8,6 +8,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from llama.config import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, GenerationConfig
+from llama.fast.quantize import QUANTIZE_CHOICES
 from llama.generation import Llama
 
 
@@ -32,6 +33,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     model.add_argument("--model_parallel_size", type=int, help="default: the number of processes")
     model.add_argument("--device", help="cuda, cpu, ... (default: CUDA when available)")
     model.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on the CPU")
+    model.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="int8: int8 weights, one scale per output row "
+                       "(default: as the checkpoint stores them)")
 
     io = p.add_argument_group("prompts and output")
     io.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
@@ -100,5 +103,5 @@ def build(args: argparse.Namespace, max_batch_size: int) -> Llama:
     return Llama.build(
         ckpt_dir=args.ckpt_dir, tokenizer_path=args.tokenizer_path, max_seq_len=args.max_seq_len,
         max_batch_size=max_batch_size, model_parallel_size=args.model_parallel_size, device=args.device,
-        dtype=DTYPES[args.dtype] if args.dtype else None, chat_format=args.chat_format,
+        dtype=DTYPES[args.dtype] if args.dtype else None, chat_format=args.chat_format, quantize=args.quantize,
     )
