@@ -107,6 +107,24 @@ def test_a_draft_model_identical_to_the_target_has_every_draft_accepted(tiny_lla
     assert stats.mean_accepted_length > 4.5  # 5 tokens a pass, but for the cut at max_gen_len
 
 
+def test_a_draft_model_proposes_its_own_greedy_continuation_after_rejections(tiny_llama):
+    # After a pass, the accepted text is the old text, some of the drafts and a token of the target's: the
+    # draft model must rewind its cache past the rest and propose what plain greedy decoding of it gives.
+    draft = tiny_llama(SMALL_DRAFT, seed=5, max_seq_len=96, max_batch_size=1)
+    drafter = DraftModel(draft)
+
+    def own_greedy(tokens: List[int], k: int) -> List[int]:
+        return draft.generate([tokens], k, temperature=0, ignore_eos=True)[0][0]
+
+    tokens = [10, 20, 30, 40]
+    for n_accepted in (0, 2, 1, 4, 3, 0):
+        drafts = drafter.propose(tokens, 4)
+        assert drafts == own_greedy(tokens, 4)
+        other = (drafts[n_accepted] + 1) % 512 if n_accepted < 4 else 7  # the target's token after them
+        tokens = tokens + drafts[:n_accepted] + [other]
+    assert drafter.propose([10, 20, 99], 3) == own_greedy([10, 20, 99], 3)  # another text: rewinds to 2
+
+
 def test_rejected_drafts_leave_nothing_behind_every_draft_wrong(tiny_llama):
     llama = tiny_llama(seed=1, max_seq_len=96, max_batch_size=1)
     prompt = [3, 1, 4, 1, 5]
