@@ -2,8 +2,8 @@
 
     python -m bench.speculative [--new-tokens 48] [--repeats 3] [--k 4] [--draft-layers 0,2,4,5] [--out FILE.json]
 
-Two prompt sets: copy-heavy (an Austen passage, an instruction to quote it, its first words: the model goes
-on copying) and held-out Austen openings (first sentences of the last chapters, in the 5% of each novel the
+Two prompt sets: copy-heavy (an Austen sentence three times, then its first words: the model goes on
+copying, as far as this toy model copies) and held-out Austen openings (first sentences of the last chapters, in the 5% of each novel the
 demo model never saw). For each prompt, plain decoding (`Llama.generate`, temperature 0, the fast loop) and
 speculative decoding (`speculative_generate`) run alternately `--repeats` times, each generating exactly
 --new-tokens tokens (stop tokens ignored); the best time of each counts. Per set it prints tokens/s of both,
@@ -39,7 +39,10 @@ PASSAGES = [
     " Norland Park, in the centre of their property, where, for many generations, they had lived in so"
     " respectable a manner as to engage the general good opinion of their surrounding acquaintance.",
 ]
-COPY_HEAVY = [f"{p}\n\nCopy the passage above exactly:\n\n{p[:60]}" for p in PASSAGES]
+# Each passage's first sentence three times, then its first words: the demo model, a toy, copies poorly from
+# one occurrence (tried: "passage, then 'Copy the passage above exactly:', then its start"), better from three.
+SENTENCES = [p[: p.index(".") + 1] if "." in p[:200] else p[: p.index(";") + 1] for p in PASSAGES]
+COPY_HEAVY = [f"{s}\n{s}\n{s}\n{s[: s.index(' ', 10)]}" for s in SENTENCES]
 HELD_OUT = [
     "Happy for all her maternal feelings was the day on which Mrs. Bennet got rid of her two most deserving"
     " daughters.",
