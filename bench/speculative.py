@@ -1,15 +1,16 @@
 """Speculative decoding against plain decoding on the demo model, greedy, in one run (a measurement, not a test).
 
-    python -m bench.speculative [--new-tokens 48] [--repeats 3] [--k 4] [--draft-layers 0,2,4,5] [--out FILE.json]
+    python -m bench.speculative [--new-tokens 48] [--repeats 3] [--k 4] [--threads 1] [--draft-layers 0,2,4,5]
+                                [--out FILE.json]
 
 Two prompt sets: copy-heavy (an Austen sentence three times, then its first words: the model goes on
-copying, as far as this toy model copies) and held-out Austen openings (first sentences of the last chapters, in the 5% of each novel the
-demo model never saw). For each prompt, plain decoding (`Llama.generate`, temperature 0, the fast loop) and
-speculative decoding (`speculative_generate`) run alternately `--repeats` times, each generating exactly
---new-tokens tokens (stop tokens ignored); the best time of each counts. Per set it prints tokens/s of both,
-their ratio, the mean accepted length and acceptance by draft position, and checks the tokens are equal.
-With --draft-layers 0,2,4,5 the demo cut to those layers (its embedding and output too) also runs as a draft
-model.
+copying, as far as this toy model copies) and held-out Austen (sentences from the last chapters, quoted from
+memory: the 5% of each novel the demo model never saw). For each prompt, plain decoding (`Llama.generate`,
+temperature 0, the fast loop) and speculative decoding (`speculative_generate`) run alternately `--repeats`
+times, each generating exactly --new-tokens tokens (stop tokens ignored); the best time of each counts. Per
+set it prints tokens/s of both, their ratio, the mean accepted length and acceptance by draft position, and
+checks the tokens are equal. With --draft-layers 0,2,4,5 the demo cut to those layers (its embedding and
+output too) also runs as a draft model.
 """
 
 import argparse

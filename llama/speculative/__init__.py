@@ -10,4 +10,7 @@ generate.py: the loop and its statistics. docs/speculative.md says what is suppo
 from llama.speculative.drafters import DraftModel, Drafter, PromptLookup
 from llama.speculative.generate import SUPPORTED_CONTROLS, Speculation, SpeculativeStats, speculative_generate
 
-__all__ = ["Drafter", "DraftModel", "PromptLookup", "Speculation", "SpeculativeStats", "SUPPORTED_CONTROLS", "speculative_generate"]
+__all__ = [
+    "Drafter", "DraftModel", "PromptLookup", "Speculation", "SpeculativeStats", "SUPPORTED_CONTROLS",
+    "speculative_generate",
+]

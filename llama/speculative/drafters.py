@@ -84,7 +84,8 @@ class DraftModel(Drafter):
         if ours != theirs:
             raise ValueError(f"the draft model has vocab_size={ours}, the target {theirs}: they must share a tokenizer")
         probe = "The quick brown fox, 1234 <|x|>."
-        if self.draft.tokenizer.encode(probe, bos=True, eos=False) != target.tokenizer.encode(probe, bos=True, eos=False):
+        ours_ids = self.draft.tokenizer.encode(probe, bos=True, eos=False)
+        if ours_ids != target.tokenizer.encode(probe, bos=True, eos=False):
             raise ValueError("the draft model's tokenizer encodes text differently from the target's")
 
     @torch.inference_mode()

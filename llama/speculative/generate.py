@@ -211,7 +211,8 @@ class Speculation:
 
     def generate(self, llama: Any, prompt_tokens: List[List[int]], max_gen_len: Optional[int],
                  temperature: Optional[float], top_p: Optional[float], logprobs: bool, echo: bool,
-                 config: Optional[GenerationConfig], controls: dict) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+                 config: Optional[GenerationConfig], controls: dict
+                 ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """`Llama.generate`'s arguments -> its return value."""
         if echo:
             raise ValueError("speculative generation does not support echo=True yet")
