@@ -407,3 +407,10 @@ def test_sampling_draws_from_plain_samplings_distribution_and_a_biased_rule_fail
     for biased in (always_accept, resample_from_p):
         monkeypatch.setattr(verify, "accept_point_mass", biased)
         assert chi_square_p_value(llama, expected, 500, Fixed()) < 1e-3, biased.__name__
+
+
+def test_sampling_with_a_seed_is_reproducible_and_the_seed_matters(tiny_llama):
+    llama = tiny_llama(seed=0, max_seq_len=64, max_batch_size=1)
+    spec = Speculation(PromptLookup(), k=3)
+    runs = [llama.generate([[1, 2, 3, 1, 2]], 20, temperature=0.8, seed=s, speculative=spec)[0] for s in (7, 7, 8)]
+    assert runs[0] == runs[1] != runs[2]
