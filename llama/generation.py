@@ -34,6 +34,7 @@ from llama.model import ModelArgs, Transformer
 from llama.predictions import ChatPrediction, CompletionPrediction, PromptError, chat_predictions, to_predictions
 from llama.sampling import Context, Sampler, make_sampler, sample_top_p  # noqa: F401 (Meta's name)
 from llama.scoring import LogprobRecorder, ScorePrediction, score_sequences
+from llama.speculative import Speculation
 from llama.streaming import RowTracker, StreamEvent
 # Meta's llama.generation also offers these names (the Llama 2 one its chat tags): scripts import them from here.
 from llama.tokenizer import ChatFormat, Dialog, Message, Role, Tokenizer  # noqa: F401
@@ -244,6 +245,7 @@ class Llama:
         echo: bool = False,
         *,
         config: Optional[GenerationConfig] = None,
+        speculative: Optional[Speculation] = None,
         **controls: Any,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Continue each prompt by up to `max_gen_len` tokens (Meta's signature and return value).
@@ -258,6 +260,8 @@ class Llama:
             echo: return the prompt tokens (and their logprobs) in front of the generation.
             config, **controls: the other controls of GenerationConfig (top_k, stop, seed, n, ...); keyword
                 controls override the config's. With n samples, prompt i's samples are rows i*n .. i*n+n-1.
+            speculative: a llama.speculative.Speculation (drafter, k): one prompt, drafts verified k at a
+                time, the same output (docs/speculative.md); its `stats` then describe the call.
 
         Returns:
             (tokens, logprobs): per row, the generated ids cut before the first stop token, and their
@@ -272,6 +276,9 @@ class Llama:
             problem = check_prompt(tokens, self.model.params)
             if problem:
                 raise ValueError(f"prompt {i}: {problem}")
+        if speculative is not None:
+            return speculative.generate(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, config,
+                                        controls)
         completions = self.complete(
             prompt_tokens, max_gen_len, config=config, temperature=temperature, top_p=top_p,
             logprobs=logprobs, echo=echo, **controls,

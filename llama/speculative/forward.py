@@ -1,0 +1,22 @@
+"""The two forward passes speculative decoding runs, on the reference layers or the fast ones alike."""
+
+import torch
+
+from llama.fast.layers import is_fast
+from llama.fast.step import fast_forward
+from llama.model import Transformer
+
+
+def forward_all(model: Transformer, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+    """Append tokens (1, n) to the KV cache at start_pos; float32 logits at every position, (1, n, vocab)."""
+    return model.forward(tokens, start_pos)
+
+
+def forward_last(model: Transformer, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+    """Append tokens (1, n) to the KV cache at start_pos; float32 logits of the last position only,
+    (1, vocab). On the fast layers the output layer then multiplies one row, not n (a prompt's worth of
+    vocabulary-wide products saved)."""
+    if is_fast(model):
+        last = torch.tensor([tokens.shape[1] - 1], device=tokens.device)
+        return fast_forward(model, tokens, start_pos, last_pos=last)[:, 0]
+    return model.forward(tokens, start_pos)[:, -1]
