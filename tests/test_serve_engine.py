@@ -97,6 +97,23 @@ def test_a_stop_token_ends_a_request_where_it_ends_the_prompt_alone(tiny_llama):
         assert_as_alone(llama, prompt, engine.outputs[i], 12, temperature=0)
 
 
+def test_stop_strings_and_streamed_text_are_those_of_the_prompt_alone(llama):
+    # Byte tokens: the greedy texts hold split UTF-8 characters (held back until complete, or U+FFFD).
+    ps = prompts(seed=2)
+    texts = [llama.complete([p], 16, **GREEDY)[0][0].text for p in ps]
+    stops = [t[4:6] for t in texts]  # a stop string that each greedy text meets
+    engine = Engine(llama, n_blocks=40, block_size=4)
+    ids = [engine.add_request(p, max_new_tokens=16, stop=[s], **GREEDY) for p, s in zip(ps, stops)]
+    streamed = {i: "" for i in ids}
+    for event in engine.run():
+        streamed[event.request_id] += event.text
+    for prompt, stop, i in zip(ps, stops, ids):
+        expected = llama.complete([prompt], 16, stop=[stop], **GREEDY)[0][0]
+        out = engine.outputs[i]
+        assert (out.tokens, out.text, out.finish_reason) == (expected.tokens, expected.text, expected.stop_reason)
+        assert streamed[i] == out.text and out.finish_reason == "stop_string"
+
+
 @pytest.mark.parametrize("settings", [
     dict(temperature=0.8, seed=3),
     dict(temperature=1.3, top_p=1.0, top_k=20, seed=11),
@@ -178,7 +195,6 @@ def test_a_bad_budget_is_refused_naming_it(llama, kwargs, message):
     ([], {}, r"prompt: the prompt is empty"),
     ([1, 600], {}, r"token ids \[600\] are outside the vocabulary \[0, 512\)"),
     ([1] * 40, dict(max_new_tokens=30), r"40 tokens generating up to 24 needs 16 KV blocks, more than the cache's 12"),
-    ([1, 2], dict(stop=["x"]), r"stop strings \['x'\] are not supported"),
     ([1, 2], dict(n=2), r"got n=2: add n requests with sample_index"),
     ([1, 2], dict(temperature=-1), r"temperature must be >= 0, got -1"),
 ])

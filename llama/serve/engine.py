@@ -30,7 +30,7 @@ from llama.generation import Llama, check_prompt
 from llama.sampling import Context, Sampler, make_sampler
 from llama.serve.forward import Chunk, paged_forward
 from llama.serve.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, blocks_for_budget
-from llama.streaming import LENGTH, STOP_TOKEN
+from llama.streaming import LENGTH, STOP_STRING, STOP_TOKEN, TextStream
 
 # Tokens one step may feed (prefill chunks and decode tokens together): bounds a step's time and memory.
 DEFAULT_MAX_STEP_TOKENS = 512
@@ -44,7 +44,8 @@ class RequestOutput:
     prompt_tokens: List[int]
     tokens: List[int]  # generated, without a final stop token
     logprobs: Optional[List[float]]  # one per token of `tokens`, when asked for
-    finish_reason: Optional[str] = None  # "stop_token" or "length"; None while running
+    text: str = ""  # the generated text so far (with a stop string, it ends just before it)
+    finish_reason: Optional[str] = None  # "stop_token", "stop_string", "length" or "abort"; None while running
     stop_token: Optional[int] = None  # the stop token that ended it
     preemptions: int = 0  # times it was preempted and recomputed
 
@@ -55,10 +56,13 @@ class RequestOutput:
 
 @dataclass
 class TokenEvent:
-    """What one step did for one request: a new token (with its logprob), or (token None) its end."""
+    """What one step did for one request: a new token (with its logprob) and the text it completed, or
+    (token None) its end, with the text still held back. A request's texts concatenate to its output's text
+    (llama.streaming.TextStream: characters split over tokens, and text that may begin a stop string, wait)."""
 
     request_id: int
     token: Optional[int]
+    text: str = ""
     logprob: Optional[float] = None
     finish_reason: Optional[str] = None
 
@@ -72,6 +76,7 @@ class _Sequence:
     sampler: Sampler
     stop_ids: frozenset
     logprobs: bool
+    text: TextStream
     tokens: List[int] = field(default_factory=list)  # prompt, then generated (the last one not yet fed)
     n_cached: int = 0  # positions whose keys and values are in the blocks
     table: List[int] = field(default_factory=list)
@@ -140,16 +145,14 @@ class Engine:
         j of a prompt with n samples draws from stream j, as in Llama.generate).
 
         Raises:
-            ValueError: a bad prompt or setting, stop strings or n > 1 (not in this engine yet: see
-                docs/serving.md), or a request that could not fit in the whole KV cache even alone.
+            ValueError: a bad prompt or setting, n > 1 (add one request per sample), or a request that could
+                not fit in the whole KV cache even alone.
         """
         cfg = resolve_config(config, **controls)
         params = self.model.params
         problem = check_prompt(prompt_tokens, params)
         if problem:
             raise ValueError(f"prompt: {problem}")
-        if cfg.stop:
-            raise ValueError(f"stop strings {list(cfg.stop)} are not supported by the serving engine yet")
         if cfg.n != 1:
             raise ValueError(f"the engine runs one sample per request, got n={cfg.n}: add n requests with "
                              f"sample_index 0 .. n-1 (llama.serve.pipeline does)")
@@ -173,7 +176,8 @@ class Engine:
         stop_ids = frozenset() if cfg.ignore_eos else frozenset(self.llama.tokenizer.stop_tokens)
         sampler = make_sampler(cfg, self.llama.tokenizer, [sample_index], self.llama.device,
                                prefilter=self.llama.fast)
-        seq = _Sequence(output, max_new, sampler, stop_ids, logprobs, tokens=list(prompt_tokens))
+        text = TextStream(self.llama.tokenizer.decode, cfg.stop)
+        seq = _Sequence(output, max_new, sampler, stop_ids, logprobs, text, tokens=list(prompt_tokens))
         self.outputs[request_id] = output
         if max_new == 0:  # the prompt fills the context: nothing to generate (as Llama.generate)
             output.finish_reason = LENGTH
@@ -267,19 +271,23 @@ class Engine:
         out = seq.output
         if token in seq.stop_ids:
             out.stop_token = token
-            self._retire(seq, STOP_TOKEN)
-            return [TokenEvent(out.request_id, None, None, STOP_TOKEN)]
+            return [self._retire(seq, STOP_TOKEN)]
         seq.tokens.append(token)
         out.tokens.append(token)
         if logprob is not None:
             out.logprobs.append(logprob)
-        events = [TokenEvent(out.request_id, token, logprob)]
-        if len(out.tokens) >= seq.max_new_tokens:
-            self._retire(seq, LENGTH)
-            events.append(TokenEvent(out.request_id, None, None, LENGTH))
+        events = [TokenEvent(out.request_id, token, seq.text.push(token), logprob)]
+        out.text = seq.text.text
+        if seq.text.stopped:  # as Llama's rows: the token that completed the stop string is kept
+            events.append(self._retire(seq, STOP_STRING))
+        elif len(out.tokens) >= seq.max_new_tokens:
+            events.append(self._retire(seq, LENGTH))
         return events
 
-    def _retire(self, seq: _Sequence, reason: str) -> None:
+    def _retire(self, seq: _Sequence, reason: str) -> TokenEvent:
+        """Finish seq (free its blocks, take it out of the queues) and return its last event."""
+        rest = seq.text.flush()
+        seq.output.text = seq.text.text
         seq.output.finish_reason = reason
         if seq.table:
             self.cache.free(seq.table)
@@ -287,6 +295,7 @@ class Engine:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
+        return TokenEvent(seq.output.request_id, None, rest, None, reason)
 
     # ---- run to the end ----
 
