@@ -261,9 +261,11 @@ class Engine:
     def _sample(self, seq: _Sequence, logits: torch.Tensor) -> List[TokenEvent]:
         """Choose seq's next token from its logits (vocab,), record it, retire seq if it is done."""
         device = logits.device
-        prompt_len = len(seq.output.prompt_tokens)
-        context = Context(torch.tensor([seq.tokens], device=device), torch.tensor([len(seq.tokens)], device=device),
-                          torch.tensor([prompt_len], device=device))
+        context = None  # only processors and seeded draws read the tokens so far: build them only for those
+        if seq.sampler.processors or seq.sampler.generators is not None:
+            prompt_len = len(seq.output.prompt_tokens)
+            context = Context(torch.tensor([seq.tokens], device=device),
+                              torch.tensor([len(seq.tokens)], device=device), torch.tensor([prompt_len], device=device))
         token = int(seq.sampler(logits[None], context)[0])
         logprob = None
         if seq.logprobs:  # from the raw logits, as llama.scoring.LogprobRecorder

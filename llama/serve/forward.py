@@ -48,26 +48,29 @@ class Packed:
 def pack(chunks: List[Chunk], cache: PagedKVCache, device: torch.device) -> Packed:
     """Lay the chunks out for paged_forward (index tensors only; no model state)."""
     lens = [len(c.tokens) for c in chunks]
-    ends = [c.start + n for c, n in zip(chunks, lens)]
-    max_q, max_ctx = max(lens), max(ends)
-    tokens = torch.tensor([t for c in chunks for t in c.tokens], dtype=torch.long, device=device)
-    positions = torch.cat([torch.arange(c.start, e, device=device) for c, e in zip(chunks, ends)])
-    write_slots = torch.cat([cache.slots(c.table, c.start, e, device) for c, e in zip(chunks, ends)])
-    seq = torch.cat([torch.full((n,), s, dtype=torch.long, device=device) for s, n in enumerate(lens)])
-    row = torch.cat([torch.arange(n, device=device) for n in lens])
-    read_slots = torch.zeros((len(chunks), max_ctx), dtype=torch.long, device=device)
-    for s, (c, e) in enumerate(zip(chunks, ends)):
-        read_slots[s, :e] = cache.slots(c.table, 0, e, device)
+    max_q, max_ctx = max(lens), max(c.start + n for c, n in zip(chunks, lens))
+    bs = cache.block_size
+    n_table = -(-max_ctx // bs)
+    # Each sequence's block table, padded with block 0 (the padding is masked out), (S, n_table); then the
+    # slot of every position up to the longest end, (S, max_ctx).
+    tables = torch.tensor([c.table[:n_table] + [0] * (n_table - len(c.table[:n_table])) for c in chunks],
+                          dtype=torch.long, device=device)
+    cols = torch.arange(max_ctx, device=device)
+    read_slots = tables[:, cols // bs] * bs + cols % bs
+    info = torch.tensor([[c.start, n] for c, n in zip(chunks, lens)], dtype=torch.long, device=device)
+    starts, n_new = info[:, 0], info[:, 1]
+    rows = torch.arange(max_q, device=device)
     # Query row i of chunk s sits at position start_s + i: it reads positions 0 .. start_s + i (causal). Rows
     # past a chunk's end are padding: they read position 0 only (a fully masked row would give NaN), and
     # their output is dropped.
-    starts = torch.tensor([c.start for c in chunks], device=device)
-    query_pos = starts[:, None] + torch.arange(max_q, device=device)[None, :]  # (S, max_q)
-    query_pos = torch.where(torch.arange(max_q, device=device)[None, :] < torch.tensor(lens, device=device)[:, None],
-                            query_pos, 0)
-    mask = torch.arange(max_ctx, device=device)[None, None, :] <= query_pos[:, :, None]  # (S, max_q, max_ctx)
-    last = torch.tensor(lens, device=device).cumsum(0) - 1
-    return Packed(tokens, positions, write_slots, seq, row, read_slots, mask[:, None], last)
+    valid = rows[None, :] < n_new[:, None]  # (S, max_q)
+    query_pos = torch.where(valid, starts[:, None] + rows[None, :], 0)
+    mask = cols[None, None, :] <= query_pos[:, :, None]  # (S, max_q, max_ctx)
+    seq, row = valid.nonzero(as_tuple=True)  # (T,) each, in chunk order
+    positions = starts[seq] + row
+    tokens = torch.tensor([t for c in chunks for t in c.tokens], dtype=torch.long, device=device)
+    return Packed(tokens, positions, read_slots[seq, positions], seq, row, read_slots, mask[:, None],
+                  n_new.cumsum(0) - 1)
 
 
 def project_qkv(attention: torch.nn.Module, x: torch.Tensor):
@@ -102,15 +105,20 @@ def paged_attention(
 
     n_seqs, max_ctx = packed.read_slots.shape
     max_q = packed.mask.shape[2]
-    q = xq.new_zeros((n_seqs, max_q, attention.n_local_heads, attention.head_dim))
-    q[packed.seq, packed.row] = xq[0]  # (S, max_q, n_heads, head_dim): each chunk's queries in a row of its own
+    uniform = n_seqs * max_q == xq.shape[1]  # every chunk of one length (a decode step): no padding
+    if uniform:
+        q = xq.view(n_seqs, max_q, attention.n_local_heads, attention.head_dim)
+    else:  # (S, max_q, n_heads, head_dim): each chunk's queries in a row of its own
+        q = xq.new_zeros((n_seqs, max_q, attention.n_local_heads, attention.head_dim))
+        q[packed.seq, packed.row] = xq[0]
     k = keys[packed.read_slots]  # (S, max_ctx, n_kv_heads, head_dim): the gather from the blocks
     v = values[packed.read_slots]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=packed.mask,
         enable_gqa=attention.n_local_heads != attention.n_local_kv_heads,
     )  # (S, n_heads, max_q, head_dim)
-    out = out.transpose(1, 2)[packed.seq, packed.row]  # (T, n_heads, head_dim): back to the packed row
+    out = out.transpose(1, 2)  # (S, max_q, n_heads, head_dim)
+    out = out.reshape(-1, *out.shape[2:]) if uniform else out[packed.seq, packed.row]  # (T, n_heads, head_dim)
     return attention.wo(out.reshape(1, out.shape[0], -1))
 
 
