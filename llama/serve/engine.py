@@ -22,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, Iterable, List, Optional
 
+import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.nn.functional as F
 
@@ -112,6 +113,10 @@ class Engine:
         for name, value in (("max_step_tokens", max_step_tokens), ("max_running", max_running)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if fs_init.get_model_parallel_world_size() > 1:
+            # Every rank would have to run the same schedule: rank 0 deciding and broadcasting it is next.
+            raise ValueError("the serving engine runs on one model-parallel rank for now (got "
+                             f"{fs_init.get_model_parallel_world_size()}): see docs/serving.md")
         self.llama = llama
         self.model = llama.model
         blocks = blocks_for_budget(self.model, block_size, n_blocks=n_blocks, memory_bytes=memory_bytes,
