@@ -7,6 +7,8 @@ model's own contiguous cache, or Meta's reference loop), not from the engine."""
 from typing import List
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 
 from helpers import SMALL_GQA
@@ -203,3 +205,48 @@ def test_a_bad_request_is_refused_before_it_runs(llama, prompt, settings, messag
     with pytest.raises(ValueError, match=message):
         engine.add_request(prompt, **settings)
     assert not engine.has_unfinished()
+
+
+@pytest.fixture(scope="module")
+def fast_llama(tiny_llama):
+    return tiny_llama(PARAMS, seed=1, max_seq_len=MAX_SEQ_LEN, max_batch_size=1, device="cpu")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_schedule_of_arrivals_budgets_and_chunks_leaves_every_request_as_it_is_alone(fast_llama, data):
+    """Random arrival steps, block sizes, block budgets (from the least that fits the largest request) and
+    step token budgets: every request still gets its greedy tokens and logprobs alone."""
+    block_size = data.draw(st.sampled_from([1, 2, 4, 8, 16]), label="block_size")
+    max_step_tokens = data.draw(st.integers(1, 48), label="max_step_tokens")
+    requests = data.draw(st.lists(st.tuples(st.integers(1, 30), st.integers(1, 12), st.integers(0, 8),
+                                            st.integers(0, 3)), min_size=1, max_size=5), label="requests")
+    biggest = max(-(-(n + new - 1) // block_size) for n, new, _, _ in requests)
+    n_blocks = data.draw(st.integers(biggest, 2 * sum(-(-(n + new) // block_size) for n, new, _, _ in requests)),
+                         label="n_blocks")
+    engine = Engine(fast_llama, n_blocks=n_blocks, block_size=block_size, max_step_tokens=max_step_tokens)
+    pool = prompts([30] * 4, seed=9)
+    ids, step = {}, 0
+    while len(ids) < len(requests) or engine.has_unfinished():
+        for k, (n, new, arrival, which) in enumerate(requests):
+            if k not in ids and arrival <= step:
+                ids[k] = engine.add_request(pool[which][:n], logprobs=True, max_new_tokens=new, **GREEDY)
+        engine.step()
+        step += 1
+    for k, (n, new, _, which) in enumerate(requests):
+        assert_as_alone(fast_llama, pool[which][:n], engine.outputs[ids[k]], new, **GREEDY)
+    assert engine.cache.allocator.n_free == n_blocks
+
+
+def test_top_logprobs_are_those_of_the_prompt_alone(llama):
+    engine = Engine(llama, n_blocks=32, block_size=4)
+    ids = [engine.add_request(p, top_logprobs=3, max_new_tokens=8, **GREEDY) for p in prompts()[:4]]
+    list(engine.run())
+    for prompt, i in zip(prompts(), ids):
+        out = engine.outputs[i]
+        [[expected]] = llama.complete([prompt], 8, top_logprobs=3, **GREEDY)
+        assert out.tokens == expected.tokens and len(out.logprobs) == 8  # top_logprobs implies logprobs
+        for got, want in zip(out.top_logprobs, expected.top_logprobs):
+            assert [t for t, _ in got] == [t for t, _ in want]
+            torch.testing.assert_close(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in want]),
+                                       rtol=0, atol=1e-5)

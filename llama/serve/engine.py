@@ -20,7 +20,7 @@ to float32 rounding, and with a seed the same samples (the stream of sample numb
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, Iterable, List, Optional
+from typing import Any, Deque, Dict, Iterable, List, Optional, Tuple
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -45,6 +45,7 @@ class RequestOutput:
     prompt_tokens: List[int]
     tokens: List[int]  # generated, without a final stop token
     logprobs: Optional[List[float]]  # one per token of `tokens`, when asked for
+    top_logprobs: Optional[List[List[Tuple[int, float]]]] = None  # per token, the likeliest (id, logprob)
     text: str = ""  # the generated text so far (with a stop string, it ends just before it)
     finish_reason: Optional[str] = None  # "stop_token", "stop_string", "length" or "abort"; None while running
     stop_token: Optional[int] = None  # the stop token that ended it
@@ -77,6 +78,7 @@ class _Sequence:
     sampler: Sampler
     stop_ids: frozenset
     logprobs: bool
+    top_logprobs: int
     text: TextStream
     tokens: List[int] = field(default_factory=list)  # prompt, then generated (the last one not yet fed)
     n_cached: int = 0  # positions whose keys and values are in the blocks
@@ -139,13 +141,15 @@ class Engine:
         config: Optional[GenerationConfig] = None,
         *,
         logprobs: bool = False,
+        top_logprobs: int = 0,
         sample_index: int = 0,
         **controls: Any,
     ) -> int:
         """Queue a request; it joins the running batch at the next step that has room. Returns its id.
 
         config, **controls: GenerationConfig and overrides, as for Llama.generate (Meta's defaults, temperature
-        0.6 and top_p 0.9, when not given). max_new_tokens defaults to max_seq_len - 1, and a request never
+        0.6 and top_p 0.9, when not given). logprobs: record each generated token's logprob; top_logprobs:
+        also that many likeliest (id, logprob) at each (implies logprobs). max_new_tokens defaults to max_seq_len - 1, and a request never
         goes past max_seq_len positions. sample_index: which random stream a seeded request draws from (sample
         j of a prompt with n samples draws from stream j, as in Llama.generate).
 
@@ -161,6 +165,9 @@ class Engine:
         if cfg.n != 1:
             raise ValueError(f"the engine runs one sample per request, got n={cfg.n}: add n requests with "
                              f"sample_index 0 .. n-1 (llama.serve.pipeline does)")
+        if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be an integer >= 0, got {top_logprobs!r}")
+        logprobs = logprobs or top_logprobs > 0
         if isinstance(sample_index, bool) or not isinstance(sample_index, int) or sample_index < 0:
             raise ValueError(f"sample_index must be an integer >= 0, got {sample_index!r}")
         bad = [t for t in cfg.banned_token_ids if t >= params.vocab_size]
@@ -177,12 +184,14 @@ class Engine:
                              f"blocks, more than the cache's {self.cache.n_blocks}: lower max_new_tokens or "
                              f"raise the budget")
         request_id = next(self._ids)
-        output = RequestOutput(request_id, list(prompt_tokens), [], [] if logprobs else None)
+        output = RequestOutput(request_id, list(prompt_tokens), [], [] if logprobs else None,
+                               [] if top_logprobs else None)
         stop_ids = frozenset() if cfg.ignore_eos else frozenset(self.llama.tokenizer.stop_tokens)
         sampler = make_sampler(cfg, self.llama.tokenizer, [sample_index], self.llama.device,
                                prefilter=self.llama.fast)
         text = TextStream(self.llama.tokenizer.decode, cfg.stop)
-        seq = _Sequence(output, max_new, sampler, stop_ids, logprobs, text, tokens=list(prompt_tokens))
+        seq = _Sequence(output, max_new, sampler, stop_ids, logprobs, min(top_logprobs, params.vocab_size), text,
+                        tokens=list(prompt_tokens))
         self.outputs[request_id] = output
         if max_new == 0:  # the prompt fills the context: nothing to generate (as Llama.generate)
             output.finish_reason = LENGTH
@@ -272,9 +281,12 @@ class Engine:
             context = Context(torch.tensor([seq.tokens], device=device),
                               torch.tensor([len(seq.tokens)], device=device), torch.tensor([prompt_len], device=device))
         token = int(seq.sampler(logits[None], context)[0])
-        logprob = None
+        logprob, top = None, None
         if seq.logprobs:  # from the raw logits, as llama.scoring.LogprobRecorder
             logprob = -F.cross_entropy(logits[None], torch.tensor([token], device=device)).item()
+        if seq.top_logprobs:
+            values, ids = torch.log_softmax(logits, dim=-1).topk(seq.top_logprobs)
+            top = list(zip(ids.tolist(), values.tolist()))
         out = seq.output
         if token in seq.stop_ids:
             out.stop_token = token
@@ -283,6 +295,8 @@ class Engine:
         out.tokens.append(token)
         if logprob is not None:
             out.logprobs.append(logprob)
+        if top is not None:
+            out.top_logprobs.append(top)
         events = [TokenEvent(out.request_id, token, seq.text.push(token), logprob)]
         out.text = seq.text.text
         if seq.text.stopped:  # as Llama's rows: the token that completed the stop string is kept
