@@ -35,6 +35,16 @@ def test_text_prompts_get_the_text_completion_of_each_prompt_alone(pipe, llama):
     assert isinstance(pipe(TEXTS[0], **GREEDY), Response)  # one prompt alone: one Response
 
 
+def test_streamed_logprobs_and_top_logprobs_are_those_of_the_call(pipe):
+    called = pipe(TEXTS[:2], top_logprobs=2, **GREEDY)
+    chunks = [c for c in pipe.stream(TEXTS[:2], top_logprobs=2, **GREEDY) if c.token is not None]
+    for i, response in enumerate(called):
+        mine = [c for c in chunks if c.index == i]
+        assert [c.token for c in mine] == response.tokens
+        assert [c.logprob for c in mine] == response.logprobs
+        assert [c.top_logprobs for c in mine] == response.top_logprobs and len(response.top_logprobs[0]) == 2
+
+
 def test_dialogs_get_the_chat_completion_of_each_dialog_alone(pipe, llama):
     responses = pipe(DIALOGS, **GREEDY)
     for dialog, response in zip(DIALOGS, responses):

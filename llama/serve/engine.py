@@ -67,6 +67,7 @@ class TokenEvent:
     text: str = ""
     logprob: Optional[float] = None
     finish_reason: Optional[str] = None
+    top_logprobs: Optional[List[Tuple[int, float]]] = None  # the likeliest (id, logprob), when asked for
 
 
 @dataclass
@@ -297,7 +298,7 @@ class Engine:
             out.logprobs.append(logprob)
         if top is not None:
             out.top_logprobs.append(top)
-        events = [TokenEvent(out.request_id, token, seq.text.push(token), logprob)]
+        events = [TokenEvent(out.request_id, token, seq.text.push(token), logprob, None, top)]
         out.text = seq.text.text
         if seq.text.stopped:  # as Llama's rows: the token that completed the stop string is kept
             events.append(self._retire(seq, STOP_STRING))

@@ -11,7 +11,7 @@ turns) are batched together; each stream gets its own rows' events only.
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from llama.config import GenerationConfig, resolve_config
 from llama.generation import Llama
@@ -32,6 +32,7 @@ class Response:
     text: str  # the generated text (with a stop string, it ends just before it)
     tokens: List[int]  # the generated ids, without a final stop token
     logprobs: Optional[List[float]]  # one per id, when asked for
+    top_logprobs: Optional[List[List[Tuple[int, float]]]]  # per id, the likeliest (id, logprob), when asked for
     finish_reason: str  # "stop_token", "stop_string" or "length"
     prompt_len: int  # tokens in the prompt (usage counts)
 
@@ -47,6 +48,7 @@ class StreamChunk:
     token: Optional[int] = None
     logprob: Optional[float] = None
     finish_reason: Optional[str] = None
+    top_logprobs: Optional[List[Tuple[int, float]]] = None
 
 
 class Pipeline:
@@ -68,7 +70,7 @@ class Pipeline:
         raise TypeError(f"a prompt is a string or a dialog (a list of message dicts), got {prompt!r:.80}")
 
     def _submit(self, prompts: Union[Prompt, Sequence[Prompt]], config: Optional[GenerationConfig],
-                logprobs: bool, controls: Dict[str, Any]):
+                logprobs: bool, top_logprobs: int, controls: Dict[str, Any]):
         """Queue every sample of every prompt; returns (one prompt given alone?, cfg, request ids per prompt).
         Nothing stays queued if a prompt or a setting is refused."""
         single = isinstance(prompts, str) or (
@@ -84,7 +86,8 @@ class Pipeline:
                 ids.append([])
                 for j in range(cfg.n):
                     try:
-                        rid = self.engine.add_request(tokens, cfg.updated(n=1), logprobs=logprobs, sample_index=j)
+                        rid = self.engine.add_request(tokens, cfg.updated(n=1), logprobs=logprobs,
+                                                      top_logprobs=top_logprobs, sample_index=j)
                     except ValueError as e:
                         raise ValueError(f"prompt {i}: {e}") from None
                     ids[-1].append(rid)
@@ -104,14 +107,16 @@ class Pipeline:
                 self._inbox[event.request_id].append(event)
 
     def __call__(self, prompts: Union[Prompt, Sequence[Prompt]], config: Optional[GenerationConfig] = None, *,
-                 logprobs: bool = False, **controls: Any) -> Union[Response, List[Response], List[List[Response]]]:
+                 logprobs: bool = False, top_logprobs: int = 0,
+                 **controls: Any) -> Union[Response, List[Response], List[List[Response]]]:
         """Answer each prompt (a text or a dialog; or one of them alone): one Response each, or with n > 1 a
-        list of n. config, **controls: GenerationConfig and overrides, as for Llama.text_completion.
+        list of n. config, **controls: GenerationConfig and overrides, as for Llama.text_completion;
+        logprobs, top_logprobs: each token's logprob, and that many likeliest (id, logprob) at each.
 
         Raises:
             TypeError, ValueError: a bad prompt or setting, naming the prompt, before anything runs.
         """
-        single, cfg, ids = self._submit(prompts, config, logprobs, controls)
+        single, cfg, ids = self._submit(prompts, config, logprobs, top_logprobs, controls)
         wanted = [r for row in ids for r in row]
         while any(not self.engine.outputs[r].finished for r in wanted):
             self._pump()
@@ -122,11 +127,11 @@ class Pipeline:
         return shaped[0] if single else shaped
 
     def stream(self, prompts: Union[Prompt, Sequence[Prompt]], config: Optional[GenerationConfig] = None, *,
-               logprobs: bool = False, **controls: Any) -> Iterator[StreamChunk]:
+               logprobs: bool = False, top_logprobs: int = 0, **controls: Any) -> Iterator[StreamChunk]:
         """Answer as __call__ does, yielding each sample's pieces as they are generated (the texts of a sample
         concatenate to its Response's text). Closing the iterator early drops its requests and frees their
         blocks. Prompts and settings are checked before the first chunk: errors raise at the call."""
-        submitted = self._submit(prompts, config, logprobs, controls)
+        submitted = self._submit(prompts, config, logprobs, top_logprobs, controls)
         return self._events(*submitted)
 
     def _events(self, single: bool, cfg: GenerationConfig, ids: List[List[int]]) -> Iterator[StreamChunk]:
@@ -139,7 +144,8 @@ class Pipeline:
                 for r in sorted(remaining):
                     for event in self._inbox[r]:
                         i, j = where[r]
-                        yield StreamChunk(i, j, event.text, event.token, event.logprob, event.finish_reason)
+                        yield StreamChunk(i, j, event.text, event.token, event.logprob, event.finish_reason,
+                                          event.top_logprobs)
                         if event.finish_reason is not None:
                             remaining.discard(r)
                     self._inbox[r] = []
@@ -152,7 +158,8 @@ class Pipeline:
 
     @staticmethod
     def _response(out: RequestOutput) -> Response:
-        return Response(out.text, out.tokens, out.logprobs, out.finish_reason, len(out.prompt_tokens))
+        return Response(out.text, out.tokens, out.logprobs, out.top_logprobs, out.finish_reason,
+                        len(out.prompt_tokens))
 
 
 def pipeline(
