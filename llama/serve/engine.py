@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from llama.config import GenerationConfig, resolve_config
 from llama.generation import Llama, check_prompt
-from llama.sampling import Context, Sampler, make_sampler
+from llama.sampling import Context, Sampler, greedy, make_sampler
 from llama.serve.forward import Chunk, paged_forward
 from llama.serve.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, blocks_for_budget
 from llama.streaming import LENGTH, STOP_STRING, STOP_TOKEN, TextStream
@@ -264,30 +264,52 @@ class Engine:
         chunks = [Chunk(seq.tokens[seq.n_cached : seq.n_cached + n], seq.n_cached, seq.table) for seq, n in scheduled]
         logits = paged_forward(self.model, self.cache, chunks)  # (S, vocab)
         self.steps += 1
-        events: List[TokenEvent] = []
-        for (seq, n), row in zip(scheduled, logits):
+        ready = []  # the sequences whose chunk reached their end, and their logits' rows
+        for k, (seq, n) in enumerate(scheduled):
             seq.n_cached += n
-            if seq.n_pending:  # a prefill chunk short of the end: nothing to sample yet
-                continue
-            events.extend(self._sample(seq, row))
-        return events
+            if not seq.n_pending:  # (a prefill chunk short of the end has nothing to sample yet)
+                ready.append((seq, k))
+        if not ready:
+            return []
+        return self._sample([seq for seq, _ in ready], logits[[k for _, k in ready]])
 
     @torch.inference_mode()
-    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> List[TokenEvent]:
-        """Choose seq's next token from its logits (vocab,), record it, retire seq if it is done."""
+    def _sample(self, seqs: List[_Sequence], logits: torch.Tensor) -> List[TokenEvent]:
+        """Choose each sequence's next token from its logits (row i of (len(seqs), vocab)), record it, retire
+        the sequences that are done. Greedy sequences with no processors are chosen in one batched argmax,
+        and logprobs are computed for all rows at once: one device-to-host copy each, not one per row."""
         device = logits.device
-        context = None  # only processors and seeded draws read the tokens so far: build them only for those
-        if seq.sampler.processors or seq.sampler.generators is not None:
-            prompt_len = len(seq.output.prompt_tokens)
-            context = Context(torch.tensor([seq.tokens], device=device),
-                              torch.tensor([len(seq.tokens)], device=device), torch.tensor([prompt_len], device=device))
-        token = int(seq.sampler(logits[None], context)[0])
-        logprob, top = None, None
-        if seq.logprobs:  # from the raw logits, as llama.scoring.LogprobRecorder
-            logprob = -F.cross_entropy(logits[None], torch.tensor([token], device=device)).item()
-        if seq.top_logprobs:
-            values, ids = torch.log_softmax(logits, dim=-1).topk(seq.top_logprobs)
-            top = list(zip(ids.tolist(), values.tolist()))
+        plain = [i for i, seq in enumerate(seqs) if seq.sampler.temperature == 0 and not seq.sampler.processors]
+        tokens: List[int] = [0] * len(seqs)
+        if plain:
+            for i, token in zip(plain, greedy(logits[plain]).tolist()):
+                tokens[i] = token
+        for i, seq in enumerate(seqs):
+            if i in plain:
+                continue
+            context = None  # only processors and seeded draws read the tokens so far: built only for those
+            if seq.sampler.processors or seq.sampler.generators is not None:
+                context = Context(torch.tensor([seq.tokens], device=device),
+                                  torch.tensor([len(seq.tokens)], device=device),
+                                  torch.tensor([len(seq.output.prompt_tokens)], device=device))
+            tokens[i] = int(seq.sampler(logits[i : i + 1], context)[0])
+        logprobs: List[Optional[float]] = [None] * len(seqs)
+        want = [i for i, seq in enumerate(seqs) if seq.logprobs]
+        if want:  # from the raw logits, as llama.scoring.LogprobRecorder
+            chosen = torch.tensor([tokens[i] for i in want], device=device)
+            for i, lp in zip(want, (-F.cross_entropy(logits[want], chosen, reduction="none")).tolist()):
+                logprobs[i] = lp
+        events: List[TokenEvent] = []
+        for i, seq in enumerate(seqs):
+            top = None
+            if seq.top_logprobs:
+                values, ids = torch.log_softmax(logits[i], dim=-1).topk(seq.top_logprobs)
+                top = list(zip(ids.tolist(), values.tolist()))
+            events.extend(self._record(seq, tokens[i], logprobs[i], top))
+        return events
+
+    def _record(self, seq: _Sequence, token: int, logprob: Optional[float], top) -> List[TokenEvent]:
+        """Append seq's new token (or end it at a stop token, a stop string, its length) and say so."""
         out = seq.output
         if token in seq.stop_ids:
             out.stop_token = token
