@@ -2,7 +2,7 @@
 the same N prompts through Llama.generate, on the same weights, in one process, alternating round by round.
 
     python -m bench.serving                       # the CPU demo model, N = 8
-    python -m bench.serving --n 64 --device cuda --ckpt-dir D
+    python -m bench.serving --n 64 --device cuda --shape llama3-8b --prompt-len 128 --new-tokens 128 --max-seq-len 512
 
 Greedy, stop tokens ignored, so both produce the same number of tokens (checked equal, token for token).
 Reports tokens/s of each (median over rounds), their ratio, the engine's time to first token and
@@ -62,6 +62,7 @@ def paged_capacity(max_seq_len: int, n_static: int, block_size: int, seed: int =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt-dir", default=str(DEMO_DIR))
+    parser.add_argument("--shape", default=None, help="random weights at this shape of bench.run (no tokenizer)")
     parser.add_argument("--n", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=24)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -73,7 +74,18 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
 
-    llama = Llama.build(args.ckpt_dir, None, args.max_seq_len, args.n, device=args.device, dtype=args.dtype)
+    if args.shape:  # random weights, as `python -m bench` makes them (tokenizer without stop tokens)
+        from bench.run import DTYPES, SHAPES, build_ours, random_weights
+        from llama.distributed import init_distributed
+        from llama.model import ModelArgs
+
+        device = torch.device(args.device)
+        init_distributed(device)
+        dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+        model_args = ModelArgs.from_params(SHAPES[args.shape], max_seq_len=args.max_seq_len, max_batch_size=args.n)
+        llama = build_ours(model_args, random_weights(model_args, dtype, device, 0), device, dtype, True, False)
+    else:
+        llama = Llama.build(args.ckpt_dir, None, args.max_seq_len, args.n, device=args.device, dtype=args.dtype)
     vocab = llama.model.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, min(vocab, 256), (args.prompt_len,), generator=g).tolist() for _ in range(args.n)]
@@ -92,12 +104,15 @@ def main() -> None:
         static_s.append(time.perf_counter() - start)
         last = run_engine(engine, prompts, args.new_tokens)
         engine_s.append(last["elapsed"])
+    # bf16 on a GPU: the two programs sum in other orders, so near-ties may part (counted, not required equal)
+    differing = sum(a != b for a, b in zip(last["tokens"], static_tokens))
     total = args.n * args.new_tokens
     result = dict(
         device=str(llama.device), n=args.n, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
         static_tokens_per_s=total / statistics.median(static_s),
         engine_tokens_per_s=total / statistics.median(engine_s),
-        same_tokens=last["tokens"] == static_tokens,
+        same_tokens=last["tokens"] == static_tokens, rows_differing=differing, 
+        dtype=str(llama.model.norm.weight.dtype),
         ttft_ms_p50=1000 * percentile(last["ttft"], 0.5), ttft_ms_p99=1000 * percentile(last["ttft"], 0.99),
         itl_ms_p50=1000 * percentile(last["itl"], 0.5), itl_ms_p99=1000 * percentile(last["itl"], 0.99),
         capacity=paged_capacity(args.max_seq_len, args.n, args.block_size),
