@@ -149,10 +149,12 @@ class Engine:
         """Queue a request; it joins the running batch at the next step that has room. Returns its id.
 
         config, **controls: GenerationConfig and overrides, as for Llama.generate (Meta's defaults, temperature
-        0.6 and top_p 0.9, when not given). logprobs: record each generated token's logprob; top_logprobs:
-        also that many likeliest (id, logprob) at each (implies logprobs). max_new_tokens defaults to max_seq_len - 1, and a request never
-        goes past max_seq_len positions. sample_index: which random stream a seeded request draws from (sample
-        j of a prompt with n samples draws from stream j, as in Llama.generate).
+        0.6 and top_p 0.9, when not given). max_new_tokens defaults to max_seq_len - 1, and a request never
+        goes past max_seq_len positions.
+        logprobs: record each generated token's logprob; top_logprobs: also that many likeliest (id, logprob)
+        at each (implies logprobs).
+        sample_index: which random stream a seeded request draws from (sample j of a prompt with n samples
+        draws from stream j, as in Llama.generate).
 
         Raises:
             ValueError: a bad prompt or setting, n > 1 (add one request per sample), or a request that could
