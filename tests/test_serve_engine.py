@@ -212,7 +212,7 @@ def fast_llama(tiny_llama):
     return tiny_llama(PARAMS, seed=1, max_seq_len=MAX_SEQ_LEN, max_batch_size=1, device="cpu")
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_any_schedule_of_arrivals_budgets_and_chunks_leaves_every_request_as_it_is_alone(fast_llama, data):
     """Random arrival steps, block sizes, block budgets (from the least that fits the largest request) and
