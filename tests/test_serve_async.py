@@ -84,3 +84,10 @@ def test_a_bad_request_raises_in_its_caller_and_the_engine_serves_on(engine):
         return await engine.complete(prompts()[2], max_new_tokens=3, **GREEDY)
 
     assert len(asyncio.run(main()).tokens) == 3
+
+
+def test_a_shut_down_engine_refuses_new_requests(llama):
+    engine = AsyncEngine(Engine(llama, n_blocks=8, block_size=4))
+    engine.shutdown()
+    with pytest.raises(RuntimeError, match=r"the engine's thread has stopped"):
+        asyncio.run(engine.complete([1, 2]))

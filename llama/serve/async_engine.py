@@ -109,8 +109,8 @@ class AsyncEngine:
 
     async def _items(self, prompt_tokens: List[int], config: Optional[GenerationConfig],
                      kwargs: Dict[str, Any]) -> AsyncIterator[Tuple[TokenEvent, Optional[RequestOutput]]]:
-        if self._stopping:
-            raise RuntimeError("the engine was shut down")
+        if self._stopping or not self._thread.is_alive():  # shut down, or a step raised (see the thread's error)
+            raise RuntimeError("the engine's thread has stopped: no request can be served")
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         future: concurrent.futures.Future = concurrent.futures.Future()
