@@ -1,0 +1,359 @@
+"""The engine: requests join the running batch at any step and leave it as soon as they finish.
+
+Each `step`:
+1. schedules: the running sequences first, in the order they were admitted (a decoding one feeds its one new
+   token; one still prefilling feeds its next chunk), then waiting ones, first come first served, while the
+   step's token budget (max_step_tokens) and the free blocks last. A running sequence that needs a block when
+   none is free takes it from the most recently admitted running sequence, which is preempted: its blocks are
+   freed and it goes back to the front of the queue with everything it generated, to be recomputed (prefilled
+   again, prompt and generation) when blocks free up. Its sampler, random stream included, is kept: the
+   recomputed positions are not sampled again, so its output is what it would have been.
+2. runs one paged_forward over every scheduled chunk;
+3. samples, for each sequence whose chunk reached its end, the next token with the request's own Sampler
+   (llama.sampling: its own controls and, with a seed, its own random stream), records its logprob, and
+   retires finished sequences at once, freeing their blocks.
+
+A request's output is what `Llama.generate` gives for its prompt alone: the same greedy tokens, logprobs equal
+to float32 rounding, and with a seed the same samples (the stream of sample number `sample_index`).
+"""
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Deque, Dict, Iterable, List, Optional, Tuple
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.nn.functional as F
+
+from llama.config import GenerationConfig, resolve_config
+from llama.generation import Llama, check_prompt
+from llama.sampling import Context, Sampler, greedy, make_sampler
+from llama.serve.forward import Chunk, paged_forward
+from llama.serve.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, blocks_for_budget
+from llama.streaming import LENGTH, STOP_STRING, STOP_TOKEN, TextStream
+
+# Tokens one step may feed (prefill chunks and decode tokens together): bounds a step's time and memory.
+DEFAULT_MAX_STEP_TOKENS = 512
+
+
+@dataclass
+class RequestOutput:
+    """A request's result so far (finished once finish_reason is set)."""
+
+    request_id: int
+    prompt_tokens: List[int]
+    tokens: List[int]  # generated, without a final stop token
+    logprobs: Optional[List[float]]  # one per token of `tokens`, when asked for
+    top_logprobs: Optional[List[List[Tuple[int, float]]]] = None  # per token, the likeliest (id, logprob)
+    text: str = ""  # the generated text so far (with a stop string, it ends just before it)
+    finish_reason: Optional[str] = None  # "stop_token", "stop_string", "length" or "abort"; None while running
+    stop_token: Optional[int] = None  # the stop token that ended it
+    preemptions: int = 0  # times it was preempted and recomputed
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class TokenEvent:
+    """What one step did for one request: a new token (with its logprob) and the text it completed, or
+    (token None) its end, with the text still held back. A request's texts concatenate to its output's text
+    (llama.streaming.TextStream: characters split over tokens, and text that may begin a stop string, wait)."""
+
+    request_id: int
+    token: Optional[int]
+    text: str = ""
+    logprob: Optional[float] = None
+    finish_reason: Optional[str] = None
+    top_logprobs: Optional[List[Tuple[int, float]]] = None  # the likeliest (id, logprob), when asked for
+
+
+@dataclass
+class _Sequence:
+    """A request inside the engine: its tokens so far, how many of them are in its blocks, its blocks."""
+
+    output: RequestOutput
+    max_new_tokens: int
+    sampler: Sampler
+    stop_ids: frozenset
+    logprobs: bool
+    top_logprobs: int
+    text: TextStream
+    tokens: List[int] = field(default_factory=list)  # prompt, then generated (the last one not yet fed)
+    n_cached: int = 0  # positions whose keys and values are in the blocks
+    table: List[int] = field(default_factory=list)
+
+    @property
+    def n_pending(self) -> int:
+        return len(self.tokens) - self.n_cached
+
+
+class Engine:
+    """Continuous batching over a paged KV cache for one `Llama` (on one model-parallel rank).
+
+    Args:
+        llama: the loaded model (fast or reference layers); its own KV cache is not used.
+        n_blocks, memory_bytes, memory_fraction: the KV cache budget, exactly one of them (see
+            llama.serve.kv_cache.blocks_for_budget).
+        block_size: positions per block.
+        max_step_tokens: most tokens fed in one step; longer prompts are prefilled in chunks.
+        max_running: most sequences in the running batch.
+    """
+
+    def __init__(
+        self,
+        llama: Llama,
+        *,
+        n_blocks: Optional[int] = None,
+        memory_bytes: Optional[int] = None,
+        memory_fraction: Optional[float] = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS,
+        max_running: int = 256,
+    ):
+        for name, value in (("max_step_tokens", max_step_tokens), ("max_running", max_running)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if fs_init.get_model_parallel_world_size() > 1:
+            # Every rank would have to run the same schedule: rank 0 deciding and broadcasting it is next.
+            raise ValueError("the serving engine runs on one model-parallel rank for now (got "
+                             f"{fs_init.get_model_parallel_world_size()}): see docs/serving.md")
+        self.llama = llama
+        self.model = llama.model
+        blocks = blocks_for_budget(self.model, block_size, n_blocks=n_blocks, memory_bytes=memory_bytes,
+                                   memory_fraction=memory_fraction)
+        self.cache = PagedKVCache(self.model, blocks, block_size)
+        self.max_step_tokens = max_step_tokens
+        self.max_running = max_running
+        self.waiting: Deque[_Sequence] = deque()
+        self.running: List[_Sequence] = []  # in the order admitted
+        self.outputs: Dict[int, RequestOutput] = {}
+        self._ids = itertools.count()
+        self.steps = 0
+        self.preemptions = 0
+
+    # ---- requests ----
+
+    def add_request(
+        self,
+        prompt_tokens: List[int],
+        config: Optional[GenerationConfig] = None,
+        *,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        sample_index: int = 0,
+        **controls: Any,
+    ) -> int:
+        """Queue a request; it joins the running batch at the next step that has room. Returns its id.
+
+        config, **controls: GenerationConfig and overrides, as for Llama.generate (Meta's defaults, temperature
+        0.6 and top_p 0.9, when not given). max_new_tokens defaults to max_seq_len - 1, and a request never
+        goes past max_seq_len positions.
+        logprobs: record each generated token's logprob; top_logprobs: also that many likeliest (id, logprob)
+        at each (implies logprobs).
+        sample_index: which random stream a seeded request draws from (sample j of a prompt with n samples
+        draws from stream j, as in Llama.generate).
+
+        Raises:
+            ValueError: a bad prompt or setting, n > 1 (add one request per sample), or a request that could
+                not fit in the whole KV cache even alone.
+        """
+        cfg = resolve_config(config, **controls)
+        params = self.model.params
+        problem = check_prompt(prompt_tokens, params)
+        if problem:
+            raise ValueError(f"prompt: {problem}")
+        if cfg.n != 1:
+            raise ValueError(f"the engine runs one sample per request, got n={cfg.n}: add n requests with "
+                             f"sample_index 0 .. n-1 (llama.serve.pipeline does)")
+        if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be an integer >= 0, got {top_logprobs!r}")
+        logprobs = logprobs or top_logprobs > 0
+        if isinstance(sample_index, bool) or not isinstance(sample_index, int) or sample_index < 0:
+            raise ValueError(f"sample_index must be an integer >= 0, got {sample_index!r}")
+        bad = [t for t in cfg.banned_token_ids if t >= params.vocab_size]
+        if bad:
+            raise ValueError(f"banned_token_ids {bad[:5]} are outside the vocabulary [0, {params.vocab_size})")
+        max_new = min(cfg.max_new_tokens or params.max_seq_len - 1, params.max_seq_len - len(prompt_tokens))
+        if cfg.min_new_tokens > max_new:
+            raise ValueError(f"min_new_tokens={cfg.min_new_tokens} is more than the {max_new} tokens this prompt "
+                             f"can generate")
+        # The last generated token is never fed, so a request holds at most prompt + max_new - 1 positions.
+        need = self.cache.blocks_needed(len(prompt_tokens) + max_new - 1)
+        if need > self.cache.n_blocks:
+            raise ValueError(f"a prompt of {len(prompt_tokens)} tokens generating up to {max_new} needs {need} KV "
+                             f"blocks, more than the cache's {self.cache.n_blocks}: lower max_new_tokens or "
+                             f"raise the budget")
+        request_id = next(self._ids)
+        output = RequestOutput(request_id, list(prompt_tokens), [], [] if logprobs else None,
+                               [] if top_logprobs else None)
+        stop_ids = frozenset() if cfg.ignore_eos else frozenset(self.llama.tokenizer.stop_tokens)
+        sampler = make_sampler(cfg, self.llama.tokenizer, [sample_index], self.llama.device,
+                               prefilter=self.llama.fast)
+        text = TextStream(self.llama.tokenizer.decode, cfg.stop)
+        seq = _Sequence(output, max_new, sampler, stop_ids, logprobs, min(top_logprobs, params.vocab_size), text,
+                        tokens=list(prompt_tokens))
+        self.outputs[request_id] = output
+        if max_new == 0:  # the prompt fills the context: nothing to generate (as Llama.generate)
+            output.finish_reason = LENGTH
+        else:
+            self.waiting.append(seq)
+        return request_id
+
+    def abort(self, request_id: int) -> None:
+        """Drop a request, waiting or running, and free its blocks (a client that went away)."""
+        for seq in list(self.waiting) + self.running:
+            if seq.output.request_id == request_id:
+                self._retire(seq, "abort")
+                return
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ----
+
+    def _preempt(self, seq: _Sequence) -> None:
+        """Free seq's blocks and queue it first, to be recomputed from its tokens so far."""
+        self.cache.free(seq.table)
+        seq.n_cached = 0
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        seq.output.preemptions += 1
+        self.preemptions += 1
+
+    def _schedule(self) -> List[tuple]:
+        """This step's (sequence, tokens to feed), growing their block tables; preempts when blocks run out."""
+        scheduled: List[tuple] = []
+        budget = self.max_step_tokens
+        preempted = False
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted by an older sequence of this step
+                continue
+            n = min(seq.n_pending, budget)
+            if n == 0:
+                break
+            while self.cache.blocks_needed(seq.n_cached + n) - len(seq.table) > self.cache.allocator.n_free:
+                victim = self.running[-1]  # the most recently admitted
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq in self.running:
+                self.cache.grow(seq.table, seq.n_cached + n)
+                scheduled.append((seq, n))
+                budget -= n
+        # Newcomers (and preempted sequences, first) while there is room; none in a step that had to preempt.
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_running:
+            seq = self.waiting[0]
+            n = min(seq.n_pending, budget)
+            if self.cache.blocks_needed(n) > self.cache.allocator.n_free:
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            self.cache.grow(seq.table, n)
+            scheduled.append((seq, n))
+            budget -= n
+        return scheduled
+
+    def step(self) -> List[TokenEvent]:
+        """Run one step: schedule, one forward over every scheduled chunk, sample, retire. Returns the
+        step's events: each new token, and each request that finished."""
+        scheduled = self._schedule()
+        if not scheduled:
+            return []
+        chunks = [Chunk(seq.tokens[seq.n_cached : seq.n_cached + n], seq.n_cached, seq.table) for seq, n in scheduled]
+        logits = paged_forward(self.model, self.cache, chunks)  # (S, vocab)
+        self.steps += 1
+        ready = []  # the sequences whose chunk reached their end, and their logits' rows
+        for k, (seq, n) in enumerate(scheduled):
+            seq.n_cached += n
+            if not seq.n_pending:  # (a prefill chunk short of the end has nothing to sample yet)
+                ready.append((seq, k))
+        if not ready:
+            return []
+        return self._sample([seq for seq, _ in ready], logits[[k for _, k in ready]])
+
+    @torch.inference_mode()
+    def _sample(self, seqs: List[_Sequence], logits: torch.Tensor) -> List[TokenEvent]:
+        """Choose each sequence's next token from its logits (row i of (len(seqs), vocab)), record it, retire
+        the sequences that are done. Greedy sequences with no processors are chosen in one batched argmax,
+        and logprobs are computed for all rows at once: one device-to-host copy each, not one per row."""
+        device = logits.device
+        plain = [i for i, seq in enumerate(seqs) if seq.sampler.temperature == 0 and not seq.sampler.processors]
+        tokens: List[int] = [0] * len(seqs)
+        if plain:
+            for i, token in zip(plain, greedy(logits[plain]).tolist()):
+                tokens[i] = token
+        for i, seq in enumerate(seqs):
+            if i in plain:
+                continue
+            context = None  # only processors and seeded draws read the tokens so far: built only for those
+            if seq.sampler.processors or seq.sampler.generators is not None:
+                context = Context(torch.tensor([seq.tokens], device=device),
+                                  torch.tensor([len(seq.tokens)], device=device),
+                                  torch.tensor([len(seq.output.prompt_tokens)], device=device))
+            tokens[i] = int(seq.sampler(logits[i : i + 1], context)[0])
+        logprobs: List[Optional[float]] = [None] * len(seqs)
+        want = [i for i, seq in enumerate(seqs) if seq.logprobs]
+        if want:  # from the raw logits, as llama.scoring.LogprobRecorder
+            chosen = torch.tensor([tokens[i] for i in want], device=device)
+            for i, lp in zip(want, (-F.cross_entropy(logits[want], chosen, reduction="none")).tolist()):
+                logprobs[i] = lp
+        events: List[TokenEvent] = []
+        for i, seq in enumerate(seqs):
+            top = None
+            if seq.top_logprobs:
+                values, ids = torch.log_softmax(logits[i], dim=-1).topk(seq.top_logprobs)
+                top = list(zip(ids.tolist(), values.tolist()))
+            events.extend(self._record(seq, tokens[i], logprobs[i], top))
+        return events
+
+    def _record(self, seq: _Sequence, token: int, logprob: Optional[float], top) -> List[TokenEvent]:
+        """Append seq's new token (or end it at a stop token, a stop string, its length) and say so."""
+        out = seq.output
+        if token in seq.stop_ids:
+            out.stop_token = token
+            return [self._retire(seq, STOP_TOKEN)]
+        seq.tokens.append(token)
+        out.tokens.append(token)
+        if logprob is not None:
+            out.logprobs.append(logprob)
+        if top is not None:
+            out.top_logprobs.append(top)
+        events = [TokenEvent(out.request_id, token, seq.text.push(token), logprob, None, top)]
+        out.text = seq.text.text
+        if seq.text.stopped:  # as Llama's rows: the token that completed the stop string is kept
+            events.append(self._retire(seq, STOP_STRING))
+        elif len(out.tokens) >= seq.max_new_tokens:
+            events.append(self._retire(seq, LENGTH))
+        return events
+
+    def _retire(self, seq: _Sequence, reason: str) -> TokenEvent:
+        """Finish seq (free its blocks, take it out of the queues) and return its last event."""
+        rest = seq.text.flush()
+        seq.output.text = seq.text.text
+        seq.output.finish_reason = reason
+        if seq.table:
+            self.cache.free(seq.table)
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        return TokenEvent(seq.output.request_id, None, rest, None, reason)
+
+    # ---- run to the end ----
+
+    def run(self) -> Iterable[TokenEvent]:
+        """Step until every request has finished, yielding each step's events."""
+        while self.has_unfinished():
+            yield from self.step()
+
+    def generate(self, prompts: List[List[int]], config: Optional[GenerationConfig] = None, *,
+                 logprobs: bool = False, **controls: Any) -> List[RequestOutput]:
+        """Queue every prompt with the same settings, run until all are done, return their outputs in order."""
+        ids = [self.add_request(p, config, logprobs=logprobs, **controls) for p in prompts]
+        for _ in self.run():
+            pass
+        return [self.outputs.pop(i) for i in ids]

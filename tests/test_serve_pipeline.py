@@ -1,0 +1,95 @@
+"""llama.serve.pipeline: texts and dialogs through the engine give what Llama's text_completion and
+chat_completion give for each prompt alone; streams concatenate to the same texts and share the engine."""
+
+import itertools
+
+import pytest
+
+from helpers import SMALL_GQA
+from llama.serve.pipeline import Response, pipeline
+
+PARAMS = dict(SMALL_GQA, vocab_size=512)
+TEXTS = ["It is a truth", "Emma", "universally acknowledged, that a single man", "x"]
+DIALOGS = [[{"role": "user", "content": "Hello"}],
+           [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is Emma?"}]]
+GREEDY = dict(temperature=0, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_llama):
+    return tiny_llama(PARAMS, seed=2, max_seq_len=96, max_batch_size=2, device="cpu")
+
+
+@pytest.fixture()
+def pipe(llama):
+    return pipeline(llama, n_blocks=24, block_size=4)
+
+
+def test_text_prompts_get_the_text_completion_of_each_prompt_alone(pipe, llama):
+    responses = pipe(TEXTS, logprobs=True, **GREEDY)
+    for text, response in zip(TEXTS, responses):
+        [expected] = llama.text_completion([text], max_gen_len=12, temperature=0, logprobs=True)
+        assert response.text == expected["generation"]
+        assert [llama.tokenizer.decode([t]) for t in response.tokens] == expected["tokens"]
+        assert response.logprobs == pytest.approx(expected["logprobs"], abs=1e-5)
+    assert isinstance(pipe(TEXTS[0], **GREEDY), Response)  # one prompt alone: one Response
+
+
+def test_streamed_logprobs_and_top_logprobs_are_those_of_the_call(pipe):
+    called = pipe(TEXTS[:2], top_logprobs=2, **GREEDY)
+    chunks = [c for c in pipe.stream(TEXTS[:2], top_logprobs=2, **GREEDY) if c.token is not None]
+    for i, response in enumerate(called):
+        mine = [c for c in chunks if c.index == i]
+        assert [c.token for c in mine] == response.tokens
+        assert [c.logprob for c in mine] == response.logprobs
+        assert [c.top_logprobs for c in mine] == response.top_logprobs and len(response.top_logprobs[0]) == 2
+
+
+def test_dialogs_get_the_chat_completion_of_each_dialog_alone(pipe, llama):
+    responses = pipe(DIALOGS, **GREEDY)
+    for dialog, response in zip(DIALOGS, responses):
+        [expected] = llama.chat_completion([dialog], max_gen_len=12, temperature=0)
+        assert response.text == expected["generation"]["content"]
+    assert pipe(DIALOGS[0], **GREEDY).text == responses[0].text
+
+
+def test_n_seeded_samples_are_those_of_text_completion(pipe, llama):
+    settings = dict(temperature=1.0, top_p=0.95, seed=4, n=2, max_new_tokens=10)
+    samples = pipe([TEXTS[2]], **settings)[0]
+    [expected] = llama.text_completion([TEXTS[2]], max_gen_len=10, temperature=1.0, top_p=0.95, seed=4, n=2)
+    assert [s.text for s in samples] == [e["generation"] for e in expected]
+
+
+def test_interleaved_streams_each_get_their_own_rows_and_concatenate_to_the_call(pipe):
+    streams = {"t": pipe.stream(TEXTS[:2], **GREEDY), "d": pipe.stream(DIALOGS, **GREEDY)}
+    texts, ends = {}, {}
+    for pair in itertools.zip_longest(streams["t"], streams["d"]):  # read in turns: one engine runs both
+        for key, chunk in zip(streams, pair):
+            if chunk is not None:
+                texts[key, chunk.index] = texts.get((key, chunk.index), "") + chunk.text
+                if chunk.finish_reason:
+                    ends[key, chunk.index] = chunk.finish_reason
+    assert [texts["t", i] for i in range(2)] == [r.text for r in pipe(TEXTS[:2], **GREEDY)]
+    assert [texts["d", i] for i in range(2)] == [r.text for r in pipe(DIALOGS, **GREEDY)]
+    assert len(ends) == 4 and pipe.engine.cache.allocator.n_free == 24
+
+
+def test_a_stream_closed_early_frees_its_blocks(pipe):
+    stream = pipe.stream(TEXTS, max_new_tokens=40, temperature=0)
+    for _ in range(6):
+        next(stream)
+    assert pipe.engine.cache.allocator.n_free < 24
+    stream.close()
+    assert pipe.engine.cache.allocator.n_free == 24 and not pipe.engine.has_unfinished()
+
+
+@pytest.mark.parametrize("prompts, error, message", [
+    ([], ValueError, r"no prompts given"),
+    ([["a", "b"]], TypeError, r"a prompt is a string or a dialog"),
+    (["ok", "y" * 200], ValueError, r"prompt 1: prompt: the prompt has 201 tokens, more than max_seq_len=96"),
+    ([[{"role": "assistant", "content": "hi"}]], ValueError, r"."),
+])
+def test_a_bad_prompt_is_refused_and_nothing_stays_queued(pipe, prompts, error, message):
+    with pytest.raises(error, match=message):
+        pipe(prompts, **GREEDY)
+    assert not pipe.engine.has_unfinished() and not pipe.engine.outputs
