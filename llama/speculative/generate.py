@@ -12,7 +12,7 @@ mask): a stale entry beyond the current end is never read. Moving the position b
 """
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch
 
