@@ -47,6 +47,17 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
+def save_as_meta(destination: dict, prefix: str, weight: torch.Tensor, parts: Sequence[Tuple[str, int]]) -> None:
+    """Write a layer's (out_features, in_features) weight into a state dict under Meta's names: as its own
+    "weight", or for a fused product each part under its own name beside the layer."""
+    if not parts:
+        destination[prefix + "weight"] = weight
+        return
+    owner = prefix[: prefix.rstrip(".").rfind(".") + 1]  # "layers.0.attention.wqkv." -> "layers.0.attention."
+    for (name, _), part in zip(parts, weight.split([rows for _, rows in parts])):
+        destination[f"{owner}{name}.weight"] = part
+
+
 class FastLinear(nn.Module):
     """y = x W^T for this rank's slice W (out_features, in_features), then fairscale's all-reduce (row-parallel
     layers) or gather (column-parallel layers with gather_output) when there are several ranks.
@@ -94,12 +105,7 @@ class FastLinear(nn.Module):
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         weight = self.weight if keep_vars and self.packed is None else self.dense_weight()
-        if not self.parts:
-            destination[prefix + "weight"] = weight
-            return
-        owner = prefix[: prefix.rstrip(".").rfind(".") + 1]  # "layers.0.attention.wqkv." -> "layers.0.attention."
-        for (name, _), part in zip(self.parts, weight.split([rows for _, rows in self.parts])):
-            destination[f"{owner}{name}.weight"] = part
+        save_as_meta(destination, prefix, weight, self.parts)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed={self.packed is not None}"

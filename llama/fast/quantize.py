@@ -33,7 +33,7 @@ from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallel
 from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region, reduce_from_model_parallel_region
 from torch import nn
 
-from llama.fast.layers import FastLinear, is_fast, use_fast_layers
+from llama.fast.layers import FastLinear, is_fast, save_as_meta, use_fast_layers
 from llama.model import Transformer
 
 # The values `quantize` takes (besides None, no quantization).
@@ -180,13 +180,7 @@ class Int8Linear(nn.Module):
         return dequantize_int8(self.weight, self.scale_act, self.dtype)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        weight = self.dense_weight()
-        if not self.parts:
-            destination[prefix + "weight"] = weight
-            return
-        owner = prefix[: prefix.rstrip(".").rfind(".") + 1]  # "layers.0.attention.wqkv." -> "layers.0.attention."
-        for (name, _), part in zip(self.parts, weight.split([rows for _, rows in self.parts])):
-            destination[f"{owner}{name}.weight"] = part
+        save_as_meta(destination, prefix, self.dense_weight(), self.parts)
 
     def extra_repr(self) -> str:
         kernel = "_weight_int8pack_mm" if self.use_kernel else "dequantize"
