@@ -47,6 +47,16 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
+def across_ranks(y: torch.Tensor, reduce: bool, gather: bool) -> torch.Tensor:
+    """A rank's product made whole as fairscale makes it: all-reduced (row-parallel layers) or gathered
+    (column-parallel layers with gather_output)."""
+    if reduce:
+        y = reduce_from_model_parallel_region(y)
+    if gather:
+        y = gather_from_model_parallel_region(y)
+    return y
+
+
 def save_as_meta(destination: dict, prefix: str, weight: torch.Tensor, parts: Sequence[Tuple[str, int]]) -> None:
     """Write a layer's (out_features, in_features) weight into a state dict under Meta's names: as its own
     "weight", or for a fused product each part under its own name beside the layer."""
@@ -93,11 +103,7 @@ class FastLinear(nn.Module):
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         else:
             y = F.linear(x, self.weight)  # (..., out_features)
-        if self.reduce:
-            y = reduce_from_model_parallel_region(y)
-        if self.gather:
-            y = gather_from_model_parallel_region(y)
-        return y
+        return across_ranks(y, self.reduce, self.gather)
 
     def dense_weight(self) -> torch.Tensor:
         """W as a plain (out_features, in_features) tensor (unpacked from oneDNN's layout, exactly)."""

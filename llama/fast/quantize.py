@@ -30,10 +30,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region, reduce_from_model_parallel_region
 from torch import nn
 
-from llama.fast.layers import FastLinear, is_fast, save_as_meta, use_fast_layers
+from llama.fast.layers import FastLinear, across_ranks, is_fast, save_as_meta, use_fast_layers
 from llama.model import Transformer
 
 # The values `quantize` takes (besides None, no quantization).
@@ -168,11 +167,7 @@ class Int8Linear(nn.Module):
             y = y.view(*x.shape[:-1], self.out_features)  # (..., out_features)
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scale_act  # (..., out_features)
-        if self.reduce:
-            y = reduce_from_model_parallel_region(y)
-        if self.gather:
-            y = gather_from_model_parallel_region(y)
-        return y
+        return across_ranks(y, self.reduce, self.gather)
 
     def dense_weight(self) -> torch.Tensor:
         """The dequantized weight Q * scale (out_features, in_features), in the activations' dtype, with the
