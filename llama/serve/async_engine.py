@@ -59,6 +59,8 @@ class AsyncEngine:
                 return
             if kind == "add":
                 (tokens, config, kwargs, loop, q, future) = payload
+                if not future.set_running_or_notify_cancel():  # its caller left before it was queued
+                    continue
                 try:
                     request_id = self.engine.add_request(tokens, config, **kwargs)
                 except Exception as e:  # a bad request: its caller gets the error
@@ -115,7 +117,11 @@ class AsyncEngine:
         q: asyncio.Queue = asyncio.Queue()
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._send("add", (list(prompt_tokens), config, kwargs, loop, q, future))
-        request_id = await asyncio.wrap_future(future)
+        try:
+            request_id = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:  # left while the thread was queueing it: abort it once it has an id
+            future.add_done_callback(lambda f: f.cancelled() or f.exception() or self._send("abort", f.result()))
+            raise
         finished = False
         try:
             while not finished:
@@ -127,6 +133,11 @@ class AsyncEngine:
         finally:
             if not finished:
                 self._send("abort", request_id)
+
+    @property
+    def serving(self) -> bool:
+        """Whether requests are taken: not shut down, and the thread alive (a step that raised ends it)."""
+        return not self._stopping and self._thread.is_alive()
 
     def shutdown(self) -> None:
         """Stop the thread after the step in progress (requests still running are left unfinished)."""
