@@ -267,3 +267,93 @@ def test_a_client_that_leaves_before_its_whole_response_frees_its_blocks(served)
     sock.close()
     assert served.idle()
     assert engine.steps - steps < 50
+
+
+def _load_cases(reference):
+    """~40 distinct requests of mixed kinds, lengths and settings, each with the answers its prompt gets alone
+    from the reference Llama: (endpoint, request fields, expected texts per choice, expected finish reasons)."""
+    import random
+
+    rng = random.Random(3)
+    words = "the of and to a her she was it in not be that had as you with for his he I all".split()
+    cases = []
+    for k in range(40):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(0, 12))) or "x"
+        max_tokens = rng.randint(1, 24)
+        kind = k % 5
+        if kind == 4:  # chat, greedy
+            dialog = [{"role": "user", "content": text}]
+            [e] = reference.chat_completion([dialog], max_gen_len=max_tokens, temperature=0)
+            cases.append(("chat", dict(messages=dialog, max_tokens=max_tokens, temperature=0),
+                          [e["generation"]["content"]], None))
+            continue
+        settings = dict(temperature=0)
+        if kind == 1:  # seeded samples, n of them
+            settings = dict(temperature=0.8, top_p=0.9, seed=k, n=rng.randint(1, 3))
+        elif kind == 2:  # seeded with top_k (an extra field, as vLLM takes it)
+            settings = dict(temperature=1.0, top_k=5, seed=k)
+        elif kind == 3:  # a stop string met on the way
+            [full] = reference.text_completion([text], max_gen_len=max_tokens, temperature=0)
+            stop = full["generation"][2:4]
+            settings = dict(temperature=0, stop=[stop]) if stop else settings
+        expected = reference.text_completion([text], max_gen_len=max_tokens, **settings)[0]
+        expected = expected if isinstance(expected, list) else [expected]
+        request = dict(prompt=text, max_tokens=max_tokens, **settings)
+        if "top_k" in request:
+            request["extra_body"] = {"top_k": request.pop("top_k")}
+        cases.append(("completions", request, [e["generation"] for e in expected], None))
+    return cases
+
+
+@pytest.mark.slow
+def test_200_requests_from_32_concurrent_clients_each_get_what_their_prompt_gets_alone(served, reference):
+    import asyncio
+    import random
+
+    cases = _load_cases(reference)
+    rng = random.Random(5)
+    plan = [(r, rng.randrange(len(cases)), rng.random() < 0.5) for r in range(200)]  # (id, case, stream?)
+
+    async def send(client, case, stream):
+        endpoint, fields, _, _ = case
+        create = client.chat.completions.create if endpoint == "chat" else client.completions.create
+        if not stream:
+            response = await create(model=MODEL, **fields)
+            if endpoint == "chat":
+                return [c.message.content for c in response.choices], response.usage.completion_tokens
+            return [c.text for c in response.choices], response.usage.completion_tokens
+        texts, usage = {}, None
+        async for chunk in await create(model=MODEL, stream=True, stream_options={"include_usage": True}, **fields):
+            usage = chunk.usage or usage
+            for c in chunk.choices:
+                piece = (c.delta.content or "") if endpoint == "chat" else c.text
+                texts[c.index] = texts.get(c.index, "") + piece
+        return [texts[i] for i in range(len(texts))], usage.completion_tokens
+
+    async def main():
+        queue: asyncio.Queue = asyncio.Queue()
+        for item in plan:
+            queue.put_nowait(item)
+        results = {}
+
+        async def client_loop():
+            client = openai.AsyncOpenAI(base_url=served.url, api_key="none", max_retries=0, timeout=300)
+            while not queue.empty():
+                r, c, stream = queue.get_nowait()
+                results[r] = await send(client, cases[c], stream)
+            await client.close()
+
+        await asyncio.gather(*(client_loop() for _ in range(32)))
+        return results
+
+    results = asyncio.run(main())
+    assert sorted(results) == list(range(200))  # nothing lost
+    wrong = [(r, c, stream, results[r][0], cases[c][2]) for r, c, stream in plan if results[r][0] != cases[c][2]]
+    assert not wrong, f"{len(wrong)} of 200 answers differ from their prompt's alone, e.g. {wrong[0]}"
+    for r, c, _ in plan:  # each choice generated at least one token (maybe a stop token), at most max_tokens
+        choices, max_tokens = len(cases[c][2]), cases[c][1]["max_tokens"]
+        assert choices <= results[r][1] <= choices * max_tokens
+    assert served.engine.engine.preemptions > 0  # the KV pool was too small for all of them at once
+    assert served.idle()  # every block back
+    assert served.engine.serving
+    assert served.client().completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=0).choices
