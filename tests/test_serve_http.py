@@ -220,6 +220,10 @@ def test_malformed_json_and_unknown_urls_get_openai_errors(served):
         status, data = served.post("/v1/completions", body)
         assert status == 400 and data["error"]["type"] == "invalid_request_error"
     assert served.post("/v1/engines", b"{}")[0] == 404
+    conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=30)
+    conn.request("GET", "/v1/completions")
+    response = conn.getresponse()
+    assert response.status == 405 and json.loads(response.read())["error"]["type"] == "invalid_request_error"
     with pytest.raises(openai.NotFoundError) as e:  # and through the client: the error's fields come through
         served.client().completions.create(model="nope", prompt="a")
     assert e.value.param == "model" and e.value.code == "model_not_found"
