@@ -361,3 +361,30 @@ def test_200_requests_from_32_concurrent_clients_each_get_what_their_prompt_gets
     assert served.idle()  # every block back
     assert served.engine.serving
     assert served.client().completions.create(model=MODEL, prompt="x", max_tokens=2, temperature=0).choices
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the engine's thread raises
+def test_an_engine_failure_is_a_server_error_and_health_says_so(tiny_llama):
+    llama = tiny_llama(PARAMS, seed=SEED, max_seq_len=MAX_SEQ_LEN, max_batch_size=1, device="cpu")
+    engine = Engine(llama, n_blocks=N_BLOCKS, block_size=8)
+
+    def broken_step():
+        raise RuntimeError("a broken step")
+
+    engine.step = broken_step
+    served_engine = AsyncEngine(engine)
+    s = Served(served_engine, create_app(served_engine, MODEL))
+    try:
+        status, data = s.post("/v1/completions", json.dumps({"model": MODEL, "prompt": "a"}).encode())
+        assert status in (500, 503) and data["error"]["type"] == "server_error"
+        for _ in range(500):
+            if not served_engine.serving:
+                break
+            time.sleep(0.01)
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 503
+        status, data = s.post("/v1/completions", json.dumps({"model": MODEL, "prompt": "a"}).encode())
+        assert status == 503 and "stopped" in data["error"]["message"]
+    finally:
+        s.stop()

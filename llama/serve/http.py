@@ -122,6 +122,10 @@ class OpenAIServer:
             outputs = await _until_disconnected(request, self._complete_all(job))
         except _ClientGone:
             return Response(status_code=499)  # (nobody reads it)
+        except Exception:
+            if not self.engine.serving:  # the engine's thread stopped (a step raised, or shut down) meanwhile
+                return _error(503, "the engine has stopped: no request can be served", "server_error")
+            raise
         finally:
             self.active -= 1
         return JSONResponse(self._body(job, stamp, outputs))
