@@ -299,8 +299,6 @@ class _Server(uvicorn.Server):
     shutting down, so that a drained SIGTERM would still end the process as killed), and a line saying where
     it listens once it does (the port is the one bound, also when 0 asked for any)."""
 
-    announce: Callable[[str], None] = print
-
     def capture_signals(self):
         return contextlib.nullcontext()
 
@@ -308,7 +306,7 @@ class _Server(uvicorn.Server):
         await super().startup(sockets)
         if self.started and self.servers:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
-            self.announce(f"llama.serve: listening on http://{host}:{port}")
+            print(f"llama.serve: listening on http://{host}:{port}", flush=True)
 
 
 def serve(app: Starlette, host: str = "127.0.0.1", port: int = 8000, *,
@@ -319,7 +317,6 @@ def serve(app: Starlette, host: str = "127.0.0.1", port: int = 8000, *,
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
                             timeout_graceful_shutdown=drain_timeout)
     server = _Server(config)
-    server.announce = lambda line: print(line, flush=True)
 
     def on_signal(signum, frame) -> None:
         if server.should_exit:
