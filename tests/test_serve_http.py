@@ -20,7 +20,7 @@ from llama.serve.engine import Engine
 from llama.serve.http import create_app
 
 PARAMS = dict(SMALL_GQA, vocab_size=512)
-SEED, MAX_SEQ_LEN, N_BLOCKS = 7, 96, 60
+SEED, MAX_SEQ_LEN, N_BLOCKS = 7, 192, 60
 MODEL = "tiny"
 TEXTS = ["It is a truth", "Emma Woodhouse, handsome, clever", "x"]
 DIALOG = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is Emma?"}]
@@ -245,21 +245,21 @@ def _open_stream(port: int, body: dict) -> socket.socket:
 
 def test_a_client_that_disconnects_mid_stream_frees_its_blocks(served):
     engine = served.engine.engine
-    body = {"model": MODEL, "prompt": TEXTS[1], "max_tokens": 60, "temperature": 0, "ignore_eos": True,
+    body = {"model": MODEL, "prompt": TEXTS[1], "max_tokens": 150, "temperature": 0, "ignore_eos": True,
             "stream": True}
     sock = _open_stream(served.port, body)
     assert engine.cache.allocator.n_free < engine.cache.n_blocks  # it holds blocks while it runs
     steps = engine.steps
     sock.close()
     assert served.idle()  # aborted: every block back, nothing running or waiting
-    assert engine.steps - steps < 50  # dropped, not run to its end (the thread may step a few times first)
+    assert engine.steps - steps < 100  # dropped, not run to its end (the thread may step a few times first)
     # and the server serves on
     assert served.client().completions.create(model=MODEL, prompt="x", max_tokens=3, temperature=0).choices
 
 
 def test_a_client_that_leaves_before_its_whole_response_frees_its_blocks(served):
     engine = served.engine.engine
-    body = json.dumps({"model": MODEL, "prompt": TEXTS[1], "max_tokens": 60, "temperature": 0,
+    body = json.dumps({"model": MODEL, "prompt": TEXTS[1], "max_tokens": 150, "temperature": 0,
                        "ignore_eos": True}).encode()
     sock = socket.create_connection(("127.0.0.1", served.port), timeout=60)
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
@@ -270,7 +270,7 @@ def test_a_client_that_leaves_before_its_whole_response_frees_its_blocks(served)
     steps = engine.steps
     sock.close()
     assert served.idle()
-    assert engine.steps - steps < 50
+    assert engine.steps - steps < 100
 
 
 def _load_cases(reference):
