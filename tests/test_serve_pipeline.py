@@ -41,8 +41,12 @@ def test_streamed_logprobs_and_top_logprobs_are_those_of_the_call(pipe):
     for i, response in enumerate(called):
         mine = [c for c in chunks if c.index == i]
         assert [c.token for c in mine] == response.tokens
-        assert [c.logprob for c in mine] == response.logprobs
-        assert [c.top_logprobs for c in mine] == response.top_logprobs and len(response.top_logprobs[0]) == 2
+        # The stream reuses the call's cached prompt blocks (only its last token is computed again, in
+        # another shape of product): equal to float32 rounding, not bit for bit.
+        assert [c.logprob for c in mine] == pytest.approx(response.logprobs, abs=1e-5)
+        for got, want in zip([c.top_logprobs for c in mine], response.top_logprobs):
+            assert [t for t, _ in got] == [t for t, _ in want] and len(want) == 2
+            assert [v for _, v in got] == pytest.approx([v for _, v in want], abs=1e-5)
 
 
 def test_dialogs_get_the_chat_completion_of_each_dialog_alone(pipe, llama):
