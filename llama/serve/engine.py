@@ -373,6 +373,11 @@ class Engine:
                 seq.output.cached_tokens = seq.n_cached
             scheduled.append((seq, n))
             budget -= n
+        if self.waiting and not self.running:
+            # Every block is free or evictable now and add_request checked the request fits alone: a waiting
+            # request that still cannot start would wait forever. Say so rather than spin.
+            raise RuntimeError(f"request {self.waiting[0].output.request_id} cannot be admitted with "
+                               f"{self.cache.allocator.n_free} of {self.cache.n_blocks} KV blocks free")
         return scheduled
 
     def step(self) -> List[TokenEvent]:
