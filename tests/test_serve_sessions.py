@@ -315,3 +315,19 @@ def test_any_mix_of_sessions_shared_prefixes_stops_and_tiny_budgets_leaves_every
     for s in state:
         engine.end_session(s)
     assert engine.cache.allocator.n_free == n_blocks and not any(engine.cache.allocator.refs)
+
+
+def test_a_seeded_turn_resumed_from_its_session_samples_what_the_whole_chat_samples_alone(llama):
+    sampling = dict(temperature=0.9, top_p=0.95, seed=5, ignore_eos=True)
+    engine = Engine(llama, n_blocks=40, block_size=4)
+    first = tokens(10, 11)
+    rid = engine.add_request(first, max_new_tokens=6, session_id="s", **sampling)
+    list(engine.run())
+    nxt = first + engine.outputs[rid].tokens + tokens(3, 12)
+    rid = engine.add_request(nxt, logprobs=True, max_new_tokens=8, session_id="s", **sampling)
+    engine.add_request(tokens(9, 13), max_new_tokens=8, temperature=1.0, seed=99)  # a neighbour
+    list(engine.run())
+    out = engine.outputs[rid]
+    expected, logprobs = llama.generate([nxt], 8, logprobs=True, **sampling)
+    assert out.cached_tokens == len(first) + 5 and out.tokens == expected[0]
+    torch.testing.assert_close(torch.tensor(out.logprobs), torch.tensor(logprobs[0]), rtol=0, atol=1e-5)
