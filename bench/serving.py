@@ -8,6 +8,12 @@ Greedy, stop tokens ignored, so both produce the same number of tokens (checked 
 Reports tokens/s of each (median over rounds), their ratio, the engine's time to first token and
 inter-token latency (p50/p99) with every request arriving at once, and how many sequences of a length mix
 fit in the memory of the static cache (N rows of max_seq_len) when the cache is paged instead.
+
+Sessions (`--chats C --turns T`, the demo model or any with a chat format; `--sessions-only` skips the rest):
+C chats of T turns in the Llama 3 chat format, all chats' turn t at once, greedy; the last turn's prefill
+tokens and time with session reuse (each chat a session: its blocks kept between turns) against without (the
+prefix cache off, no sessions: every turn prefills its whole dialog), alternating round by round on fresh
+engines; the answers are checked equal.
 """
 
 import argparse
@@ -44,6 +50,60 @@ def run_engine(engine: Engine, prompts: List[List[int]], new_tokens: int) -> Dic
     return dict(elapsed=elapsed, tokens=tokens, ttft=ttft, itl=itl)
 
 
+# The users' messages of the session bench (each chat starts at another one and goes round).
+QUESTIONS = ["Who is Mr. Knightley?", "What did Emma say to Harriet about the letter?",
+             "Tell me about the ball at the Crown.", "Why was Mr. Elton offended?",
+             "What does Miss Bates talk about?", "Where does Jane Fairfax live?"]
+
+
+def chat_rounds(llama: Llama, engine: Engine, chats: int, turns: int, answer_tokens: int, sessions: bool) -> Dict:
+    """C chats through `engine`, all chats' turn t at once; figures of the last turn. sessions: each chat is a
+    session (else plain requests)."""
+    dialogs: List[List[Dict]] = [[] for _ in range(chats)]
+    for t in range(turns):
+        for k, dialog in enumerate(dialogs):
+            dialog.append({"role": "user", "content": QUESTIONS[(k + t) % len(QUESTIONS)]})
+        prompts = [llama.formatter.encode_dialog_prompt(d) for d in dialogs]
+        before = engine.prefill_tokens
+        start = time.perf_counter()
+        ids = [engine.add_request(p, temperature=0, max_new_tokens=answer_tokens,
+                                  session_id=k if sessions else None) for k, p in enumerate(prompts)]
+        first: Dict[int, float] = {}
+        for event in engine.run():
+            if event.token is not None and event.request_id not in first:
+                first[event.request_id] = time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        outs = [engine.outputs.pop(i) for i in ids]
+        for dialog, out in zip(dialogs, outs):
+            dialog.append({"role": "assistant", "content": out.text})
+    return dict(prompt_tokens=sum(len(p) for p in prompts), prefill_tokens=engine.prefill_tokens - before,
+                cached_tokens=sum(o.cached_tokens for o in outs), turn_s=elapsed,
+                ttft_p50_s=percentile(list(first.values()), 0.5), answers=[o.tokens for o in outs])
+
+
+def session_reuse(llama: Llama, chats: int, turns: int, answer_tokens: int, rounds: int, block_size: int) -> Dict:
+    """The last turn's prefill tokens and time with sessions against without, alternating on fresh engines."""
+    n_blocks = chats * math.ceil(llama.model.params.max_seq_len / block_size)
+    runs: Dict[bool, List[Dict]] = {True: [], False: []}
+    for _ in range(rounds + 1):  # the first round warms up
+        for sessions in (True, False):
+            engine = Engine(llama, n_blocks=n_blocks, block_size=block_size, prefix_caching=sessions)
+            runs[sessions].append(chat_rounds(llama, engine, chats, turns, answer_tokens, sessions))
+    with_, without = runs[True][1:], runs[False][1:]
+    median = lambda rs, k: statistics.median(r[k] for r in rs)  # noqa: E731
+    return dict(
+        chats=chats, turns=turns, answer_tokens=answer_tokens, rounds=rounds,
+        last_turn_prompt_tokens=with_[0]["prompt_tokens"],
+        last_turn_prefill_tokens_with_sessions=with_[0]["prefill_tokens"],
+        last_turn_prefill_tokens_without=without[0]["prefill_tokens"],
+        last_turn_cached_tokens=with_[0]["cached_tokens"],
+        last_turn_s_with_sessions=median(with_, "turn_s"), last_turn_s_without=median(without, "turn_s"),
+        last_turn_ttft_p50_ms_with_sessions=1000 * median(with_, "ttft_p50_s"),
+        last_turn_ttft_p50_ms_without=1000 * median(without, "ttft_p50_s"),
+        same_answers=all(a["answers"] == b["answers"] for a, b in zip(with_, without)),
+    )
+
+
 def paged_capacity(max_seq_len: int, n_static: int, block_size: int, seed: int = 0) -> Dict:
     """Sequences of a length mix (prompt and output each uniform in 16 .. max_seq_len / 2) that fit in the
     positions of a static cache of n_static rows x max_seq_len, paged in blocks of block_size."""
@@ -72,6 +132,10 @@ def main() -> None:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--chats", type=int, default=8, help="session bench: chats at once")
+    parser.add_argument("--turns", type=int, default=4, help="session bench: turns of each chat")
+    parser.add_argument("--answer-tokens", type=int, default=24, help="session bench: most tokens an answer")
+    parser.add_argument("--sessions-only", action="store_true", help="only the session bench")
     args = parser.parse_args()
 
     if args.shape:  # random weights, as `python -m bench` makes them (tokenizer without stop tokens)
@@ -86,6 +150,16 @@ def main() -> None:
         llama = build_ours(model_args, random_weights(model_args, dtype, device, 0), device, dtype, True, False)
     else:
         llama = Llama.build(args.ckpt_dir, None, args.max_seq_len, args.n, device=args.device, dtype=args.dtype)
+    sessions = None
+    if not args.shape:  # a chat format needs the checkpoint's tokenizer
+        sessions = session_reuse(llama, args.chats, args.turns, args.answer_tokens, args.rounds, args.block_size)
+        sessions["load_average"] = open("/proc/loadavg").read().split()[:3] if args.device == "cpu" else None
+        if args.sessions_only:
+            print(json.dumps(sessions, indent=2))
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(sessions, f, indent=2)
+            return
     vocab = llama.model.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, min(vocab, 256), (args.prompt_len,), generator=g).tolist() for _ in range(args.n)]
@@ -116,6 +190,7 @@ def main() -> None:
         ttft_ms_p50=1000 * percentile(last["ttft"], 0.5), ttft_ms_p99=1000 * percentile(last["ttft"], 0.99),
         itl_ms_p50=1000 * percentile(last["itl"], 0.5), itl_ms_p99=1000 * percentile(last["itl"], 0.99),
         capacity=paged_capacity(args.max_seq_len, args.n, args.block_size),
+        sessions=sessions,
     )
     result["engine_over_static"] = result["engine_tokens_per_s"] / result["static_tokens_per_s"]
     print(json.dumps(result, indent=2))

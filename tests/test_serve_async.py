@@ -91,3 +91,52 @@ def test_a_shut_down_engine_refuses_new_requests(llama):
     engine.shutdown()
     with pytest.raises(RuntimeError, match=r"the engine's thread has stopped"):
         asyncio.run(engine.complete([1, 2]))
+
+
+def test_concurrent_sessions_resume_their_chats_and_answer_as_the_whole_chat_alone(llama):
+    engine = AsyncEngine(Engine(llama, n_blocks=24, block_size=4))
+
+    async def chat(k):
+        prompt, saved = prompts()[k], []
+        for turn in range(3):
+            out = await engine.complete(prompt, logprobs=True, max_new_tokens=6, session_id=f"user{k}", **GREEDY)
+            saved.append((prompt, out))
+            prompt = prompt + out.tokens + [40 + turn, 41]
+        return saved
+
+    async def main():
+        return await asyncio.gather(*(chat(k) for k in range(4)))
+
+    try:
+        chats = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    for saved in chats:
+        for turn, (prompt, out) in enumerate(saved):
+            tokens, logprobs = llama.generate([prompt], 6, logprobs=True, **GREEDY)
+            assert out.tokens == tokens[0]
+            torch.testing.assert_close(torch.tensor(out.logprobs), torch.tensor(logprobs[0]), rtol=0, atol=1e-5)
+    # Later turns reused what their session held (unless memory ran short and the session was evicted).
+    assert sum(out.cached_tokens > 0 for saved in chats for _, out in saved[1:]) + engine.engine.session_evictions > 0
+    assert sum(out.cached_tokens for saved in chats for _, out in saved[1:]) > 0
+
+
+def test_stop_session_ends_the_callers_stream_and_end_session_frees_its_blocks(engine):
+    async def main():
+        ends = []
+
+        async def caller():
+            async for event in engine.generate([5, 6, 7], max_new_tokens=50, session_id="s", **GREEDY):
+                ends.append(event.finish_reason)
+
+        task = asyncio.create_task(caller())
+        while len(ends) < 3:
+            await asyncio.sleep(0.005)
+        await engine.stop_session("s")
+        await task
+        held = engine.engine.cache.allocator.n_held
+        await engine.end_session("s")
+        return ends[-1], held, engine.engine.cache.allocator.n_free
+
+    last, held, free = asyncio.run(main())
+    assert last == "abort" and held > 0 and free == 20

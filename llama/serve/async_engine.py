@@ -8,13 +8,18 @@ torch releases the GIL while it computes, so the event loop keeps serving while 
     async for event in engine.generate(tokens, temperature=0, max_new_tokens=32):
         print(event.text, end="")
     engine.shutdown()
+
+Sessions: pass `session_id=` (any hashable id) with each turn of a chat, the prompt being the whole chat so far:
+the engine keeps the session's blocks between turns and computes only what is new. One turn at a time per
+session (a second raises ValueError); `await engine.stop_session(id)` ends the turn under way (its stream ends
+with finish_reason "abort"; the history is kept), `await engine.end_session(id)` also lets go of its blocks.
 """
 
 import asyncio
 import concurrent.futures
 import queue
 import threading
-from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
+from typing import Any, AsyncIterator, Dict, Hashable, List, Optional, Tuple
 
 from llama.config import GenerationConfig
 from llama.serve.engine import Engine, RequestOutput, TokenEvent
@@ -75,6 +80,12 @@ class AsyncEngine:
                 self.engine.abort(payload)
                 self._streams.pop(payload, None)
                 self.engine.outputs.pop(payload, None)
+            elif kind in ("stop_session", "end_session"):
+                session_id, future = payload
+                event = getattr(self.engine, kind)(session_id)
+                if event is not None:  # the turn's caller hears its end
+                    self._deliver([event])
+                future.set_result(None)
 
     def _deliver(self, events: List[TokenEvent]) -> None:
         for event in events:
@@ -138,6 +149,21 @@ class AsyncEngine:
     def serving(self) -> bool:
         """Whether requests are taken: not shut down, and the thread alive (a step that raised ends it)."""
         return not self._stopping and self._thread.is_alive()
+    async def stop_session(self, session_id: Hashable) -> None:
+        """Abort the session's turn under way, if any (its caller's stream ends with finish_reason "abort"),
+        keeping the history for the next turn. Returns once the engine's thread has done it."""
+        await self._session_command("stop_session", session_id)
+
+    async def end_session(self, session_id: Hashable) -> None:
+        """Stop the session and let go of its blocks. Returns once the engine's thread has done it."""
+        await self._session_command("end_session", session_id)
+
+    async def _session_command(self, kind: str, session_id: Hashable) -> None:
+        if self._stopping or not self._thread.is_alive():
+            raise RuntimeError("the engine's thread has stopped")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._send(kind, (session_id, future))
+        await asyncio.wrap_future(future)
 
     def shutdown(self) -> None:
         """Stop the thread after the step in progress (requests still running are left unfinished)."""

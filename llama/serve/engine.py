@@ -20,7 +20,7 @@ to float32 rounding, and with a seed the same samples (the stream of sample numb
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Deque, Dict, Hashable, Iterable, List, Optional, Tuple
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -30,7 +30,9 @@ from llama.config import GenerationConfig, resolve_config
 from llama.generation import Llama, check_prompt
 from llama.sampling import Context, Sampler, greedy, make_sampler
 from llama.serve.forward import Chunk, paged_forward
+from llama.serve import parallel
 from llama.serve.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, blocks_for_budget
+from llama.serve.prefix_cache import Session, block_keys, find_reusable
 from llama.streaming import LENGTH, STOP_STRING, STOP_TOKEN, TextStream
 
 # Tokens one step may feed (prefill chunks and decode tokens together): bounds a step's time and memory.
@@ -50,6 +52,8 @@ class RequestOutput:
     finish_reason: Optional[str] = None  # "stop_token", "stop_string", "length" or "abort"; None while running
     stop_token: Optional[int] = None  # the stop token that ended it
     preemptions: int = 0  # times it was preempted and recomputed
+    cached_tokens: int = 0  # prompt positions taken from blocks already computed (a session's, a shared prefix)
+    session_id: Optional[Hashable] = None
 
     @property
     def finished(self) -> bool:
@@ -84,6 +88,9 @@ class _Sequence:
     tokens: List[int] = field(default_factory=list)  # prompt, then generated (the last one not yet fed)
     n_cached: int = 0  # positions whose keys and values are in the blocks
     table: List[int] = field(default_factory=list)
+    keys: List[bytes] = field(default_factory=list)  # prefix-cache keys of its first full blocks
+    known: int = 0  # tokens it had when last admitted: positions below are prefill (or recompute)
+    session: Optional[Session] = None
 
     @property
     def n_pending(self) -> int:
@@ -100,6 +107,12 @@ class Engine:
         block_size: positions per block.
         max_step_tokens: most tokens fed in one step; longer prompts are prefilled in chunks.
         max_running: most sequences in the running batch.
+        prefix_caching: reuse full blocks that already hold a prompt's prefix (llama.serve.prefix_cache);
+            sessions keep their own blocks between turns either way.
+
+    Under torchrun with model parallelism every rank builds its Engine (the same budget: the smallest of the
+    ranks' is taken); rank 0 is the leader, which takes requests and schedules, and the others call
+    `follow()`, which runs the steps the leader sends them until it calls `release_followers()`.
     """
 
     def __init__(
@@ -112,19 +125,20 @@ class Engine:
         block_size: int = DEFAULT_BLOCK_SIZE,
         max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS,
         max_running: int = 256,
+        prefix_caching: bool = True,
     ):
         for name, value in (("max_step_tokens", max_step_tokens), ("max_running", max_running)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if fs_init.get_model_parallel_world_size() > 1:
-            # Every rank would have to run the same schedule: rank 0 deciding and broadcasting it is next.
-            raise ValueError("the serving engine runs on one model-parallel rank for now (got "
-                             f"{fs_init.get_model_parallel_world_size()}): see docs/serving.md")
         self.llama = llama
         self.model = llama.model
         blocks = blocks_for_budget(self.model, block_size, n_blocks=n_blocks, memory_bytes=memory_bytes,
                                    memory_fraction=memory_fraction)
+        self.ranks = parallel.Ranks.of_model_parallel_group(self.model.rope_cos.device)
+        blocks = self.ranks.smallest(blocks)  # every rank's pool must hold the leader's block ids
         self.cache = PagedKVCache(self.model, blocks, block_size)
+        self.prefix_caching = bool(prefix_caching)
+        self.sessions: Dict[Hashable, Session] = {}
         self.max_step_tokens = max_step_tokens
         self.max_running = max_running
         self.waiting: Deque[_Sequence] = deque()
@@ -133,6 +147,9 @@ class Engine:
         self._ids = itertools.count()
         self.steps = 0
         self.preemptions = 0
+        self.prefill_tokens = 0  # positions computed for tokens a sequence had when admitted (prompt, recompute)
+        self.reused_tokens = 0  # positions taken from blocks already computed instead
+        self.session_evictions = 0  # idle sessions whose blocks were taken back under memory pressure
 
     # ---- requests ----
 
@@ -144,6 +161,7 @@ class Engine:
         logprobs: bool = False,
         top_logprobs: int = 0,
         sample_index: int = 0,
+        session_id: Optional[Hashable] = None,
         **controls: Any,
     ) -> int:
         """Queue a request; it joins the running batch at the next step that has room. Returns its id.
@@ -155,11 +173,17 @@ class Engine:
         at each (implies logprobs).
         sample_index: which random stream a seeded request draws from (sample j of a prompt with n samples
         draws from stream j, as in Llama.generate).
+        session_id: a turn of this session (any hashable id; a new one starts a session): the prompt is the
+            whole conversation so far, and the part of it the session's blocks already hold is not computed
+            again. One turn at a time per session; `stop_session` and `end_session` end turns and sessions.
 
         Raises:
-            ValueError: a bad prompt or setting, n > 1 (add one request per sample), or a request that could
-                not fit in the whole KV cache even alone.
+            ValueError: a bad prompt or setting, n > 1 (add one request per sample), a request that could
+                not fit in the whole KV cache even alone, or a session with a turn already under way.
         """
+        if not self.ranks.leader:
+            raise ValueError(f"requests go to the leader (model-parallel rank 0), not rank {self.ranks.rank}: "
+                             f"this rank calls follow()")
         cfg = resolve_config(config, **controls)
         params = self.model.params
         problem = check_prompt(prompt_tokens, params)
@@ -173,6 +197,15 @@ class Engine:
         logprobs = logprobs or top_logprobs > 0
         if isinstance(sample_index, bool) or not isinstance(sample_index, int) or sample_index < 0:
             raise ValueError(f"sample_index must be an integer >= 0, got {sample_index!r}")
+        if session_id is not None:
+            try:
+                hash(session_id)
+            except TypeError:
+                raise ValueError(f"session_id must be hashable (a str or an int), got {session_id!r}") from None
+            busy = self.sessions.get(session_id)
+            if busy is not None and busy.turn is not None:
+                raise ValueError(f"session {session_id!r} already has a turn under way (request {busy.turn}): "
+                                 f"wait for it to end or stop_session({session_id!r}) first")
         bad = [t for t in cfg.banned_token_ids if t >= params.vocab_size]
         if bad:
             raise ValueError(f"banned_token_ids {bad[:5]} are outside the vocabulary [0, {params.vocab_size})")
@@ -188,7 +221,7 @@ class Engine:
                              f"raise the budget")
         request_id = next(self._ids)
         output = RequestOutput(request_id, list(prompt_tokens), [], [] if logprobs else None,
-                               [] if top_logprobs else None)
+                               [] if top_logprobs else None, session_id=session_id)
         stop_ids = frozenset() if cfg.ignore_eos else frozenset(self.llama.tokenizer.stop_tokens)
         sampler = make_sampler(cfg, self.llama.tokenizer, [sample_index], self.llama.device,
                                prefilter=self.llama.fast)
@@ -198,16 +231,93 @@ class Engine:
         self.outputs[request_id] = output
         if max_new == 0:  # the prompt fills the context: nothing to generate (as Llama.generate)
             output.finish_reason = LENGTH
-        else:
-            self.waiting.append(seq)
+            return request_id
+        if session_id is not None:
+            seq.session = self.sessions.setdefault(session_id, Session(session_id))
+            seq.session.turn = request_id
+            seq.session.last_used = self.steps
+        self.waiting.append(seq)
         return request_id
 
-    def abort(self, request_id: int) -> None:
-        """Drop a request, waiting or running, and free its blocks (a client that went away)."""
+    def abort(self, request_id: int) -> Optional[TokenEvent]:
+        """Drop a request, waiting or running, and free its blocks (a client that went away); a session's
+        turn keeps what it computed for the next turn. Returns the request's last event (finish_reason
+        "abort"), or None if it was not waiting or running."""
         for seq in list(self.waiting) + self.running:
             if seq.output.request_id == request_id:
-                self._retire(seq, "abort")
-                return
+                return self._retire(seq, "abort")
+        return None
+
+    # ---- sessions ----
+
+    def stop_session(self, session_id: Hashable) -> Optional[TokenEvent]:
+        """Abort the session's turn under way, if any (its output ends with finish_reason "abort"), keeping
+        its history: the next turn reuses what was computed, the tokens generated so far included. Returns
+        the aborted turn's last event, or None."""
+        session = self.sessions.get(session_id)
+        if session is None or session.turn is None:
+            return None
+        return self.abort(session.turn)
+
+    def end_session(self, session_id: Hashable) -> Optional[TokenEvent]:
+        """Stop the session (as stop_session) and let go of its blocks: nothing of it is held any more (full
+        blocks stay findable by the prefix cache until their memory is needed). Returns stop_session's event.
+        An unknown id is not an error (it may have ended already)."""
+        event = self.stop_session(session_id)
+        session = self.sessions.pop(session_id, None)
+        if session is not None:
+            self.cache.free(session.table)
+            session.tokens = []
+        return event
+
+    def _evict_idle_session(self) -> bool:
+        """Take back the blocks of the idle session least recently used (its next turn recomputes). False if
+        no session holds any block."""
+        idle = [s for s in self.sessions.values() if s.table]
+        if not idle:
+            return False
+        session = min(idle, key=lambda s: (s.turn is not None, s.last_used))  # truly idle ones first
+        self.cache.free(session.table)
+        session.tokens = []
+        session.evictions += 1
+        self.session_evictions += 1
+        return True
+
+    def _make_room(self, n: int) -> bool:
+        """Whether n blocks can be allocated, evicting idle sessions (least recently used first) if needed.
+        Cached blocks nobody holds are already counted free (the allocator evicts them as it hands out)."""
+        while self.cache.allocator.n_free < n:
+            if not self._evict_idle_session():
+                return False
+        return True
+
+    def _reuse(self, seq: _Sequence) -> None:
+        """Give a sequence being admitted the blocks that already hold a prefix of its tokens (its session's,
+        then any the prefix cache knows), holding them: seq.n_cached becomes the positions reused. The
+        session hands its blocks over (it holds none while its turn runs)."""
+        alloc = self.cache.allocator
+        if self.prefix_caching:
+            block_keys(seq.tokens, self.cache.block_size, seq.keys)
+        blocks, reused, takeover = find_reusable(alloc, self.cache.block_size, seq.tokens, seq.keys,
+                                                 seq.session, self.prefix_caching)
+        if takeover is not None:
+            alloc.forget(takeover)  # about to be written past the reused positions
+        for block in blocks:
+            alloc.hold(block)
+        if seq.session is not None:
+            self.cache.free(seq.session.table)
+            seq.session.tokens = []
+        seq.table, seq.n_cached = blocks, reused
+
+    def _unreuse(self, seq: _Sequence) -> None:
+        """Undo _reuse for a sequence that could not be admitted after all: its session holds the blocks
+        again (nothing lost), or they are let go."""
+        if seq.session is not None:
+            seq.session.table, seq.session.tokens = seq.table, seq.tokens[: seq.n_cached]
+            seq.table = []
+        else:
+            self.cache.free(seq.table)
+        seq.n_cached = 0
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -215,7 +325,8 @@ class Engine:
     # ---- one step ----
 
     def _preempt(self, seq: _Sequence) -> None:
-        """Free seq's blocks and queue it first, to be recomputed from its tokens so far."""
+        """Free seq's blocks and queue it first, to be recomputed from its tokens so far (the full blocks of
+        which the prefix cache may still hold when it is admitted again)."""
         self.cache.free(seq.table)
         seq.n_cached = 0
         self.running.remove(seq)
@@ -234,7 +345,8 @@ class Engine:
             n = min(seq.n_pending, budget)
             if n == 0:
                 break
-            while self.cache.blocks_needed(seq.n_cached + n) - len(seq.table) > self.cache.allocator.n_free:
+            # Idle sessions are evicted (and cached blocks reused) before any running sequence is preempted.
+            while not self._make_room(self.cache.blocks_needed(seq.n_cached + n) - len(seq.table)):
                 victim = self.running[-1]  # the most recently admitted
                 self._preempt(victim)
                 preempted = True
@@ -247,14 +359,25 @@ class Engine:
         # Newcomers (and preempted sequences, first) while there is room; none in a step that had to preempt.
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_running:
             seq = self.waiting[0]
+            self._reuse(seq)
             n = min(seq.n_pending, budget)
-            if self.cache.blocks_needed(n) > self.cache.allocator.n_free:
+            if not self._make_room(self.cache.blocks_needed(seq.n_cached + n) - len(seq.table)):
+                self._unreuse(seq)
                 break
             self.waiting.popleft()
             self.running.append(seq)
-            self.cache.grow(seq.table, n)
+            self.cache.grow(seq.table, seq.n_cached + n)
+            seq.known = len(seq.tokens)
+            self.reused_tokens += seq.n_cached
+            if not seq.output.preemptions:
+                seq.output.cached_tokens = seq.n_cached
             scheduled.append((seq, n))
             budget -= n
+        if self.waiting and not self.running:
+            # Every block is free or evictable now and add_request checked the request fits alone: a waiting
+            # request that still cannot start would wait forever. Say so rather than spin.
+            raise RuntimeError(f"request {self.waiting[0].output.request_id} cannot be admitted with "
+                               f"{self.cache.allocator.n_free} of {self.cache.n_blocks} KV blocks free")
         return scheduled
 
     def step(self) -> List[TokenEvent]:
@@ -264,10 +387,19 @@ class Engine:
         if not scheduled:
             return []
         chunks = [Chunk(seq.tokens[seq.n_cached : seq.n_cached + n], seq.n_cached, seq.table) for seq, n in scheduled]
+        self.ranks.send(chunks)  # the followers run the same forward on their shards
         logits = paged_forward(self.model, self.cache, chunks)  # (S, vocab)
         self.steps += 1
         ready = []  # the sequences whose chunk reached their end, and their logits' rows
+        bs = self.cache.block_size
         for k, (seq, n) in enumerate(scheduled):
+            self.prefill_tokens += max(0, min(seq.n_cached + n, seq.known) - seq.n_cached)
+            if self.prefix_caching:  # blocks just filled can be shared from now on
+                full = (seq.n_cached + n) // bs
+                if full > seq.n_cached // bs:
+                    block_keys(seq.tokens[: full * bs], bs, seq.keys)
+                    for i in range(seq.n_cached // bs, full):
+                        self.cache.allocator.register(seq.table[i], seq.keys[i])
             seq.n_cached += n
             if not seq.n_pending:  # (a prefill chunk short of the end has nothing to sample yet)
                 ready.append((seq, k))
@@ -335,6 +467,13 @@ class Engine:
         rest = seq.text.flush()
         seq.output.text = seq.text.text
         seq.output.finish_reason = reason
+        if seq.session is not None:
+            seq.session.turn = None
+            seq.session.last_used = self.steps
+            seq.session.turns += 1
+            if seq.table:  # it was admitted: the session holds what it computed until the next turn
+                seq.session.table, seq.session.tokens = seq.table, seq.tokens[: seq.n_cached]
+                seq.table = []
         if seq.table:
             self.cache.free(seq.table)
         if seq in self.running:
@@ -342,6 +481,26 @@ class Engine:
         else:
             self.waiting.remove(seq)
         return TokenEvent(seq.output.request_id, None, rest, None, reason)
+
+    # ---- model parallelism: the other ranks ----
+
+    def follow(self) -> int:
+        """On a follower rank (model-parallel rank > 0): run every step the leader sends, on this rank's
+        shard and cache, until the leader calls release_followers(). Returns the number of steps run."""
+        if self.ranks.leader:
+            raise ValueError("follow() is for model-parallel ranks > 0: rank 0 takes the requests")
+        steps = 0
+        while True:
+            chunks = self.ranks.receive()
+            if chunks is None:
+                return steps
+            paged_forward(self.model, self.cache, chunks)
+            steps += 1
+
+    def release_followers(self) -> None:
+        """On the leader: tell the follower ranks that no step is coming (their follow() returns). Nothing to
+        do in one process."""
+        self.ranks.send(None)
 
     # ---- run to the end ----
 

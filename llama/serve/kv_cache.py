@@ -8,7 +8,8 @@ preempted. Position p of a sequence lives in slot `table[p // block_size] * bloc
 """
 
 import math
-from typing import List, Optional
+from collections import OrderedDict
+from typing import Dict, List, Optional
 
 import torch
 
@@ -66,28 +67,92 @@ def blocks_for_budget(
 
 
 class BlockAllocator:
-    """Hands out block ids 0 .. n_blocks - 1 and takes them back. Lowest free ids first, so runs repeat."""
+    """Hands out block ids 0 .. n_blocks - 1 and counts who holds each (running sequences, idle sessions).
+
+    A block nobody holds is either empty (on the free stack) or, when the prefix cache registered it under the
+    key of the tokens it holds (llama.serve.prefix_cache), *cached*: still found by that key, and handed out
+    again (its contents forgotten) only once no empty block is left, least recently released first. Lowest
+    empty ids first, so runs repeat.
+    """
 
     def __init__(self, n_blocks: int):
         self.n_blocks = n_blocks
         self.free: List[int] = list(range(n_blocks - 1, -1, -1))  # a stack: pop() gives the lowest id
+        self.refs: List[int] = [0] * n_blocks  # holders of each block
+        self.cached: "OrderedDict[int, None]" = OrderedDict()  # held by none, contents kept: oldest first
+        self.key_of: Dict[int, bytes] = {}  # registered blocks: block -> key of its tokens
+        self.block_of: Dict[bytes, int] = {}  # and key -> block
+        self.evictions = 0  # cached blocks handed out again (their contents dropped)
 
     @property
     def n_free(self) -> int:
-        return len(self.free)
+        """Blocks allocate() can hand out: the empty ones and the cached ones nobody holds."""
+        return len(self.free) + len(self.cached)
+
+    @property
+    def n_held(self) -> int:
+        return self.n_blocks - self.n_free
 
     def allocate(self, n: int) -> List[int]:
-        """n fresh block ids. Raises RuntimeError if fewer are free: callers check n_free first."""
-        if n > len(self.free):
-            raise RuntimeError(f"asked for {n} KV blocks with {len(self.free)} free")
-        return [self.free.pop() for _ in range(n)]
+        """n blocks for a new holder: empty ones first, then the least recently released cached ones (whose
+        keys are forgotten). Raises RuntimeError if fewer are free: callers check n_free first."""
+        if n > self.n_free:
+            raise RuntimeError(f"asked for {n} KV blocks with {self.n_free} free")
+        blocks = []
+        for _ in range(n):
+            if self.free:
+                block = self.free.pop()
+            else:
+                block, _ = self.cached.popitem(last=False)
+                self.forget(block)
+                self.evictions += 1
+            self.refs[block] = 1
+            blocks.append(block)
+        return blocks
+
+    def hold(self, block: int) -> None:
+        """One more holder of a block that is held or cached (a prefix shared, a session's blocks resumed)."""
+        if self.refs[block] == 0:
+            if block not in self.cached:
+                raise RuntimeError(f"KV block {block} is empty: there is nothing in it to share")
+            del self.cached[block]
+        self.refs[block] += 1
 
     def release(self, blocks: List[int]) -> None:
-        """Give blocks back; a block released twice would be handed to two sequences, so it is refused."""
-        if len(set(blocks)) != len(blocks) or set(blocks) & set(self.free):
-            raise RuntimeError(f"KV blocks {blocks} released twice")
-        self.free.extend(blocks)
+        """One holder lets go of each of `blocks` (a sequence's table, in order). A block nobody holds any more
+        becomes cached if registered, else empty; the table's tail is queued for eviction before its head (a
+        later block is of no use without the ones before it). Releasing more often than held would hand one
+        block to two sequences, so it is refused before anything changes."""
+        counts: Dict[int, int] = {}
+        for block in blocks:
+            counts[block] = counts.get(block, 0) + 1
+        over = sorted(b for b, c in counts.items() if c > self.refs[b])
+        if over:
+            raise RuntimeError(f"KV blocks {over} released twice (more often than they are held)")
+        for block in reversed(blocks):
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                if block in self.key_of:
+                    self.cached[block] = None
+                else:
+                    self.free.append(block)
         self.free.sort(reverse=True)
+
+    def register(self, block: int, key: bytes) -> None:
+        """Record that `block` holds the tokens whose key is `key` (the first block registered under a key
+        keeps it; a block is registered once: its contents never change while it is)."""
+        if key not in self.block_of and block not in self.key_of:
+            self.block_of[key] = block
+            self.key_of[block] = key
+
+    def lookup(self, key: bytes) -> Optional[int]:
+        return self.block_of.get(key)
+
+    def forget(self, block: int) -> None:
+        """Unregister a block (it is about to be written or handed out afresh)."""
+        key = self.key_of.pop(block, None)
+        if key is not None:
+            del self.block_of[key]
 
 
 class PagedKVCache:
@@ -119,7 +184,7 @@ class PagedKVCache:
             table.extend(self.allocator.allocate(missing))
 
     def free(self, table: List[int]) -> None:
-        """Give every block of `table` back and empty it."""
+        """Let go of every block of `table` (a block others hold stays theirs) and empty it."""
         self.allocator.release(list(table))
         table.clear()
 
