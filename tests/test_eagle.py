@@ -141,6 +141,21 @@ def test_the_head_drafts_after_rejections_what_a_fresh_head_drafts_from_the_same
         length += n_accepted + 1
 
 
+def test_the_lean_drafting_step_computes_what_the_heads_modules_compute(tiny_llama, random_head):
+    llama = tiny_llama(seed=0, max_seq_len=64, max_batch_size=1)
+    path = random_head(llama, seed=3)
+    g = torch.Generator().manual_seed(1)
+    features, tokens = torch.randn(20, 64, generator=g), [int(t) for t in torch.randint(0, 256, (20,), generator=g)]
+    lean, modules = EagleDrafter(path, llama), EagleDrafter(path, llama, fast=False)
+    assert lean.lean and not modules.lean
+    for drafter in (lean, modules):
+        drafter.observe_features(0, features[:9])
+    assert lean.propose(tokens[:10], 6) == modules.propose(tokens[:10], 6)
+    # Both caches now hold the 9 real pairs and the chain's 5 predicted ones.
+    ours, theirs = (d.head.layers[0].attention.cache_k[0, :, :14] for d in (lean, modules))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
 # ---- lossless: sampling ----
 
 
