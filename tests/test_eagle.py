@@ -14,7 +14,7 @@ import torch
 from helpers import SMALL_GQA
 from llama import Llama
 from llama.cli.demo import build_demo
-from llama.speculative import speculative_generate, verify
+from llama.speculative import Speculation, speculative_generate, verify
 from llama.speculative.eagle import EagleDrafter, EagleHead, head_args, load_head
 from llama.speculative.forward import forward_features
 from test_speculative import (  # noqa: F401  (tiny_vocab_llama is a fixture)
@@ -188,6 +188,10 @@ def test_the_demo_head_drafts_losslessly_and_is_accepted_often(demo):
         stats = assert_same_as_plain(demo, prompt, 48, drafter, k=4)
         # A trained head: most passes yield more than one token (a random one: about 1.0).
         assert stats.mean_accepted_length > 1.8, stats.summary()
+    spec = Speculation(EagleDrafter(HEAD_DIR, demo, min_confidence=0.3), k=4)  # through Llama.generate
+    want = demo.generate([prompt], 40, temperature=0)[0]
+    assert demo.generate([prompt], 40, temperature=0, speculative=spec)[0] == want
+    assert spec.stats.drafted < 4 * spec.stats.steps  # chains ended early where the head was unsure
 
 
 def test_the_demo_head_files_are_meta_like_and_checksummed():
