@@ -221,11 +221,14 @@ class EagleDrafter(Drafter):
         device = self.features.device
         start = min(self.head_len, length - 2)
         # Pairs (f_j, t_{j+1}) for j = start .. length - 2: the last one predicts the feature of the last token.
-        ids = torch.tensor([list(tokens[start + 1 : length])], dtype=torch.long, device=device)  # (1, n)
-        predicted = self.head(self.features[None, start : length - 1], model.tok_embeddings(ids), start)
+        ids = torch.tensor(list(tokens[start + 1 : length]), dtype=torch.long, device=device)  # (n,)
+        if self.lean:
+            predicted = self._lean_step(self.features[start : length - 1], ids, start)  # (n, dim)
+        else:
+            predicted = self.head(self.features[None, start : length - 1], model.tok_embeddings(ids[None]), start)[0]
         self.head_len = length - 1
         drafts: List[int] = []
-        feature = predicted[0, -1:]  # (1, dim)
+        feature = predicted[-1:]  # (1, dim)
         norm = model.norm
         for i in range(k):
             normed = F.rms_norm(feature, (feature.shape[-1],), norm.weight, norm.eps)  # the model's final norm
@@ -236,34 +239,37 @@ class EagleDrafter(Drafter):
                 break
             if self.min_confidence and float((best.values - logits.logsumexp(-1)).exp()) < self.min_confidence:
                 break
+            ids = torch.tensor([drafts[-1]], dtype=torch.long, device=device)
             if self.lean:
-                feature = self._lean_step(feature, drafts[-1], length - 1 + i)
+                feature = self._lean_step(feature, ids, length - 1 + i)
             else:
-                ids = torch.tensor([[drafts[-1]]], dtype=torch.long, device=device)
-                feature = self.head(feature[None], model.tok_embeddings(ids), length - 1 + i)[0]
+                feature = self.head(feature[None], model.tok_embeddings(ids[None]), length - 1 + i)[0]
         return drafts
 
-    def _lean_step(self, feature: torch.Tensor, token: int, pos: int) -> torch.Tensor:
-        """The head on one pair (feature (1, dim), token) at position pos, through its cache: what
-        `self.head(feature, embedding, pos)` computes, in half the operations (a drafting step costs what
-        its operations cost, not its arithmetic: at dim 256 each takes microseconds whatever it does)."""
+    def _lean_step(self, features: torch.Tensor, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        """The head on n pairs (features (n, dim), token ids (n,)) at positions pos .. pos + n - 1, through
+        its cache -> predicted features (n, dim): what `self.head(features, embeddings, pos)` computes, in
+        half the operations (a drafting step costs what its operations cost, not its arithmetic: at dim 256
+        each takes microseconds whatever it does)."""
         layer = self.head.layers[0]
         attn, ffn = layer.attention, layer.feed_forward
         n_q, n_kv, head_dim = attn.n_local_heads, attn.n_local_kv_heads, attn.head_dim
-        dim = feature.shape[-1]
-        embedding = self.target.model.tok_embeddings.weight[token : token + 1]  # (1, dim)
-        x = self.head.fc(torch.cat([feature, embedding], dim=-1))  # (1, dim)
+        n, dim = features.shape
+        embeddings = F.embedding(ids, self.target.model.tok_embeddings.weight)  # (n, dim)
+        x = self.head.fc(torch.cat([features, embeddings], dim=-1))  # (n, dim)
         a = F.rms_norm(x, (dim,), layer.attention_norm.weight, layer.attention_norm.eps)
-        qkv = attn.wqkv(a).view(n_q + 2 * n_kv, head_dim)
-        pairs = torch.view_as_complex(qkv[: n_q + n_kv].reshape(n_q + n_kv, head_dim // 2, 2))
-        qk = torch.view_as_real(pairs * self.cis[pos]).view(n_q + n_kv, head_dim)  # rotated queries and keys
-        attn.cache_k[0, :, pos] = qk[n_q:]
-        attn.cache_v[0, :, pos] = qkv[n_q + n_kv :]
-        out = F.scaled_dot_product_attention(qk[None, :n_q, None], attn.cache_k[:1, :, : pos + 1],
-                                             attn.cache_v[:1, :, : pos + 1], enable_gqa=n_q != n_kv)
-        h = x + attn.wo(out.view(1, n_q * head_dim))
+        qkv = attn.wqkv(a).view(n, n_q + 2 * n_kv, head_dim)
+        pairs = torch.view_as_complex(qkv[:, : n_q + n_kv].reshape(n, n_q + n_kv, head_dim // 2, 2))
+        rotated = torch.view_as_real(pairs * self.cis[pos : pos + n, None]).view(n, n_q + n_kv, head_dim)
+        attn.cache_k[0, :, pos : pos + n] = rotated[:, n_q:].transpose(0, 1)
+        attn.cache_v[0, :, pos : pos + n] = qkv[:, n_q + n_kv :].transpose(0, 1)
+        queries = rotated[:, :n_q].transpose(0, 1)[None]  # (1, n_q, n, head_dim)
+        out = F.scaled_dot_product_attention(queries, attn.cache_k[:1, :, : pos + n], attn.cache_v[:1, :, : pos + n],
+                                             attn_mask=causal_mask(n, pos, features.device),
+                                             enable_gqa=n_q != n_kv)  # (1, n_q, n, head_dim)
+        h = x + attn.wo(out[0].transpose(0, 1).reshape(n, n_q * head_dim))
         gate, up = ffn.w13(F.rms_norm(h, (dim,), layer.ffn_norm.weight, layer.ffn_norm.eps)).chunk(2, dim=-1)
-        return h + ffn.w2(F.silu(gate) * up)  # (1, dim)
+        return h + ffn.w2(F.silu(gate) * up)  # (n, dim)
 
     def __repr__(self) -> str:
         p = self.head.params
