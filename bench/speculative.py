@@ -1,20 +1,23 @@
 """Speculative decoding against plain decoding on the demo model, greedy, in one run (a measurement, not a test).
 
     python -m bench.speculative [--new-tokens 48] [--repeats 3] [--k 4] [--threads 1] [--draft-layers 0,2,4,5]
+                                [--drafters lookup,eagle] [--eagle models/demo-eagle] [--min-confidence P]
                                 [--out FILE.json]
 
 Two prompt sets: copy-heavy (an Austen sentence three times, then its first words: the model goes on
 copying, as far as this toy model copies) and held-out Austen (sentences from the last chapters, quoted from
 memory: the 5% of each novel the demo model never saw). For each prompt, plain decoding (`Llama.generate`,
 temperature 0, the fast loop) and speculative decoding (`speculative_generate`) run alternately `--repeats`
-times, each generating exactly --new-tokens tokens (stop tokens ignored); the best time of each counts. Per
-set it prints tokens/s of both, their ratio, the mean accepted length and acceptance by draft position, and
-checks the tokens are equal. With --draft-layers 0,2,4,5 the demo cut to those layers (its embedding and
-output too) also runs as a draft model.
+times, each generating exactly --new-tokens tokens (stop tokens ignored); the best time of each counts (wall
+time, and the process's CPU time beside it). Per set it prints tokens/s of both, their ratio, the mean
+accepted length and acceptance by draft position, and checks the tokens are equal. Drafters (--drafters): `lookup` (prompt lookup), `eagle` (the demo's EAGLE-style
+head, models/demo-eagle, made by scripts/train_eagle.py; --min-confidence ends its chains early); with
+--draft-layers 0,2,4,5 the demo cut to those layers (its embedding and output too) also runs as a draft model.
 """
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -27,6 +30,7 @@ from bench.run import machine_info
 from llama.cli.demo import DEMO_DIR, build_demo
 from llama.generation import Llama
 from llama.speculative import Drafter, DraftModel, PromptLookup, speculative_generate
+from llama.speculative.eagle import EagleDrafter
 
 PASSAGES = [
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want"
@@ -54,36 +58,42 @@ HELD_OUT = [
 ]
 
 
-def timed(fn: Callable[[], Any], times: List[float]) -> Any:
-    """fn(), its wall time appended to `times`."""
-    start = time.perf_counter()
+def timed(fn: Callable[[], Any], times: List[float], cpu_times: List[float]) -> Any:
+    """fn(), its wall time appended to `times` and the process's CPU time to `cpu_times` (on a machine
+    shared with other jobs, CPU time counts less of the time spent waiting for a core)."""
+    start, start_cpu = time.perf_counter(), time.process_time()
     result = fn()
     times.append(time.perf_counter() - start)
+    cpu_times.append(time.process_time() - start_cpu)
     return result
 
 
 def run_set(llama: Llama, prompts: List[str], drafter: Drafter, k: int, new_tokens: int, repeats: int) -> Dict:
-    plain_s = spec_s = 0.0
-    tokens = steps = accepted = 0
+    plain_s = spec_s = plain_cpu = spec_cpu = 0.0
+    tokens = steps = accepted = drafted = 0
     drafted_at, accepted_at, same = [0] * k, [0] * k, True
     for text in prompts:
         ids = llama.tokenizer.encode(text, bos=True, eos=False)
         plain_times: List[float] = []
         spec_times: List[float] = []
+        plain_cpus: List[float] = []
+        spec_cpus: List[float] = []
         for _ in range(repeats):  # alternating, so that both see the same machine
             want = timed(lambda: llama.generate([ids], new_tokens, temperature=0, ignore_eos=True)[0][0],
-                         plain_times)
+                         plain_times, plain_cpus)
             got, _, stats = timed(lambda: speculative_generate(llama, [ids], new_tokens, drafter, k, ignore_eos=True),
-                                  spec_times)
+                                  spec_times, spec_cpus)
+        plain_cpu, spec_cpu = plain_cpu + min(plain_cpus), spec_cpu + min(spec_cpus)
         same &= got[0] == want
         plain_s, spec_s, tokens = plain_s + min(plain_times), spec_s + min(spec_times), tokens + len(want)
-        steps, accepted = steps + stats.steps, accepted + stats.accepted
+        steps, accepted, drafted = steps + stats.steps, accepted + stats.accepted, drafted + stats.drafted
         drafted_at = [a + b for a, b in zip(drafted_at, stats.drafted_at)]
         accepted_at = [a + b for a, b in zip(accepted_at, stats.accepted_at)]
     return {
         "drafter": repr(drafter), "k": k, "prompts": len(prompts), "tokens": tokens, "same_tokens": same,
         "plain_tok_s": tokens / plain_s, "speculative_tok_s": tokens / spec_s, "speed_up": plain_s / spec_s,
-        "mean_accepted_length": (accepted + steps) / steps,
+        "speed_up_cpu_time": plain_cpu / spec_cpu,
+        "mean_accepted_length": (accepted + steps) / steps, "drafts_per_step": drafted / steps,
         "acceptance_by_position": [round(a / d, 3) if d else None for a, d in zip(accepted_at, drafted_at)],
     }
 
@@ -112,27 +122,40 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--draft-layers", default="",
                    help="also a draft model: the demo with only these layers, e.g. 0,2,4,5 (of 0..5)")
+    p.add_argument("--drafters", default="lookup,eagle", help="comma-separated: lookup, eagle")
+    p.add_argument("--eagle", default=str(Path(DEMO_DIR).parent / "demo-eagle"), help="the EAGLE-style head's directory")
+    p.add_argument("--min-confidence", type=float, default=0.0, help="the eagle drafter's min_confidence")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="JSON report path")
     opts = p.parse_args(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     llama = build_demo(max_seq_len=256, max_batch_size=1, device="cpu")
-    drafters: List[Drafter] = [PromptLookup()]
+    names = [n.strip() for n in opts.drafters.split(",") if n.strip()]
+    unknown = sorted(set(names) - {"lookup", "eagle"})
+    if unknown:
+        p.error(f"unknown drafters {unknown}: choose from lookup, eagle")
+    drafters: List[Drafter] = [PromptLookup()] if "lookup" in names else []
+    if "eagle" in names:
+        drafters.append(EagleDrafter(opts.eagle, llama, min_confidence=opts.min_confidence))
     if opts.draft_layers:
         layers = [int(i) for i in opts.draft_layers.split(",")]
         drafters.append(DraftModel(truncated_demo(layers, tempfile.mkdtemp())))
     report: Dict[str, Any] = {"machine": machine_info(torch.device("cpu")), "new_tokens": opts.new_tokens,
-                              "repeats": opts.repeats, "results": []}
+                              "repeats": opts.repeats, "load_average_start": os.getloadavg(), "results": []}
     print(f"CPU: {report['machine'].get('cpu')}, {torch.get_num_threads()} threads")
     for name, prompts in (("copy-heavy", COPY_HEAVY), ("held-out Austen", HELD_OUT)):
         for drafter in drafters:
             r = dict(set=name, **run_set(llama, prompts, drafter, opts.k, opts.new_tokens, opts.repeats))
             report["results"].append(r)
             print(f"{name:16} {r['drafter']:45} plain {r['plain_tok_s']:7.1f} tok/s  speculative "
-                  f"{r['speculative_tok_s']:7.1f} tok/s  x{r['speed_up']:.2f}  mean accepted length "
-                  f"{r['mean_accepted_length']:.2f}  by position {r['acceptance_by_position']}  "
+                  f"{r['speculative_tok_s']:7.1f} tok/s  x{r['speed_up']:.2f} (CPU time x{r['speed_up_cpu_time']:.2f})  "
+                  f"mean accepted length "
+                  f"{r['mean_accepted_length']:.2f}  drafts/step {r['drafts_per_step']:.2f}  "
+                  f"by position {r['acceptance_by_position']}  "
                   f"same tokens: {r['same_tokens']}")
+    report["load_average_end"] = os.getloadavg()
+    print(f"load average (1, 5, 15 min): start {report['load_average_start']}, end {report['load_average_end']}")
     if opts.out:
         with open(opts.out, "w") as f:
             json.dump(report, f, indent=1)

@@ -4,7 +4,8 @@ Every drafter has one method that matters, `propose(tokens, k)`: up to k tokens 
 (the prompt and everything accepted so far). It must be deterministic (a function of `tokens`): the
 verification rule treats each draft as a point mass, which is what makes sampling exact. A drafter may keep
 state between calls of one generation (a KV cache); `reset` starts a new generation, `check` refuses a
-target model it cannot draft for.
+target model it cannot draft for. A drafter that also has `observe_features(start_pos, features)` (the
+EAGLE-style head, llama.speculative.eagle) is handed the model's top-layer features of every accepted position.
 """
 
 from typing import Any, List, Sequence

@@ -18,7 +18,7 @@ import torch
 
 from llama.config import GenerationConfig, resolve_config
 from llama.speculative.drafters import Drafter
-from llama.speculative.forward import forward_all, forward_last
+from llama.speculative.forward import forward_all, forward_features, forward_last
 from llama.speculative.verify import accept_greedy, accept_sampled, target_probs
 
 # GenerationConfig controls speculative generation follows exactly; every other control must keep its default.
@@ -168,9 +168,15 @@ def _run(llama: Any, prompt: List[int], max_gen_len: int, drafter: Drafter, k: i
     total_len = min(model.params.max_seq_len, len(prompt) + max_gen_len)
     tokens = list(prompt)  # the prompt, then every accepted token; the last one is not in the cache yet
     out_logprobs: List[float] = []
+    # A drafter with observe_features (EAGLE-style) is handed the model's features of every accepted position.
+    observe = getattr(drafter, "observe_features", None)
     if len(prompt) > 1 and total_len > len(prompt):
         # The prompt but its last token: positions 0 .. len - 2. The last one is fed with the first drafts.
-        forward_last(model, torch.tensor([prompt[:-1]], dtype=torch.long, device=device), 0)
+        prefix = torch.tensor([prompt[:-1]], dtype=torch.long, device=device)
+        if observe:
+            observe(0, forward_features(model, prefix, 0, logits=False)[1][0])
+        else:
+            forward_last(model, prefix, 0)
 
     while len(tokens) < total_len:
         n_draft = min(k, total_len - len(tokens) - 1)  # a pass yields at most n_draft + 1 tokens
@@ -180,13 +186,19 @@ def _run(llama: Any, prompt: List[int], max_gen_len: int, drafter: Drafter, k: i
             raise ValueError(f"{drafter!r} proposed token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
         start = len(tokens) - 1
         feed = torch.tensor([[tokens[-1]] + drafts], dtype=torch.long, device=device)  # (1, 1 + drafts)
-        logits = forward_all(model, feed, start)[0]  # (1 + drafts, vocab): row i predicts position start + 1 + i
+        if observe:
+            logits, features = forward_features(model, feed, start)
+        else:
+            logits = forward_all(model, feed, start)
+        logits = logits[0]  # (1 + drafts, vocab): row i predicts position start + 1 + i
         if cfg.temperature == 0:
             emitted = accept_greedy(logits, drafts)
         else:
             probs = target_probs(logits, cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p)
             emitted = accept_sampled(probs, drafts, generator)
         stats.record(len(drafts), len(emitted) - 1)
+        if observe:  # the fed tokens accepted: the last one and len(emitted) - 1 drafts
+            observe(start, features[0, : len(emitted)])
         if logprobs:  # of the raw logits, as plain decoding reports them
             lp = torch.log_softmax(logits[: len(emitted)], dim=-1)
             new_lps = lp[torch.arange(len(emitted), device=device), torch.tensor(emitted, device=device)].tolist()

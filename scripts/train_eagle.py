@@ -1,0 +1,292 @@
+"""Train the EAGLE-style draft head of the bundled demo model (llama/speculative/eagle.py) from its own features.
+
+    apt-get download r-cran-janeaustenr && dpkg-deb -x r-cran-janeaustenr_*.deb corpus
+    python scripts/train_eagle.py --device cuda      # writes models/demo-eagle/ (about a minute on a GPU)
+    python scripts/train_eagle.py --steps 200        # the CPU: seconds a step (see models/demo-eagle/README.md)
+
+Data: 256-token windows of the demo's training split (train_demo's split: the last 5% of each novel is held
+out, unseen here too), half of them Austen's text and half the demo model's own greedy continuation of a
+training-split opening (what the head meets when drafting for greedy decoding). For each window the model
+(float32) gives its features f_j (the hidden state before the final norm) and its own next token g_j (argmax
+of its logits) at every position.
+
+Loss (EAGLE's): the head, given (f_j + noise, embedding of the window's token j + 1), predicts f_{j+1}:
+smooth L1 to the real f_{j+1}, plus 0.1 x cross-entropy of the model's norm and output layer on the
+prediction against g_{j+1}. Drafting feeds predictions back, so training does too (EAGLE-3's "training-time
+test"): at depth d the head's input at position j is its depth d - 1 prediction for j, and its attention
+sees what it would see while drafting: the real pairs up to position j - d + 1, then its own predicted pairs
+for the positions after (a mask over the keys of every depth). The losses of depths 1..DEPTH are averaged.
+
+Seeded and reproducible (bit for bit with the same torch, device and thread count). Prints, on held-out
+windows, how often the head's draft at depth d equals the model's greedy token when depths before it did.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # `import llama` from this checkout, installed or not
+sys.path.insert(0, str(REPO / "scripts"))
+
+import austen  # noqa: E402
+from train_demo import HOLDOUT, Corpus  # noqa: E402  (the demo's own split and windows)
+from llama.generation import Llama  # noqa: E402
+from llama.model import TransformerBlock, apply_rotary_emb  # noqa: E402
+from llama.speculative.eagle import EagleHead, head_args  # noqa: E402
+from llama.speculative.forward import forward_features  # noqa: E402
+from llama.tokenizer import Tokenizer  # noqa: E402
+
+# The recipe of the shipped head. The block: the demo's shape with a smaller FFN (512, not 704).
+HEAD_PARAMS = dict(dim=256, n_layers=1, n_heads=8, n_kv_heads=4, multiple_of=64, ffn_dim_multiplier=0.75,
+                   norm_eps=1e-5, rope_theta=500000.0, vocab_size=4352)
+SEQ_LEN = 256  # positions per window, <|begin_of_text|> included
+TEXT_WINDOWS = 256  # windows of Austen's text
+DISTILLED = 512  # windows of the model's own greedy continuations
+OPENING = 32  # tokens of a training-split opening that the model continues
+BATCH = 8
+STEPS = 1000
+DEPTH = 2  # training-time test: chains of this many predictions
+PEAK_LR, WARMUP = 1e-3, 50  # then lr = PEAK_LR * sqrt(WARMUP / step): a run of N steps is a prefix of a longer run
+WEIGHT_DECAY = 0.01
+NOISE = 0.1  # uniform noise on the real features, times their RMS
+CE_WEIGHT = 0.1
+
+
+def novels_split() -> Tuple[list, list]:
+    novels = austen.read_novels(austen.find_rdata())
+    splits = [austen.split_holdout(text, HOLDOUT) for _, text in novels]
+    return ([(t, s[0]) for (t, _), s in zip(novels, splits)], [(t, s[1]) for (t, _), s in zip(novels, splits)])
+
+
+def distilled_windows(llama: Llama, corpus: Corpus, n: int, generator: torch.Generator, bsz: int) -> torch.Tensor:
+    """(n, SEQ_LEN): <|begin_of_text|>, OPENING tokens of the split, then the model's greedy continuation
+    (stop tokens ignored)."""
+    rows = []
+    for i in range(0, n, bsz):
+        openings = corpus.batch(min(bsz, n - i), generator)[:, : OPENING + 1].tolist()
+        out, _ = llama.generate(openings, SEQ_LEN - OPENING - 1, temperature=0, ignore_eos=True)
+        rows += [torch.tensor(o + g) for o, g in zip(openings, out)]
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def model_view(llama: Llama, windows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The model's features (bsz, SEQ_LEN, dim) and greedy next tokens (bsz, SEQ_LEN) on windows."""
+    with torch.inference_mode():
+        logits, features = forward_features(llama.model, windows, 0)
+    return features.clone(), logits.argmax(-1)
+
+
+def attend_depths(layer: TransformerBlock, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  keys: List[torch.Tensor], values: List[torch.Tensor]) -> torch.Tensor:
+    """The block at depth d = len(keys) + 1 over whole sequences: its query at position j reads depth 1's
+    keys at positions <= j - d + 1 and depth e's key at position j - d + e (e = 2..d), as drafting does.
+    Appends this depth's keys and values to `keys`, `values`."""
+    bsz, seqlen, _ = h.shape
+    attn = layer.attention
+    x = layer.attention_norm(h)
+    q = attn.wq(x).view(bsz, seqlen, attn.n_local_heads, attn.head_dim)
+    k = attn.wk(x).view(bsz, seqlen, attn.n_local_kv_heads, attn.head_dim)
+    v = attn.wv(x).view(bsz, seqlen, attn.n_local_kv_heads, attn.head_dim)
+    q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (bsz, heads, seqlen, head_dim)
+    keys.append(k)
+    values.append(v)
+    depth = len(keys)
+    rows = torch.arange(seqlen, device=h.device)[:, None]
+    cols = torch.arange(seqlen, device=h.device)[None, :]
+    masks = [cols <= rows - depth + 1] + [cols == rows - depth + e for e in range(2, depth + 1)]
+    mask = torch.cat(masks, dim=1)  # (seqlen, depth * seqlen)
+    out = F.scaled_dot_product_attention(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), attn_mask=mask,
+                                         enable_gqa=attn.n_local_heads != attn.n_local_kv_heads)
+    h = h + attn.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+    return h + layer.feed_forward(layer.ffn_norm(h))
+
+
+def head_losses(head: EagleHead, llama: Llama, windows: torch.Tensor, features: torch.Tensor,
+                greedy: torch.Tensor, noise: float, depth: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """(loss, [per depth: (bsz, SEQ_LEN - 1) bool, draft equals the model's greedy token])."""
+    model = llama.model
+    emb = model.tok_embeddings(windows[:, 1:])  # (bsz, S - 1, dim): token j + 1 for pair j
+    real = features[:, :-1]  # f_j, j = 0 .. S - 2
+    target_f, target_t = features[:, 1:], greedy[:, 1:]  # f_{j+1}, g_{j+1}
+    if noise:
+        scale = real.pow(2).mean().sqrt() * noise
+        real = real + (torch.rand_like(real) * 2 - 1) * scale
+    seqlen = real.shape[1]
+    cos, sin = head.rope_cos[:seqlen], head.rope_sin[:seqlen]
+    caches = [([], []) for _ in head.layers]
+    feat, total, right = real, 0.0, []
+    for d in range(depth):
+        h = head.fc(torch.cat([feat, emb], dim=-1))
+        for layer, (keys, values) in zip(head.layers, caches):
+            h = attend_depths(layer, h, cos, sin, keys, values)
+        logits = model.output(model.norm(h)).float()  # the model's own norm and output layer
+        total = total + F.smooth_l1_loss(h, target_f) + CE_WEIGHT * F.cross_entropy(logits.transpose(1, 2), target_t)
+        right.append(logits.argmax(-1) == target_t)
+        feat = torch.cat([real[:, :1], h[:, :-1]], dim=1)  # position j's input at the next depth: prediction j
+    return total / depth, right
+
+
+def accept_rates(right: List[torch.Tensor]) -> List[float]:
+    """Per depth d: P(draft d right | drafts 1..d-1 right). A chain started at position j - d + 1 reaches
+    position j at depth d, so its earlier drafts are depth e's at position j - d + e."""
+    rates, chain = [], None
+    for d, r in enumerate(right):
+        now = r[:, d:]  # (bsz, S - 1 - d): chains starting at 0 .. ; depth d + 1 at position start + d
+        before = torch.ones_like(now)
+        for e in range(d):
+            before &= right[e][:, e : e + now.shape[1]]
+        rates.append(float((now & before).sum() / before.sum().clamp(min=1)))
+    return rates
+
+
+def lr_at(step: int) -> float:
+    """Linear warm-up, then inverse square root: independent of the run's length."""
+    return PEAK_LR * min((step + 1) / WARMUP, math.sqrt(WARMUP / (step + 1)))
+
+
+def dataset(llama: Llama, corpus: Corpus, n_text: int, n_distilled: int, generator: torch.Generator,
+            bsz: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Windows (n, SEQ_LEN), the model's features on them (n, SEQ_LEN, dim) in bf16 (to halve the memory)
+    and its greedy next tokens (n, SEQ_LEN): computed once, then sampled from."""
+    parts = [corpus.batch(n_text, generator)[:, :SEQ_LEN]] if n_text else []
+    if n_distilled:
+        parts.append(distilled_windows(llama, corpus, n_distilled, generator, bsz))
+    windows = torch.cat(parts)
+    feats, greedy = [], []
+    for chunk in windows.split(bsz):
+        f, g = model_view(llama, chunk.to(llama.model.rope_cos.device))
+        feats.append(f.to(torch.bfloat16))
+        greedy.append(g)
+    return windows, torch.cat(feats), torch.cat(greedy)
+
+
+def write_head(head: EagleHead, out: Path) -> None:
+    """consolidated.00.pth (bf16, Meta-style names), params.json, checklist.chk (md5, as Meta ships)."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = {name: t.detach().to("cpu", torch.bfloat16).clone() for name, t in head.state_dict().items()}
+    torch.save(state, out / "consolidated.00.pth")
+    (out / "params.json").write_text(json.dumps(HEAD_PARAMS, indent=2) + "\n")
+    lines = [f"{hashlib.md5((out / n).read_bytes()).hexdigest()}  {n}" for n in ("consolidated.00.pth", "params.json")]
+    (out / "checklist.chk").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--batch", type=int, default=BATCH)
+    p.add_argument("--text-windows", type=int, default=TEXT_WINDOWS)
+    p.add_argument("--distilled", type=int, default=DISTILLED)
+    p.add_argument("--depth", type=int, default=DEPTH)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=100, help="also write the head every this many steps")
+    p.add_argument("--out", default=str(REPO / "models" / "demo-eagle"))
+    p.add_argument("--report", default="", help="also write the figures printed to this JSON file")
+    opts = p.parse_args()
+    t0 = time.time()
+    torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+    device = torch.device(opts.device)
+    demo = REPO / "models" / "demo"
+    # fast=False: the fast layers' packed products have no backward, and the head's loss runs through the
+    # model's output layer.
+    llama = Llama.build(str(demo), str(demo / "tokenizer.model"), max_seq_len=SEQ_LEN, max_batch_size=32,
+                        device=opts.device, dtype=torch.float32, fast=False)
+    for param in llama.model.parameters():
+        param.requires_grad_(False)
+    train_novels, held_novels = novels_split()
+    train, held = Corpus(llama.tokenizer, train_novels), Corpus(llama.tokenizer, held_novels)
+    generator = torch.Generator().manual_seed(opts.seed)
+    windows, features, greedy = dataset(llama, train, opts.text_windows, opts.distilled, generator, 32)
+    held_windows, held_features, held_greedy = dataset(llama, held, 16, 16, torch.Generator().manual_seed(1), 32)
+    print(f"data: {len(windows)} training windows ({opts.distilled} distilled), {len(held_windows)} held-out "
+          f"({time.time() - t0:.0f} s)", flush=True)
+
+    head = EagleHead(head_args(HEAD_PARAMS, SEQ_LEN)).to(device)
+    for name, param in head.named_parameters():  # GPT-2 style, as train_demo
+        if name.endswith("norm.weight"):
+            torch.nn.init.ones_(param)
+        else:
+            torch.nn.init.normal_(param, std=0.02)
+    decay = [q for q in head.parameters() if q.dim() == 2]
+    no_decay = [q for q in head.parameters() if q.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=PEAK_LR, betas=(0.9, 0.95))
+    n_params = sum(q.numel() for q in head.parameters())
+    print(f"head: {HEAD_PARAMS}, {n_params / 1e6:.2f} M parameters; {opts.steps} steps of {opts.batch} x "
+          f"{SEQ_LEN}, depth {opts.depth}", flush=True)
+
+    def losses(idx: torch.Tensor, data: Tuple, noise: float, depth: int):
+        w, f, g = (t[idx].to(device) for t in data)
+        # bf16 autocast: the matrix products in bf16 (twice as fast on CPUs that have it), the rest float32.
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return head_losses(head, llama, w, f.float(), g, noise, depth)
+
+    def held_rates() -> List[float]:
+        head.eval()
+        with torch.no_grad():
+            rights = [losses(idx, (held_windows, held_features, held_greedy), 0.0, 4)[1]
+                      for idx in torch.arange(len(held_windows)).split(opts.batch)]
+        head.train()
+        return accept_rates([torch.cat(r) for r in zip(*rights)])
+
+    train_start = time.time()
+    history: List[Dict] = []
+    for step in range(opts.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        idx = torch.randint(len(windows), (opts.batch,), generator=generator)
+        loss, right = losses(idx, (windows, features, greedy), NOISE, opts.depth)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+        optimizer.step()
+        if step % 25 == 0 or step == opts.steps - 1:
+            elapsed = time.time() - train_start
+            print(f"step {step:5d}/{opts.steps}  loss {loss.item():.4f}  train accept "
+                  f"{[round(r, 3) for r in accept_rates(right)]}  {elapsed:.0f} s ({elapsed / (step + 1):.2f} s/step)",
+                  flush=True)
+        if (step + 1) % opts.save_every == 0 or step == opts.steps - 1:
+            rates = held_rates()
+            history.append({"step": step + 1, "loss": loss.item(), "held_out_accept_by_depth": rates})
+            print(f"  step {step + 1}: held-out accept by depth {[round(r, 3) for r in rates]}, "
+                  f"mean accepted length (4 drafts) about {expected_length(rates):.2f}; written", flush=True)
+            write_head(head, Path(opts.out))
+    train_seconds = time.time() - train_start
+    rates = history[-1]["held_out_accept_by_depth"]
+    print(f"trained in {train_seconds:.0f} s, {time.time() - t0:.0f} s in all; wrote {opts.out}")
+    if opts.report:
+        Path(opts.report).write_text(json.dumps({
+            "device": str(device), "torch": torch.__version__, "threads": opts.threads, "steps": opts.steps,
+            "batch": opts.batch, "depth": opts.depth, "seed": opts.seed, "text_windows": opts.text_windows,
+            "distilled": opts.distilled, "params": HEAD_PARAMS, "n_params": n_params,
+            "train_seconds": train_seconds, "total_seconds": time.time() - t0,
+            "held_out_accept_by_depth": rates, "expected_mean_accepted_length_k4": expected_length(rates),
+            "history": history,
+        }, indent=1))
+
+
+def expected_length(rates: List[float]) -> float:
+    """Tokens a verify pass of a chain of len(rates) drafts yields if each draft is right with these
+    conditional odds: 1 + the sum of the chain's cumulative products."""
+    tau, chain = 1.0, 1.0
+    for r in rates:
+        chain *= r
+        tau += chain
+    return tau
+
+
+if __name__ == "__main__":
+    main()
