@@ -53,19 +53,17 @@ def read_only(words: torch.Tensor) -> torch.Tensor:
     return (words ^ _FLIP_BYTE_SIGNS).amax(-1)
 
 
-def triton_forms():
-    """{name: fn(x, words_perm, scale)} of the hand-written kernels, or {} without Triton."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return {}
-    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw)
-               for bn, bk, nw in [(1, 256, 2), (1, 512, 4), (2, 256, 4), (2, 512, 4), (4, 256, 4), (4, 512, 8),
-                                  (8, 128, 4), (8, 256, 8), (16, 128, 8)]]
+try:  # the hand-written kernels: module-level, as Triton's JIT resolves names among a module's globals
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
 
     @triton.jit
-    def byte_bits(words, j: tl.constexpr, PRMT: tl.constexpr):
+    def _byte_bits(words, j: tl.constexpr, PRMT: tl.constexpr):
+        """float32 bits of 2**23 + byte j of each word."""
         if PRMT:  # result bytes: byte j of the word, then bytes 1..3 of 0x4B000000 (selector 0x765j)
             magic = tl.full(words.shape, 0x4B000000, tl.int32)
             select = tl.full(words.shape, 0x7650 + j, tl.int32)
@@ -73,27 +71,38 @@ def triton_forms():
                                              dtype=tl.int32, is_pure=True, pack=1)
         return ((words >> (8 * j)) & 0xFF) | 0x4B000000
 
-    @triton.autotune(configs=configs, key=["N", "K4"])
+    @triton.autotune(
+        configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=nw)
+                 for bn, bk, nw in [(1, 256, 2), (1, 512, 4), (2, 256, 4), (2, 512, 4), (4, 256, 4), (4, 512, 8),
+                                    (8, 128, 4), (8, 256, 8), (16, 128, 8)]],
+        key=["N", "K4"],
+    )
     @triton.jit
-    def kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K4: tl.constexpr, PRMT: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr):
+    def _matvec_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K4: tl.constexpr, PRMT: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K4, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
-            words = tl.load(w_ptr + rows[:, None] * K4 + cols[None, :]) ^ -2139062144
+            words = tl.load(w_ptr + rows[:, None] * K4 + cols[None, :]) ^ -2139062144  # 0x80808080
             for j in tl.static_range(4):
                 xj = tl.load(x_ptr + j * K4 + cols).to(tl.float32)
-                w = byte_bits(words, j, PRMT).to(tl.float32, bitcast=True) - 8388736.0
+                w = _byte_bits(words, j, PRMT).to(tl.float32, bitcast=True) - 8388736.0
                 acc += w * xj[None, :]
         y = tl.sum(acc, axis=1) * tl.load(s_ptr + rows)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty))
+
+
+def triton_forms():
+    """{name: fn(x, words_perm, scale)} of the hand-written kernels, or {} without Triton."""
+    if triton is None:
+        return {}
 
     def make(prmt: bool):
         def run(x, words, scale):
             n, k4 = words.shape
             y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-            kernel[lambda meta: (n // meta["BLOCK_N"],)](x, words, scale, y, n, k4, prmt)
+            _matvec_kernel[lambda meta: (n // meta["BLOCK_N"],)](x, words, scale, y, n, k4, prmt)
             return y
         return run
 
@@ -121,7 +130,7 @@ def main() -> None:
     p.add_argument("--code", default=None, help="directory for inductor's code (w13) and the PTX counts")
     opts = p.parse_args()
 
-    import triton.testing
+    from triton.testing import do_bench
 
     torch._dynamo.config.cache_size_limit = 64
     device = torch.device("cuda", 0)
@@ -162,7 +171,7 @@ def main() -> None:
                     with open(os.path.join(opts.code, f"inductor_{name}.py"), "w") as f:
                         f.write("\n\n# ----\n\n".join(codes))
                 y = compiled(x)
-                t = triton.testing.do_bench(lambda: compiled(x), warmup=25, rep=200, return_mode="median") * 1e-3
+                t = do_bench(lambda: compiled(x), warmup=25, rep=200, return_mode="median") * 1e-3
             except Exception as e:  # a form that fails to compile is reported, not fatal
                 print(f"{shape:7s} {name:12s} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
@@ -176,8 +185,8 @@ def main() -> None:
             for name, fn in hand.items():
                 try:
                     y = fn(x, perm, scale)
-                    t = triton.testing.do_bench(lambda: fn(x, perm, scale), warmup=25, rep=200,
-                                                return_mode="median") * 1e-3
+                    t = do_bench(lambda fn=fn, pw=perm: fn(x, pw, scale), warmup=25, rep=200,
+                                 return_mode="median") * 1e-3
                 except Exception as e:
                     print(f"{shape:7s} {name:12s} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
                     continue
