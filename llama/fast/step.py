@@ -87,8 +87,6 @@ class DecodeStep:
         self.model = model
         self.compiled = None
         if compile:
-            if fs_init.get_model_parallel_world_size() > 1:
-                raise ValueError("compile=True needs one model-parallel rank (fairscale's collectives don't compile)")
             self.compiled = torch.compile(self._step, options=compile_options(), fullgraph=True, dynamic=False)
 
     def _step(self, tokens: torch.Tensor, positions: Positions, kv_len: int) -> torch.Tensor:
