@@ -7,7 +7,7 @@ Forms (x (1, K) bf16, Q (N, K) int8, per-row scales):
 - bf16:        F.linear(x, W) with W in bf16: the float step's product, for comparison.
 - dequantize:  F.linear(x, Q.to(bf16)) * scale: the written-out form (gpt-fast's); at one row inductor turns
                it into a reduction that converts each byte with the int-to-float instruction.
-- matvec:      llama.fast.quantize.int8_matvec: the bytes of int32 words put into float32 2**23's mantissa.
+- matvec:      int8_matvec below: the bytes of int32 words put into float32 2**23's mantissa, no I2F.
 - matvec-perm: the same on a weight whose columns are permuted so that the 4 bytes of a word multiply 4
                contiguous slices of x (x read contiguously; a diagnostic of what the strided x reads cost).
 - read:        a reduction that only reads Q as int32 words (max): the ceiling for one pass over the bytes.
@@ -28,12 +28,37 @@ import torch
 import torch.nn.functional as F
 
 from bench.bandwidth import measure_read_bandwidth
-from llama.fast.quantize import _BYTE_OFFSET, _FLIP_BYTE_SIGNS, _TWO_POW_23_BITS, int8_matvec, quantize_int8
+from llama.fast.quantize import quantize_int8
 from llama.fast.step import compile_options
 
 SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336),
           "output": (128256, 4096)}
 PER_STEP = {"wqkv": 32, "wo": 32, "w13": 32, "w2": 32, "output": 1}  # products of each shape in an 8B step
+
+
+# 0x4B000000 is float32 2**23, whose last mantissa bit is worth 1, so with a byte u (0..255) in its low 8 bits
+# the float is exactly 2**23 + u; 0x80808080 (as an int32) flips every byte's top bit, which maps a
+# two's-complement byte b to the unsigned byte b + 128.
+_TWO_POW_23_BITS = 0x4B000000
+_FLIP_BYTE_SIGNS = 0x80808080 - 2**32
+_BYTE_OFFSET = 2.0**23 + 128
+
+
+def int8_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(x Q^T) * scale in float32, returned in x's dtype, without an int-to-float instruction: x (M, K), Q (N, K)
+    int8 (K a multiple of 4, contiguous, little-endian), scale (N,). Q is read as int32 words (byte j of word i
+    is column 4i + j); each byte's sign bit is flipped (b -> b + 128, unsigned) and the byte put into the low
+    mantissa bits of float32 2**23, giving 2**23 + b + 128 exactly; subtracting 2**23 + 128 leaves b exactly.
+    (Measured slower than the plain form on an H200: docs/quantization.md.)"""
+    n, k = q.shape
+    words = q.view(torch.int32) ^ _FLIP_BYTE_SIGNS  # (N, K/4)
+    xs = x.float().unflatten(-1, (k // 4, 4))  # (M, K/4, 4): xs[m, i, j] multiplies byte j of word i
+    acc = None
+    for j in range(4):
+        w = (((words >> (8 * j)) & 0xFF) | _TWO_POW_23_BITS).view(torch.float32) - _BYTE_OFFSET  # (N, K/4)
+        term = w * xs[:, None, :, j]  # (M, N, K/4)
+        acc = term if acc is None else acc + term
+    return (acc.sum(-1) * scale.float()).to(x.dtype)
 
 
 def matvec_perm(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 from llama import Llama
 from llama.checkpoints.convert import convert
 from llama.distributed import init_distributed
-import llama.fast.quantize as quantize
-from llama.fast.quantize import Int8Linear, int8_matvec, int8pack_mm_works, quantize_int8
+from llama.fast.quantize import Int8Linear, int8pack_mm_works, quantize_int8
 
 from helpers import SMALL_GQA, SMALL_MHA, subprocess_env
 
@@ -83,30 +82,6 @@ def test_int8_linear_equals_f_linear_on_the_dequantized_weight(kernel, shape):
     y = layer(x)
     assert y.shape == (*shape[:-1], 48) and y.dtype == torch.float32
     torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_int8_matvec_equals_f_linear_on_the_dequantized_weight(dtype):
-    """The byte-in-mantissa form gives every int8 value exactly: each byte of a word, the extremes +-127, 0 and
-    -1 among them (-1 is all ones: a sign bit not flipped would show), so the product is F.linear's on the
-    dequantized weight to float32 summation order."""
-    g = torch.Generator().manual_seed(11)
-    q = torch.randint(-127, 128, (40, 64), generator=g, dtype=torch.int8)
-    q[0, :8] = torch.tensor([-127, 127, 0, -1, 1, -128 + 1, 64, -64], dtype=torch.int8)
-    scale = torch.rand(40, generator=g) / 100
-    x = torch.randn(1, 64, generator=g).to(dtype)
-    expected = F.linear(x.double(), dequantized(q, scale).double())
-    y = int8_matvec(x, q, scale)
-    assert y.shape == (1, 40) and y.dtype == dtype
-    tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding
-    torch.testing.assert_close(y.double(), expected, rtol=tol, atol=tol)
-    unit = torch.zeros(1, 64, dtype=dtype)
-    for col in (0, 1, 2, 3, 63):  # one column at a time: byte j of a word lands on column 4i + j
-        unit.zero_()
-        unit[0, col] = 1
-        assert torch.equal(int8_matvec(unit, q, torch.ones(40)).float(), q[:, col].float()[None]), col
-    with pytest.raises(ValueError, match="multiple of 4"):
-        int8_matvec(torch.randn(1, 62), q[:, :62].contiguous(), scale)
 
 
 def test_state_dict_holds_metas_keys_with_the_dequantized_weights(tiny_checkpoint, tiny_llama):
@@ -315,34 +290,14 @@ def test_compiled_int8_step_gives_the_eager_greedy_tokens_and_logprobs(tiny_llam
         torch.testing.assert_close(torch.tensor(row_c), torch.tensor(row), rtol=0, atol=1e-5)
 
 
-def _compiled_one_row_step_matches_eager(tiny_llama, device, dtype, monkeypatch):
-    """A batch-1 compiled int8 step, its one-row products through int8_matvec, against the eager step."""
-    monkeypatch.setattr(quantize, "MATVEC_DEVICES", ("cuda", device))
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_compiled_batch_one_int8_step_gives_the_eager_greedy_tokens(tiny_llama):
+    """On CUDA the compiled one-row products are inductor's own reductions (not the eager kernel): the same
+    float32 greedy tokens, log-probabilities to summation order."""
     prompts = [[256, 5, 6, 7]]
-    kwargs = dict(params=PARAMS, seed=6, device=device, dtype=dtype, quantize="int8", max_batch_size=1)
-    eager = tiny_llama(**kwargs)
+    kwargs = dict(params=PARAMS, seed=6, device="cuda", dtype=torch.float32, quantize="int8", max_batch_size=1)
+    tokens, logprobs = tiny_llama(**kwargs).generate(prompts, max_gen_len=12, temperature=0, logprobs=True)
     compiled = tiny_llama(**kwargs, compile=True)
-    tokens, logprobs = eager.generate(prompts, max_gen_len=12, temperature=0, logprobs=True)
     tokens_c, logprobs_c = compiled.generate(prompts, max_gen_len=12, temperature=0, logprobs=True)
     assert tokens_c == tokens
     torch.testing.assert_close(torch.tensor(logprobs_c[0]), torch.tensor(logprobs[0]), rtol=0, atol=1e-5)
-    # What was compiled: one int8_matvec (one xor of the weight's words) per product, 4 a layer + the output.
-    step = compiled.decode_step
-    token = torch.tensor([5], device=compiled.device)
-    with torch.no_grad():
-        graphs = torch._dynamo.explain(step._step)(token, token.clone(), PARAMS_MAX_SEQ_LEN).graphs
-    xors = sum("xor" in str(node.target) for graph in graphs for node in graph.graph.nodes)
-    assert xors == 4 * PARAMS["n_layers"] + 1
-
-
-PARAMS_MAX_SEQ_LEN = 64  # tiny_llama's default max_seq_len
-
-
-@pytest.mark.slow
-def test_compiled_batch_one_int8_step_through_int8_matvec_gives_the_eager_greedy_tokens(tiny_llama, monkeypatch):
-    _compiled_one_row_step_matches_eager(tiny_llama, "cpu", torch.float32, monkeypatch)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_compiled_batch_one_int8_step_gives_the_eager_greedy_tokens(tiny_llama, monkeypatch):
-    _compiled_one_row_step_matches_eager(tiny_llama, "cuda", torch.float32, monkeypatch)

@@ -19,13 +19,9 @@ Kernels: torch's own `aten._weight_int8pack_mm(x (M, K), Q (N, K) int8, scale (N
 runs (the CPU; probed once per device and dtype) for products of a few rows (decode steps), else the same
 product written out, `F.linear(x, Q.to(x.dtype)) * scale`: for many rows (a prefill) the float copy of Q costs
 less than the kernel's repeated conversions, and torch.compile can fuse this form into one kernel.
-Under torch.compile on CUDA a one-row product (a batch-1 decode step) takes `int8_matvec` instead, written so
-that inductor's kernel turns int8 into float32 without the GPU's slow int-to-float conversion instruction
-(its docstring says why; docs/quantization.md has the measurements).
 """
 
 import platform
-import sys
 import warnings
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -48,14 +44,6 @@ INT8_MAX = 127
 KERNEL_MAX_ROWS = 16
 # Rows quantized at a time: float32 temporaries stay near this many bytes, whatever the weight's size.
 CHUNK_BYTES = 256 * 2**20
-# Devices on which a compiled one-row product takes int8_matvec (where it was measured to pay).
-MATVEC_DEVICES = ("cuda",)
-# int8_matvec's constants: 0x4B000000 is float32 2**23, whose last mantissa bit is worth 1, so with a byte u
-# (0..255) in its low 8 bits the float is exactly 2**23 + u; 0x80808080 (as an int32) flips every byte's top
-# bit, which maps a two's-complement byte b to the unsigned byte b + 128.
-_TWO_POW_23_BITS = 0x4B000000
-_FLIP_BYTE_SIGNS = 0x80808080 - 2**32
-_BYTE_OFFSET = 2.0**23 + 128
 
 
 def check_quantize(quantize: Optional[str]) -> Optional[str]:
@@ -99,35 +87,6 @@ def quantize_int8(weight: torch.Tensor, absmax: Optional[torch.Tensor] = None) -
 def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Q * scale, row by row, computed in float32 and returned in `dtype`."""
     return (q.float() * scale.float()[:, None]).to(dtype)
-
-
-def int8_matvec(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(x Q^T) * scale, accumulated in float32 and returned in x's dtype: x (M, K) float, Q (N, K) int8 with
-    K a multiple of 4 and contiguous rows, scale (N,). The same as F.linear(x, Q.to(float32)) * scale up to
-    float32 summation order; meant for torch.compile with one row (M = 1), where inductor makes of it one
-    reduction kernel that reads each weight byte once.
-
-    Why it is written this way: the plain form converts each int8 weight to float with the GPU's
-    int-to-float instruction (I2F), which Hopper issues at 16 per cycle per multiprocessor, a quarter of its
-    integer and an eighth of its float32 rate; at an H200's ~4 TB/s of int8 weights that instruction, not
-    memory, bounds a decode step. Here Q is read as int32 words of 4 bytes (little-endian: byte j of word i
-    is column 4i + j), every byte's sign bit is flipped (b -> b + 128, unsigned), and each byte is put into
-    the low mantissa bits of float32 2**23, which gives 2**23 + b + 128 exactly; subtracting 2**23 + 128
-    leaves b, exactly, in float32. A shift, an and-or, a float add: no conversion instruction.
-    """
-    n, k = q.shape
-    if k % 4 or not q.is_contiguous() or sys.byteorder != "little":
-        raise ValueError(f"int8_matvec takes a contiguous int8 (N, K) weight with K a multiple of 4, got "
-                         f"{tuple(q.shape)} (contiguous: {q.is_contiguous()}, byte order {sys.byteorder})")
-    words = q.view(torch.int32) ^ _FLIP_BYTE_SIGNS  # (N, K/4), 4 unsigned bytes b + 128 a word
-    xs = x.float().unflatten(-1, (k // 4, 4))  # (M, K/4, 4): xs[m, i, j] multiplies byte j of word i
-    acc = None
-    for j in range(4):
-        bits = ((words >> (8 * j)) & 0xFF) | _TWO_POW_23_BITS  # float32 bits of 2**23 + b + 128
-        w = bits.view(torch.float32) - _BYTE_OFFSET  # (N, K/4): the int8 values of columns 4i + j, exact
-        term = w * xs[:, None, :, j]  # (M, N, K/4)
-        acc = term if acc is None else acc + term
-    return (acc.sum(-1) * scale.float()).to(x.dtype)  # (M, N)
 
 
 def quantize_row_parallel(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -198,7 +157,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale_act", scale.to(dtype), persistent=False)
         # The CPU kernel's vector loops read rows 16 elements at a time, with aligned loads.
         self.use_kernel = self.in_features % 16 == 0 and int8pack_mm_works(q.device, dtype)
-        self.matvec_ok = self.in_features % 4 == 0 and q.is_contiguous() and sys.byteorder == "little"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (M, K): the kernel takes a 2-d, contiguous input
@@ -207,9 +165,6 @@ class Int8Linear(nn.Module):
                 x2 = x2.clone(memory_format=torch.contiguous_format)  # a fresh, aligned copy
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale_act)
             y = y.view(*x.shape[:-1], self.out_features)  # (..., out_features)
-        elif (x2.shape[0] == 1 and self.matvec_ok and x.device.type in MATVEC_DEVICES
-              and torch.compiler.is_compiling()):
-            y = int8_matvec(x2, self.weight, self.scale).view(*x.shape[:-1], self.out_features)
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scale_act  # (..., out_features)
         return across_ranks(y, self.reduce, self.gather)

@@ -7,7 +7,6 @@ decode step through it, compiled by torch.compile with CUDA graphs when asked (`
 
 from typing import Dict, Optional
 
-import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 
 from llama.fast.layers import Positions, is_fast
