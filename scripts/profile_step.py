@@ -49,7 +49,7 @@ def main() -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     p.add_argument("--device", default="cuda", help="cuda (or cpu, to try the script)")
     opts = p.parse_args()
-    device = torch.device(opts.device)
+    device = torch.device("cuda", 0) if opts.device == "cuda" else torch.device(opts.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     init_distributed(device)
