@@ -74,6 +74,24 @@ def matvec_perm(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor) -> to
     return (acc.sum(-1) * scale).to(x.dtype)
 
 
+@torch.library.custom_op("int8_matvec_script::copy", mutates_args=())
+def opaque_copy(x: torch.Tensor) -> torch.Tensor:
+    """A copy inductor cannot see into: what goes in is materialised first (not inlined into the consumer)."""
+    return x.clone()
+
+
+@opaque_copy.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def swiglu_then(product, gate_up: torch.Tensor, materialise: bool = False) -> torch.Tensor:
+    """product(silu(gate) * up), gate_up (1, 2 * hidden) as w13 writes it: the feed-forward's w2 step."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    x = F.silu(gate) * up
+    return product(opaque_copy(x) if materialise else x)
+
+
 def read_only(words: torch.Tensor) -> torch.Tensor:
     return (words ^ _FLIP_BYTE_SIGNS).amax(-1)
 
@@ -151,6 +169,9 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
     p.add_argument("--diagnostic-shapes", nargs="+", choices=sorted(SHAPES), default=["w13", "w2"],
                    help="shapes for matvec-perm, read and the Triton kernels")
+    p.add_argument("--swiglu", action="store_true",
+                   help="w2 only: the product fed by silu(gate) * up, as in the step (inlined by inductor, "
+                        "materialised first, or inlined unless large: realize_opcount_threshold=8)")
     p.add_argument("--out", default="int8_matvec.json")
     p.add_argument("--code", default=None, help="directory for inductor's code (w13) and the PTX counts")
     opts = p.parse_args()
@@ -182,21 +203,40 @@ def main() -> None:
             "dequantize": (lambda x, q=q, sb=sb: F.linear(x, q.to(x.dtype)) * sb, n * k),
             "matvec": (lambda x, q=q, s=scale: int8_matvec(x, q, s), n * k),
         }
-        if shape in opts.diagnostic_shapes:
+        if opts.swiglu:
+            assert shape == "w2", "--swiglu goes with --shapes w2"
+            gate_up = torch.randn(1, 2 * k, generator=g, device=device).bfloat16()
+            gate, up = gate_up.float().chunk(2, dim=-1)
+            x = (F.silu(gate) * up).bfloat16()  # what the forms below multiply (for the reference)
+            ref = F.linear(x.float(), q.float()) * scale
+            bf16 = lambda v, wb=wb: F.linear(v, wb)  # noqa: E731
+            deq = lambda v, q=q, sb=sb: F.linear(v, q.to(v.dtype)) * sb  # noqa: E731
+            forms = {
+                "bf16+swiglu": (lambda gu, f=bf16: swiglu_then(f, gu), 2 * n * k),
+                "bf16+swiglu-materialised": (lambda gu, f=bf16: swiglu_then(f, gu, True), 2 * n * k),
+                "dequantize": (deq, n * k),
+                "dequantize+swiglu": (lambda gu, f=deq: swiglu_then(f, gu), n * k),
+                "dequantize+swiglu-materialised": (lambda gu, f=deq: swiglu_then(f, gu, True), n * k),
+                "dequantize+swiglu-threshold8": (lambda gu, f=deq: swiglu_then(f, gu), n * k),
+            }
+        elif shape in opts.diagnostic_shapes:
             forms["matvec-perm"] = (lambda x, pw=perm, s=scale: matvec_perm(x, pw, s), n * k)
             forms["read"] = (lambda x, pw=perm: read_only(pw), n * k)
         for name, (fn, nbytes) in forms.items():
-            compiled = torch.compile(fn, options=options, fullgraph=True, dynamic=False)
+            extra = {"realize_opcount_threshold": 8} if name.endswith("threshold8") else {}
+            compiled = torch.compile(fn, options={**options, **extra}, fullgraph=True, dynamic=False)
+            arg = gate_up if "swiglu" in name else x
             try:
-                if opts.code and shape == "w13" and name in ("dequantize", "matvec", "matvec-perm"):
+                if opts.code and (shape == "w13" and name in ("dequantize", "matvec", "matvec-perm")
+                                  or "swiglu" in name and "bf16" not in name):
                     from torch._inductor.utils import run_and_get_code
 
-                    _, codes = run_and_get_code(compiled, x)
+                    _, codes = run_and_get_code(compiled, arg)
                     os.makedirs(opts.code, exist_ok=True)
                     with open(os.path.join(opts.code, f"inductor_{name}.py"), "w") as f:
                         f.write("\n\n# ----\n\n".join(codes))
-                y = compiled(x)
-                t = do_bench(lambda: compiled(x), warmup=25, rep=200, return_mode="median") * 1e-3
+                y = compiled(arg)
+                t = do_bench(lambda: compiled(arg), warmup=25, rep=200, return_mode="median") * 1e-3
             except Exception as e:  # a form that fails to compile is reported, not fatal
                 print(f"{shape:7s} {name:12s} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
@@ -206,7 +246,7 @@ def main() -> None:
             results["rows"].append(row)
             print(f"{shape:7s} {name:12s} {t * 1e6:8.1f} us {row['gb_s']:7.0f} GB/s "
                   f"{100 * row['fraction_of_read_bandwidth']:5.1f}%  rel err {rel}", flush=True)
-        if shape in opts.diagnostic_shapes:
+        if shape in opts.diagnostic_shapes and not opts.swiglu:
             for name, fn in hand.items():
                 try:
                     y = fn(x, perm, scale)
