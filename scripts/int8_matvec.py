@@ -2,6 +2,10 @@
 step, at the Llama 3 8B shapes: time, GB/s of weights read and % of the measured read bandwidth.
 
     python scripts/int8_matvec.py [--shapes wqkv wo w13 w2 output] [--out int8_matvec.json] [--code DIR]
+    python scripts/int8_matvec.py --shapes w2 --swiglu
+
+Measured on an H200 (bench/results/GPU_RESULTS.md, issue 18): no form beat `dequantize`; the same int8 w2
+product took 25.6 us in one process and 71.3 us in another (inductor's tuning).
 
 Forms (x (1, K) bf16, Q (N, K) int8, per-row scales):
 - bf16:        F.linear(x, W) with W in bf16: the float step's product, for comparison.
@@ -13,6 +17,8 @@ Forms (x (1, K) bf16, Q (N, K) int8, per-row scales):
 - read:        a reduction that only reads Q as int32 words (max): the ceiling for one pass over the bytes.
 - triton, triton-prmt: a hand-written Triton kernel of the matvec-perm form (shift-and-or, or one `prmt`
                a byte), autotuned over a few block shapes: what a kernel outside inductor would reach.
+With --swiglu (w2 only): bf16 and int8 w2 fed by silu(gate) * up as in the step, inlined by inductor,
+materialised first (an opaque copy) or inlined unless large (realize_opcount_threshold=8).
 Each form is checked against F.linear in float32 on the dequantized weight. With --code, inductor's generated
 code for the w13 shape and the conversion instructions in every PTX file Triton wrote are saved/counted.
 """
