@@ -47,6 +47,26 @@ def test_two_shards_on_two_processes_match_one_shard(tiny_checkpoint, tmp_path, 
     assert one["text"] == two["text"]
 
 
+def test_compiled_step_on_two_processes_gives_one_process_greedy_tokens(tiny_checkpoint, tmp_path):
+    """compile=True under torchrun: the decode step's all-reduces and the logits' gather compile (torch's
+    functional collectives, over gloo here); its float32 greedy tokens and log-probabilities, at batch 1 and
+    2, are one process's eager ones (log-probabilities to summation order)."""
+    one_shard, two_shards = (tiny_checkpoint(dict(SMALL_GQA, vocab_size=512), seed=4, n_shards=n) for n in (1, 2))
+    worker = str(ROOT / "tests" / "compiled_mp_worker.py")
+    single = run_single(worker, str(one_shard.dir), str(tmp_path / "one.pt"), "eager")
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = torchrun(2, worker, str(two_shards.dir), str(tmp_path / "two.pt"), "compile", timeout=600)
+    assert double.returncode == 0, double.stderr[:4000] + "\n...\n" + double.stderr[-2000:]
+    one = torch.load(tmp_path / "one.pt", weights_only=True)
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
+    assert (one["world"], two["world"]) == (1, 2)
+    for batch in ("one", "two"):
+        (tokens, logprobs), (tokens_2, logprobs_2) = one["results"][batch], two["results"][batch]
+        assert tokens_2 == tokens, batch
+        for row, row_2 in zip(logprobs, logprobs_2):
+            torch.testing.assert_close(torch.tensor(row_2), torch.tensor(row), rtol=0, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def real_vocab_ckpt(tiny_checkpoint):
     """A tiny random model with Meta's 128256-token vocabulary, in 1 and 2 shards (bf16, as Meta ships)."""

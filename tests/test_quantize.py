@@ -288,3 +288,16 @@ def test_compiled_int8_step_gives_the_eager_greedy_tokens_and_logprobs(tiny_llam
     assert tokens_c == tokens
     for row, row_c in zip(logprobs, logprobs_c):
         torch.testing.assert_close(torch.tensor(row_c), torch.tensor(row), rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_compiled_batch_one_int8_step_gives_the_eager_greedy_tokens(tiny_llama):
+    """On CUDA the compiled one-row products are inductor's own reductions (not the eager kernel): the same
+    float32 greedy tokens, log-probabilities to summation order."""
+    prompts = [[256, 5, 6, 7]]
+    kwargs = dict(params=PARAMS, seed=6, device="cuda", dtype=torch.float32, quantize="int8", max_batch_size=1)
+    tokens, logprobs = tiny_llama(**kwargs).generate(prompts, max_gen_len=12, temperature=0, logprobs=True)
+    compiled = tiny_llama(**kwargs, compile=True)
+    tokens_c, logprobs_c = compiled.generate(prompts, max_gen_len=12, temperature=0, logprobs=True)
+    assert tokens_c == tokens
+    torch.testing.assert_close(torch.tensor(logprobs_c[0]), torch.tensor(logprobs[0]), rtol=0, atol=1e-5)

@@ -27,6 +27,7 @@ from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallel
 from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_region, reduce_from_model_parallel_region
 from torch import nn
 
+from llama.fast.collectives import traced_across_ranks
 from llama.model import Attention, FeedForward, Transformer, apply_rotary_emb
 
 # Where new tokens go in the KV cache: one int for every row (the reference's start_pos), or a (bsz,) tensor
@@ -49,7 +50,10 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
 
 def across_ranks(y: torch.Tensor, reduce: bool, gather: bool) -> torch.Tensor:
     """A rank's product made whole as fairscale makes it: all-reduced (row-parallel layers) or gathered
-    (column-parallel layers with gather_output)."""
+    (column-parallel layers with gather_output). Under torch.compile, with torch's functional collectives
+    (llama.fast.collectives: fairscale's do not compile)."""
+    if (reduce or gather) and torch.compiler.is_compiling():
+        return traced_across_ranks(y, reduce, gather)
     if reduce:
         y = reduce_from_model_parallel_region(y)
     if gather:
@@ -118,14 +122,23 @@ class FastLinear(nn.Module):
 
 
 class FastEmbedding(nn.Module):
-    """A VocabParallelEmbedding of one rank: a plain lookup."""
+    """A VocabParallelEmbedding: with one rank a plain lookup; with several, fairscale's (this rank's rows
+    of the table, vocab_start on; zeros for tokens outside them; summed over the ranks) written without
+    in-place masking, so that torch.compile traces it."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, vocab_start: int = 0, reduce: bool = False):
         super().__init__()
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        self.vocab_start = vocab_start
+        self.reduce = reduce
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.embedding(tokens, self.weight)
+        if not self.reduce:
+            return F.embedding(tokens, self.weight)
+        local = tokens - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        h = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0.0)
+        return across_ranks(h, reduce=True, gather=False)  # (..., dim): each token's row from its rank
 
 
 def _fast(linear: nn.Module, pack: bool) -> FastLinear:
@@ -234,8 +247,10 @@ def use_fast_layers(model: Transformer, pack: bool = True) -> None:
         layer.attention = FastAttention(layer.attention, pack)
         layer.feed_forward = FastFeedForward(layer.feed_forward, pack)
     model.output = _fast(model.output, pack)
-    if isinstance(model.tok_embeddings, VocabParallelEmbedding) and fs_init.get_model_parallel_world_size() == 1:
-        model.tok_embeddings = FastEmbedding(model.tok_embeddings.weight)
+    if isinstance(model.tok_embeddings, VocabParallelEmbedding):
+        embedding = model.tok_embeddings
+        model.tok_embeddings = FastEmbedding(embedding.weight, embedding.vocab_start_index,
+                                             reduce=fs_init.get_model_parallel_world_size() > 1)
 
     def in_meta_order(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
         for key in meta_keys:  # fused layers write their parts together: put every key back in Meta's place

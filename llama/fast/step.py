@@ -7,7 +7,6 @@ decode step through it, compiled by torch.compile with CUDA graphs when asked (`
 
 from typing import Dict, Optional
 
-import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 
 from llama.fast.layers import Positions, is_fast
@@ -87,8 +86,6 @@ class DecodeStep:
         self.model = model
         self.compiled = None
         if compile:
-            if fs_init.get_model_parallel_world_size() > 1:
-                raise ValueError("compile=True needs one model-parallel rank (fairscale's collectives don't compile)")
             self.compiled = torch.compile(self._step, options=compile_options(), fullgraph=True, dynamic=False)
 
     def _step(self, tokens: torch.Tensor, positions: Positions, kv_len: int) -> torch.Tensor:
