@@ -8,7 +8,7 @@ Each `step`:
    freed and it goes back to the front of the queue with everything it generated, to be recomputed (prefilled
    again, prompt and generation) when blocks free up. Its sampler, random stream included, is kept: the
    recomputed positions are not sampled again, so its output is what it would have been.
-2. runs one paged_forward over every scheduled chunk;
+2. runs one forward over every scheduled chunk (llama.serve.decode.StepForward);
 3. samples, for each sequence whose chunk reached its end, the next token with the request's own Sampler
    (llama.sampling: its own controls and, with a seed, its own random stream), records its logprob, and
    retires finished sequences at once, freeing their blocks.
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from llama.config import GenerationConfig, resolve_config
 from llama.generation import Llama, check_prompt
 from llama.sampling import Context, Sampler, greedy, make_sampler
-from llama.serve.forward import Chunk, paged_forward
+from llama.serve.decode import StepForward
+from llama.serve.forward import Chunk
 from llama.serve.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, blocks_for_budget
 from llama.streaming import LENGTH, STOP_STRING, STOP_TOKEN, TextStream
 
@@ -100,6 +101,9 @@ class Engine:
         block_size: positions per block.
         max_step_tokens: most tokens fed in one step; longer prompts are prefilled in chunks.
         max_running: most sequences in the running batch.
+        decode: how decode-only steps run (llama.serve.decode.DECODE_MODES): "auto" (CUDA graphs over a
+            paged attention kernel on CUDA with Triton, the simple gather path elsewhere), "simple",
+            "kernel" or "graphs".
     """
 
     def __init__(
@@ -112,6 +116,7 @@ class Engine:
         block_size: int = DEFAULT_BLOCK_SIZE,
         max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS,
         max_running: int = 256,
+        decode: str = "auto",
     ):
         for name, value in (("max_step_tokens", max_step_tokens), ("max_running", max_running)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -125,6 +130,7 @@ class Engine:
         blocks = blocks_for_budget(self.model, block_size, n_blocks=n_blocks, memory_bytes=memory_bytes,
                                    memory_fraction=memory_fraction)
         self.cache = PagedKVCache(self.model, blocks, block_size)
+        self.forward = StepForward(self.model, self.cache, max_running, decode)
         self.max_step_tokens = max_step_tokens
         self.max_running = max_running
         self.waiting: Deque[_Sequence] = deque()
@@ -264,7 +270,7 @@ class Engine:
         if not scheduled:
             return []
         chunks = [Chunk(seq.tokens[seq.n_cached : seq.n_cached + n], seq.n_cached, seq.table) for seq, n in scheduled]
-        logits = paged_forward(self.model, self.cache, chunks)  # (S, vocab)
+        logits = self.forward(chunks)  # (S, vocab)
         self.steps += 1
         ready = []  # the sequences whose chunk reached their end, and their logits' rows
         for k, (seq, n) in enumerate(scheduled):
