@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from llama.fast.layers import FastAttention
 from llama.model import Transformer, apply_rotary_emb
 from llama.serve.forward import Chunk, paged_forward, project_qkv
 from llama.serve.kv_cache import PagedKVCache
@@ -38,6 +39,19 @@ def bucket(n_rows: int) -> int:
     return 8 * math.ceil(n_rows / 8)
 
 
+def rotated_qkv(attention: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Queries and keys rotated to their rows' positions, and values, each (B, heads, head_dim), of x
+    (1, B, dim). The fast layers' fused product is rotated in one go, queries and keys together (views into
+    it: the kernels take row strides)."""
+    if isinstance(attention, FastAttention):
+        n_q, n_kv = attention.n_local_heads, attention.n_local_kv_heads
+        xqkv = attention.wqkv(x).view(x.shape[1], n_q + 2 * n_kv, attention.head_dim)
+        xqk = apply_rotary_emb(xqkv[None, :, : n_q + n_kv], cos, sin)[0]
+        return xqk[:, :n_q], xqk[:, n_q:], xqkv[:, n_q + n_kv :]
+    xq, xk, xv = project_qkv(attention, x)  # (1, B, heads, head_dim) each
+    return apply_rotary_emb(xq, cos, sin)[0], apply_rotary_emb(xk, cos, sin)[0], xv[0]
+
+
 def decode_forward(model: Transformer, cache: PagedKVCache, rows: torch.Tensor, use_triton: bool) -> torch.Tensor:
     """One decode step over `rows` (B, 4 + width) (columns TOKEN .. TABLE; padding rows have slot -1 and
     length 0): appends each row's token to its blocks, returns float32 next-token logits (B, vocab_size).
@@ -51,9 +65,8 @@ def decode_forward(model: Transformer, cache: PagedKVCache, rows: torch.Tensor, 
     h = model.tok_embeddings(tokens[None])  # (1, B, dim)
     for i, layer in enumerate(model.layers):
         attention = layer.attention
-        xq, xk, xv = project_qkv(attention, layer.attention_norm(h))  # (1, B, heads, head_dim) each
-        xq, xk = apply_rotary_emb(xq, cos, sin)[0], apply_rotary_emb(xk, cos, sin)[0]  # (B, heads, head_dim)
-        write_kv(cache.keys[i], cache.values[i], xk, xv[0], slots, use_triton)
+        xq, xk, xv = rotated_qkv(attention, layer.attention_norm(h), cos, sin)  # (B, heads, head_dim) each
+        write_kv(cache.keys[i], cache.values[i], xk, xv, slots, use_triton)
         out = decode_attention(xq, cache.keys[i], cache.values[i], tables, lengths, cache.block_size, use_triton)
         h = h + attention.wo(out.reshape(1, out.shape[0], -1))  # out: (B, n_heads, head_dim)
         h = h + layer.feed_forward(layer.ffn_norm(h))
@@ -109,7 +122,8 @@ class DecodeRunner:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the engine may run on a thread of its own (AsyncEngine) while others do other work
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             logits = self._run(n)
         self.captured[n] = (graph, logits)
 

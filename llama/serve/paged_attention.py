@@ -78,7 +78,7 @@ def decode_attention_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
 if triton is not None:
 
     @triton.jit
-    def _write_kv_kernel(keys, values, xk, xv, slots, stride_slot, stride_row, stride_slots,
+    def _write_kv_kernel(keys, values, xk, xv, slots, stride_slot, stride_k_row, stride_v_row, stride_slots,
                          N_ELEMENTS: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         slot = tl.load(slots + row * stride_slots)
@@ -86,9 +86,9 @@ if triton is not None:
             offsets = tl.arange(0, BLOCK)
             inside = offsets < N_ELEMENTS
             # A slot's n_kv_heads x head_dim values are contiguous in the pool and in the row.
-            tl.store(keys + slot * stride_slot + offsets, tl.load(xk + row * stride_row + offsets, mask=inside),
+            tl.store(keys + slot * stride_slot + offsets, tl.load(xk + row * stride_k_row + offsets, mask=inside),
                      mask=inside)
-            tl.store(values + slot * stride_slot + offsets, tl.load(xv + row * stride_row + offsets, mask=inside),
+            tl.store(values + slot * stride_slot + offsets, tl.load(xv + row * stride_v_row + offsets, mask=inside),
                      mask=inside)
 
     @triton.jit
@@ -151,9 +151,14 @@ def write_kv_triton(keys: torch.Tensor, values: torch.Tensor, xk: torch.Tensor, 
                     slots: torch.Tensor) -> None:
     """write_kv_torch as a Triton kernel: no host sync, so it can be captured in a CUDA graph."""
     n_rows = slots.shape[0]
-    xk, xv = xk.contiguous(), xv.contiguous()
-    n_elements = keys.shape[1] * keys.shape[2]
-    _write_kv_kernel[(n_rows,)](keys, values, xk, xv, slots, keys.stride(0), xk.stride(0), slots.stride(0),
+    head_dim = keys.shape[2]
+    # Each row's heads must be contiguous (a row may sit inside a wider one, as in a fused product).
+    if any(t.stride()[1:] != (head_dim, 1) for t in (keys, values)):
+        raise ValueError("the KV pools must be (n_slots, n_kv_heads, head_dim), contiguous")
+    if any(t.stride()[1:] != (head_dim, 1) for t in (xk, xv)):
+        xk, xv = xk.contiguous(), xv.contiguous()
+    n_elements = keys.shape[1] * head_dim
+    _write_kv_kernel[(n_rows,)](keys, values, xk, xv, slots, keys.stride(0), xk.stride(0), xv.stride(0), slots.stride(0),
                                 N_ELEMENTS=n_elements, BLOCK=triton.next_power_of_2(n_elements))
 
 
