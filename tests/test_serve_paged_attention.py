@@ -146,13 +146,16 @@ def test_the_kernel_decode_engine_gives_each_prompt_what_it_gets_alone_through_a
     # 14 blocks of 4: requests are preempted and recomputed; arrivals mid-decode make batches of 1 .. 6
     # rows, so several buckets run with padding rows.
     engine = Engine(llama, n_blocks=14, block_size=4, decode="kernel")
+    runner, buckets = engine.forward.runner, set()
+    run = runner._run
+    runner._run = lambda n: (buckets.add(n), run(n))[1]
     ps = prompts()
     ids = [engine.add_request(ps[0], logprobs=True, max_new_tokens=16, **GREEDY)]
     for k, prompt in enumerate(ps[1:], start=1):
         engine.step()
         ids.append(engine.add_request(prompt, logprobs=True, max_new_tokens=16, **GREEDY))
     list(engine.run())
-    assert engine.preemptions > 0
+    assert engine.preemptions > 0 and len(buckets) >= 2, buckets
     for prompt, i in zip(ps, ids):
         assert_as_alone(llama, prompt, engine.outputs[i], 16)
     assert engine.cache.allocator.n_free == 14
@@ -181,6 +184,6 @@ def test_on_cuda_in_float32_the_fast_decode_gives_each_prompt_what_it_gets_alone
     list(engine.run())
     assert engine.preemptions > 0
     if mode == "graphs":
-        assert len(engine.forward.runner.captured) >= 3  # several buckets captured and replayed
+        assert len(engine.forward.runner.captured) >= 2  # several buckets captured and replayed
     for prompt, i in zip(ps, ids):
         assert_as_alone(llama, prompt, engine.outputs[i], 16)
