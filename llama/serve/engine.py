@@ -71,7 +71,7 @@ class TokenEvent:
     top_logprobs: Optional[List[Tuple[int, float]]] = None  # the likeliest (id, logprob), when asked for
 
 
-@dataclass
+@dataclass(eq=False)  # one sequence is only ever itself: `in` and remove() on the queues compare identities
 class _Sequence:
     """A request inside the engine: its tokens so far, how many of them are in its blocks, its blocks."""
 
