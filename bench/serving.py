@@ -23,6 +23,7 @@ import json
 import math
 import random
 import statistics
+import sys
 import time
 from typing import Dict, List
 
@@ -197,6 +198,7 @@ def main() -> None:
     if cuda:
         result["gpu"] = torch.cuda.get_device_name(llama.device)
     result["torch"] = torch.__version__
+    result["command"] = "python -m bench.serving " + " ".join(sys.argv[1:])
     for mode, engine in engines.items():
         got = last[mode]
         # bf16 on a GPU: the two programs sum in other orders, so near-ties may part (counted, not required equal)
