@@ -90,20 +90,35 @@ class DecodeRunner:
         self.width = math.ceil(model.params.max_seq_len / cache.block_size)
         self.max_rows = bucket(max_rows)
         self.buffer = torch.zeros((self.max_rows, TABLE + self.width), dtype=torch.long, device=self.device)
+        # The rows are written on the host, then copied in one go. A row's block table changes only when its
+        # sequence takes a block or another sequence takes its row: those rows alone are rewritten.
+        pin = self.device.type == "cuda"
+        self.host = torch.zeros((self.max_rows, TABLE + self.width), dtype=torch.long, pin_memory=pin)
+        self.host_rows = self.host.numpy()  # the same memory: numpy takes Python lists far faster
+        self.host_tables: List[Optional[List[int]]] = [None] * self.max_rows  # the table each host row holds
+        self.copied = torch.cuda.Event() if pin else None  # the last copy out of the host rows
         self.captured: Dict[int, Tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
     def _fill(self, chunks: List[Chunk]) -> int:
         """Copy the chunks' rows (and padding rows up to the bucket) into the buffer; returns the bucket."""
         n = bucket(len(chunks))
-        bs, width = self.cache.block_size, self.width
-        rows = []
-        for c in chunks:
+        bs, rows, tables = self.cache.block_size, self.host_rows, self.host_tables
+        if self.copied is not None:
+            self.copied.synchronize()  # (done long ago in the engine, which reads each step's tokens back)
+        scalars = []
+        for r, c in enumerate(chunks):
             p = c.start  # the position of the row's one new token
-            rows.append([c.tokens[0], p, c.table[p // bs] * bs + p % bs, p + 1] + c.table + [0] * (width - len(c.table)))
-        padding = [0, 0, -1, 0] + [0] * width  # writes nothing, reads nothing
-        host = torch.tensor(rows + [padding] * (n - len(chunks)), dtype=torch.long)
-        self.buffer[:n].copy_(host)
+            scalars.append((c.tokens[0], p, c.table[p // bs] * bs + p % bs, p + 1))
+            if tables[r] != c.table:
+                # (Entries past the table's end may be stale: they lie past the row's length, never read.)
+                rows[r, TABLE : TABLE + len(c.table)] = c.table
+                tables[r] = list(c.table)
+        scalars.extend([(0, 0, -1, 0)] * (n - len(chunks)))  # padding rows: write nothing, read nothing
+        rows[:n, :TABLE] = scalars
+        self.buffer[:n].copy_(self.host[:n], non_blocking=self.copied is not None)
+        if self.copied is not None:
+            self.copied.record()
         return n
 
     def _run(self, n: int) -> torch.Tensor:
