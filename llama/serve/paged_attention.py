@@ -22,6 +22,7 @@ Two implementations of each operation, tested equal (tests/test_serve_paged_atte
 """
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -38,8 +39,6 @@ def has_triton_kernels(device: torch.device) -> bool:
     """True where the Triton kernels run: CUDA with Triton installed (or Triton's CPU interpreter, for tests)."""
     if triton is None:
         return False
-    import os
-
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
@@ -188,11 +187,15 @@ def decode_attention_triton(q: torch.Tensor, keys: torch.Tensor, values: torch.T
 # ---- the choice -----------------------------------------------------------------------------------------
 
 
-def write_kv(keys, values, xk, xv, slots, use_triton: bool) -> None:
+def write_kv(keys: torch.Tensor, values: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, slots: torch.Tensor,
+             use_triton: bool) -> None:
+    """write_kv_triton or write_kv_torch."""
     (write_kv_triton if use_triton else write_kv_torch)(keys, values, xk, xv, slots)
 
 
-def decode_attention(q, keys, values, tables, lengths, block_size: int, use_triton: bool) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor,
+                     lengths: torch.Tensor, block_size: int, use_triton: bool) -> torch.Tensor:
+    """decode_attention_triton or decode_attention_torch: (B, n_heads, head_dim)."""
     if use_triton:
         return decode_attention_triton(q, keys, values, tables, lengths, block_size)
     return decode_attention_torch(q, keys, values, tables, lengths, block_size)
