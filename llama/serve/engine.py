@@ -8,7 +8,7 @@ Each `step`:
    freed and it goes back to the front of the queue with everything it generated, to be recomputed (prefilled
    again, prompt and generation) when blocks free up. Its sampler, random stream included, is kept: the
    recomputed positions are not sampled again, so its output is what it would have been.
-2. runs one paged_forward over every scheduled chunk;
+2. runs one forward over every scheduled chunk (llama.serve.decode.StepForward);
 3. samples, for each sequence whose chunk reached its end, the next token with the request's own Sampler
    (llama.sampling: its own controls and, with a seed, its own random stream), records its logprob, and
    retires finished sequences at once, freeing their blocks.
@@ -29,8 +29,9 @@ import torch.nn.functional as F
 from llama.config import GenerationConfig, resolve_config
 from llama.generation import Llama, check_prompt
 from llama.sampling import Context, Sampler, greedy, make_sampler
-from llama.serve.forward import Chunk, paged_forward
 from llama.serve import parallel
+from llama.serve.decode import StepForward
+from llama.serve.forward import Chunk
 from llama.serve.kv_cache import DEFAULT_BLOCK_SIZE, PagedKVCache, blocks_for_budget
 from llama.serve.prefix_cache import Session, block_keys, find_reusable
 from llama.streaming import LENGTH, STOP_STRING, STOP_TOKEN, TextStream
@@ -74,7 +75,7 @@ class TokenEvent:
     top_logprobs: Optional[List[Tuple[int, float]]] = None  # the likeliest (id, logprob), when asked for
 
 
-@dataclass
+@dataclass(eq=False)  # one sequence is only ever itself: `in` and remove() on the queues compare identities
 class _Sequence:
     """A request inside the engine: its tokens so far, how many of them are in its blocks, its blocks."""
 
@@ -109,6 +110,9 @@ class Engine:
         max_running: most sequences in the running batch.
         prefix_caching: reuse full blocks that already hold a prompt's prefix (llama.serve.prefix_cache);
             sessions keep their own blocks between turns either way.
+        decode: how decode-only steps run (llama.serve.decode.DECODE_MODES): "auto" (CUDA graphs over a
+            paged attention kernel on CUDA with Triton, the simple gather path elsewhere and under torchrun),
+            "simple", "kernel" or "graphs".
 
     Under torchrun with model parallelism every rank builds its Engine (the same budget: the smallest of the
     ranks' is taken); rank 0 is the leader, which takes requests and schedules, and the others call
@@ -126,6 +130,7 @@ class Engine:
         max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS,
         max_running: int = 256,
         prefix_caching: bool = True,
+        decode: str = "auto",
     ):
         for name, value in (("max_step_tokens", max_step_tokens), ("max_running", max_running)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -139,6 +144,9 @@ class Engine:
         self.cache = PagedKVCache(self.model, blocks, block_size)
         self.prefix_caching = bool(prefix_caching)
         self.sessions: Dict[Hashable, Session] = {}
+        # several ranks: the plain path (collectives inside captured CUDA graphs are not tried yet)
+        self.forward = StepForward(self.model, self.cache, max_running,
+                                   "simple" if self.ranks.world > 1 and decode == "auto" else decode)
         self.max_step_tokens = max_step_tokens
         self.max_running = max_running
         self.waiting: Deque[_Sequence] = deque()
@@ -388,7 +396,7 @@ class Engine:
             return []
         chunks = [Chunk(seq.tokens[seq.n_cached : seq.n_cached + n], seq.n_cached, seq.table) for seq, n in scheduled]
         self.ranks.send(chunks)  # the followers run the same forward on their shards
-        logits = paged_forward(self.model, self.cache, chunks)  # (S, vocab)
+        logits = self.forward(chunks)  # (S, vocab)
         self.steps += 1
         ready = []  # the sequences whose chunk reached their end, and their logits' rows
         bs = self.cache.block_size
@@ -494,7 +502,7 @@ class Engine:
             chunks = self.ranks.receive()
             if chunks is None:
                 return steps
-            paged_forward(self.model, self.cache, chunks)
+            self.forward(chunks)
             steps += 1
 
     def release_followers(self) -> None:

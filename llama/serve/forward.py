@@ -6,8 +6,9 @@ on tokens one at a time (embedding, RMSNorm, the projections, the feed-forward n
 model's own modules (llama.model) or the fast layers' fused products (llama.fast.layers) as they are. Only
 attention looks across positions: each chunk's keys and values are written to its sequence's blocks, then each
 sequence's blocks are gathered into a contiguous (padded) K/V for torch's scaled_dot_product_attention, with a
-mask per sequence. (The gather copies the context once per layer and step: the simple first form; a kernel
-that reads the blocks in place, such as FlashAttention's paged one, would not.)
+mask per sequence. (The gather copies the context once per layer and step, and its shapes change every step:
+the simple, readable form, and the one every step with a prefill chunk takes. Decode-only steps can instead
+read the blocks in place and replay a CUDA graph: llama.serve.decode.)
 """
 
 from dataclasses import dataclass
