@@ -3,10 +3,11 @@
 fairscale's collectives are autograd Functions that all-reduce their input in place; torch.compile cannot
 trace them ("Unsupported autograd.Function context `mark_dirty`", torch 2.13). torch's functional
 collectives (`torch.distributed._functional_collectives`) compute the same sums and gathers out of place,
-and compile: into NCCL kernels between inductor's kernels on GPUs (captured in the step's CUDA graph with
-them), into gloo calls on the CPU. So `across_ranks` (llama.fast.layers) takes these while compiling and
-fairscale's otherwise; both sum the same partial products over the same process group, in rank order, with
-the backend's own all-reduce, so compiled and eager steps make the same tokens.
+and torch.compile traces them into its graph (as collective calls of the process group's backend between
+inductor's kernels). So `across_ranks` (llama.fast.layers) takes these while compiling and fairscale's
+otherwise; both sum the same partial products over the same process group with the backend's own
+all-reduce, so compiled and eager steps make the same float32 tokens. Tested on the CPU with gloo
+(tests/test_model_parallel.py); NCCL, and CUDA graphs around its collectives, have not been run yet.
 """
 
 import fairscale.nn.model_parallel.initialize as fs_init
