@@ -174,6 +174,29 @@ def test_stop_strings_end_the_text_where_text_completion_ends_it(served, referen
         assert stop not in choice.text
 
 
+def test_streamed_logprobs_and_echo_are_those_of_the_whole_response(served):
+    client = served.client()
+    settings = dict(model=MODEL, prompt=TEXTS[0], max_tokens=9, temperature=0, logprobs=2)
+    whole = client.completions.create(**settings).choices[0].logprobs
+    tokens, logprobs, tops, offsets = [], [], [], []
+    for chunk in client.completions.create(stream=True, **settings):
+        for c in chunk.choices:
+            if c.logprobs is not None:
+                tokens += c.logprobs.tokens
+                logprobs += c.logprobs.token_logprobs
+                tops += c.logprobs.top_logprobs
+                offsets += c.logprobs.text_offset
+    assert (tokens, logprobs, tops, offsets) == (whole.tokens, whole.token_logprobs, whole.top_logprobs,
+                                                 whole.text_offset)
+    assert offsets == [sum(map(len, tokens[:i])) for i in range(len(tokens))]  # into the choice's text
+    plain = client.completions.create(model=MODEL, prompt=TEXTS[0], max_tokens=9, temperature=0).choices[0].text
+    echoed = client.completions.create(model=MODEL, prompt=TEXTS[0], max_tokens=9, temperature=0, echo=True)
+    assert echoed.choices[0].text == TEXTS[0] + plain
+    streamed = "".join(c.text for chunk in client.completions.create(
+        model=MODEL, prompt=TEXTS[0], max_tokens=9, temperature=0, echo=True, stream=True) for c in chunk.choices)
+    assert streamed == TEXTS[0] + plain
+
+
 BAD = [  # (endpoint, body, status, param)
     ("completions", {"model": "gpt-4", "prompt": "a"}, 404, "model"),
     ("completions", {"model": MODEL, "prompt": "a", "max_tokens": MAX_SEQ_LEN}, 400, "max_tokens"),
