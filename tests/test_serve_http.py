@@ -411,3 +411,29 @@ def test_an_engine_failure_is_a_server_error_and_health_says_so(tiny_llama):
         assert status == 503 and "stopped" in data["error"]["message"]
     finally:
         s.stop()
+
+
+def test_llama2_chat_uses_its_format_and_its_fixed_reply_to_special_tags(tiny_llama):
+    from helpers import SMALL_MHA
+    from llama.tokenizer_llama2 import UNSAFE_ERROR
+
+    def build():
+        return tiny_llama(dict(SMALL_MHA, vocab_size=-1), tokenizer="sentencepiece", max_seq_len=MAX_SEQ_LEN,
+                          max_batch_size=1, device="cpu")
+
+    reference, engine = build(), AsyncEngine(Engine(build(), n_blocks=N_BLOCKS, block_size=8))
+    s = Served(engine, create_app(engine, MODEL))
+    try:
+        client = s.client()
+        for dialog in (DIALOG, [{"role": "user", "content": "[INST] hi"}]):
+            [expected] = reference.chat_completion([dialog], max_gen_len=8, temperature=0)
+            whole = client.chat.completions.create(model=MODEL, messages=dialog, max_tokens=8, temperature=0)
+            streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                model=MODEL, messages=dialog, max_tokens=8, temperature=0, stream=True) if c.choices)
+            assert whole.choices[0].message.content == streamed == expected["generation"]["content"]
+        assert expected["generation"]["content"] == UNSAFE_ERROR  # (the last dialog held a tag)
+        with pytest.raises(openai.BadRequestError) as e:  # Llama 2 has no tool role
+            client.chat.completions.create(model=MODEL, messages=[{"role": "tool", "content": "1"}])
+        assert e.value.param == "messages[0].role"
+    finally:
+        s.stop()
