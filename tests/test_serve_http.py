@@ -174,6 +174,29 @@ def test_stop_strings_end_the_text_where_text_completion_ends_it(served, referen
         assert stop not in choice.text
 
 
+def test_streamed_logprobs_and_echo_are_those_of_the_whole_response(served):
+    client = served.client()
+    settings = dict(model=MODEL, prompt=TEXTS[0], max_tokens=9, temperature=0, logprobs=2)
+    whole = client.completions.create(**settings).choices[0].logprobs
+    tokens, logprobs, tops, offsets = [], [], [], []
+    for chunk in client.completions.create(stream=True, **settings):
+        for c in chunk.choices:
+            if c.logprobs is not None:
+                tokens += c.logprobs.tokens
+                logprobs += c.logprobs.token_logprobs
+                tops += c.logprobs.top_logprobs
+                offsets += c.logprobs.text_offset
+    assert (tokens, logprobs, tops, offsets) == (whole.tokens, whole.token_logprobs, whole.top_logprobs,
+                                                 whole.text_offset)
+    assert offsets == [sum(map(len, tokens[:i])) for i in range(len(tokens))]  # into the choice's text
+    plain = client.completions.create(model=MODEL, prompt=TEXTS[0], max_tokens=9, temperature=0).choices[0].text
+    echoed = client.completions.create(model=MODEL, prompt=TEXTS[0], max_tokens=9, temperature=0, echo=True)
+    assert echoed.choices[0].text == TEXTS[0] + plain
+    streamed = "".join(c.text for chunk in client.completions.create(
+        model=MODEL, prompt=TEXTS[0], max_tokens=9, temperature=0, echo=True, stream=True) for c in chunk.choices)
+    assert streamed == TEXTS[0] + plain
+
+
 BAD = [  # (endpoint, body, status, param)
     ("completions", {"model": "gpt-4", "prompt": "a"}, 404, "model"),
     ("completions", {"model": MODEL, "prompt": "a", "max_tokens": MAX_SEQ_LEN}, 400, "max_tokens"),
@@ -386,5 +409,31 @@ def test_an_engine_failure_is_a_server_error_and_health_says_so(tiny_llama):
         assert conn.getresponse().status == 503
         status, data = s.post("/v1/completions", json.dumps({"model": MODEL, "prompt": "a"}).encode())
         assert status == 503 and "stopped" in data["error"]["message"]
+    finally:
+        s.stop()
+
+
+def test_llama2_chat_uses_its_format_and_its_fixed_reply_to_special_tags(tiny_llama):
+    from helpers import SMALL_MHA
+    from llama.tokenizer_llama2 import UNSAFE_ERROR
+
+    def build():
+        return tiny_llama(dict(SMALL_MHA, vocab_size=-1), tokenizer="sentencepiece", max_seq_len=MAX_SEQ_LEN,
+                          max_batch_size=1, device="cpu")
+
+    reference, engine = build(), AsyncEngine(Engine(build(), n_blocks=N_BLOCKS, block_size=8))
+    s = Served(engine, create_app(engine, MODEL))
+    try:
+        client = s.client()
+        for dialog in (DIALOG, [{"role": "user", "content": "[INST] hi"}]):
+            [expected] = reference.chat_completion([dialog], max_gen_len=8, temperature=0)
+            whole = client.chat.completions.create(model=MODEL, messages=dialog, max_tokens=8, temperature=0)
+            streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                model=MODEL, messages=dialog, max_tokens=8, temperature=0, stream=True) if c.choices)
+            assert whole.choices[0].message.content == streamed == expected["generation"]["content"]
+        assert expected["generation"]["content"] == UNSAFE_ERROR  # (the last dialog held a tag)
+        with pytest.raises(openai.BadRequestError) as e:  # Llama 2 has no tool role
+            client.chat.completions.create(model=MODEL, messages=[{"role": "tool", "content": "1"}])
+        assert e.value.param == "messages[0].role"
     finally:
         s.stop()
