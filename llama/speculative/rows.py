@@ -104,6 +104,7 @@ def decode_rows(llama: Any, rows: Rows, speculation: Any) -> DecodeLoop:
     sampler = make_sampler(cfg, llama.tokenizer, rows.sample_index, device, prefilter=False)
     row_stats: List[SpeculativeStats] = []
     drafter = speculation.drafter
+    speculation.stats = None  # set when every row is done (a stream closed early leaves it None)
     for i, prompt in enumerate(rows.prompt_tokens):
         if hasattr(drafter, "reset"):
             drafter.reset()

@@ -56,6 +56,7 @@ register_drafter("draft", DrafterKind(build_draft_model, needs_path=True,
                                       help="a smaller Llama sharing the tokenizer: draft:CKPT_DIR"))
 register_drafter("plain", DrafterKind(lambda target, path: Drafter(), needs_path=False, k=0,
                                       help="no drafts (the baseline through the same loop)"))
+# An EAGLE-style head registers "eagle" here (its files: "eagle:PATH" / --draft_ckpt_dir, or the demo's own).
 
 # Strings already resolved, per Llama: a draft model is loaded once.
 _resolved: "weakref.WeakKeyDictionary[Any, Dict[tuple, Speculation]]" = weakref.WeakKeyDictionary()
