@@ -140,6 +140,14 @@ def test_n_greedy_samples_are_each_plain_decoding_and_seeded_samples_differ_and_
     assert len({tuple(t) for t in runs[0]}) == 3  # each sample its own random stream
 
 
+def test_a_seeded_rows_samples_do_not_depend_on_the_other_rows_of_the_batch(llama):
+    # As in plain decoding: with a seed, row i draws from its own stream (seed, its sample number).
+    kw = dict(temperature=1.0, top_p=1.0, seed=11, banned_token_ids=BANNED, speculative="lookup")
+    alone = llama.complete([list(b"cab")], 20, **kw)[0][0].tokens
+    second = llama.complete([list(b"hello"), list(b"cab")], 20, **kw)[1][0].tokens
+    assert second == alone
+
+
 def test_max_gen_len_and_the_end_of_the_context_end_rows_where_plain_decoding_ends_them(llama):
     prompts = [list(b"ab" * 20), list(b"cab " * 15 + b"ca")]
     for max_gen_len in (1, 2, 7, 40):
