@@ -24,6 +24,7 @@ from llama.cli.demo import build_demo
 from llama.completion import Completion
 from llama.speculative import DraftModel, Drafter, PromptLookup, Speculation, naive_generate, speculative_generate
 from llama.speculative.settings import resolve_speculation
+from llama.speculative.verify_step import drop_verify_step, use_verify_step
 
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-5
@@ -154,6 +155,25 @@ def test_max_gen_len_and_the_end_of_the_context_end_rows_where_plain_decoding_en
         want = flat(llama.complete(prompts, max_gen_len, logprobs=True, **GREEDY))
         got = flat(llama.complete(prompts, max_gen_len, logprobs=True, speculative="lookup", **GREEDY))
         assert_same_completions(got, want)
+
+
+@pytest.mark.parametrize("width, k", [(5, 4), (7, 3)], ids=["k+1", "padded"])
+def test_a_fixed_width_verify_step_reading_the_whole_cache_gives_plain_decodings_output(tiny_checkpoint, width, k):
+    # The CUDA-graph-friendly pass (llama.speculative.verify_step), run eagerly: per-row positions, the
+    # whole cache under a mask, drafts padded to its width.
+    ckpt = tiny_checkpoint(SMALL_GQA, seed=2)
+    llama = Llama.build(str(ckpt.dir), None, max_seq_len=64, max_batch_size=3)
+    prompts = [list(b"cab"), list(b"hello wor"), list(b"ab" * 29)]  # the last: too near the end for it
+    want = flat(llama.complete(prompts, 40, logprobs=True, **GREEDY))
+    step = use_verify_step(llama, width, compile=False)
+    calls = []
+    step._step = lambda *a, original=step._step: calls.append(1) or original(*a)
+    try:
+        got = flat(llama.complete(prompts, 40, logprobs=True, speculative=Speculation(PromptLookup(), k), **GREEDY))
+    finally:
+        drop_verify_step(llama.model)
+    assert_same_completions(got, want)
+    assert len(calls) > 10
 
 
 # ---- the wrappers ----

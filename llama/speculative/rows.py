@@ -20,6 +20,7 @@ from llama.completion import DecodeLoop, Decoded, Rows
 from llama.sampling import make_sampler
 from llama.scoring import LogprobRecorder
 from llama.speculative.generate import SpeculativeStats, _run
+from llama.speculative.verify_step import use_verify_step
 from llama.streaming import RowTracker, StreamEvent
 
 
@@ -102,6 +103,8 @@ def decode_rows(llama: Any, rows: Rows, speculation: Any) -> DecodeLoop:
     # The plain loop's sampler, for its processors (banned words as the tokenizer spells them) and its
     # per-row random streams (with a seed: row i draws from (seed, its sample number), as there).
     sampler = make_sampler(cfg, llama.tokenizer, rows.sample_index, device, prefilter=False)
+    if getattr(llama.decode_step, "compiled", None) is not None and speculation.k > 0:
+        use_verify_step(llama, speculation.k + 1)  # compile=True: verify passes replay a CUDA graph too
     row_stats: List[SpeculativeStats] = []
     drafter = speculation.drafter
     speculation.stats = None  # set when every row is done (a stream closed early leaves it None)
