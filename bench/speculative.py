@@ -145,10 +145,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="compiled decode and verify steps (CUDA graphs)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: Llama.build's)")
+    p.add_argument("--graphs-only", action="store_true",
+                   help="with --compile: CUDA graphs without max_autotune (compiles in seconds, not minutes)")
+    p.add_argument("--sets", default="copy-heavy,held-out Austen")
     p.add_argument("--out", default=None, help="JSON report path")
     opts = p.parse_args(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    if opts.graphs_only:  # both compiled steps read compile_options from their own modules
+        import llama.fast.step
+        import llama.speculative.verify_step
+
+        graphs = lambda: {"triton.cudagraphs": True}  # noqa: E731
+        llama.fast.step.compile_options = llama.speculative.verify_step.compile_options = graphs
     check_demo_files()
     llama = Llama.build(str(DEMO_DIR), None, max_seq_len=256, max_batch_size=1, device=opts.device,
                         dtype=opts.dtype, compile=opts.compile)
@@ -158,14 +167,17 @@ def main(argv: Optional[List[str]] = None) -> None:
         drafters.append(DraftModel(truncated_demo(layers, tempfile.mkdtemp(), opts.device)))
     ks = [int(k) for k in opts.k.split(",")]
     report: Dict[str, Any] = {"machine": machine_info(llama.device), "new_tokens": opts.new_tokens,
-                              "repeats": opts.repeats, "compile": opts.compile, "dtype": str(llama.model.tok_embeddings.weight.dtype),
+                              "repeats": opts.repeats, "compile": opts.compile, "graphs_only": opts.graphs_only,
+                              "dtype": str(llama.model.tok_embeddings.weight.dtype),
                               "results": [],
                               "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
                               "command": "python -m bench.speculative " + " ".join(sys.argv[1:] if argv is None
                                                                                    else argv)}
     print(f"{llama.device}: {report['machine'].get('gpu') or report['machine'].get('cpu')}, "
           f"{torch.get_num_threads()} threads, load average {report['load_average']}")
-    for name, prompts in (("copy-heavy", COPY_HEAVY), ("held-out Austen", HELD_OUT)):
+    sets = {"copy-heavy": COPY_HEAVY, "held-out Austen": HELD_OUT}
+    for name in opts.sets.split(","):
+        prompts = sets[name]
         for drafter in drafters:
             for r in run_set(llama, prompts, drafter, ks, opts.new_tokens, opts.repeats):
                 r = dict(set=name, **r)
