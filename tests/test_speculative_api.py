@@ -22,6 +22,7 @@ from llama.cli import main
 from llama.cli.chat import answer
 from llama.cli.demo import build_demo
 from llama.completion import Completion
+from llama.config import GenerationConfig
 from llama.speculative import DraftModel, Drafter, PromptLookup, Speculation, naive_generate, speculative_generate
 from llama.speculative.settings import resolve_speculation
 from llama.speculative.verify_step import drop_verify_step, use_verify_step
@@ -310,15 +311,11 @@ def test_bad_speculative_flags_exit_with_status_2_and_a_message(tiny_checkpoint,
 def test_the_chat_streams_plain_decodings_answer_and_then_the_speculative_stats(llama, capsys):
     dialog = [{"role": "user", "content": "abcabc"}]
     want = llama.chat_completion([dialog], max_gen_len=24, **GREEDY)[0]["generation"]["content"]
-    config = llama_config = dict(max_new_tokens=24, **GREEDY)
-    from llama.config import GenerationConfig
-
     spec = Speculation(PromptLookup(), k=4)
-    got = answer(llama, dialog, GenerationConfig(**llama_config), spec)
+    got = answer(llama, dialog, GenerationConfig(max_new_tokens=24, **GREEDY), spec)
     assert got == want
     out, err = capsys.readouterr()
     assert want in out and "(speculative: " in err and "mean accepted length" in err
-    del config
 
 
 # ---- torchrun: the target stays model-parallel ----
