@@ -1,7 +1,8 @@
 """Speculative decoding against plain decoding on the demo model, greedy, in one run (a measurement, not a test).
 
     python -m bench.speculative [--new-tokens 48] [--repeats 3] [--k 4,8] [--threads 1] [--device cuda]
-                                [--compile] [--draft-layers 0,2,4,5] [--out FILE.json]
+                                [--compile] [--draft-layers 0,2,4,5] [--drafters lookup,eagle]
+                                [--eagle models/demo-eagle] [--min-confidence P] [--out FILE.json]
 
 Two prompt sets: copy-heavy (an Austen sentence three times, then its first words: the model is invited to
 copy, as far as this toy model copies: it mostly does not) and held-out Austen (sentences from the last
@@ -11,8 +12,9 @@ speculative decoding (`speculative_generate`, each k) run in rotating order `--r
 generating exactly --new-tokens tokens (stop tokens ignored); the best time of each counts. Per set it
 prints tokens/s, the ratio to plain decoding in wall time and in this process's CPU time (steadier on a
 shared machine), the mean accepted length and acceptance by draft position, and checks the tokens are
-equal. With --draft-layers 0,2,4,5 the demo cut to those layers (its embedding and output too) also runs as
-a draft model. With --compile (CUDA) both the decode step and the verify step replay CUDA graphs.
+equal. Drafters (--drafters): `lookup` (prompt lookup), `eagle` (the demo's EAGLE-style head,
+models/demo-eagle, made by scripts/train_eagle.py; --min-confidence ends its chains early); with
+--draft-layers 0,2,4,5 the demo cut to those layers (its embedding and output too) also runs as a draft model. With --compile (CUDA) both the decode step and the verify step replay CUDA graphs.
 """
 
 import argparse
@@ -33,6 +35,7 @@ from llama.generation import Llama
 from llama.speculative import (
     Drafter, DraftModel, PromptLookup, SpeculativeStats, naive_generate, speculative_generate,
 )
+from llama.speculative.eagle import EagleDrafter
 
 PASSAGES = [
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want"
@@ -111,7 +114,7 @@ def run_set(llama: Llama, prompts: List[str], drafter: Drafter, ks: List[int], n
             "k": st.k, "prompts": len(prompts), "tokens": tokens, "same_tokens": same[n],
             "plain_tok_s": tokens / wall["plain"], "speculative_tok_s": tokens / wall[n],
             "speed_up": wall["plain"] / wall[n], "speed_up_cpu_time": cpu["plain"] / cpu[n],
-            "mean_accepted_length": st.mean_accepted_length,
+            "mean_accepted_length": st.mean_accepted_length, "drafts_per_step": st.drafted / st.steps,
             "acceptance_by_position": [None if a is None else round(a, 3) for a in st.acceptance_by_position],
         })
     return results
@@ -141,6 +144,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--k", default="4", help="drafts per pass; several: 4,8")
     p.add_argument("--draft-layers", default="",
                    help="also a draft model: the demo with only these layers, e.g. 0,2,4,5 (of 0..5)")
+    p.add_argument("--drafters", default="lookup,eagle", help="comma-separated: lookup, eagle")
+    p.add_argument("--eagle", default=str(Path(DEMO_DIR).parent / "demo-eagle"),
+                   help="the EAGLE-style head's directory")
+    p.add_argument("--min-confidence", type=float, default=0.0, help="the eagle drafter's min_confidence")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="compiled decode and verify steps (CUDA graphs)")
@@ -161,7 +168,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     check_demo_files()
     llama = Llama.build(str(DEMO_DIR), None, max_seq_len=256, max_batch_size=1, device=opts.device,
                         dtype=opts.dtype, compile=opts.compile)
-    drafters: List[Drafter] = [PromptLookup()]
+    names = [n.strip() for n in opts.drafters.split(",") if n.strip()]
+    unknown = sorted(set(names) - {"lookup", "eagle"})
+    if unknown:
+        p.error(f"unknown drafters {unknown}: choose from lookup, eagle")
+    drafters: List[Drafter] = [PromptLookup()] if "lookup" in names else []
+    if "eagle" in names:
+        drafters.append(EagleDrafter(opts.eagle, llama, min_confidence=opts.min_confidence))
     if opts.draft_layers:
         layers = [int(i) for i in opts.draft_layers.split(",")]
         drafters.append(DraftModel(truncated_demo(layers, tempfile.mkdtemp(), opts.device)))

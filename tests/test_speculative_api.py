@@ -245,7 +245,7 @@ def test_naive_generate_has_speculative_generates_signature_and_output_one_token
 
 
 def test_bad_settings_are_refused_by_name(llama, tiny_checkpoint):
-    with pytest.raises(ValueError, match="unknown speculative setting 'lookahead': expected one of draft, lookup"):
+    with pytest.raises(ValueError, match="unknown speculative setting 'lookahead': expected one of draft, eagle, lookup"):
         llama.generate([[1, 2]], 4, speculative="lookahead")
     with pytest.raises(ValueError, match="'draft' needs a path: draft:PATH"):
         llama.text_completion(["ab"], speculative="draft")
@@ -256,6 +256,20 @@ def test_bad_settings_are_refused_by_name(llama, tiny_checkpoint):
     other = tiny_checkpoint(dict(SMALL_DRAFT, vocab_size=-1), tokenizer="sentencepiece").dir
     with pytest.raises(ValueError, match="vocab_size=320, the target 512"):
         list(llama.generate_stream([[1, 2]], 4, speculative=f"draft:{other}"))
+
+
+def test_the_eagle_head_named_as_a_setting_follows_stop_strings_and_logprobs_as_plain_decoding(llama, tmp_path):
+    from test_eagle import head_params, write_random_head  # (a random head in the demo head's layout)
+
+    head_dir = write_random_head(tmp_path / "head", head_params(llama), seed=1)
+    prompts = [list(b"cab cab"), list(b"q")]
+    text = llama.complete(prompts[:1], 30, **GREEDY)[0][0].text
+    kw = dict(logprobs=True, top_logprobs=2, stop=[text[9:11]], **GREEDY)
+    want = flat(llama.complete(prompts, 30, **kw))
+    got = flat(llama.complete(prompts, 30, speculative=f"eagle:{head_dir}", **kw))
+    assert_same_completions(got, want)
+    with pytest.raises(FileNotFoundError, match="draft head"):
+        llama.generate([[1, 2]], 4, speculative=f"eagle:{tmp_path / 'nothing'}")
 
 
 # ---- the demo model: real text, stop strings inside accepted runs of prompt lookup ----

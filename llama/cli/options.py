@@ -74,7 +74,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     sp = p.add_argument_group("speculative decoding (docs/speculative.md): the same output, fewer passes")
     sp.add_argument("--speculative", choices=drafter_names(), help="the drafter: " + "; ".join(
         f"{name}: {kind.help}" for name, kind in sorted(DRAFTERS.items())))
-    sp.add_argument("--draft_ckpt_dir", help="the drafter's files: the draft model's checkpoint (--speculative draft)")
+    sp.add_argument("--draft_ckpt_dir", help="the drafter's files: the draft model's checkpoint (--speculative "
+                    "draft), the EAGLE-style head's directory (--speculative eagle; default the demo's)")
     sp.add_argument("--draft_k", type=int, help="most drafts verified per pass (default: the drafter's, 4)")
     args = p.parse_args(argv)
     if args.interactive:

@@ -4,10 +4,11 @@ A setting is a Speculation (a drafter and k), or a string "NAME" or "NAME:PATH":
 
     "lookup"              prompt lookup (no weights)
     "draft:PATH"          a draft model: the Llama checkpoint at PATH (any layout Llama.build loads)
+    "eagle" / "eagle:DIR" the EAGLE-style draft head (llama.speculative.eagle; default: the demo model's)
     "plain"               no drafts, one token per pass through the same loop: the baseline
                           (EAGLE's naivegenerate)
 
-More drafters register a name with `register_drafter` (an EAGLE-style head would register "eagle").
+More drafters register a name with `register_drafter`.
 A string is resolved once per Llama and name: the drafter (a draft model's weights) is kept and reused.
 """
 
@@ -56,7 +57,18 @@ register_drafter("draft", DrafterKind(build_draft_model, needs_path=True,
                                       help="a smaller Llama sharing the tokenizer: draft:CKPT_DIR"))
 register_drafter("plain", DrafterKind(lambda target, path: Drafter(), needs_path=False, k=0,
                                       help="no drafts (the baseline through the same loop)"))
-# An EAGLE-style head registers "eagle" here (its files: "eagle:PATH" / --draft_ckpt_dir, or the demo's own).
+
+
+def build_eagle_drafter(target: Any, path: Optional[str]) -> Drafter:
+    """The EAGLE-style head at `path` (default: the demo model's, models/demo-eagle) for the target."""
+    from llama.cli.demo import DEMO_DIR  # (not at import time: llama.cli imports llama.generation)
+    from llama.speculative.eagle import EagleDrafter
+
+    return EagleDrafter(path or DEMO_DIR.parent / "demo-eagle", target)
+
+
+register_drafter("eagle", DrafterKind(build_eagle_drafter, needs_path=False,
+                                      help="the EAGLE-style draft head (eagle:HEAD_DIR; default models/demo-eagle)"))
 
 # Strings already resolved, per Llama: a draft model is loaded once.
 _resolved: "weakref.WeakKeyDictionary[Any, Dict[tuple, Speculation]]" = weakref.WeakKeyDictionary()
