@@ -262,7 +262,7 @@ class Llama:
                 controls override the config's. With n samples, prompt i's samples are rows i*n .. i*n+n-1.
             speculative: decode by drafting and verifying several tokens a pass, with the same output
                 (docs/speculative.md): a llama.speculative.Speculation (its `stats` then describe the
-                call), or "lookup", "draft:CKPT_DIR", "plain".
+                call), or "lookup", "draft:CKPT_DIR", "eagle", "plain" (llama.speculative.settings).
 
         Returns:
             (tokens, logprobs): per row, the generated ids cut before the first stop token, and their
