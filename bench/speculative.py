@@ -1,35 +1,40 @@
 """Speculative decoding against plain decoding on the demo model, greedy, in one run (a measurement, not a test).
 
-    python -m bench.speculative [--new-tokens 48] [--repeats 3] [--k 4] [--threads 1] [--draft-layers 0,2,4,5]
-                                [--drafters lookup,eagle] [--eagle models/demo-eagle] [--min-confidence P]
-                                [--out FILE.json]
+    python -m bench.speculative [--new-tokens 48] [--repeats 3] [--k 4,8] [--threads 1] [--device cuda]
+                                [--compile] [--draft-layers 0,2,4,5] [--drafters lookup,eagle]
+                                [--eagle models/demo-eagle] [--min-confidence P] [--out FILE.json]
 
-Two prompt sets: copy-heavy (an Austen sentence three times, then its first words: the model goes on
-copying, as far as this toy model copies) and held-out Austen (sentences from the last chapters, quoted from
-memory: the 5% of each novel the demo model never saw). For each prompt, plain decoding (`Llama.generate`,
-temperature 0, the fast loop) and speculative decoding (`speculative_generate`) run alternately `--repeats`
-times, each generating exactly --new-tokens tokens (stop tokens ignored); the best time of each counts (wall
-time, and the process's CPU time beside it). Per set it prints tokens/s of both, their ratio, the mean
-accepted length and acceptance by draft position, and checks the tokens are equal. Drafters (--drafters): `lookup` (prompt lookup), `eagle` (the demo's EAGLE-style
-head, models/demo-eagle, made by scripts/train_eagle.py; --min-confidence ends its chains early); with
---draft-layers 0,2,4,5 the demo cut to those layers (its embedding and output too) also runs as a draft model.
+Two prompt sets: copy-heavy (an Austen sentence three times, then its first words: the model is invited to
+copy, as far as this toy model copies: it mostly does not) and held-out Austen (sentences from the last
+chapters, quoted from memory: the 5% of each novel the demo model never saw). For each prompt, plain decoding
+(`Llama.generate`, temperature 0, the fast loop), the speculative loop without drafts (`naive_generate`) and
+speculative decoding (`speculative_generate`, each k) run in rotating order `--repeats` times, each
+generating exactly --new-tokens tokens (stop tokens ignored); the best time of each counts. Per set it
+prints tokens/s, the ratio to plain decoding in wall time and in this process's CPU time (steadier on a
+shared machine), the mean accepted length and acceptance by draft position, and checks the tokens are
+equal. Drafters (--drafters): `lookup` (prompt lookup), `eagle` (the demo's EAGLE-style head,
+models/demo-eagle, made by scripts/train_eagle.py; --min-confidence ends its chains early); with
+--draft-layers 0,2,4,5 the demo cut to those layers (its embedding and output too) also runs as a draft model. With --compile (CUDA) both the decode step and the verify step replay CUDA graphs.
 """
 
 import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from bench.run import machine_info
-from llama.cli.demo import DEMO_DIR, build_demo
+from llama.cli.demo import DEMO_DIR, check_demo_files
 from llama.generation import Llama
-from llama.speculative import Drafter, DraftModel, PromptLookup, speculative_generate
+from llama.speculative import (
+    Drafter, DraftModel, PromptLookup, SpeculativeStats, naive_generate, speculative_generate,
+)
 from llama.speculative.eagle import EagleDrafter
 
 PASSAGES = [
@@ -58,47 +63,64 @@ HELD_OUT = [
 ]
 
 
-def timed(fn: Callable[[], Any], times: List[float], cpu_times: List[float]) -> Any:
-    """fn(), its wall time appended to `times` and the process's CPU time to `cpu_times` (on a machine
-    shared with other jobs, CPU time counts less of the time spent waiting for a core)."""
-    start, start_cpu = time.perf_counter(), time.process_time()
+def timed(fn: Callable[[], Any]) -> Tuple[float, float, Any]:
+    """(wall seconds, this process's CPU seconds, fn())."""
+    wall, cpu = time.perf_counter(), time.process_time()
     result = fn()
-    times.append(time.perf_counter() - start)
-    cpu_times.append(time.process_time() - start_cpu)
-    return result
+    return time.perf_counter() - wall, time.process_time() - cpu, result
 
 
-def run_set(llama: Llama, prompts: List[str], drafter: Drafter, k: int, new_tokens: int, repeats: int) -> Dict:
-    plain_s = spec_s = plain_cpu = spec_cpu = 0.0
-    tokens = steps = accepted = drafted = 0
-    drafted_at, accepted_at, same = [0] * k, [0] * k, True
+def run_set(llama: Llama, prompts: List[str], drafter: Drafter, ks: List[int], new_tokens: int,
+            repeats: int) -> List[Dict]:
+    """Plain decoding (Llama.generate), the same loop without drafts (naive_generate) and speculative
+    decoding with each k, on every prompt in rotating order `repeats` times; the best time of each counts.
+    Returns one result per k (and one for the naive loop), with speed-ups over plain decoding."""
+    methods: Dict[str, Callable[[List[int]], Any]] = {
+        "plain": lambda ids: (llama.generate([ids], new_tokens, temperature=0, ignore_eos=True)[0][0], None),
+        "naive": lambda ids: naive_generate(llama, [ids], new_tokens, ignore_eos=True)[::2],
+    }
+    for k in ks:
+        methods[f"k={k}"] = (lambda ids, k=k: speculative_generate(llama, [ids], new_tokens, drafter, k,
+                                                                   ignore_eos=True)[::2])
+    names = list(methods)
+    wall = {n: 0.0 for n in names}
+    cpu = {n: 0.0 for n in names}
+    stats: Dict[str, Optional[SpeculativeStats]] = {n: None for n in names}
+    same = {n: True for n in names}
+    tokens = 0
     for text in prompts:
         ids = llama.tokenizer.encode(text, bos=True, eos=False)
-        plain_times: List[float] = []
-        spec_times: List[float] = []
-        plain_cpus: List[float] = []
-        spec_cpus: List[float] = []
-        for _ in range(repeats):  # alternating, so that both see the same machine
-            want = timed(lambda: llama.generate([ids], new_tokens, temperature=0, ignore_eos=True)[0][0],
-                         plain_times, plain_cpus)
-            got, _, stats = timed(lambda: speculative_generate(llama, [ids], new_tokens, drafter, k, ignore_eos=True),
-                                  spec_times, spec_cpus)
-        plain_cpu, spec_cpu = plain_cpu + min(plain_cpus), spec_cpu + min(spec_cpus)
-        same &= got[0] == want
-        plain_s, spec_s, tokens = plain_s + min(plain_times), spec_s + min(spec_times), tokens + len(want)
-        steps, accepted, drafted = steps + stats.steps, accepted + stats.accepted, drafted + stats.drafted
-        drafted_at = [a + b for a, b in zip(drafted_at, stats.drafted_at)]
-        accepted_at = [a + b for a, b in zip(accepted_at, stats.accepted_at)]
-    return {
-        "drafter": repr(drafter), "k": k, "prompts": len(prompts), "tokens": tokens, "same_tokens": same,
-        "plain_tok_s": tokens / plain_s, "speculative_tok_s": tokens / spec_s, "speed_up": plain_s / spec_s,
-        "speed_up_cpu_time": plain_cpu / spec_cpu,
-        "mean_accepted_length": (accepted + steps) / steps, "drafts_per_step": drafted / steps,
-        "acceptance_by_position": [round(a / d, 3) if d else None for a, d in zip(accepted_at, drafted_at)],
-    }
+        best_wall = {n: float("inf") for n in names}
+        best_cpu = {n: float("inf") for n in names}
+        outputs: Dict[str, Any] = {}
+        for r in range(repeats):  # rotating order, so that every method sees the same machine
+            for n in names[r % len(names):] + names[: r % len(names)]:
+                w, c, outputs[n] = timed(lambda: methods[n](ids))
+                best_wall[n], best_cpu[n] = min(best_wall[n], w), min(best_cpu[n], c)
+        want = outputs["plain"][0]
+        tokens += len(want)
+        for n in names:
+            wall[n] += best_wall[n]
+            cpu[n] += best_cpu[n]
+            got, row_stats = outputs[n]
+            same[n] &= (got[0] if n != "plain" else got) == want
+            if row_stats is not None:
+                stats[n] = row_stats if stats[n] is None else stats[n].add(row_stats)
+    results = []
+    for n in names[1:]:
+        st = stats[n]
+        results.append({
+            "drafter": "none (the same loop)" if n == "naive" else repr(drafter), "method": n,
+            "k": st.k, "prompts": len(prompts), "tokens": tokens, "same_tokens": same[n],
+            "plain_tok_s": tokens / wall["plain"], "speculative_tok_s": tokens / wall[n],
+            "speed_up": wall["plain"] / wall[n], "speed_up_cpu_time": cpu["plain"] / cpu[n],
+            "mean_accepted_length": st.mean_accepted_length, "drafts_per_step": st.drafted / st.steps,
+            "acceptance_by_position": [None if a is None else round(a, 3) for a in st.acceptance_by_position],
+        })
+    return results
 
 
-def truncated_demo(layers: List[int], dir_: str) -> Llama:
+def truncated_demo(layers: List[int], dir_: str, device: str = "cpu") -> Llama:
     """The demo model with only the given layers (renumbered in order; its embedding, final norm and output
     kept), written in Meta's layout and built by Llama.build: a cheap draft model."""
     out = Path(dir_)
@@ -112,25 +134,40 @@ def truncated_demo(layers: List[int], dir_: str) -> Llama:
         kept.update({f"layers.{new}." + k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     torch.save(kept, out / "consolidated.00.pth")
     shutil.copy(DEMO_DIR / "tokenizer.model", out / "tokenizer.model")
-    return Llama.build(str(out), None, max_seq_len=256, max_batch_size=1, device="cpu")
+    return Llama.build(str(out), None, max_seq_len=256, max_batch_size=1, device=device)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.speculative", description=__doc__.split("\n\n")[0])
     p.add_argument("--new-tokens", type=int, default=48)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--k", default="4", help="drafts per pass; several: 4,8")
     p.add_argument("--draft-layers", default="",
                    help="also a draft model: the demo with only these layers, e.g. 0,2,4,5 (of 0..5)")
     p.add_argument("--drafters", default="lookup,eagle", help="comma-separated: lookup, eagle")
-    p.add_argument("--eagle", default=str(Path(DEMO_DIR).parent / "demo-eagle"), help="the EAGLE-style head's directory")
+    p.add_argument("--eagle", default=str(Path(DEMO_DIR).parent / "demo-eagle"),
+                   help="the EAGLE-style head's directory")
     p.add_argument("--min-confidence", type=float, default=0.0, help="the eagle drafter's min_confidence")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true", help="compiled decode and verify steps (CUDA graphs)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: Llama.build's)")
+    p.add_argument("--graphs-only", action="store_true",
+                   help="with --compile: CUDA graphs without max_autotune (compiles in seconds, not minutes)")
+    p.add_argument("--sets", default="copy-heavy,held-out Austen")
     p.add_argument("--out", default=None, help="JSON report path")
     opts = p.parse_args(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    llama = build_demo(max_seq_len=256, max_batch_size=1, device="cpu")
+    if opts.graphs_only:  # both compiled steps read compile_options from their own modules
+        import llama.fast.step
+        import llama.speculative.verify_step
+
+        graphs = lambda: {"triton.cudagraphs": True}  # noqa: E731
+        llama.fast.step.compile_options = llama.speculative.verify_step.compile_options = graphs
+    check_demo_files()
+    llama = Llama.build(str(DEMO_DIR), None, max_seq_len=256, max_batch_size=1, device=opts.device,
+                        dtype=opts.dtype, compile=opts.compile)
     names = [n.strip() for n in opts.drafters.split(",") if n.strip()]
     unknown = sorted(set(names) - {"lookup", "eagle"})
     if unknown:
@@ -140,25 +177,31 @@ def main(argv: Optional[List[str]] = None) -> None:
         drafters.append(EagleDrafter(opts.eagle, llama, min_confidence=opts.min_confidence))
     if opts.draft_layers:
         layers = [int(i) for i in opts.draft_layers.split(",")]
-        drafters.append(DraftModel(truncated_demo(layers, tempfile.mkdtemp())))
-    report: Dict[str, Any] = {"machine": machine_info(torch.device("cpu")), "new_tokens": opts.new_tokens,
-                              "repeats": opts.repeats, "load_average_start": os.getloadavg(), "results": []}
-    print(f"CPU: {report['machine'].get('cpu')}, {torch.get_num_threads()} threads")
-    for name, prompts in (("copy-heavy", COPY_HEAVY), ("held-out Austen", HELD_OUT)):
+        drafters.append(DraftModel(truncated_demo(layers, tempfile.mkdtemp(), opts.device)))
+    ks = [int(k) for k in opts.k.split(",")]
+    report: Dict[str, Any] = {"machine": machine_info(llama.device), "new_tokens": opts.new_tokens,
+                              "repeats": opts.repeats, "compile": opts.compile, "graphs_only": opts.graphs_only,
+                              "dtype": str(llama.model.tok_embeddings.weight.dtype),
+                              "results": [],
+                              "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+                              "command": "python -m bench.speculative " + " ".join(sys.argv[1:] if argv is None
+                                                                                   else argv)}
+    print(f"{llama.device}: {report['machine'].get('gpu') or report['machine'].get('cpu')}, "
+          f"{torch.get_num_threads()} threads, load average {report['load_average']}")
+    sets = {"copy-heavy": COPY_HEAVY, "held-out Austen": HELD_OUT}
+    for name in opts.sets.split(","):
+        prompts = sets[name]
         for drafter in drafters:
-            r = dict(set=name, **run_set(llama, prompts, drafter, opts.k, opts.new_tokens, opts.repeats))
-            report["results"].append(r)
-            print(f"{name:16} {r['drafter']:45} plain {r['plain_tok_s']:7.1f} tok/s  speculative "
-                  f"{r['speculative_tok_s']:7.1f} tok/s  x{r['speed_up']:.2f} (CPU time x{r['speed_up_cpu_time']:.2f})  "
-                  f"mean accepted length "
-                  f"{r['mean_accepted_length']:.2f}  drafts/step {r['drafts_per_step']:.2f}  "
-                  f"by position {r['acceptance_by_position']}  "
-                  f"same tokens: {r['same_tokens']}")
-    report["load_average_end"] = os.getloadavg()
-    print(f"load average (1, 5, 15 min): start {report['load_average_start']}, end {report['load_average_end']}")
-    if opts.out:
-        with open(opts.out, "w") as f:
-            json.dump(report, f, indent=1)
+            for r in run_set(llama, prompts, drafter, ks, opts.new_tokens, opts.repeats):
+                r = dict(set=name, **r)
+                report["results"].append(r)
+                print(f"{name:16} {r['drafter'][:38]:38} {r['method']:5} plain {r['plain_tok_s']:7.1f} tok/s  "
+                      f"this {r['speculative_tok_s']:7.1f} tok/s  x{r['speed_up']:.2f} (CPU time "
+                      f"x{r['speed_up_cpu_time']:.2f})  mean accepted length {r['mean_accepted_length']:.2f}  "
+                      f"by position {r['acceptance_by_position']}  same tokens: {r['same_tokens']}", flush=True)
+                if opts.out:
+                    with open(opts.out, "w") as f:
+                        json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":

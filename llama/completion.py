@@ -2,7 +2,7 @@
 cut into a `Completion` (llama.predictions shapes those as the prediction dicts of Meta's API)."""
 
 from dataclasses import dataclass
-from typing import Generator, List, Optional, Tuple
+from typing import Any, Generator, List, Optional, Tuple
 
 import torch
 
@@ -24,6 +24,7 @@ class Completion:
     logprobs: Optional[List[float]] = None  # one per id in `tokens`, with logprobs or top_logprobs
     top_logprobs: Optional[List[List[Tuple[int, float]]]] = None  # per id, the likeliest (id, logprob)
     stop_token: Optional[int] = None  # the stop token that ended it (stop_reason "stop_token"), e.g. <|eom_id|>
+    speculative: Optional[Any] = None  # with speculative decoding: its SpeculativeStats (llama.speculative)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Rows:
     logprobs: bool = False
     top_logprobs: int = 0
     track: bool = False  # follow every row's text on the host at each step (streaming, stop strings)
+    speculative: Optional[Any] = None  # a llama.speculative.Speculation: decode by drafting and verifying
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Decoded:
     total_len: int  # positions the loop could fill: min(max_seq_len, max_gen_len + longest prompt)
     recorder: Optional[LogprobRecorder]  # the logprobs, with rows.logprobs
     tracker: Optional[RowTracker]  # each row's text and stop reason, with rows.track
+    speculative: Optional[List[Any]] = None  # with rows.speculative: each row's SpeculativeStats
 
 
 # A decode loop: yields each step's StreamEvents (with rows.track; nothing otherwise), returns a Decoded.
@@ -94,6 +97,7 @@ def cut_completions(rows: Rows, decoded: Decoded, tokenizer: Tokenizer, echo: bo
                 logprobs=logprobs[i][start:end] if logprobs else None,
                 top_logprobs=top[i][start:end] if top else None,
                 stop_token=row[prompt_len + len(generated)] if reason == STOP_TOKEN else None,
+                speculative=decoded.speculative[i] if decoded.speculative else None,
             )
         )
     return out

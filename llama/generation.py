@@ -34,7 +34,7 @@ from llama.model import ModelArgs, Transformer
 from llama.predictions import ChatPrediction, CompletionPrediction, PromptError, chat_predictions, to_predictions
 from llama.sampling import Context, Sampler, make_sampler, sample_top_p  # noqa: F401 (Meta's name)
 from llama.scoring import LogprobRecorder, ScorePrediction, score_sequences
-from llama.speculative import Speculation
+from llama.speculative import SpeculativeSetting, resolve_speculation
 from llama.streaming import RowTracker, StreamEvent
 # Meta's llama.generation also offers these names (the Llama 2 one its chat tags): scripts import them from here.
 from llama.tokenizer import ChatFormat, Dialog, Message, Role, Tokenizer  # noqa: F401
@@ -245,7 +245,7 @@ class Llama:
         echo: bool = False,
         *,
         config: Optional[GenerationConfig] = None,
-        speculative: Optional[Speculation] = None,
+        speculative: SpeculativeSetting = None,
         **controls: Any,
     ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
         """Continue each prompt by up to `max_gen_len` tokens (Meta's signature and return value).
@@ -260,8 +260,9 @@ class Llama:
             echo: return the prompt tokens (and their logprobs) in front of the generation.
             config, **controls: the other controls of GenerationConfig (top_k, stop, seed, n, ...); keyword
                 controls override the config's. With n samples, prompt i's samples are rows i*n .. i*n+n-1.
-            speculative: a llama.speculative.Speculation (drafter, k): one prompt, drafts verified k at a
-                time, the same output (docs/speculative.md); its `stats` then describe the call.
+            speculative: decode by drafting and verifying several tokens a pass, with the same output
+                (docs/speculative.md): a llama.speculative.Speculation (its `stats` then describe the
+                call), or "lookup", "draft:CKPT_DIR", "eagle", "plain" (llama.speculative.settings).
 
         Returns:
             (tokens, logprobs): per row, the generated ids cut before the first stop token, and their
@@ -276,12 +277,9 @@ class Llama:
             problem = check_prompt(tokens, self.model.params)
             if problem:
                 raise ValueError(f"prompt {i}: {problem}")
-        if speculative is not None:
-            return speculative.generate(self, prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, config,
-                                        controls)
         completions = self.complete(
             prompt_tokens, max_gen_len, config=config, temperature=temperature, top_p=top_p,
-            logprobs=logprobs, echo=echo, **controls,
+            logprobs=logprobs, echo=echo, speculative=speculative, **controls,
         )
         rows = [c for samples in completions for c in samples]
         return [c.tokens for c in rows], ([c.logprobs for c in rows] if logprobs else None)
@@ -295,6 +293,7 @@ class Llama:
         logprobs: bool = False,
         top_logprobs: int = 0,
         echo: bool = False,
+        speculative: SpeculativeSetting = None,
         **controls: Any,
     ) -> List[Optional[List[Completion]]]:
         """Generate for token prompts and return everything known about each sample: per prompt, its
@@ -321,6 +320,7 @@ class Llama:
                 logprobs=logprobs or top_logprobs > 0,
                 top_logprobs=min(top_logprobs, self.model.vocab_size),
                 track=bool(cfg.stop),  # stop strings need the text of every row at every step
+                speculative=resolve_speculation(speculative, self),
             )
             completions = cut_completions(rows, run_to_end(self.decode(rows)), self.tokenizer, echo)
             for k, i in enumerate(valid):
@@ -333,6 +333,8 @@ class Llama:
     def decode(self, rows: Rows) -> DecodeLoop:
         """The decode loop over `rows`: Meta's (decode_reference) or the fast one (llama.fast.loop), as
         `uses_reference_loop` decides. Yields each step's StreamEvents with rows.track; returns a Decoded."""
+        if rows.speculative is not None:  # drafts verified several at a time (llama.speculative)
+            return rows.speculative.decode(self, rows)
         cfg = rows.config
         stop_ids = [] if cfg.ignore_eos else sorted(self.tokenizer.stop_tokens)
         sampler = make_sampler(cfg, self.tokenizer, rows.sample_index, self.device, prefilter=self.fast)
@@ -409,10 +411,12 @@ class Llama:
         *,
         config: Optional[GenerationConfig] = None,
         top_logprobs: int = 0,
+        speculative: SpeculativeSetting = None,
         **controls: Any,
     ) -> List[Union[CompletionPrediction, List[CompletionPrediction]]]:
         """Continue each text prompt. `max_gen_len` defaults to max_seq_len - 1; temperature and top_p to
-        Meta's 0.6 and 0.9; the other controls (GenerationConfig fields) are off unless given.
+        Meta's 0.6 and 0.9; the other controls (GenerationConfig fields) are off unless given. `speculative`
+        as for `generate`: each prediction then also holds its "speculative" statistics.
 
         Returns one CompletionPrediction per prompt, or with n > 1 a list of n per prompt. With
         top_logprobs > 0 each prediction also holds, per token, the most likely (token, logprob) pairs.
@@ -430,7 +434,7 @@ class Llama:
         try:
             completions = self.complete(
                 prompt_tokens, max_gen_len, config=config, temperature=temperature, top_p=top_p,
-                logprobs=logprobs, top_logprobs=top_logprobs, echo=echo, **controls,
+                logprobs=logprobs, top_logprobs=top_logprobs, echo=echo, speculative=speculative, **controls,
             )
         except PromptError as e:
             raise PromptError(e.errors, shape(e.results)) from None
@@ -446,6 +450,7 @@ class Llama:
         *,
         config: Optional[GenerationConfig] = None,
         top_logprobs: int = 0,
+        speculative: SpeculativeSetting = None,
         **controls: Any,
     ) -> List[Union[ChatPrediction, List[ChatPrediction]]]:
         """Answer each dialog as the assistant. Defaults and controls as for `text_completion`.
@@ -477,7 +482,7 @@ class Llama:
         try:
             completions = self.complete(
                 prompt_tokens, max_gen_len, config=config, temperature=temperature, top_p=top_p,
-                logprobs=logprobs, top_logprobs=top_logprobs, **controls,
+                logprobs=logprobs, top_logprobs=top_logprobs, speculative=speculative, **controls,
             )
         except PromptError as e:  # a dialog that failed its checks has no prompt: say why it failed instead
             raise PromptError({**e.errors, **dialog_errors}, shape(e.results)) from None
@@ -489,6 +494,7 @@ class Llama:
         max_gen_len: Optional[int] = None,
         *,
         config: Optional[GenerationConfig] = None,
+        speculative: SpeculativeSetting = None,
         **controls: Any,
     ) -> Iterator[StreamEvent]:
         """Generate as `generate` does, yielding each row's tokens as they are produced.
@@ -513,6 +519,7 @@ class Llama:
             max_gen_len=max_gen_len,
             config=cfg,
             track=True,
+            speculative=resolve_speculation(speculative, self),
         )
         return (event for events in self.decode(rows) for event in events)
 

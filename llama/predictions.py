@@ -13,6 +13,7 @@ class CompletionPrediction(TypedDict, total=False):
     tokens: List[str]  # each token decoded on its own; only with logprobs=True
     logprobs: List[float]  # only with logprobs=True
     top_logprobs: List[List[Tuple[str, float]]]  # per token, the likeliest (token, logprob); top_logprobs > 0
+    speculative: Dict[str, Any]  # with speculative=...: drafted, accepted, mean accepted length, by position
 
 
 class ChatPrediction(TypedDict, total=False):
@@ -20,6 +21,7 @@ class ChatPrediction(TypedDict, total=False):
     tokens: List[str]  # only with logprobs=True
     logprobs: List[float]  # only with logprobs=True
     top_logprobs: List[List[Tuple[str, float]]]  # only with top_logprobs > 0
+    speculative: Dict[str, Any]  # only with speculative=...
 
 
 def to_prediction(
@@ -40,6 +42,8 @@ def to_prediction(
         prediction["top_logprobs"] = [
             [(tokenizer.decode([t]), lp) for t, lp in position] for position in completion.top_logprobs
         ]
+    if completion.speculative is not None:  # only with speculative decoding (llama.speculative)
+        prediction["speculative"] = completion.speculative.as_dict()
     return prediction
 
 

@@ -205,28 +205,12 @@ def test_llama_generate_takes_speculative_settings_and_keeps_its_stats(tiny_llam
 # ---- bad input ----
 
 
-def test_a_batch_of_more_than_one_prompt_is_refused_naming_its_size(tiny_llama):
-    llama = tiny_llama(seed=0, max_batch_size=2)
-    with pytest.raises(ValueError, match="batch size 1.*got a batch of 2"):
-        speculative_generate(llama, [[1, 2], [3, 4]], 8, PromptLookup())
-
-
-@pytest.mark.parametrize("control, value", [("repetition_penalty", 1.2), ("stop", ["ab"]), ("n", 2),
-                                            ("banned_token_ids", [3]), ("min_new_tokens", 2)])
-def test_controls_it_does_not_follow_are_refused_by_name(tiny_llama, control, value):
-    llama = tiny_llama(seed=0)
-    with pytest.raises(ValueError, match=f"does not support {control}="):
-        speculative_generate(llama, [[1, 2]], 8, PromptLookup(), **{control: value})
-
-
-def test_bad_k_drafter_and_echo_are_refused(tiny_llama):
+def test_bad_k_and_drafter_are_refused(tiny_llama):
     llama = tiny_llama(seed=0)
     with pytest.raises(ValueError, match="k .* >= 0, got -1"):
         speculative_generate(llama, [[1, 2]], 8, PromptLookup(), k=-1)
     with pytest.raises(TypeError, match="propose"):
         speculative_generate(llama, [[1, 2]], 8, object())
-    with pytest.raises(ValueError, match="echo"):
-        llama.generate([[1, 2]], 8, echo=True, speculative=Speculation(PromptLookup()))
 
     class OutOfVocab(Drafter):
         def propose(self, tokens, k):

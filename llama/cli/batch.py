@@ -8,12 +8,13 @@ import sys
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO
 
-from llama.cli.options import build, generation_config
+from llama.cli.options import build, check_speculative, generation_config, speculation
 from llama.cli.prompts import Prompt, read_prompts
 from llama.completion import Completion
 from llama.config import GenerationConfig
 from llama.distributed import is_rank_zero
 from llama.generation import Llama, PromptError
+from llama.speculative import Speculation
 from llama.tokenizer import Dialog
 
 
@@ -92,7 +93,8 @@ def as_dialog(prompt: Prompt, args: argparse.Namespace) -> Optional[Dialog]:
 
 
 def complete_batch(
-    llama: Llama, prompts: Sequence[Prompt], first_index: int, config: GenerationConfig, args: argparse.Namespace
+    llama: Llama, prompts: Sequence[Prompt], first_index: int, config: GenerationConfig, args: argparse.Namespace,
+    speculative: Optional[Speculation] = None,
 ) -> List[Dict[str, Any]]:
     """One record per prompt: its generation(s), token counts and stop reason(s), or its error."""
     errors: Dict[int, str] = {}
@@ -117,7 +119,8 @@ def complete_batch(
     if ready:
         try:
             completions = llama.complete(
-                [tokens[i] for i in ready], config=config, logprobs=args.logprobs, top_logprobs=args.top_logprobs
+                [tokens[i] for i in ready], config=config, logprobs=args.logprobs, top_logprobs=args.top_logprobs,
+                speculative=speculative,
             )
         except PromptError as e:
             completions = e.results
@@ -160,6 +163,8 @@ def _sample_fields(llama: Llama, samples: list, many: bool, args: argparse.Names
             fields["top_logprobs"].append(
                 [[[llama.tokenizer.decode([t]), lp] for t, lp in position] for position in c.top_logprobs]
             )
+    if samples[0].speculative is not None:  # --speculative: each sample's drafts and acceptance
+        fields["speculative"] = [c.speculative.as_dict() for c in samples]
     out: Dict[str, Any] = {k: (v if many else v[0]) for k, v in fields.items()}
     out["prompt_tokens"] = samples[0].prompt_len
     return out
@@ -192,8 +197,10 @@ def run_batch(args: argparse.Namespace) -> int:
     config = generation_config(args)
     if args.output_file:
         check_output_file(args.output_file)
+    check_speculative(args)
     prompts = read_prompts(args)
     llama = build(args, max_batch_size=args.batch_size * config.n)
+    speculative = speculation(args, llama)
     rank_zero = is_rank_zero()
     max_display = args.max_display if args.max_display is not None else (4 if args.output_file else len(prompts))
     writer = RecordWriter(args.output_file) if args.output_file and rank_zero else None
@@ -202,7 +209,7 @@ def run_batch(args: argparse.Namespace) -> int:
     shown = failed = 0
     try:
         for b, batch in enumerate(batches(prompts, args.batch_size)):
-            records = complete_batch(llama, batch, b * args.batch_size, config, args)
+            records = complete_batch(llama, batch, b * args.batch_size, config, args, speculative)
             failed += sum(r["error"] is not None for r in records)
             if rank_zero:
                 for record in records:

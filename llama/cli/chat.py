@@ -12,10 +12,11 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch.distributed as dist
 
-from llama.cli.options import build, generation_config
+from llama.cli.options import build, check_speculative, generation_config, speculation
 from llama.config import GenerationConfig
 from llama.distributed import is_rank_zero
 from llama.generation import Llama
+from llama.speculative import Speculation
 from llama.tokenizer import Message
 
 HELP = "Type a message. /reset forgets the conversation, /exit quits; Ctrl-C stops an answer."
@@ -63,15 +64,17 @@ def read_line(prompt: str) -> Optional[str]:
     return line
 
 
-def answer(llama: Llama, dialog: Sequence[Message], config: GenerationConfig) -> str:
-    """Stream the assistant's answer to stdout (rank 0) and return it; Ctrl-C cuts it short."""
+def answer(llama: Llama, dialog: Sequence[Message], config: GenerationConfig,
+           speculative: Optional[Speculation] = None) -> str:
+    """Stream the assistant's answer to stdout (rank 0) and return it; Ctrl-C cuts it short. With
+    `speculative`, its statistics follow the answer on stderr."""
     fixed = llama.formatter.fixed_reply(dialog)  # Llama 2's answer to a message holding its chat tags
     if fixed is not None:
         if is_rank_zero():
             print(ASSISTANT_PROMPT + fixed, flush=True)
         return fixed
     tokens = llama.formatter.encode_dialog_prompt(dialog)
-    stream = llama.generate_stream([tokens], config=config)
+    stream = llama.generate_stream([tokens], config=config, speculative=speculative)
     pieces: List[str] = []
     say = is_rank_zero()
     if say:
@@ -88,6 +91,8 @@ def answer(llama: Llama, dialog: Sequence[Message], config: GenerationConfig) ->
         stream.close()
     if say:
         print(flush=True)
+        if speculative is not None and speculative.stats is not None:
+            print(f"(speculative: {speculative.stats.summary()})", file=sys.stderr, flush=True)
     return "".join(pieces)
 
 
@@ -96,7 +101,9 @@ def run_chat(args: argparse.Namespace) -> int:
     config = generation_config(args)
     if config.n != 1:
         raise ValueError(f"chat answers with one sample; got --n {config.n}")
+    check_speculative(args)
     llama = build(args, max_batch_size=1)
+    speculative = speculation(args, llama)
     max_seq_len = llama.model.params.max_seq_len
     # Room kept for the answer when the history is trimmed.
     reserve = args.max_gen_len if args.max_gen_len else max(1, max_seq_len // 4)
@@ -128,5 +135,5 @@ def run_chat(args: argparse.Namespace) -> int:
         if dropped and is_rank_zero():
             print(f"(dropped the {dropped} oldest exchange(s) to stay within max_seq_len={max_seq_len})",
                   file=sys.stderr, flush=True)
-        reply = answer(llama, dialog, config)
+        reply = answer(llama, dialog, config, speculative)
         history = dialog + [{"role": "assistant", "content": reply}]

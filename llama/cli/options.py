@@ -10,6 +10,8 @@ import torch
 from llama.config import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, GenerationConfig
 from llama.fast.quantize import QUANTIZE_CHOICES
 from llama.generation import Llama
+from llama.speculative import Speculation
+from llama.speculative.settings import DRAFTERS, drafter_names, resolve_speculation
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,6 +70,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     s.add_argument("--ignore_eos", action="store_true", help="do not stop at stop tokens")
     s.add_argument("--logprobs", action="store_true", help="write each generated token's logprob")
     s.add_argument("--top_logprobs", type=int, default=0, help="write this many alternatives per token")
+
+    sp = p.add_argument_group("speculative decoding (docs/speculative.md): the same output, fewer passes")
+    sp.add_argument("--speculative", choices=drafter_names(), help="the drafter: " + "; ".join(
+        f"{name}: {kind.help}" for name, kind in sorted(DRAFTERS.items())))
+    sp.add_argument("--draft_ckpt_dir", help="the drafter's files: the draft model's checkpoint (--speculative "
+                    "draft), the EAGLE-style head's directory (--speculative eagle; default the demo's)")
+    sp.add_argument("--draft_k", type=int, help="most drafts verified per pass (default: the drafter's, 4)")
     args = p.parse_args(argv)
     if args.interactive:
         args.command = "chat"
@@ -97,6 +106,29 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
         banned_token_ids=tuple(args.banned_token_ids), seed=args.seed, n=args.n,
         min_new_tokens=args.min_new_tokens, max_new_tokens=args.max_gen_len, ignore_eos=args.ignore_eos,
     )
+
+
+def check_speculative(args: argparse.Namespace) -> None:
+    """Raise ValueError, before anything loads, for a draft option without --speculative, a drafter missing
+    its --draft_ckpt_dir, or a bad --draft_k."""
+    if args.speculative is None:
+        if args.draft_ckpt_dir or args.draft_k is not None:
+            raise ValueError("--draft_ckpt_dir and --draft_k need --speculative (e.g. --speculative draft)")
+        return
+    if DRAFTERS[args.speculative].needs_path and not args.draft_ckpt_dir:
+        raise ValueError(f"--speculative {args.speculative} needs --draft_ckpt_dir (the draft model's checkpoint)")
+    if args.draft_k is not None and args.draft_k < 0:
+        raise ValueError(f"--draft_k must be >= 0, got {args.draft_k}")
+
+
+def speculation(args: argparse.Namespace, llama: Llama) -> Optional[Speculation]:
+    """The Speculation --speculative, --draft_ckpt_dir and --draft_k ask for (None without --speculative);
+    a draft model is built here."""
+    check_speculative(args)
+    if args.speculative is None:
+        return None
+    setting = f"{args.speculative}:{args.draft_ckpt_dir}" if args.draft_ckpt_dir else args.speculative
+    return resolve_speculation(setting, llama, args.draft_k)
 
 
 def build(args: argparse.Namespace, max_batch_size: int) -> Llama:

@@ -163,9 +163,9 @@ def _fused(named: List[Tuple[str, nn.Module]], pack: bool) -> FastLinear:
 class FastAttention(nn.Module):
     """llama.model.Attention with one product for queries, keys and values, and per-row positions.
 
-    forward takes what the reference's takes, or a (bsz,) tensor `start_pos` for one new token per row at
-    each row's own position: then `mask` (bsz, 1, 1, kv_len) says which of the first kv_len cache positions
-    each row may read. The KV cache is the reference module's own (same buffers, same layout).
+    forward takes what the reference's takes, or a (bsz,) tensor `start_pos`, each row's first new token's
+    own position: then `mask` (bsz, 1, seqlen, kv_len) says which of the first kv_len cache positions each
+    new token may read. The KV cache is the reference module's own (same buffers, same layout).
     """
 
     def __init__(self, attention: Attention, pack: bool):
@@ -192,10 +192,16 @@ class FastAttention(nn.Module):
             end_pos = start_pos + seqlen
             self.cache_k[:bsz, :, start_pos:end_pos] = xk
             self.cache_v[:bsz, :, start_pos:end_pos] = xv
-        else:  # row i's one new token goes to position start_pos[i]
+        elif seqlen == 1:  # row i's one new token goes to position start_pos[i]
             rows = torch.arange(bsz, device=x.device)
             self.cache_k[rows, :, start_pos] = xk[:, :, 0]  # (bsz, n_kv_heads, head_dim)
             self.cache_v[rows, :, start_pos] = xv[:, :, 0]
+            end_pos = mask.shape[-1]
+        else:  # row i's tokens go to positions start_pos[i] .. + seqlen - 1
+            rows = torch.arange(bsz, device=x.device)[:, None]  # (bsz, 1)
+            at = start_pos[:, None] + torch.arange(seqlen, device=x.device)  # (bsz, seqlen)
+            self.cache_k[rows, :, at] = xk.transpose(1, 2)  # (bsz, seqlen, n_kv_heads, head_dim)
+            self.cache_v[rows, :, at] = xv.transpose(1, 2)
             end_pos = mask.shape[-1]
         keys = self.cache_k[:bsz, :, :end_pos]  # (bsz, n_kv_heads, end_pos, head_dim)
         values = self.cache_v[:bsz, :, :end_pos]

@@ -25,8 +25,8 @@ def fast_forward(
     model.forward does (not in inference mode, so that torch.compile can trace it), on the fast layers.
 
     start_pos: an int, the cache position of the first new token in every row (the reference's interface);
-        or a (bsz,) tensor of per-row positions for one new token per row (seqlen 1), which then reads the
-        first `kv_len` cache positions, masked to those at or before the row's own.
+        or a (bsz,) tensor of per-row positions of each row's first new token, which then reads the first
+        `kv_len` cache positions, masked to those at or before its own.
     last_pos: (bsz,) positions within `tokens`: return only the logits there, (bsz, 1, vocab_size).
     """
     bsz, seqlen = tokens.shape
@@ -35,15 +35,20 @@ def fast_forward(
         cos = model.rope_cos[start_pos : start_pos + seqlen]  # (seqlen, head_dim)
         sin = model.rope_sin[start_pos : start_pos + seqlen]
         mask = causal_mask(seqlen, start_pos, tokens.device)
-    else:
-        if seqlen != 1 or kv_len is None:
-            raise ValueError(
-                f"per-row positions take one token per row and a kv_len (got seqlen={seqlen}, kv_len={kv_len})"
-            )
+    elif seqlen == 1:
+        if kv_len is None:
+            raise ValueError(f"per-row positions need a kv_len (got seqlen={seqlen}, kv_len={kv_len})")
         cos = model.rope_cos[start_pos][:, None]  # (bsz, 1, head_dim): each row at its own position
         sin = model.rope_sin[start_pos][:, None]
         cols = torch.arange(kv_len, device=tokens.device)
         mask = (cols[None, :] <= start_pos[:, None])[:, None, None, :]  # (bsz, 1, 1, kv_len)
+    else:  # row i's tokens at positions start_pos[i] .. + seqlen - 1 (a speculative verify, compiled)
+        if kv_len is None:
+            raise ValueError(f"per-row positions need a kv_len (got seqlen={seqlen}, kv_len={kv_len})")
+        pos = start_pos[:, None] + torch.arange(seqlen, device=tokens.device)  # (bsz, seqlen)
+        cos, sin = model.rope_cos[pos], model.rope_sin[pos]  # (bsz, seqlen, head_dim)
+        cols = torch.arange(kv_len, device=tokens.device)
+        mask = (cols[None, None, :] <= pos[:, :, None])[:, None]  # (bsz, 1, seqlen, kv_len)
 
     for layer in model.layers:
         # The reference block hands start_pos on to its attention, here a FastAttention, which takes both kinds.

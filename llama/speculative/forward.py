@@ -5,10 +5,15 @@ import torch
 from llama.fast.layers import is_fast
 from llama.fast.step import fast_forward
 from llama.model import Transformer, causal_mask
+from llama.speculative.verify_step import verify_step_of
 
 
 def forward_all(model: Transformer, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
-    """Append tokens (1, n) to the KV cache at start_pos; float32 logits at every position, (1, n, vocab)."""
+    """Append tokens (1, n) to the KV cache at start_pos; float32 logits at every position, (1, n, vocab).
+    Through the model's verify step (llama.speculative.verify_step: CUDA graphs) where it has one that fits."""
+    step = verify_step_of(model)
+    if step is not None and step.fits(tokens.shape[1], start_pos):
+        return step(tokens, start_pos)
     return model.forward(tokens, start_pos)
 
 

@@ -1,6 +1,6 @@
-"""Speculative generation for one prompt: a drafter guesses up to k tokens, the model verifies them all in one
+"""Speculative generation of one row: a drafter guesses up to k tokens, the model verifies them all in one
 forward pass over k + 1 positions of its KV cache, and every accepted token (and the model's own next one)
-is kept. The output is the model's: greedy, token for token what `Llama.generate(..., temperature=0)` gives;
+is kept (llama.speculative.rows runs a batch of rows through `_run`, as a decode loop of Llama). The output is the model's: greedy, token for token what `Llama.generate(..., temperature=0)` gives;
 sampling, the same distribution as plain sampling (llama.speculative.verify has the rule).
 
 Rolling the KV cache back costs nothing. A verify pass writes keys and values for the last accepted token and
@@ -12,18 +12,17 @@ mask): a stale entry beyond the current end is never read. Moving the position b
 """
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from llama.config import GenerationConfig, resolve_config
+from llama.completion import DecodeLoop
+from llama.config import GenerationConfig
+from llama.sampling import Context, LogitsProcessor
 from llama.speculative.drafters import Drafter
 from llama.speculative.forward import forward_all, forward_features, forward_last
 from llama.speculative.verify import accept_greedy, accept_sampled, target_probs
-
-# GenerationConfig controls speculative generation follows exactly; every other control must keep its default.
-SUPPORTED_CONTROLS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_new_tokens", "ignore_eos")
-
+from llama.streaming import StreamEvent
 
 @dataclass
 class SpeculativeStats:
@@ -66,26 +65,27 @@ class SpeculativeStats:
         drafted. A draft counts as accepted only if every draft before it in its step was."""
         return [a / d if d else None for a, d in zip(self.accepted_at, self.drafted_at)]
 
+    def add(self, other: "SpeculativeStats") -> "SpeculativeStats":
+        """These statistics and `other`'s together (e.g. the rows of one call), as a new SpeculativeStats."""
+        k = max(self.k, other.k)
+        pad = lambda xs: list(xs) + [0] * (k - len(xs))  # noqa: E731
+        return SpeculativeStats(
+            k, self.steps + other.steps, self.drafted + other.drafted, self.accepted + other.accepted,
+            [a + b for a, b in zip(pad(self.drafted_at), pad(other.drafted_at))],
+            [a + b for a, b in zip(pad(self.accepted_at), pad(other.accepted_at))],
+        )
+
+    def as_dict(self) -> Dict[str, Any]:
+        """The figures as plain values (what the prediction dicts carry under "speculative")."""
+        return {"k": self.k, "steps": self.steps, "drafted": self.drafted, "accepted": self.accepted,
+                "mean_accepted_length": self.mean_accepted_length,
+                "acceptance_by_position": self.acceptance_by_position}
+
     def summary(self) -> str:
         by_pos = ", ".join("-" if r is None else f"{r:.2f}" for r in self.acceptance_by_position)
         return (f"{self.steps} steps, drafted {self.drafted}, accepted {self.accepted} "
                 f"({self.acceptance_rate:.0%}), mean accepted length {self.mean_accepted_length:.2f}, "
                 f"by position [{by_pos}]")
-
-
-def check_controls(cfg: GenerationConfig) -> None:
-    """Raise ValueError naming the controls of `cfg` that speculative generation does not follow yet."""
-    defaults = GenerationConfig()
-    unsupported = [
-        f"{name}={getattr(cfg, name)!r}"
-        for name in ("repetition_penalty", "stop", "banned_words", "banned_token_ids", "n", "min_new_tokens")
-        if getattr(cfg, name) != getattr(defaults, name)
-    ]
-    if unsupported:
-        raise ValueError(
-            f"speculative generation does not support {', '.join(unsupported)} yet; it follows "
-            f"{', '.join(SUPPORTED_CONTROLS)}"
-        )
 
 
 def speculative_generate(
@@ -101,85 +101,98 @@ def speculative_generate(
     config: Optional[GenerationConfig] = None,
     **controls: Any,
 ) -> Tuple[List[List[int]], Optional[List[List[float]]], SpeculativeStats]:
-    """Generate for one prompt with drafts from `drafter`, verified k at a time: the output of
-    `llama.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs)` (greedy: the same tokens;
-    sampling: the same distribution, not the same draws) and statistics of the drafts.
+    """Generate with drafts from `drafter`, verified k at a time: the output of
+    `llama.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, config=config, **controls)`
+    (greedy: the same tokens; sampling: the same distribution, not the same draws) and the statistics of
+    the drafts (all rows together). EAGLE's reference calls this `eagenerate`; `naive_generate` is the
+    baseline with the same signature.
 
     Args:
         llama: a built Llama (its model and tokenizer).
-        prompt_tokens: a batch of one prompt, [[ids]] (batch > 1 is not supported yet).
+        prompt_tokens: one list of ids per prompt; each row is speculated on its own, one after another.
         max_gen_len: most tokens to generate (None: config.max_new_tokens, else max_seq_len - 1).
         drafter: a Drafter (PromptLookup(), DraftModel(small_llama), ...).
         k: most drafts verified per forward pass; 0 runs plain decoding through the same loop.
         temperature, top_p: as for generate, but without a `config` temperature defaults to 0 (greedy);
             top_p defaults to Meta's 0.9.
         logprobs: also return each generated token's log-probability under the model's raw logits.
-        config, **controls: other GenerationConfig controls; top_k, min_p, seed, max_new_tokens and ignore_eos
-            are followed, the others raise ValueError. Arguments given win over `config`.
+        config, **controls: every other GenerationConfig control (stop strings, n, repetition_penalty,
+            banned words, min_new_tokens, seed, ...), followed as plain decoding follows it.
 
     Returns:
-        (tokens, logprobs, stats): [generated ids], cut before the first stop token; [their logprobs] or
-        None; a SpeculativeStats.
+        (tokens, logprobs, stats): as `generate` returns them, and a SpeculativeStats.
 
     Raises:
-        ValueError: a batch of other than one prompt, a bad prompt, k or setting, an unsupported control, a
-            drafter that does not fit the model or proposes ids outside the vocabulary.
+        ValueError: bad prompts, k or settings; a drafter that does not fit the model or proposes ids
+            outside the vocabulary.
         TypeError: a drafter without `propose`.
     """
-    from llama.generation import check_prompt, check_settings  # (not at import time: generation imports us)
-
-    if len(prompt_tokens) != 1:
-        raise ValueError(
-            f"speculative generation runs one prompt at a time (batch size 1); got a batch of {len(prompt_tokens)}"
-        )
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise ValueError(f"k (drafts per step) must be an integer >= 0, got {k!r}")
-    if not callable(getattr(drafter, "propose", None)):
-        raise TypeError(f"drafter must have a propose(tokens, k) method, got {type(drafter).__name__}")
-    params = llama.model.params
+    speculation = Speculation(drafter, k)
     if config is None:
         config = GenerationConfig(temperature=0.0)
-    controls = dict(controls, temperature=temperature, top_p=top_p)  # None: not given
-    cfg, max_gen_len = check_settings(params, 1, config, max_gen_len, controls)
-    check_controls(cfg)
-    problem = check_prompt(prompt_tokens[0], params)
-    if problem:
-        raise ValueError(f"prompt 0: {problem}")
-    if hasattr(drafter, "check"):
-        drafter.check(llama)
-    if hasattr(drafter, "reset"):
-        drafter.reset()
-    with torch.inference_mode():
-        tokens, token_logprobs, stats = _run(llama, list(prompt_tokens[0]), max_gen_len, drafter, k, cfg, logprobs)
-    return [tokens], ([token_logprobs] if logprobs else None), stats
+    tokens, token_logprobs = llama.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, config=config,
+                                            speculative=speculation, **controls)
+    return tokens, token_logprobs, speculation.stats
 
 
-def _run(llama: Any, prompt: List[int], max_gen_len: int, drafter: Drafter, k: int, cfg: GenerationConfig,
-         logprobs: bool) -> Tuple[List[int], List[float], SpeculativeStats]:
+def naive_generate(
+    llama: Any,
+    prompt_tokens: List[List[int]],
+    max_gen_len: Optional[int],
+    drafter: Optional[Drafter] = None,
+    k: int = 4,
+    temperature: Optional[float] = None,
+    top_p: Optional[float] = None,
+    logprobs: bool = False,
+    *,
+    config: Optional[GenerationConfig] = None,
+    **controls: Any,
+) -> Tuple[List[List[int]], Optional[List[List[float]]], SpeculativeStats]:
+    """The baseline of `speculative_generate`, with its signature (EAGLE's `naivegenerate`): the same loop
+    with no drafts, one token per forward pass; `drafter` and `k` are ignored. Its statistics count the
+    passes (mean accepted length 1.0)."""
+    return speculative_generate(llama, prompt_tokens, max_gen_len, Drafter(), 0, temperature, top_p, logprobs,
+                                config=config, **controls)
+
+
+def _contexts(tokens: List[int], drafts: List[int], prompt_len: int, device: torch.device) -> Context:
+    """The text before each verified position, as the logits processors see a batch of rows: row i holds
+    `tokens` and the first i drafts (what the text is if those are accepted)."""
+    seq = torch.tensor(tokens + drafts, dtype=torch.long, device=device)
+    n = len(drafts) + 1
+    lengths = len(tokens) + torch.arange(n, device=device)
+    return Context(seq.expand(n, -1), lengths, torch.full((n,), prompt_len, device=device))
+
+
+def _run(llama: Any, prompt: List[int], end: int, drafter: Drafter, k: int, cfg: GenerationConfig,
+         out: Any, stats: SpeculativeStats, generator: Optional[torch.Generator] = None,
+         processors: Sequence[LogitsProcessor] = ()) -> Iterator[List[StreamEvent]]:
+    """Speculative decoding of one row at positions len(prompt) .. end - 1, on cache row 0 of the model.
+    Each pass hands the tokens it emits to `out` (llama.speculative.rows.RowOutput: the loop's buffers,
+    stop tokens and strings) and yields the stream events it returns, until `out` says the row is done.
+    `processors` (repetition penalty, banned words...) shape each verified position's logits, given the
+    text before it; `generator` is the row's random stream (None: torch's global one)."""
     model = llama.model
     device = model.rope_cos.device
     vocab_size = model.vocab_size
-    stop_ids = set() if cfg.ignore_eos else set(llama.tokenizer.stop_tokens)
-    generator = None
-    if cfg.seed is not None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(cfg.seed)
-    stats = SpeculativeStats(k)
-    total_len = min(model.params.max_seq_len, len(prompt) + max_gen_len)
     tokens = list(prompt)  # the prompt, then every accepted token; the last one is not in the cache yet
-    out_logprobs: List[float] = []
     # A drafter with observe_features (EAGLE-style) is handed the model's features of every accepted position.
     observe = getattr(drafter, "observe_features", None)
-    if len(prompt) > 1 and total_len > len(prompt):
+    if len(prompt) > 1 and (end > len(prompt) or out.wants_prompt_logits):
         # The prompt but its last token: positions 0 .. len - 2. The last one is fed with the first drafts.
         prefix = torch.tensor([prompt[:-1]], dtype=torch.long, device=device)
         if observe:
-            observe(0, forward_features(model, prefix, 0, logits=False)[1][0])
+            prefix_logits, features = forward_features(model, prefix, 0, logits=out.wants_prompt_logits)
+            observe(0, features[0])
+        elif out.wants_prompt_logits:
+            prefix_logits = forward_all(model, prefix, 0)
         else:
             forward_last(model, prefix, 0)
+        if out.wants_prompt_logits:  # logits at positions 0 .. len - 2 give the logprobs of tokens 1 .. len - 1
+            out.prompt_logits(prefix_logits[0])
 
-    while len(tokens) < total_len:
-        n_draft = min(k, total_len - len(tokens) - 1)  # a pass yields at most n_draft + 1 tokens
+    while len(tokens) < end:
+        n_draft = min(k, end - len(tokens) - 1)  # a pass yields at most n_draft + 1 tokens
         drafts = [int(t) for t in drafter.propose(tokens, n_draft)][:n_draft] if n_draft > 0 else []
         bad = [t for t in drafts if not 0 <= t < vocab_size]
         if bad:
@@ -191,46 +204,49 @@ def _run(llama: Any, prompt: List[int], max_gen_len: int, drafter: Drafter, k: i
         else:
             logits = forward_all(model, feed, start)
         logits = logits[0]  # (1 + drafts, vocab): row i predicts position start + 1 + i
+        scores = logits
+        for process in processors:  # each position given the text before it: the prompt, tokens, drafts
+            scores = process(scores, _contexts(tokens, drafts, len(prompt), device))
         if cfg.temperature == 0:
-            emitted = accept_greedy(logits, drafts)
+            emitted = accept_greedy(scores, drafts)
         else:
-            probs = target_probs(logits, cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p)
+            probs = target_probs(scores, cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p)
             emitted = accept_sampled(probs, drafts, generator)
         stats.record(len(drafts), len(emitted) - 1)
         if observe:  # the fed tokens accepted: the last one and len(emitted) - 1 drafts
             observe(start, features[0, : len(emitted)])
-        if logprobs:  # of the raw logits, as plain decoding reports them
-            lp = torch.log_softmax(logits[: len(emitted)], dim=-1)
-            new_lps = lp[torch.arange(len(emitted), device=device), torch.tensor(emitted, device=device)].tolist()
-        for i, token in enumerate(emitted):
-            if token in stop_ids:  # cut before the first stop token, as plain decoding does
-                return tokens[len(prompt):], out_logprobs, stats
-            tokens.append(token)
-            if logprobs:
-                out_logprobs.append(new_lps[i])
-    return tokens[len(prompt):], out_logprobs, stats
+        events, done = out.take(len(tokens), emitted, logits)  # logprobs: of the raw logits, as plain decoding
+        tokens.extend(emitted)
+        yield events
+        if done:
+            return
 
 
 @dataclass
 class Speculation:
-    """Speculative settings for `Llama.generate(..., speculative=Speculation(PromptLookup(), k=4))`: the
-    call then runs speculative_generate with generate's own defaults (Meta's temperature 0.6 and top_p 0.9
-    unless given), and `stats` holds its statistics afterwards."""
+    """Speculative settings for `Llama.generate` / `complete` / `text_completion` / `chat_completion` /
+    `generate_stream(..., speculative=Speculation(PromptLookup(), k=4))`: each row is then decoded by
+    drafting up to k tokens and verifying them in one pass, with the output of plain decoding. After a call,
+    `stats` holds its statistics (all rows together; each Completion and prediction dict has its row's)."""
 
     drafter: Drafter
     k: int = 4
     stats: Optional[SpeculativeStats] = None  # the last call's
 
-    def generate(self, llama: Any, prompt_tokens: List[List[int]], max_gen_len: Optional[int],
-                 temperature: Optional[float], top_p: Optional[float], logprobs: bool, echo: bool,
-                 config: Optional[GenerationConfig], controls: dict
-                 ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
-        """`Llama.generate`'s arguments -> its return value."""
-        if echo:
-            raise ValueError("speculative generation does not support echo=True yet")
-        cfg = resolve_config(config)  # Meta's defaults where the caller's config says nothing
-        tokens, token_logprobs, self.stats = speculative_generate(
-            llama, prompt_tokens, max_gen_len, self.drafter, self.k, temperature, top_p, logprobs,
-            config=cfg, **controls,
-        )
-        return tokens, token_logprobs
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
+            raise ValueError(f"k (drafts per step) must be an integer >= 0, got {self.k!r}")
+        if not callable(getattr(self.drafter, "propose", None)):
+            raise TypeError(f"drafter must have a propose(tokens, k) method, got {type(self.drafter).__name__}")
+
+    def check(self, llama: Any) -> "Speculation":
+        """Raise ValueError if the drafter cannot draft for `llama`; return self."""
+        if hasattr(self.drafter, "check"):
+            self.drafter.check(llama)
+        return self
+
+    def decode(self, llama: Any, rows: Any) -> DecodeLoop:
+        """The decode loop of `llama` over `rows` (llama.completion.Rows), speculatively."""
+        from llama.speculative.rows import decode_rows  # (rows imports this module)
+
+        return decode_rows(llama, rows, self)

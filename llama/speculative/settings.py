@@ -1,0 +1,109 @@
+"""Naming a speculative setting: the `speculative=` argument of Llama's calls and the CLI's `--speculative`.
+
+A setting is a Speculation (a drafter and k), or a string "NAME" or "NAME:PATH":
+
+    "lookup"              prompt lookup (no weights)
+    "draft:PATH"          a draft model: the Llama checkpoint at PATH (any layout Llama.build loads)
+    "eagle" / "eagle:DIR" the EAGLE-style draft head (llama.speculative.eagle; default: the demo model's)
+    "plain"               no drafts, one token per pass through the same loop: the baseline
+                          (EAGLE's naivegenerate)
+
+More drafters register a name with `register_drafter`.
+A string is resolved once per Llama and name: the drafter (a draft model's weights) is kept and reused.
+"""
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Union
+
+from llama.speculative.drafters import DraftModel, Drafter, PromptLookup
+from llama.speculative.generate import Speculation
+
+DEFAULT_K = 4
+
+
+@dataclass(frozen=True)
+class DrafterKind:
+    """A drafter that can be named in a setting string."""
+
+    make: Callable[[Any, Optional[str]], Drafter]  # (the target Llama, PATH or None) -> a Drafter
+    needs_path: bool  # "NAME:PATH" required (a checkpoint); otherwise PATH is optional
+    k: int = DEFAULT_K  # drafts per pass when the caller gives no k
+    help: str = ""
+
+
+DRAFTERS: Dict[str, DrafterKind] = {}
+
+
+def register_drafter(name: str, kind: DrafterKind) -> None:
+    """Make `name` usable in settings ("name" or "name:PATH") and in the CLI's --speculative."""
+    DRAFTERS[name] = kind
+
+
+def build_draft_model(target: Any, path: Optional[str]) -> Drafter:
+    """A DraftModel from the checkpoint at `path`, built by Llama.build for the target's context length,
+    device, dtype and model-parallel ranks (under torchrun it is split as the target is)."""
+    from llama.generation import Llama  # (not at import time: generation imports llama.speculative)
+
+    dtype = target.model.tok_embeddings.weight.dtype
+    draft = Llama.build(str(path), None, max_seq_len=target.model.params.max_seq_len, max_batch_size=1,
+                        device=str(target.device), dtype=dtype, fast=target.fast)
+    return DraftModel(draft)
+
+
+register_drafter("lookup", DrafterKind(lambda target, path: PromptLookup(), needs_path=False,
+                                       help="prompt lookup: continue the latest match of the last tokens"))
+register_drafter("draft", DrafterKind(build_draft_model, needs_path=True,
+                                      help="a smaller Llama sharing the tokenizer: draft:CKPT_DIR"))
+register_drafter("plain", DrafterKind(lambda target, path: Drafter(), needs_path=False, k=0,
+                                      help="no drafts (the baseline through the same loop)"))
+
+
+def build_eagle_drafter(target: Any, path: Optional[str]) -> Drafter:
+    """The EAGLE-style head at `path` (default: the demo model's, models/demo-eagle) for the target."""
+    from llama.cli.demo import DEMO_DIR  # (not at import time: llama.cli imports llama.generation)
+    from llama.speculative.eagle import EagleDrafter
+
+    return EagleDrafter(path or DEMO_DIR.parent / "demo-eagle", target)
+
+
+register_drafter("eagle", DrafterKind(build_eagle_drafter, needs_path=False,
+                                      help="the EAGLE-style draft head (eagle:HEAD_DIR; default models/demo-eagle)"))
+
+# Strings already resolved, per Llama: a draft model is loaded once.
+_resolved: "weakref.WeakKeyDictionary[Any, Dict[tuple, Speculation]]" = weakref.WeakKeyDictionary()
+
+
+def drafter_names() -> List[str]:
+    return sorted(DRAFTERS)
+
+
+def parse_setting(setting: str, k: Optional[int] = None) -> tuple:
+    """"NAME[:PATH]" -> (name, path or None, k); ValueError naming the setting and the known names."""
+    name, _, path = setting.partition(":")
+    kind = DRAFTERS.get(name)
+    if kind is None:
+        raise ValueError(f"unknown speculative setting {setting!r}: expected one of "
+                         f"{', '.join(drafter_names())} (as NAME or NAME:PATH)")
+    if kind.needs_path and not path:
+        raise ValueError(f"speculative setting {setting!r} needs a path: {name}:PATH")
+    return name, path or None, kind.k if k is None else k
+
+
+def resolve_speculation(setting: Union[None, str, Speculation], llama: Any, k: Optional[int] = None
+                        ) -> Optional[Speculation]:
+    """The Speculation a setting names, checked against `llama` (ValueError if the drafter cannot draft
+    for it); None for None. `k` overrides a named drafter's default number of drafts per pass."""
+    if setting is None:
+        return None
+    if isinstance(setting, Speculation):
+        return setting.check(llama)
+    if not isinstance(setting, str):
+        raise TypeError(f"speculative must be a Speculation or a string such as 'lookup' or 'draft:PATH', "
+                        f"got {type(setting).__name__}")
+    name, path, k = parse_setting(setting, k)
+    known = _resolved.setdefault(llama, {})
+    key = (name, path, k)
+    if key not in known:
+        known[key] = Speculation(DRAFTERS[name].make(llama, path), k).check(llama)
+    return known[key]
