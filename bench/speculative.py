@@ -10,9 +10,10 @@ memory: the 5% of each novel the demo model never saw). For each prompt, plain d
 temperature 0, the fast loop) and speculative decoding (`speculative_generate`) run alternately `--repeats`
 times, each generating exactly --new-tokens tokens (stop tokens ignored); the best time of each counts (wall
 time, and the process's CPU time beside it). Per set it prints tokens/s of both, their ratio, the mean
-accepted length and acceptance by draft position, and checks the tokens are equal. Drafters (--drafters): `lookup` (prompt lookup), `eagle` (the demo's EAGLE-style
-head, models/demo-eagle, made by scripts/train_eagle.py; --min-confidence ends its chains early); with
---draft-layers 0,2,4,5 the demo cut to those layers (its embedding and output too) also runs as a draft model.
+accepted length and acceptance by draft position, and checks the tokens are equal. Drafters (--drafters):
+`lookup` (prompt lookup), `eagle` (the demo's EAGLE-style head, models/demo-eagle, made by
+scripts/train_eagle.py; --min-confidence ends its chains early); with --draft-layers 0,2,4,5 the demo cut to
+those layers (its embedding and output too) also runs as a draft model.
 """
 
 import argparse
@@ -123,7 +124,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--draft-layers", default="",
                    help="also a draft model: the demo with only these layers, e.g. 0,2,4,5 (of 0..5)")
     p.add_argument("--drafters", default="lookup,eagle", help="comma-separated: lookup, eagle")
-    p.add_argument("--eagle", default=str(Path(DEMO_DIR).parent / "demo-eagle"), help="the EAGLE-style head's directory")
+    p.add_argument("--eagle", default=str(Path(DEMO_DIR).parent / "demo-eagle"),
+                   help="the EAGLE-style head's directory")
     p.add_argument("--min-confidence", type=float, default=0.0, help="the eagle drafter's min_confidence")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="JSON report path")
@@ -149,7 +151,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             r = dict(set=name, **run_set(llama, prompts, drafter, opts.k, opts.new_tokens, opts.repeats))
             report["results"].append(r)
             print(f"{name:16} {r['drafter']:45} plain {r['plain_tok_s']:7.1f} tok/s  speculative "
-                  f"{r['speculative_tok_s']:7.1f} tok/s  x{r['speed_up']:.2f} (CPU time x{r['speed_up_cpu_time']:.2f})  "
+                  f"{r['speculative_tok_s']:7.1f} tok/s  x{r['speed_up']:.2f} "
+                  f"(CPU time x{r['speed_up_cpu_time']:.2f})  "
                   f"mean accepted length "
                   f"{r['mean_accepted_length']:.2f}  drafts/step {r['drafts_per_step']:.2f}  "
                   f"by position {r['acceptance_by_position']}  "
