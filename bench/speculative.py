@@ -198,10 +198,16 @@ def main(argv: Optional[List[str]] = None) -> None:
                 print(f"{name:16} {r['drafter'][:38]:38} {r['method']:5} plain {r['plain_tok_s']:7.1f} tok/s  "
                       f"this {r['speculative_tok_s']:7.1f} tok/s  x{r['speed_up']:.2f} (CPU time "
                       f"x{r['speed_up_cpu_time']:.2f})  mean accepted length {r['mean_accepted_length']:.2f}  "
-                      f"by position {r['acceptance_by_position']}  same tokens: {r['same_tokens']}", flush=True)
+                      f"drafts/step {r['drafts_per_step']:.2f}  by position {r['acceptance_by_position']}  "
+                      f"same tokens: {r['same_tokens']}", flush=True)
                 if opts.out:
                     with open(opts.out, "w") as f:
                         json.dump(report, f, indent=1)
+    report["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(f"load average at the end: {report['load_average_end']}")
+    if opts.out:
+        with open(opts.out, "w") as f:
+            json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,8 @@ def _block_without_cache(layer: TransformerBlock, h: torch.Tensor, cos: torch.Te
     v = attn.wv(x).view(bsz, seqlen, attn.n_local_kv_heads, attn.head_dim)
     q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (bsz, heads, seqlen, head_dim)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=attn.n_local_heads != attn.n_local_kv_heads)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                         enable_gqa=attn.n_local_heads != attn.n_local_kv_heads)
     h = h + attn.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
     return h + layer.feed_forward(layer.ffn_norm(h))
 
