@@ -50,7 +50,7 @@ from llama.generation import Llama
 from llama.cli.interrupt import report_interrupt
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import ChatFormat
-from llama.fast.cpu_forms import picked_forms
+from llama.fast.cpu_forms import ENV as CPU_FORMS_ENV, picked_forms
 from llama.fast.layers import use_fast_layers
 from llama.fast.quantize import QUANTIZE_CHOICES, use_int8_layers
 
@@ -115,9 +115,17 @@ class NoStopTokenizer:
 
 def build_ours(
     args: ModelArgs, sd: Dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, fast: bool, compile: bool,
-    quantize: Optional[str] = None,
+    quantize: Optional[str] = None, default_forms: bool = False,
 ) -> Llama:
-    """Our model on `sd`, as Llama.build makes it (with quantize="int8": its weights in `dtype`, quantized)."""
+    """Our model on `sd`, as Llama.build makes it (with quantize="int8": its weights in `dtype`, quantized).
+    default_forms: every product in its layer's default form, none picked (LLAMA_CPU_FORMS=off)."""
+    if default_forms:
+        previous = os.environ.get(CPU_FORMS_ENV)
+        os.environ[CPU_FORMS_ENV] = "off"
+        try:
+            return build_ours(args, sd, device, dtype, fast, compile, quantize)
+        finally:
+            os.environ.pop(CPU_FORMS_ENV) if previous is None else os.environ.update({CPU_FORMS_ENV: previous})
     with default_dtype(dtype):
         model = Transformer(args)
     load_into(model, sd, device, dtype, source="bench weights")
@@ -410,6 +418,12 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
             report["picked_forms"][dtype_name] = forms
             for name, picked in forms.items():
                 log(f"  {name} {dtype_name} decode forms: " + ", ".join(f"{k} {v}" for k, v in picked.items()))
+        if opts.default_forms and device.type == "cpu":
+            built.append(ours_system("ours-default", build_ours(args, sd, device, dtype, True, opts.compile,
+                                                                default_forms=True)))
+            if opts.quantize:
+                built.append(ours_system(f"ours-{opts.quantize}-default", build_ours(
+                    args, sd, device, dtype, True, opts.compile, opts.quantize, default_forms=True)))
         if opts.simple:
             built.append(ours_system("ours-simple", build_ours(args, sd, device, dtype, False, False)))
         if not opts.no_hf:
@@ -442,8 +456,8 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
             res["kv_cache_bytes"] = kv_cache_bytes
             res["round_read_bandwidths_bytes_s"] = round_bandwidths
             for s in systems:
-                step_bytes = (int8_traffic if s.name == "ours-int8" else q8_0_traffic if s.name == LLAMACPP_Q8_0
-                              else traffic)["total_bytes"]
+                step_bytes = (int8_traffic if s.name.startswith("ours-int8")
+                              else q8_0_traffic if s.name == LLAMACPP_Q8_0 else traffic)["total_bytes"]
                 res[s.name]["bytes_per_decode_step"] = step_bytes
                 res[s.name]["effective_bandwidth_bytes_s"] = step_bytes * res[s.name]["decode_steps_s"]
                 # Each round's decode against the bandwidth measured in that round, the median over rounds:
@@ -466,6 +480,11 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
                 res[f"median_round_ratio_{key}"] = statistics.median(
                     [(cf - ct) / max(of - ot, 1e-9) for of, ot, cf, ct in zip(o.full, o.ttft, c.full, c.ttft)])
                 same_tokens(res, tokens[mine], tokens[theirs], key)
+            for name in ("ours", "ours-int8"):  # what picking the forms at load gained, round by round
+                if f"{name}-default" in res:
+                    o, d = (next(s for s in systems if s.name == n) for n in (name, f"{name}-default"))
+                    res[f"median_round_ratio_{name}_picked_forms"] = statistics.median(
+                        [(df - dt) / max(of - ot, 1e-9) for of, ot, df, dt in zip(o.full, o.ttft, d.full, d.ttft)])
             if "ours-int8" in res:  # greedy agreement of the int8 weights with this dtype's
                 same_tokens(res, tokens["ours"], tokens["ours-int8"], "int8")
             report["results"].append(res)
@@ -476,7 +495,8 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
     bandwidth = max(bandwidth, measure_read_bandwidth(device))
     report["read_bandwidth_bytes_s"] = bandwidth
     for res in report["results"]:
-        for name in ("ours", "ours-simple", "ours-int8", "transformers", LLAMACPP, LLAMACPP_Q8_0):
+        for name in ("ours", "ours-simple", "ours-int8", "ours-default", "ours-int8-default", "transformers",
+                     LLAMACPP, LLAMACPP_Q8_0):
             if name in res:
                 res[name]["fraction_of_read_bandwidth"] = res[name]["effective_bandwidth_bytes_s"] / bandwidth
         # The roofline: no decode loop reads its bytes faster than the memory delivers them.
@@ -504,6 +524,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="compile our decode step (CUDA graphs)")
     p.add_argument("--simple", action="store_true", help="also run our reference loop (fast=False)")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="also run ours with int8 weights (ours-int8)")
+    p.add_argument("--default-forms", action="store_true", help="also run ours (and ours-int8) with every "
+                   "product in its default form, none picked at load (ours-default; the CPU only)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--llamacpp", action="store_true",
                    help="also run llama.cpp on the same weights, batch 1 only (needs llama-cpp-python and gguf)")

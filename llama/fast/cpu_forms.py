@@ -34,6 +34,7 @@ LLAMA_CPU_FORMS=off keeps every layer's default form; =probe probes whatever the
 """
 
 import os
+import platform
 import time
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
@@ -178,6 +179,7 @@ def pick_cpu_forms(model: nn.Module, force: Optional[str] = None, rows: int = 1)
             fs_init.get_model_parallel_world_size() > 1:
         return picked_forms(model)
     if force is None and (setting == "off" or (setting == "auto" and weight_bytes < PROBE_MIN_BYTES)):
+        _warn_if_scalar(linears.values())
         return picked_forms(model)
     groups: Dict[tuple, List[nn.Module]] = {}
     for m in linears.values():
@@ -208,7 +210,22 @@ def pick_cpu_forms(model: nn.Module, force: Optional[str] = None, rows: int = 1)
         name = min(usable, key=best.__getitem__)
         for m, forms in zip(layers, per_layer):
             use_form(m, name, forms[name])
+    _warn_if_scalar(linears.values())
     return picked_forms(model)
+
+
+def _warn_if_scalar(layers) -> None:
+    """Warn where int8 products with float32 activations are left to torch's int8 kernel on x86: its vector
+    loops are for bf16 activations, float32 ones take a scalar loop, several times slower than float32
+    weights (measured: docs/quantization.md)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return
+    if any(isinstance(m, Int8Linear) and m.dtype == torch.float32 and m.use_kernel and m.decode_form is None
+           and _device(m).type == "cpu" for m in layers):
+        warnings.warn("int8 weights with float32 activations run torch's scalar int8 kernel on this CPU, several "
+                      f"times slower than float32 weights: the compiled form was not picked ({ENV}=off, a model "
+                      "under PROBE_MIN_BYTES, or no compiler); dtype=torch.bfloat16 or LLAMA_CPU_FORMS=probe",
+                      stacklevel=3)
 
 
 def _device(layer: nn.Module) -> torch.device:

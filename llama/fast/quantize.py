@@ -21,8 +21,6 @@ product written out, `F.linear(x, Q.to(x.dtype)) * scale`: for many rows (a pref
 less than the kernel's repeated conversions, and torch.compile can fuse this form into one kernel.
 """
 
-import platform
-import warnings
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -216,12 +214,6 @@ def use_int8_layers(
     A second call finds no linear layer left to swap and does nothing.
     """
     scales = scales or {}
-    device = model.rope_cos.device
-    if device.type == "cpu" and dtype == torch.float32 and platform.machine().lower() in ("x86_64", "amd64"):
-        # Measured (docs/quantization.md): torch's x86 kernel has vector loops for bf16 inputs only.
-        warnings.warn("int8 weights with float32 activations run torch's scalar int8 kernel on this CPU, "
-                      "several times slower than float32 weights: pass dtype=torch.bfloat16 for speed",
-                      stacklevel=3)  # the caller of the no_grad wrapper
     if fast and not is_fast(model):
         use_fast_layers(model, pack=False)  # packing is for float weights; int8 ones are read as they are
     for path, linear in _linears(model).items():
