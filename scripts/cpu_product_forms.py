@@ -5,7 +5,7 @@ test; figures in docs/quantization.md and bench/README.md).
     python scripts/cpu_product_forms.py [--rows 1] [--threads 1] [--rounds 7] [--out bench/results/X.json]
 
 For each of the bench's small shape's products (and the output projection, the largest) and each weight
-dtype, the weight is held in enough copies to pass 256 MiB, so that a pass over the copies reads them from
+dtype, the weight is held in enough copies to pass 128 MiB (4x the L3 cache here), so that a pass over the copies reads them from
 memory as a decode step does (one product alone would stay in the cache); every form does the same pass,
 the forms alternating round by round with a bandwidth reading. Reported: the best pass's GB/s, that over
 the best bandwidth reading, and the largest error against float64 on the (dequantized) weights, relative to
@@ -36,7 +36,7 @@ from llama.fast.quantize import quantize_int8  # noqa: E402
 
 # (name, out_features, in_features): the small shape's products (dim 512, hidden 1792, vocab 128256).
 PRODUCTS = [("wqkv", 768, 512), ("w13", 3584, 512), ("w2", 512, 1792), ("output", 128256, 512)]
-COPIES_BYTES = 256 * 2**20
+COPIES_BYTES = 128 * 2**20
 
 
 def forms_for(kind: str, act: torch.dtype, w: torch.Tensor) -> Dict[str, Callable]:
