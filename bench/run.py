@@ -332,10 +332,10 @@ def bytes_per_decode_step(sd: Dict[str, torch.Tensor], args: ModelArgs, dtype: t
 
 def cpu_description() -> Dict[str, Any]:
     """What `lscpu` says of the CPU (its model name and flags), the ISA torch's kernels use, and the
-    environment that limits them (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA): recorded beside every CPU figure,
-    since the fastest form of a product depends on them."""
+    environment that limits them (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA; LLAMA_CPP_LIB_PATH, another
+    llama.cpp build): recorded beside every CPU figure, since the fastest form of a product depends on them."""
     info: Dict[str, Any] = {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS"):
+    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS", "LLAMA_CPP_LIB_PATH"):
         info[name] = os.environ.get(name)
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -429,6 +429,8 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
         if not opts.no_hf:
             built.append(hf_system(build_hf(args, sd, device, dtype)))
         if opts.llamacpp:
+            # The CPU features its build uses (e.g. "AVX512 = 0" for a build without AVX-512).
+            report["llamacpp_system_info"] = import_llama_cpp().llama_print_system_info().decode(errors="replace")
             log("writing the weights as GGUF and loading them into llama.cpp ...")
             built.append(System(LLAMACPP, build_llamacpp(args, sd, dtype, torch.get_num_threads(),
                                                          gpu=device.type == "cuda")))

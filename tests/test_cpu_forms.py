@@ -143,3 +143,43 @@ def test_q8_0_gguf_holds_the_weights_within_half_a_block_step(tmp_path):
         write_gguf(tmp_path / "x.gguf", ModelArgs.from_params(params, max_seq_len=32), sd, torch.float32,
                    quantize="q4_0")
     assert not math.isnan(float(got.sum()))
+
+
+@pytest.mark.slow  # the benchmark end to end, compiling (inductor) and, where installed, llama.cpp
+def test_bench_records_the_picked_forms_the_cpu_and_llamacpp_q8_0_beside_int8(tmp_path, monkeypatch):
+    import json
+
+    import bench.run as bench
+
+    from helpers import SMALL_SCALED
+
+    llamacpp = []
+    try:
+        import llama_cpp  # noqa: F401
+
+        llamacpp = ["--llamacpp"]
+    except ImportError:
+        pass
+    monkeypatch.setitem(bench.SHAPES, "tiny", dict(SMALL_SCALED, vocab_size=320))
+    monkeypatch.setenv(cpu_forms.ENV, "probe")  # the tiny model is below PROBE_MIN_BYTES
+    out = tmp_path / "b.json"
+    bench.main(["--shape", "tiny", "--batch", "1", "--dtype", "float32", "--new-tokens", "6", "--prompt-len", "5",
+                "--repeats", "2", "--no-hf", "--quantize", "int8", "--default-forms", "--device", "cpu",
+                "--threads", "1", "--out", str(out), "--chart", "", *llamacpp])
+    report = json.loads(out.read_text())
+    machine = report["machine"]
+    assert machine["lscpu_model_name"] and "sse2" in machine["lscpu_flags"].split()
+    assert machine["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    forms = report["picked_forms"]["float32"]
+    assert set(forms) == {"ours", "ours-int8"}
+    assert all(f in ("packed", "linear", "compiled") for f in forms["ours"].values())
+    assert all(f in ("int8pack", "dequantize", "compiled") for f in forms["ours-int8"].values())
+    [res] = report["results"]
+    for name in ("ours", "ours-int8", "ours-default", "ours-int8-default"):
+        assert res[name]["decode_tok_s"] > 0
+    assert res["median_round_ratio_ours_picked_forms"] > 0 and len(res["load_average"]) == 3
+    if llamacpp:
+        assert res["llama.cpp-q8_0"]["decode_tok_s"] > 0 and res["ratio_llamacpp_q8_0"] > 0
+        # Q8_0: 34 bytes per 32 weights, against our 1 byte per weight plus a scale per row.
+        assert res["llama.cpp-q8_0"]["bytes_per_decode_step"] != res["ours-int8"]["bytes_per_decode_step"]
+        assert "AVX2" in report["llamacpp_system_info"]
