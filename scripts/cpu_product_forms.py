@@ -1,15 +1,15 @@
 """How fast each form torch offers for a decode step's one-row product reads its weight on this CPU, against
 the read bandwidth (bench.bandwidth) measured in the same process, round by round (a measurement, not a
-test; figures in docs/quantization.md and bench/README.md).
+test; figures in docs/cpu-forms.md).
 
     python scripts/cpu_product_forms.py [--rows 1] [--threads 1] [--rounds 7] [--out bench/results/X.json]
 
-For each of the bench's small shape's products (and the output projection, the largest) and each weight
-dtype, the weight is held in enough copies to pass 128 MiB (4x the L3 cache here), so that a pass over the copies reads them from
-memory as a decode step does (one product alone would stay in the cache); every form does the same pass,
-the forms alternating round by round with a bandwidth reading. Reported: the best pass's GB/s, that over
-the best bandwidth reading, and the largest error against float64 on the (dequantized) weights, relative to
-the largest |output|. Forms marked "other numerics" compute another product (activations rounded to bf16
+For each of the bench's small shape's products (the output projection is the largest) and each weight
+dtype, the weight is held in enough copies to pass 128 MiB (4x the L3 cache here), so that a pass over the
+copies reads them from memory as a decode step does (one product alone would stay in the cache); every
+form does the same pass, the forms alternating round by round with a bandwidth reading. Reported: the best
+pass's GB/s, that over the best bandwidth reading, and the largest error against float64 on the
+(dequantized) weights, relative to the largest |output|. Forms marked "other numerics" compute another product (activations rounded to bf16
 or quantized to int8): measured to say what they would give, never picked by llama.fast.cpu_forms.
 """
 

@@ -12,7 +12,7 @@ from llama.distributed import init_distributed
 from llama.fast import cpu_forms
 from llama.fast.cpu_forms import CompiledProduct, pick_cpu_forms, picked_forms
 from llama.fast.layers import FastLinear
-from llama.fast.quantize import Int8Linear, quantize_int8
+from llama.fast.quantize import quantize_int8
 
 from helpers import SMALL_GQA
 

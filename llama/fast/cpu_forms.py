@@ -20,13 +20,14 @@ candidate forms on the group's own weights (one pass over every layer of the gro
 from memory as in a step, not from cache), alternating the forms round by round and keeping each one's
 best pass, and gives every layer of the group the fastest. Timing, not a rule keyed on CPU flags: the
 winner depends on the cache sizes, the memory and the threads as much as on the ISA, and the probe sees the
-machine it runs on. The picked form serves products of up to DECODE_FORM_MAX_ROWS rows (decode steps); a prefill's
-many rows keep the layer's own path. Picks are printed by the bench (`picked_forms`).
+machine it runs on. The picked form serves products of up to DECODE_FORM_MAX_ROWS (llama.fast.layers)
+rows (decode steps); a prefill's many rows keep the layer's own path. The bench prints the picks
+(`picked_forms`).
 
 Numerics: every form computes the same product to float32 rounding of the dequantized weights (another
 summation order; tests/test_cpu_forms.py checks each against float64 within a derived tolerance). Forms that
 round activations (int8pack with float32 activations cast to bf16) or quantize them (torch._int_mm, fbgemm's
-dynamic linear) compute another product, and are not candidates (figures: docs/quantization.md).
+dynamic linear) compute another product, and are not candidates (figures: docs/cpu-forms.md).
 
 Small models are left alone: below PROBE_MIN_BYTES of linear weights the weights stay in cache, a step is
 dominated by per-call costs, and compiling costs more than it could save (and no C++ compiler is needed).
@@ -44,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.fast.layers import DECODE_FORM_MAX_ROWS, FastLinear
+from llama.fast.layers import FastLinear
 from llama.fast.quantize import Int8Linear
 # Below this many bytes of linear weights the model is not probed (see the module docstring).
 PROBE_MIN_BYTES = 32 * 2**20
