@@ -9,8 +9,9 @@ dtype, the weight is held in enough copies to pass 128 MiB (4x the L3 cache here
 copies reads them from memory as a decode step does (one product alone would stay in the cache); every
 form does the same pass, the forms alternating round by round with a bandwidth reading. Reported: the best
 pass's GB/s, that over the best bandwidth reading, and the largest error against float64 on the
-(dequantized) weights, relative to the largest |output|. Forms marked "other numerics" compute another product (activations rounded to bf16
-or quantized to int8): measured to say what they would give, never picked by llama.fast.cpu_forms.
+(dequantized) weights, relative to the largest |output|. Forms marked "other numerics" compute another
+product (activations rounded to bf16 or quantized to int8): measured to say what they would give, never
+picked by llama.fast.cpu_forms.
 """
 
 import argparse
