@@ -8,7 +8,8 @@ are read, and the kernel that streams them fastest differs with the weight's dty
 - "linear": F.linear on the weight as stored (float weights where oneDNN cannot pack them);
 - "int8pack": torch's `aten._weight_int8pack_mm` (Int8Linear's default where it runs): int8 weights, but its
   x86 vector loops are for bf16 activations only, float32 ones take a scalar loop;
-- "dequantize": F.linear on a float copy of the int8 weight, made at every call (int8 weights);
+- "dequantize": F.linear on a float copy of the int8 weight, made at every call (int8 weights where
+  int8pack does not run; never timed against it, see _candidates);
 - "compiled": a kernel that inductor (torch.compile's compiler) generates in C++ for exactly this product:
   each weight row is read once, as stored (int8, bf16 or float32), converted to float32 in registers,
   multiplied by the activation rows and summed in float32 vectors; int8 rows are then scaled and the result
@@ -42,7 +43,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llama.fast.layers import FastLinear
@@ -116,9 +116,10 @@ def _candidates(layer: nn.Module) -> Dict[str, Optional[Callable]]:
     """The forms a layer can take, by name: None for its own default path (the layer's forward)."""
     forms: Dict[str, Optional[Callable]] = {_default_form(layer): None}
     if isinstance(layer, Int8Linear):
+        # Not "dequantize" beside int8pack: it writes a float copy of the weight at every call. Timed alone
+        # it won on emulated AVX2 (int8 weights, float32 activations), yet it made the whole step 2x slower
+        # there (docs/cpu-forms.md): its allocations do not time alone as they run in a step.
         weight, scale = layer.weight, layer.scale_act
-        if layer.use_kernel:  # the default is int8pack: the written-out form is the other candidate
-            forms["dequantize"] = lambda x: F.linear(x, weight.to(x.dtype)) * scale
     else:
         weight, scale = layer.dense_weight(), None
     forms["compiled"] = CompiledProduct(weight, scale)
