@@ -2,7 +2,7 @@
 
 from typing import Any, Dict
 
-from bench.llamacpp import NAME as LLAMACPP
+from bench.llamacpp import NAME as LLAMACPP, NAME_Q8_0 as LLAMACPP_Q8_0
 
 
 def summary_line(res: Dict[str, Any]) -> str:
@@ -28,6 +28,11 @@ def summary_line(res: Dict[str, Any]) -> str:
                  f"({res['median_round_ratio_llamacpp']:.2f}x in the median round), "
                  f"same tokens in {res['rows_matching_llamacpp']}/{res['batch']} rows "
                  f"(the first {res['leading_tokens_matching_llamacpp']} tokens)")
+    if LLAMACPP_Q8_0 in res:
+        q = res[LLAMACPP_Q8_0]
+        line += (f"; llama.cpp Q8_0 {q['decode_tok_s']:.1f} tok/s ({q['fraction_of_read_bandwidth']:.0%} of the read "
+                 f"bandwidth), ours int8 / it {res['ratio_llamacpp_q8_0']:.2f}x "
+                 f"({res['median_round_ratio_llamacpp_q8_0']:.2f}x in the median round)")
     return line
 
 
@@ -39,9 +44,13 @@ def markdown_table(report: Dict[str, Any]) -> str:
     lines = ["| machine | model | dtype | batch | ours tok/s | transformers tok/s | ratio "
              "| % of read bandwidth (median round) | roofline tok/s (largest possible ratio) |",
              "|---|---|---|---|---|---|---|---|---|"]
+    with_q8_0 = any(LLAMACPP_Q8_0 in r for r in report["results"])
     if with_llamacpp:
         lines[0] += " llama.cpp tok/s (ours / llama.cpp) |"
         lines[1] += "---|"
+    if with_q8_0:
+        lines[0] += " ours int8 tok/s (% of read bandwidth) | llama.cpp Q8_0 tok/s (ours int8 / Q8_0) |"
+        lines[1] += "---|---|"
     for r in report["results"]:
         hf = r.get("transformers", {}).get("decode_tok_s")
         hf_cell = "-" if hf is None else f"{hf:.1f}"
@@ -59,6 +68,11 @@ def markdown_table(report: Dict[str, Any]) -> str:
             lines[-1] += (f" {r[LLAMACPP]['decode_tok_s']:.1f} ({r['ratio_llamacpp']:.2f}x; median round "
                           f"{r['median_round_ratio_llamacpp']:.2f}x) |" if LLAMACPP in r
                           else " - |")
+        if with_q8_0:
+            q, c = r.get("ours-int8"), r.get(LLAMACPP_Q8_0)
+            lines[-1] += (f" {q['decode_tok_s']:.1f} ({q['fraction_of_read_bandwidth']:.0%}) |" if q else " - |")
+            lines[-1] += (f" {c['decode_tok_s']:.1f} ({r['ratio_llamacpp_q8_0']:.2f}x; median round "
+                          f"{r['median_round_ratio_llamacpp_q8_0']:.2f}x) |" if c else " - |")
     return "\n".join(lines)
 
 
@@ -73,7 +87,8 @@ def chart(report: Dict[str, Any], path: str) -> bool:
     except ImportError:
         return False
     results = report["results"]
-    names = [n for n in ("ours", "ours-simple", "ours-int8", "transformers", LLAMACPP) if any(n in r for r in results)]
+    names = [n for n in ("ours", "ours-simple", "ours-int8", "transformers", LLAMACPP, LLAMACPP_Q8_0)
+             if any(n in r for r in results)]
     labels = [f"{r['dtype']}\nbatch {r['batch']}" for r in results]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(4 + 2.2 * len(results), 4.5))
     width = 0.8 / len(names)

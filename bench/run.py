@@ -21,7 +21,7 @@ speed no program can pass here, and the roofline over transformers' speed the la
 could reach against it. Writes JSON and, with matplotlib installed, a PNG chart.
 
 With --llamacpp, llama.cpp runs as a third system on a GGUF file of the same weights, at batch 1 only
-(bench.llamacpp).
+(bench.llamacpp); with --quantize int8 too, also on those weights as its Q8_0, beside our int8.
 
 Needs transformers (a test dependency) unless --no-hf; matplotlib for the chart; llama-cpp-python and gguf
 for --llamacpp.
@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
@@ -40,7 +41,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 from bench.bandwidth import measure_read_bandwidth, synchronize
-from bench.llamacpp import NAME as LLAMACPP, build_llamacpp, import_llama_cpp
+from bench.llamacpp import NAME as LLAMACPP, NAME_Q8_0 as LLAMACPP_Q8_0, build_llamacpp, import_llama_cpp
 from bench.report import chart, markdown_table, summary_line
 from llama.checkpoints.hf import LAYER_NAMES, TOP_NAMES, permute_rows as permute_for_hf
 from llama.checkpoints.meta import load_checkpoint, load_into
@@ -49,6 +50,7 @@ from llama.generation import Llama
 from llama.cli.interrupt import report_interrupt
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import ChatFormat
+from llama.fast.cpu_forms import ENV as CPU_FORMS_ENV, picked_forms
 from llama.fast.layers import use_fast_layers
 from llama.fast.quantize import QUANTIZE_CHOICES, use_int8_layers
 
@@ -113,9 +115,17 @@ class NoStopTokenizer:
 
 def build_ours(
     args: ModelArgs, sd: Dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, fast: bool, compile: bool,
-    quantize: Optional[str] = None,
+    quantize: Optional[str] = None, default_forms: bool = False,
 ) -> Llama:
-    """Our model on `sd`, as Llama.build makes it (with quantize="int8": its weights in `dtype`, quantized)."""
+    """Our model on `sd`, as Llama.build makes it (with quantize="int8": its weights in `dtype`, quantized).
+    default_forms: every product in its layer's default form, none picked (LLAMA_CPU_FORMS=off)."""
+    if default_forms:
+        previous = os.environ.get(CPU_FORMS_ENV)
+        os.environ[CPU_FORMS_ENV] = "off"
+        try:
+            return build_ours(args, sd, device, dtype, fast, compile, quantize)
+        finally:
+            os.environ.pop(CPU_FORMS_ENV) if previous is None else os.environ.update({CPU_FORMS_ENV: previous})
     with default_dtype(dtype):
         model = Transformer(args)
     load_into(model, sd, device, dtype, source="bench weights")
@@ -296,15 +306,21 @@ def summarise(system: System, bsz: int, prompt_len: int, n_tokens: int) -> Dict[
 
 
 def bytes_per_decode_step(sd: Dict[str, torch.Tensor], args: ModelArgs, dtype: torch.dtype, bsz: int,
-                          prompt_len: int, n_tokens: int, int8: bool = False) -> Dict[str, float]:
+                          prompt_len: int, n_tokens: int, int8: bool = False, q8_0: bool = False) -> Dict[str, float]:
     """What one decode step must read, on average over the run: every weight except the embedding table
     (of which it reads one row per sequence), and the keys and values cached so far. int8: linear weights
-    are 1 byte each, plus a scale per row in `dtype`."""
+    are 1 byte each, plus a scale per row in `dtype`; q8_0 (llama.cpp's): 34 bytes per 32 weights."""
     size = torch.empty((), dtype=dtype).element_size()
     weights = bsz * args.dim * size
     for k, v in sd.items():
-        if k != "tok_embeddings.weight":
-            weights += v.numel() + v.shape[0] * size if int8 and v.dim() == 2 else v.numel() * size
+        if k == "tok_embeddings.weight":
+            continue
+        if int8 and v.dim() == 2:
+            weights += v.numel() + v.shape[0] * size
+        elif q8_0 and v.dim() == 2:
+            weights += v.numel() // 32 * 34
+        else:
+            weights += v.numel() * size
     n_kv = args.n_kv_heads or args.n_heads
     mean_len = prompt_len + n_tokens / 2  # positions attended to, averaged over the decode steps
     kv = 2 * args.n_layers * bsz * n_kv * args.head_dim * mean_len * size
@@ -314,6 +330,23 @@ def bytes_per_decode_step(sd: Dict[str, torch.Tensor], args: ModelArgs, dtype: t
 # ---- the run ---------------------------------------------------------------------------------------------
 
 
+def cpu_description() -> Dict[str, Any]:
+    """What `lscpu` says of the CPU (its model name and flags), the ISA torch's kernels use, and the
+    environment that limits them (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA; LLAMA_CPP_LIB_PATH, another
+    llama.cpp build): recorded beside every CPU figure, since the fastest form of a product depends on them."""
+    info: Dict[str, Any] = {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS", "LLAMA_CPP_LIB_PATH"):
+        info[name] = os.environ.get(name)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+        info["lscpu_model_name"] = fields.get("Model name", "").strip() or None
+        info["lscpu_flags"] = fields.get("Flags", "").strip() or None
+    with contextlib.suppress(OSError):
+        info["load_average"] = os.getloadavg()
+    return info
+
+
 def machine_info(device: torch.device) -> Dict[str, Any]:
     info: Dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
                             "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)}
@@ -321,6 +354,7 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
     info["cpus"] = os.cpu_count()
+    info.update(cpu_description())
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     with contextlib.suppress(ImportError):
@@ -360,7 +394,7 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
     report: Dict[str, Any] = {
         "machine": machine_info(device), "model": opts.ckpt_dir or opts.shape, "prompt_len": opts.prompt_len,
         "new_tokens": opts.new_tokens, "repeats": opts.repeats, "compile": opts.compile,
-        "read_bandwidth_bytes_s": bandwidth, "results": [],
+        "read_bandwidth_bytes_s": bandwidth, "results": [], "picked_forms": {},
         "command": "python -m llama.bench " + " ".join(sys.argv[1:]),
     }
     max_seq_len = opts.prompt_len + opts.new_tokens
@@ -375,36 +409,57 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
             b.numel() * b.element_size() for n, b in ours.model.named_buffers() if n.endswith(("cache_k", "cache_v"))
         )
         built = [ours_system("ours", ours)]
+        forms = {"ours": picked_forms(ours.model)}
         if opts.quantize:
-            built.append(ours_system(f"ours-{opts.quantize}", build_ours(args, sd, device, dtype, True, opts.compile,
-                                                                        opts.quantize)))
+            quantized = build_ours(args, sd, device, dtype, True, opts.compile, opts.quantize)
+            built.append(ours_system(f"ours-{opts.quantize}", quantized))
+            forms[f"ours-{opts.quantize}"] = picked_forms(quantized.model)
+        if device.type == "cpu":  # the form each product took for decode steps (llama.fast.cpu_forms)
+            report["picked_forms"][dtype_name] = forms
+            for name, picked in forms.items():
+                log(f"  {name} {dtype_name} decode forms: " + ", ".join(f"{k} {v}" for k, v in picked.items()))
+        if opts.default_forms and device.type == "cpu":
+            built.append(ours_system("ours-default", build_ours(args, sd, device, dtype, True, opts.compile,
+                                                                default_forms=True)))
+            if opts.quantize:
+                built.append(ours_system(f"ours-{opts.quantize}-default", build_ours(
+                    args, sd, device, dtype, True, opts.compile, opts.quantize, default_forms=True)))
         if opts.simple:
             built.append(ours_system("ours-simple", build_ours(args, sd, device, dtype, False, False)))
         if not opts.no_hf:
             built.append(hf_system(build_hf(args, sd, device, dtype)))
         if opts.llamacpp:
+            # The CPU features its build uses (e.g. "AVX512 = 0" for a build without AVX-512).
+            report["llamacpp_system_info"] = import_llama_cpp().llama_print_system_info().decode(errors="replace")
             log("writing the weights as GGUF and loading them into llama.cpp ...")
             built.append(System(LLAMACPP, build_llamacpp(args, sd, dtype, torch.get_num_threads(),
                                                          gpu=device.type == "cuda")))
+            if opts.quantize:  # its Q8_0 on the same weights, beside our int8
+                built.append(System(LLAMACPP_Q8_0, build_llamacpp(args, sd, dtype, torch.get_num_threads(),
+                                                                  gpu=device.type == "cuda", quantize="q8_0")))
         for bsz in opts.batch:
             label = f"{dtype_name} batch {bsz}"
             prompts = torch.randint(0, args.vocab_size, (bsz, opts.prompt_len), generator=g).to(device)
-            systems = [System(s.name, s.generate) for s in built if bsz == 1 or s.name != LLAMACPP]
+            systems = [System(s.name, s.generate) for s in built if bsz == 1 or not s.name.startswith(LLAMACPP)]
             if opts.llamacpp and bsz > 1:
                 log(f"  {label}: llama.cpp left out (llama-cpp-python decodes one sequence at a time)")
             # Other work on the machine slows the probe as much as the contenders: keep the best seen.
             round_bandwidths = measure(systems, prompts, opts.new_tokens, opts.repeats, opts.warmup, device, label)
             bandwidth = max([bandwidth] + round_bandwidths)
             res: Dict[str, Any] = {"dtype": dtype_name, "batch": bsz}
+            with contextlib.suppress(OSError):
+                res["load_average"] = os.getloadavg()  # other work on the machine while this was measured
             for s in systems:
                 res[s.name] = summarise(s, bsz, opts.prompt_len, opts.new_tokens)
             traffic = bytes_per_decode_step(sd, args, dtype, bsz, opts.prompt_len, opts.new_tokens)
             res["bytes_per_decode_step"] = traffic
             int8_traffic = bytes_per_decode_step(sd, args, dtype, bsz, opts.prompt_len, opts.new_tokens, int8=True)
+            q8_0_traffic = bytes_per_decode_step(sd, args, dtype, bsz, opts.prompt_len, opts.new_tokens, q8_0=True)
             res["kv_cache_bytes"] = kv_cache_bytes
             res["round_read_bandwidths_bytes_s"] = round_bandwidths
             for s in systems:
-                step_bytes = (int8_traffic if s.name == "ours-int8" else traffic)["total_bytes"]
+                step_bytes = (int8_traffic if s.name.startswith("ours-int8")
+                              else q8_0_traffic if s.name == LLAMACPP_Q8_0 else traffic)["total_bytes"]
                 res[s.name]["bytes_per_decode_step"] = step_bytes
                 res[s.name]["effective_bandwidth_bytes_s"] = step_bytes * res[s.name]["decode_steps_s"]
                 # Each round's decode against the bandwidth measured in that round, the median over rounds:
@@ -417,14 +472,21 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
                 res["ratio_decode"] = res["ours"]["decode_tok_s"] / res["transformers"]["decode_tok_s"]
                 res["ratio_end_to_end"] = res["ours"]["end_to_end_tok_s"] / res["transformers"]["end_to_end_tok_s"]
                 same_tokens(res, tokens["ours"], tokens["transformers"], "transformers")
-            if LLAMACPP in res:
-                res["ratio_llamacpp"] = res["ours"]["decode_tok_s"] / res[LLAMACPP]["decode_tok_s"]
-                res["ratio_llamacpp_end_to_end"] = res["ours"]["end_to_end_tok_s"] / res[LLAMACPP]["end_to_end_tok_s"]
+            for mine, theirs, key in (("ours", LLAMACPP, "llamacpp"), ("ours-int8", LLAMACPP_Q8_0, "llamacpp_q8_0")):
+                if theirs not in res or mine not in res:
+                    continue
+                res[f"ratio_{key}"] = res[mine]["decode_tok_s"] / res[theirs]["decode_tok_s"]
+                res[f"ratio_{key}_end_to_end"] = res[mine]["end_to_end_tok_s"] / res[theirs]["end_to_end_tok_s"]
                 # Round by round (both under the same load), the decode-time ratio; the median over rounds.
-                o, c = (next(s for s in systems if s.name == name) for name in ("ours", LLAMACPP))
-                res["median_round_ratio_llamacpp"] = statistics.median(
+                o, c = (next(s for s in systems if s.name == name) for name in (mine, theirs))
+                res[f"median_round_ratio_{key}"] = statistics.median(
                     [(cf - ct) / max(of - ot, 1e-9) for of, ot, cf, ct in zip(o.full, o.ttft, c.full, c.ttft)])
-                same_tokens(res, tokens["ours"], tokens[LLAMACPP], "llamacpp")
+                same_tokens(res, tokens[mine], tokens[theirs], key)
+            for name in ("ours", "ours-int8"):  # what picking the forms at load gained, round by round
+                if f"{name}-default" in res:
+                    o, d = (next(s for s in systems if s.name == n) for n in (name, f"{name}-default"))
+                    res[f"median_round_ratio_{name}_picked_forms"] = statistics.median(
+                        [(df - dt) / max(of - ot, 1e-9) for of, ot, df, dt in zip(o.full, o.ttft, d.full, d.ttft)])
             if "ours-int8" in res:  # greedy agreement of the int8 weights with this dtype's
                 same_tokens(res, tokens["ours"], tokens["ours-int8"], "int8")
             report["results"].append(res)
@@ -435,7 +497,8 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
     bandwidth = max(bandwidth, measure_read_bandwidth(device))
     report["read_bandwidth_bytes_s"] = bandwidth
     for res in report["results"]:
-        for name in ("ours", "ours-simple", "ours-int8", "transformers", LLAMACPP):
+        for name in ("ours", "ours-simple", "ours-int8", "ours-default", "ours-int8-default", "transformers",
+                     LLAMACPP, LLAMACPP_Q8_0):
             if name in res:
                 res[name]["fraction_of_read_bandwidth"] = res[name]["effective_bandwidth_bytes_s"] / bandwidth
         # The roofline: no decode loop reads its bytes faster than the memory delivers them.
@@ -463,6 +526,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="compile our decode step (CUDA graphs)")
     p.add_argument("--simple", action="store_true", help="also run our reference loop (fast=False)")
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="also run ours with int8 weights (ours-int8)")
+    p.add_argument("--default-forms", action="store_true", help="also run ours (and ours-int8) with every "
+                   "product in its default form, none picked at load (ours-default; the CPU only)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--llamacpp", action="store_true",
                    help="also run llama.cpp on the same weights, batch 1 only (needs llama-cpp-python and gguf)")

@@ -26,6 +26,7 @@ from llama.completion import Completion, DecodeLoop, Decoded, Rows, cut_completi
 from llama.config import GenerationConfig, resolve_config
 from llama.distributed import default_dtype, init_distributed, is_rank_zero, pick_device, pick_dtype
 from llama.families import AnyChatFormat, AnyTokenizer, load_tokenizer, make_chat_format
+from llama.fast.cpu_forms import pick_cpu_forms
 from llama.fast.layers import use_fast_layers
 from llama.fast.loop import decode, stop_check_interval
 from llama.fast.quantize import check_quantize, use_int8_layers
@@ -224,6 +225,8 @@ class Llama:
             raise ValueError("compile=True compiles the fast decode loop's step: it needs fast=True")
         if fast:  # the fast path is layered on from outside; the reference modules are left as they are
             use_fast_layers(model, pack=not compile)
+            if not compile:  # on the CPU: each product's fastest form for decode steps, timed here
+                pick_cpu_forms(model)
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = formatter or make_chat_format(tokenizer)

@@ -24,7 +24,7 @@ stores them: bf16 and fp16 values are exact in float32, so the numbers are the s
 """
 
 import os
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import torch
 
@@ -71,7 +71,7 @@ def rope_freq_factors(args: ModelArgs) -> torch.Tensor:
 
 
 def write_gguf(path: Union[str, os.PathLike], args: ModelArgs, sd: Dict[str, torch.Tensor],
-               dtype: torch.dtype) -> str:
+               dtype: torch.dtype, quantize: Optional[str] = None) -> str:
     """Write `sd` (Meta's names and layout, one unsharded checkpoint) as a llama.cpp GGUF file.
 
     Args:
@@ -80,13 +80,17 @@ def write_gguf(path: Union[str, os.PathLike], args: ModelArgs, sd: Dict[str, tor
         sd: every weight of the model in Meta's layout ("rope.freqs", if present, is ignored: it is
             recomputed from `args`).
         dtype: torch.float32, torch.bfloat16 or torch.float16, the type of the matrices in the file.
+        quantize: "q8_0": every linear weight (not the embedding table) as llama.cpp's Q8_0 instead, blocks
+            of 32 values of a row with one float16 scale each (max |w| / 127), quantized from the values in
+            `dtype` by the gguf package's quantizer (bit-exact with ggml's own, as that package says).
 
     Returns:
         `path`, as a string.
 
     Raises:
         ImportError: the gguf package is missing (the message names the pip command).
-        ValueError: an unsupported dtype, or a state dict whose names or shapes do not fit `args`.
+        ValueError: an unsupported dtype or quantize, or a state dict whose names or shapes do not fit
+            `args`.
     """
     try:
         import gguf
@@ -98,6 +102,13 @@ def write_gguf(path: Union[str, os.PathLike], args: ModelArgs, sd: Dict[str, tor
     if dtype not in types:
         raise ValueError(f"GGUF export supports {sorted(str(t) for t in types)}, got {dtype}")
     tensor_type, file_type = types[dtype]
+    if quantize not in (None, "q8_0"):
+        raise ValueError(f"GGUF export quantizes to 'q8_0' only (or None), got {quantize!r}")
+    if quantize:
+        file_type = gguf.LlamaFileType.MOSTLY_Q8_0
+        if args.dim % 32 or args.ffn_hidden_dim % 32:
+            raise ValueError(f"Q8_0 quantizes rows in blocks of 32: dim {args.dim} and the hidden dimension "
+                             f"{args.ffn_hidden_dim} must be multiples of 32")
     expected = full_shapes(args, args.vocab_size)
     names = set(sd) - {"rope.freqs"}
     if names != set(expected):
@@ -126,7 +137,12 @@ def write_gguf(path: Union[str, os.PathLike], args: ModelArgs, sd: Dict[str, tor
 
     for name in sorted(names, key=_file_order):
         tensor = sd[name].detach().to("cpu").contiguous()
-        if tensor.dim() == 1 or dtype == torch.float32:
+        if quantize and tensor.dim() == 2 and name != "tok_embeddings.weight":
+            # Q8_0 bytes (rows, in_features / 32 * 34); the writer recovers the shape from the type.
+            values = tensor.to(dtype).float().numpy()
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(gguf_name(name), gguf.quants.quantize(values, q8), raw_dtype=q8)
+        elif tensor.dim() == 1 or dtype == torch.float32:
             writer.add_tensor(gguf_name(name), tensor.float().numpy())
         else:
             # numpy has no bfloat16: hand over the 16-bit patterns and name their type.

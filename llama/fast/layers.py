@@ -18,7 +18,7 @@ weights and the same results (to float32 rounding) as the reference modules of l
 Whatever is fused or packed, `model.state_dict()` still holds Meta's keys, shapes and values, in Meta's order.
 """
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -37,6 +37,8 @@ Positions = Union[int, torch.Tensor]
 # The number of rows oneDNN tunes a packed weight for (any number works): from 4 rows up, the float32 kernels
 # it picks stream weights faster than those for 1 row, even for products with 1 row.
 PACK_FOR_ROWS = 16
+# Products of up to this many rows take a layer's decode_form, where one was picked.
+DECODE_FORM_MAX_ROWS = 16
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -96,6 +98,8 @@ class FastLinear(nn.Module):
         self.reduce = reduce and several_ranks
         self.gather = gather and several_ranks
         self.packed: Optional[torch.Tensor] = None
+        # Another form of the product for decode steps' few rows, picked at load (llama.fast.cpu_forms).
+        self.decode_form: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         if pack:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_FOR_ROWS)
             self.weight = None
@@ -103,7 +107,9 @@ class FastLinear(nn.Module):
             self.weight = nn.Parameter(weight.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
+        if self.decode_form is not None and x.numel() <= DECODE_FORM_MAX_ROWS * self.in_features:
+            y = self.decode_form(x)  # picked at load for decode steps (llama.fast.cpu_forms)
+        elif self.packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         else:
             y = F.linear(x, self.weight)  # (..., out_features)

@@ -21,9 +21,7 @@ product written out, `F.linear(x, Q.to(x.dtype)) * scale`: for many rows (a pref
 less than the kernel's repeated conversions, and torch.compile can fuse this form into one kernel.
 """
 
-import platform
-import warnings
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -32,7 +30,7 @@ import torch.nn.functional as F
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
-from llama.fast.layers import FastLinear, across_ranks, is_fast, save_as_meta, use_fast_layers
+from llama.fast.layers import DECODE_FORM_MAX_ROWS, FastLinear, across_ranks, is_fast, save_as_meta, use_fast_layers
 from llama.model import Transformer
 
 # The values `quantize` takes (besides None, no quantization).
@@ -157,10 +155,14 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale_act", scale.to(dtype), persistent=False)
         # The CPU kernel's vector loops read rows 16 elements at a time, with aligned loads.
         self.use_kernel = self.in_features % 16 == 0 and int8pack_mm_works(q.device, dtype)
+        # Another form of the product for decode steps' few rows, picked at load (llama.fast.cpu_forms).
+        self.decode_form: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (M, K): the kernel takes a 2-d, contiguous input
-        if self.use_kernel and x2.shape[0] <= KERNEL_MAX_ROWS and not torch.compiler.is_compiling():
+        if self.decode_form is not None and x2.shape[0] <= DECODE_FORM_MAX_ROWS:
+            y = self.decode_form(x)  # picked at load for decode steps (llama.fast.cpu_forms)
+        elif self.use_kernel and x2.shape[0] <= KERNEL_MAX_ROWS and not torch.compiler.is_compiling():
             if not x2.is_contiguous() or x2.data_ptr() % 64:
                 x2 = x2.clone(memory_format=torch.contiguous_format)  # a fresh, aligned copy
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale_act)
@@ -212,12 +214,6 @@ def use_int8_layers(
     A second call finds no linear layer left to swap and does nothing.
     """
     scales = scales or {}
-    device = model.rope_cos.device
-    if device.type == "cpu" and dtype == torch.float32 and platform.machine().lower() in ("x86_64", "amd64"):
-        # Measured (docs/quantization.md): torch's x86 kernel has vector loops for bf16 inputs only.
-        warnings.warn("int8 weights with float32 activations run torch's scalar int8 kernel on this CPU, "
-                      "several times slower than float32 weights: pass dtype=torch.bfloat16 for speed",
-                      stacklevel=3)  # the caller of the no_grad wrapper
     if fast and not is_fast(model):
         use_fast_layers(model, pack=False)  # packing is for float weights; int8 ones are read as they are
     for path, linear in _linears(model).items():
