@@ -101,7 +101,7 @@ def profile_decode_step(llama, prompts: List[List[int]], mode: str, block_size: 
     from torch.profiler import ProfilerActivity, profile
 
     engine = Engine(llama, n_blocks=len(prompts) * math.ceil(max_seq_len / block_size), block_size=block_size,
-                    decode=mode)
+                    prefix_caching=False, decode=mode)
     for p in prompts:
         engine.add_request(p, temperature=0, ignore_eos=True, max_new_tokens=64)
     while any(seq.n_pending > 1 for seq in engine.running) or engine.waiting:
@@ -236,7 +236,9 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, min(vocab, 256), (args.prompt_len,), generator=g).tolist() for _ in range(args.n)]
     n_blocks = args.n * math.ceil(args.max_seq_len / args.block_size)
-    engines = {mode: Engine(llama, n_blocks=n_blocks, block_size=args.block_size, decode=mode,
+    # Prefix caching off: every round sends the same prompts, and blocks cached by the round before would skip
+    # the engine's prefill, which the static batch must do every time.
+    engines = {mode: Engine(llama, n_blocks=n_blocks, block_size=args.block_size, decode=mode, prefix_caching=False,
                             max_step_tokens=args.max_step_tokens) for mode in args.decode}
     cuda = llama.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
