@@ -107,7 +107,8 @@ class FastLinear(nn.Module):
             self.weight = nn.Parameter(weight.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.decode_form is not None and x.numel() <= DECODE_FORM_MAX_ROWS * self.in_features:
+        if (self.decode_form is not None and x.numel() <= DECODE_FORM_MAX_ROWS * self.in_features
+                and not torch.compiler.is_compiling()):
             y = self.decode_form(x)  # picked at load for decode steps (llama.fast.cpu_forms)
         elif self.packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")

@@ -160,7 +160,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (M, K): the kernel takes a 2-d, contiguous input
-        if self.decode_form is not None and x2.shape[0] <= DECODE_FORM_MAX_ROWS:
+        if self.decode_form is not None and x2.shape[0] <= DECODE_FORM_MAX_ROWS and not torch.compiler.is_compiling():
             y = self.decode_form(x)  # picked at load for decode steps (llama.fast.cpu_forms)
         elif self.use_kernel and x2.shape[0] <= KERNEL_MAX_ROWS and not torch.compiler.is_compiling():
             if not x2.is_contiguous() or x2.data_ptr() % 64:
