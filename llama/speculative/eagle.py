@@ -33,6 +33,7 @@ from llama.model import ModelArgs, TransformerBlock, apply_rotary_emb, causal_ma
 from llama.speculative.drafters import Drafter
 
 HEAD_FILES = ("consolidated.00.pth", "params.json")
+DRAFT_VOCAB_FILE = "draft_vocab.json"  # optional: token ids by training-split frequency, most frequent first
 
 
 class EagleHead(nn.Module):
@@ -105,11 +106,26 @@ def check_head_files(head_dir: Path) -> None:
     if not checklist.is_file():
         return  # a head just written by hand or by the training script before its checklist: nothing to check
     expected = dict(reversed(line.split(None, 1)) for line in checklist.read_text().splitlines() if line.strip())
-    for name in HEAD_FILES:
+    for name in HEAD_FILES + ((DRAFT_VOCAB_FILE,) if (head_dir / DRAFT_VOCAB_FILE).is_file() else ()):
         actual = hashlib.md5((head_dir / name).read_bytes()).hexdigest()
         if name in expected and expected[name].strip() != actual:
             raise ValueError(f"draft head {str(head_dir)!r}: {name} is damaged (md5 {actual}, checklist.chk "
                              f"says {expected[name].strip()})")
+
+
+def load_draft_vocab(head_dir: Union[str, Path], size: int) -> List[int]:
+    """The `size` most frequent token ids of the head's training text (its draft_vocab.json, written by
+    scripts/train_eagle.py). Raises FileNotFoundError, or ValueError for a size the file cannot give."""
+    path = Path(head_dir) / DRAFT_VOCAB_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"draft_vocab={size} needs {str(path)!r} (scripts/train_eagle.py --draft-vocab-only "
+                                f"writes it)")
+    check_head_files(Path(head_dir))
+    order = json.loads(path.read_text())
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= len(order):
+        raise ValueError(f"draft_vocab must be an integer from 1 to {len(order)} (the ids in {str(path)!r}), "
+                         f"got {size!r}")
+    return order[:size]
 
 
 def load_head(head_dir: Union[str, Path], target: Any) -> EagleHead:
@@ -165,27 +181,41 @@ class EagleDrafter(Drafter):
     wants_features = True
 
     def __init__(self, head: Union[EagleHead, str, Path], target: Any, fast: bool = True,
-                 min_confidence: float = 0.0, draft_vocab: Optional[Sequence[int]] = None,
+                 min_confidence: float = 0.0, draft_vocab: Union[None, int, Sequence[int]] = None,
                  draft_dtype: Optional[torch.dtype] = None):
         """head: an EagleHead for `target`, or the directory of one (load_head); target: the built Llama it
         drafts for (its embedding, final norm and output layer are used, not copied); fast: draft with
         llama.fast's layers (use_fast_head) and a lean step; min_confidence: end a chain early after a draft
         to which the head gives less than this probability (its later drafts would mostly be rejected:
         each costs a head step). The chain stays a function of the text, so verification stays exact.
-        draft_vocab: draft only these token ids (EAGLE-3's reduced draft vocabulary, e.g. the most frequent
-        tokens of the training text): the head's output product then reads those rows of the model's output
-        layer only (a copy), and the verify pass, over the whole vocabulary, keeps the output exact;
-        draft_dtype: the dtype of that copy (e.g. torch.bfloat16: half the bytes to read per draft)."""
+        draft_vocab: draft only these token ids, or (an int N, with `head` a directory) the N most frequent
+        of the head's training text (its draft_vocab.json): EAGLE-3's reduced draft vocabulary. The head's
+        output product then reads those rows of the model's output layer only (a copy); the verify pass,
+        over the whole vocabulary, keeps the output exact. draft_dtype: the dtype of the head's products
+        and of that copy (e.g. torch.bfloat16: half the bytes to read per draft; exact all the same)."""
         if not 0.0 <= min_confidence < 1.0:
             raise ValueError(f"min_confidence must be in [0, 1), got {min_confidence!r}")
         self.min_confidence = min_confidence
         if not hasattr(target, "model") or not hasattr(target, "tokenizer"):
             raise TypeError(f"EagleDrafter drafts for a Llama (Llama.build(...)), got {type(target).__name__}")
+        if isinstance(draft_vocab, int) and not isinstance(draft_vocab, bool):
+            if isinstance(head, EagleHead):
+                raise ValueError("draft_vocab=N reads the head directory's draft_vocab.json: give the directory")
+            draft_vocab = load_draft_vocab(head, draft_vocab)
         self.head = head if isinstance(head, EagleHead) else load_head(head, target)
         if self.head.params.dim != target.model.params.dim:
             raise ValueError(f"the head has dim={self.head.params.dim}, the model {target.model.params.dim}")
         if fast:
             use_fast_head(self.head)
+        self.head_dtype = self.head.fc.weight.dtype  # the dtype its products run in
+        if draft_dtype is not None and fast and self.head.params.n_layers == 1:
+            # The head's products in draft_dtype (fewer bytes to read); its cache, RoPE and attention stay
+            # in the model's dtype, and _lean_step casts at the edges.
+            layer = self.head.layers[0]
+            for module in (self.head.fc, layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13,
+                           layer.feed_forward.w2, layer.attention_norm, layer.ffn_norm):
+                module.to(draft_dtype)
+            self.head_dtype = draft_dtype
         self.target = target
         model = target.model
         self.draft_ids: Optional[torch.Tensor] = None  # (n,) the draft vocabulary, None: the whole vocabulary
@@ -293,9 +323,9 @@ class EagleDrafter(Drafter):
         n_q, n_kv, head_dim = attn.n_local_heads, attn.n_local_kv_heads, attn.head_dim
         n, dim = features.shape
         embeddings = F.embedding(ids, self.target.model.tok_embeddings.weight)  # (n, dim)
-        x = self.head.fc(torch.cat([features, embeddings], dim=-1))  # (n, dim)
+        x = self.head.fc(torch.cat([features, embeddings], dim=-1).to(self.head_dtype))  # (n, dim)
         a = F.rms_norm(x, (dim,), layer.attention_norm.weight, layer.attention_norm.eps)
-        qkv = attn.wqkv(a).view(n, n_q + 2 * n_kv, head_dim)
+        qkv = attn.wqkv(a).view(n, n_q + 2 * n_kv, head_dim).to(attn.cache_k.dtype)
         pairs = torch.view_as_complex(qkv[:, : n_q + n_kv].reshape(n, n_q + n_kv, head_dim // 2, 2))
         cis = self.cis[pos : pos + n] if positions is None else self.cis[positions]  # (n, head_dim // 2)
         rotated = torch.view_as_real(pairs * cis[:, None]).view(n, n_q + n_kv, head_dim)
@@ -305,11 +335,14 @@ class EagleDrafter(Drafter):
         out = F.scaled_dot_product_attention(queries, attn.cache_k[:1, :, : pos + n], attn.cache_v[:1, :, : pos + n],
                                              attn_mask=causal_mask(n, pos, features.device) if mask is None
                                              else mask, enable_gqa=n_q != n_kv)  # (1, n_q, n, head_dim)
-        h = x + attn.wo(out[0].transpose(0, 1).reshape(n, n_q * head_dim))
+        h = x + attn.wo(out[0].transpose(0, 1).reshape(n, n_q * head_dim).to(self.head_dtype))
         gate, up = ffn.w13(F.rms_norm(h, (dim,), layer.ffn_norm.weight, layer.ffn_norm.eps)).chunk(2, dim=-1)
-        return h + ffn.w2(F.silu(gate) * up)  # (n, dim)
+        return (h + ffn.w2(F.silu(gate) * up)).to(features.dtype)  # (n, dim)
 
     def __repr__(self) -> str:
         p = self.head.params
         return (f"EagleDrafter({p.n_layers} layer, dim {p.dim}, ffn {p.ffn_hidden_dim}"
-                + (f", min_confidence={self.min_confidence}" if self.min_confidence else "") + ")")
+                + (f", min_confidence={self.min_confidence}" if self.min_confidence else "")
+                + (f", draft_vocab={len(self.draft_ids)}" if self.draft_ids is not None else "")
+                + (f", draft_dtype={str(self.head_dtype).replace('torch.', '')}"
+                   if self.draft_weight is not None else "") + ")")

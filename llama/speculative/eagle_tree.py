@@ -53,50 +53,47 @@ class EagleTreeDrafter(EagleDrafter):
         head_slots = self.head.layers[0].attention.cache_k.shape[2]
         feature = self._catch_up(tokens)  # (w, dim): the predicted features of the frontier (first: the root)
         front: List[int] = [-1]  # the frontier's nodes (-1: the root)
-        front_score = torch.zeros(1, device=device)  # (w,) their log-probability under the head
         toks: List[int] = []
         parents: List[int] = []
-        scores: List[float] = []
+        scores: List[float] = []  # each node's path log-probability under the head
         fed: Dict[int, int] = {}  # node -> its slot in the head's cache
-        slot = length - 1  # the head's next free slot (the real pairs fill 0 .. length - 2)
+        real = length - 1  # the real pairs fill the head's slots 0 .. real - 1; fed nodes follow
         for d in range(depth):
             normed = F.rms_norm(feature, (feature.shape[-1],), model.norm.weight, model.norm.eps)
             top = torch.log_softmax(self.draft_logits(normed).float(), dim=-1).topk(b, dim=-1)  # (w, b) each
-            candidates = (front_score[:, None] + top.values).flatten()  # (w * b,): their paths' log-probability
             first = len(toks)
             ids = top.indices.flatten()
             toks += (ids if self.draft_ids is None else self.draft_ids[ids]).tolist()
-            parents += [p for p in front for _ in range(b)]
-            scores += candidates.tolist()
+            for parent, values in zip(front, top.values.tolist()):
+                base = 0.0 if parent < 0 else scores[parent]
+                parents += [parent] * b
+                scores += [base + v for v in values]
+            slot = real + len(fed)
             if d == depth - 1 or slot + b > head_slots:
                 break
             # The head runs on the b likeliest new nodes: (its parent's predicted feature, its token).
-            chosen = sorted(range(len(candidates)), key=lambda j: (-scores[first + j], j))[:b]
-            front = [first + j for j in chosen]
-            n = len(front)
-            tree_part = []  # (n, slot - (length - 1) + n): which tree slots each sees
+            front = sorted(range(first, len(toks)), key=lambda i: (-scores[i], i))[:b]
+            tree_part = []  # (n, len(fed) + n): which fed slots each sees: its ancestors' and its own
             for r, node in enumerate(front):
-                row = [False] * (slot - (length - 1) + n)
+                row = [False] * (len(fed) + len(front))
                 ancestor = parents[node]
                 while ancestor >= 0:
-                    row[fed[ancestor] - (length - 1)] = True
+                    row[fed[ancestor]] = True
                     ancestor = parents[ancestor]
-                row[slot - (length - 1) + r] = True
+                row[len(fed) + r] = True
                 tree_part.append(row)
-            for r, node in enumerate(front):
-                fed[node] = slot + r
-            mask = torch.cat([torch.ones(n, length - 1, dtype=torch.bool, device=device),
-                              torch.tensor(tree_part, dtype=torch.bool, device=device)], dim=1)  # (n, slot + n)
+            rows = [(node - first) // b for node in front]  # the frontier row each one's parent had
+            fed.update((node, len(fed) + r) for r, node in enumerate(front))
+            mask = torch.ones(len(front), slot + len(front), dtype=torch.bool, device=device)
+            mask[:, real:] = torch.tensor(tree_part, dtype=torch.bool, device=device)  # (n, slot + n)
             ids = torch.tensor([toks[i] for i in front], dtype=torch.long, device=device)
-            positions = torch.full((n,), length - 1 + d, device=device)  # a depth-(d + 1) node's pair
-            rows = torch.tensor([j // b for j in chosen], device=device)
+            positions = torch.full((len(front),), length - 1 + d, device=device)  # a depth-(d + 1) node's pair
             feature = self._lean_step(feature[rows], ids, slot, positions, mask)  # (n, dim)
-            front_score = candidates[torch.tensor(chosen, device=device)]
-            slot += n
         return best_subtree(toks, parents, scores, max_nodes)
 
     def __repr__(self) -> str:
-        return f"EagleTreeDrafter(branch={self.branch}, nodes={self.nodes}, {super().__repr__()})"
+        drafter = super().__repr__()  # "EagleDrafter(1 layer, ..., draft_vocab=...)"
+        return f"EagleTreeDrafter(branch={self.branch}, nodes={self.nodes}, {drafter[drafter.index('(') + 1 :]}"
 
 
 def best_subtree(tokens: List[int], parents: List[int], scores: List[float], n: int) -> DraftTree:
