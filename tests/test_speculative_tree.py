@@ -182,21 +182,19 @@ def path_children(drafter: EagleTreeDrafter, llama: Llama, tokens: List[int], pa
         return sorted(drafter.draft_logits(normed)[0].topk(b).indices.tolist())
 
 
-def test_the_heads_tree_gives_each_node_the_children_its_own_path_gives(tiny_llama, random_head):
-    llama = tiny_llama(seed=0, max_seq_len=64, max_batch_size=1)
-    drafter = EagleTreeDrafter(random_head(llama), llama, branch=2, nodes=100)
-    tokens = [3, 14, 15, 9, 26, 5]
+def test_the_heads_tree_gives_each_node_the_children_its_own_path_gives(demo):
+    drafter = EagleTreeDrafter(HEAD_DIR, demo, branch=3, nodes=100)
+    tokens = demo.tokenizer.encode(AUSTEN_PROMPTS[0], bos=True, eos=False)
     with torch.inference_mode():
-        drafter.reset()
-        drafter.observe_features(0, forward_features(llama.model, torch.tensor([tokens[:-1]]), 0)[1][0])
+        drafter.observe_features(0, forward_features(demo.model, torch.tensor([tokens[:-1]]), 0)[1][0])
         tree = drafter.propose_tree(tokens, 4, 100)
     children: Dict[int, List[int]] = {}
     for i, p in enumerate(tree.parents):
         children.setdefault(p, []).append(tree.tokens[i])
-    assert len(children) >= 1 + 2 * 3  # the root and b expanded nodes at depths 1..3
+    assert len(children) == 1 + 3 * 3  # the root and b expanded nodes at depths 1..3
     for node, kids in children.items():
         path = [] if node < 0 else [tree.tokens[j] for j in tree.path_to(node)]
-        assert sorted(kids) == path_children(drafter, llama, tokens, path, 2), path
+        assert sorted(kids) == path_children(drafter, demo, tokens, path, 3), path
 
 
 @pytest.mark.slow

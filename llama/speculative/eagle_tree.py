@@ -83,7 +83,7 @@ class EagleTreeDrafter(EagleDrafter):
                 row[len(fed) + r] = True
                 tree_part.append(row)
             rows = [(node - first) // b for node in front]  # the frontier row each one's parent had
-            fed.update((node, len(fed) + r) for r, node in enumerate(front))
+            fed.update({node: slot - real + r for r, node in enumerate(front)})  # (not len(fed): it grows)
             mask = torch.ones(len(front), slot + len(front), dtype=torch.bool, device=device)
             mask[:, real:] = torch.tensor(tree_part, dtype=torch.bool, device=device)  # (n, slot + n)
             ids = torch.tensor([toks[i] for i in front], dtype=torch.long, device=device)
