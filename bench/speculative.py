@@ -1,7 +1,7 @@
 """Speculative decoding against plain decoding on the demo model, greedy, in one run (a measurement, not a test).
 
     python -m bench.speculative [--new-tokens 48] [--repeats 3] [--k 4,8] [--threads 1] [--device cuda]
-                                [--compile] [--draft-layers 0,2,4,5] [--drafters lookup,eagle,eagle-tree]
+                                [--compile] [--draft-layers 0,2,4,5] [--drafters lookup,eagle,eagle-full,eagle-tree]
                                 [--eagle models/demo-eagle] [--min-confidence P] [--tree 3x8x3,4x12x4]
                                 [--draft-vocab auto|all|N] [--draft-dtype auto|float32|bfloat16] [--out FILE.json]
 
@@ -14,7 +14,9 @@ generating exactly --new-tokens tokens (stop tokens ignored); the best time of e
 prints tokens/s, the ratio to plain decoding in wall time and in this process's CPU time (steadier on a
 shared machine), the mean accepted length and acceptance by draft position, and checks the tokens are
 equal. Drafters (--drafters): `lookup` (prompt lookup), `eagle` (the demo's EAGLE-style head,
-models/demo-eagle, made by scripts/train_eagle.py; --min-confidence ends its chains early); with
+models/demo-eagle, made by scripts/train_eagle.py, drafting from its reduced vocabulary as the named setting
+does; --min-confidence ends its chains early), `eagle-full` (the same head over the whole vocabulary),
+`eagle-tree` (the head drafting trees of each --tree shape, verified in one pass); with
 --draft-layers 0,2,4,5 the demo cut to those layers (its embedding and output too) also runs as a draft model. With --compile (CUDA) both the decode step and the verify step replay CUDA graphs.
 """
 
@@ -147,7 +149,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--k", default="4", help="drafts per pass; several: 4,8")
     p.add_argument("--draft-layers", default="",
                    help="also a draft model: the demo with only these layers, e.g. 0,2,4,5 (of 0..5)")
-    p.add_argument("--drafters", default="lookup,eagle", help="comma-separated: lookup, eagle")
+    p.add_argument("--drafters", default="lookup,eagle",
+                   help="comma-separated: lookup, eagle (draft vocabulary), eagle-full (whole vocabulary), eagle-tree")
     p.add_argument("--eagle", default=str(Path(DEMO_DIR).parent / "demo-eagle"),
                    help="the EAGLE-style head's directory")
     p.add_argument("--min-confidence", type=float, default=0.0, help="the eagle drafter's min_confidence")
@@ -176,12 +179,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     llama = Llama.build(str(DEMO_DIR), None, max_seq_len=256, max_batch_size=1, device=opts.device,
                         dtype=opts.dtype, compile=opts.compile)
     names = [n.strip() for n in opts.drafters.split(",") if n.strip()]
-    unknown = sorted(set(names) - {"lookup", "eagle", "eagle-tree"})
+    unknown = sorted(set(names) - {"lookup", "eagle", "eagle-full", "eagle-tree"})
     if unknown:
-        p.error(f"unknown drafters {unknown}: choose from lookup, eagle, eagle-tree")
+        p.error(f"unknown drafters {unknown}: choose from lookup, eagle, eagle-full, eagle-tree")
     ks = [int(k) for k in opts.k.split(",")]
     drafters: List[Tuple[Drafter, List[int]]] = [(PromptLookup(), ks)] if "lookup" in names else []
-    eagle_options = eagle_draft_options(opts.eagle, llama.device)
+    eagle_options = eagle_draft_options(opts.eagle)
     if opts.draft_vocab != "auto":
         eagle_options.pop("draft_vocab", None)
         if opts.draft_vocab != "all":
@@ -190,6 +193,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         eagle_options["draft_dtype"] = getattr(torch, opts.draft_dtype)
     if "eagle" in names:
         drafters.append((EagleDrafter(opts.eagle, llama, min_confidence=opts.min_confidence, **eagle_options), ks))
+    if "eagle-full" in names:  # the head over the whole vocabulary, in the model's dtype (the first version)
+        drafters.append((EagleDrafter(opts.eagle, llama, min_confidence=opts.min_confidence), ks))
     if "eagle-tree" in names:
         for shape in opts.tree.split(","):
             branch, nodes, depth = (int(x) for x in shape.split("x"))

@@ -71,7 +71,7 @@ def build_eagle_drafter(target: Any, path: Optional[str], tree: bool = False) ->
     from llama.speculative.eagle_tree import EagleTreeDrafter
 
     head_dir = path or DEMO_DIR.parent / "demo-eagle"
-    options = eagle_draft_options(head_dir, target.model.tok_embeddings.weight.device)
+    options = eagle_draft_options(head_dir)
     if tree:
         return EagleTreeDrafter(head_dir, target, branch=TREE_BRANCH, nodes=TREE_NODES, **options)
     return EagleDrafter(head_dir, target, **options)
@@ -81,22 +81,16 @@ EAGLE_DRAFT_VOCAB = 2048  # the most frequent tokens drafted (of the demo's 4352
 TREE_BRANCH, TREE_NODES, TREE_DEPTH = 3, 8, 3  # the named tree's shape (measured: docs/speculative.md)
 
 
-def eagle_draft_options(head_dir: Any, device: Any) -> Dict[str, Any]:
-    """EagleDrafter's draft_vocab and draft_dtype for a named setting: the head's EAGLE_DRAFT_VOCAB most
-    frequent tokens where it ships draft_vocab.json with that many; bf16 products on a GPU or on a CPU
-    with native bf16 (elsewhere they would be slower than float32)."""
-    import torch
-
+def eagle_draft_options(head_dir: Any) -> Dict[str, Any]:
+    """EagleDrafter's options for a named setting: the head's EAGLE_DRAFT_VOCAB most frequent tokens where it
+    ships draft_vocab.json with that many (else the whole vocabulary); products in the model's dtype (bf16
+    ones, with their casts, measured slower for the demo on the CPU: docs/speculative.md)."""
     from llama.speculative.eagle import DRAFT_VOCAB_FILE
 
     options: Dict[str, Any] = {}
     vocab_file = Path(head_dir) / DRAFT_VOCAB_FILE
     if vocab_file.is_file() and len(json.loads(vocab_file.read_text())) >= EAGLE_DRAFT_VOCAB:
         options["draft_vocab"] = EAGLE_DRAFT_VOCAB
-    if torch.device(device).type == "cuda" or (torch.device(device).type == "cpu"
-                                               and torch.backends.mkldnn.is_available()
-                                               and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-        options["draft_dtype"] = torch.bfloat16
     return options
 
 
