@@ -210,3 +210,12 @@ def test_demo_eagle_tree_is_plain_decoding_and_accepts_more_per_pass_than_the_ch
             total = stats if total is None else total.add(stats)
         lengths[name] = total.mean_accepted_length
     assert lengths["tree"] > lengths["chain"] + 0.3, lengths
+
+
+def test_the_eagle_tree_named_as_a_setting_is_plain_greedy_decoding(tiny_llama, random_head):
+    llama = tiny_llama(seed=0, max_seq_len=96, max_batch_size=2)
+    prompts = [[10, 20, 30, 40], [7, 8]]
+    want = llama.generate(prompts, 30, temperature=0, logprobs=True)
+    got = llama.generate(prompts, 30, temperature=0, logprobs=True, speculative=f"eagle-tree:{random_head(llama)}")
+    assert got[0] == want[0]
+    assert max(abs(a - b) for row, ref in zip(got[1], want[1]) for a, b in zip(row, ref)) <= 1e-5
