@@ -13,8 +13,8 @@ its fed ancestors and itself (a tree mask, as the model's in the verify pass); l
 pairs, they are overwritten by the next call's real pairs before anything reads them.
 """
 
-from typing import Any, Dict, List, Sequence, Union
 from pathlib import Path
+from typing import Any, Dict, List, Sequence, Union
 
 import torch
 import torch.nn.functional as F
