@@ -1,8 +1,9 @@
 """Speculative decoding against plain decoding on the demo model, greedy, in one run (a measurement, not a test).
 
     python -m bench.speculative [--new-tokens 48] [--repeats 3] [--k 4,8] [--threads 1] [--device cuda]
-                                [--compile] [--draft-layers 0,2,4,5] [--drafters lookup,eagle]
-                                [--eagle models/demo-eagle] [--min-confidence P] [--out FILE.json]
+                                [--compile] [--draft-layers 0,2,4,5] [--drafters lookup,eagle,eagle-full,eagle-tree]
+                                [--eagle models/demo-eagle] [--min-confidence P] [--tree 3x8x3,4x12x4]
+                                [--draft-vocab auto|all|N] [--draft-dtype auto|float32|bfloat16] [--out FILE.json]
 
 Two prompt sets: copy-heavy (an Austen sentence three times, then its first words: the model is invited to
 copy, as far as this toy model copies: it mostly does not) and held-out Austen (sentences from the last
@@ -13,7 +14,9 @@ generating exactly --new-tokens tokens (stop tokens ignored); the best time of e
 prints tokens/s, the ratio to plain decoding in wall time and in this process's CPU time (steadier on a
 shared machine), the mean accepted length and acceptance by draft position, and checks the tokens are
 equal. Drafters (--drafters): `lookup` (prompt lookup), `eagle` (the demo's EAGLE-style head,
-models/demo-eagle, made by scripts/train_eagle.py; --min-confidence ends its chains early); with
+models/demo-eagle, made by scripts/train_eagle.py, drafting from its reduced vocabulary as the named setting
+does; --min-confidence ends its chains early), `eagle-full` (the same head over the whole vocabulary),
+`eagle-tree` (the head drafting trees of each --tree shape, verified in one pass); with
 --draft-layers 0,2,4,5 the demo cut to those layers (its embedding and output too) also runs as a draft model. With --compile (CUDA) both the decode step and the verify step replay CUDA graphs.
 """
 
@@ -36,6 +39,8 @@ from llama.speculative import (
     Drafter, DraftModel, PromptLookup, SpeculativeStats, naive_generate, speculative_generate,
 )
 from llama.speculative.eagle import EagleDrafter
+from llama.speculative.eagle_tree import EagleTreeDrafter
+from llama.speculative.settings import eagle_draft_options
 
 PASSAGES = [
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want"
@@ -144,10 +149,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--k", default="4", help="drafts per pass; several: 4,8")
     p.add_argument("--draft-layers", default="",
                    help="also a draft model: the demo with only these layers, e.g. 0,2,4,5 (of 0..5)")
-    p.add_argument("--drafters", default="lookup,eagle", help="comma-separated: lookup, eagle")
+    p.add_argument("--drafters", default="lookup,eagle",
+                   help="comma-separated: lookup, eagle (draft vocabulary), eagle-full (whole vocabulary), eagle-tree")
     p.add_argument("--eagle", default=str(Path(DEMO_DIR).parent / "demo-eagle"),
                    help="the EAGLE-style head's directory")
     p.add_argument("--min-confidence", type=float, default=0.0, help="the eagle drafter's min_confidence")
+    p.add_argument("--tree", default="3x8x3", help="eagle-tree shapes BRANCHxNODESxDEPTH, comma-separated")
+    p.add_argument("--draft-vocab", default="auto",
+                   help="eagle drafters: N most frequent tokens, 'all', or 'auto' (the named setting's)")
+    p.add_argument("--draft-dtype", default="auto", help="eagle drafters: float32, bfloat16 or auto (as named)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="compiled decode and verify steps (CUDA graphs)")
@@ -169,16 +179,30 @@ def main(argv: Optional[List[str]] = None) -> None:
     llama = Llama.build(str(DEMO_DIR), None, max_seq_len=256, max_batch_size=1, device=opts.device,
                         dtype=opts.dtype, compile=opts.compile)
     names = [n.strip() for n in opts.drafters.split(",") if n.strip()]
-    unknown = sorted(set(names) - {"lookup", "eagle"})
+    unknown = sorted(set(names) - {"lookup", "eagle", "eagle-full", "eagle-tree"})
     if unknown:
-        p.error(f"unknown drafters {unknown}: choose from lookup, eagle")
-    drafters: List[Drafter] = [PromptLookup()] if "lookup" in names else []
+        p.error(f"unknown drafters {unknown}: choose from lookup, eagle, eagle-full, eagle-tree")
+    ks = [int(k) for k in opts.k.split(",")]
+    drafters: List[Tuple[Drafter, List[int]]] = [(PromptLookup(), ks)] if "lookup" in names else []
+    eagle_options = eagle_draft_options(opts.eagle)
+    if opts.draft_vocab != "auto":
+        eagle_options.pop("draft_vocab", None)
+        if opts.draft_vocab != "all":
+            eagle_options["draft_vocab"] = int(opts.draft_vocab)
+    if opts.draft_dtype != "auto":
+        eagle_options["draft_dtype"] = getattr(torch, opts.draft_dtype)
     if "eagle" in names:
-        drafters.append(EagleDrafter(opts.eagle, llama, min_confidence=opts.min_confidence))
+        drafters.append((EagleDrafter(opts.eagle, llama, min_confidence=opts.min_confidence, **eagle_options), ks))
+    if "eagle-full" in names:  # the head over the whole vocabulary, in the model's dtype (the first version)
+        drafters.append((EagleDrafter(opts.eagle, llama, min_confidence=opts.min_confidence), ks))
+    if "eagle-tree" in names:
+        for shape in opts.tree.split(","):
+            branch, nodes, depth = (int(x) for x in shape.split("x"))
+            drafters.append((EagleTreeDrafter(opts.eagle, llama, branch=branch, nodes=nodes, **eagle_options),
+                             [depth]))
     if opts.draft_layers:
         layers = [int(i) for i in opts.draft_layers.split(",")]
-        drafters.append(DraftModel(truncated_demo(layers, tempfile.mkdtemp(), opts.device)))
-    ks = [int(k) for k in opts.k.split(",")]
+        drafters.append((DraftModel(truncated_demo(layers, tempfile.mkdtemp(), opts.device)), ks))
     report: Dict[str, Any] = {"machine": machine_info(llama.device), "new_tokens": opts.new_tokens,
                               "repeats": opts.repeats, "compile": opts.compile, "graphs_only": opts.graphs_only,
                               "dtype": str(llama.model.tok_embeddings.weight.dtype),
@@ -191,11 +215,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     sets = {"copy-heavy": COPY_HEAVY, "held-out Austen": HELD_OUT}
     for name in opts.sets.split(","):
         prompts = sets[name]
-        for drafter in drafters:
-            for r in run_set(llama, prompts, drafter, ks, opts.new_tokens, opts.repeats):
+        for drafter, drafter_ks in drafters:
+            for r in run_set(llama, prompts, drafter, drafter_ks, opts.new_tokens, opts.repeats):
                 r = dict(set=name, **r)
                 report["results"].append(r)
-                print(f"{name:16} {r['drafter'][:38]:38} {r['method']:5} plain {r['plain_tok_s']:7.1f} tok/s  "
+                print(f"{name:16} {r['drafter'][:60]:60} {r['method']:5} plain {r['plain_tok_s']:7.1f} tok/s  "
                       f"this {r['speculative_tok_s']:7.1f} tok/s  x{r['speed_up']:.2f} (CPU time "
                       f"x{r['speed_up_cpu_time']:.2f})  mean accepted length {r['mean_accepted_length']:.2f}  "
                       f"drafts/step {r['drafts_per_step']:.2f}  by position {r['acceptance_by_position']}  "

@@ -41,7 +41,7 @@ import austen  # noqa: E402
 from train_demo import HOLDOUT, Corpus  # noqa: E402  (the demo's own split and windows)
 from llama.generation import Llama  # noqa: E402
 from llama.model import TransformerBlock, apply_rotary_emb  # noqa: E402
-from llama.speculative.eagle import EagleHead, head_args  # noqa: E402
+from llama.speculative.eagle import DRAFT_VOCAB_FILE, EagleHead, head_args  # noqa: E402
 from llama.speculative.forward import forward_features  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 
@@ -177,8 +177,22 @@ def write_head(head: EagleHead, out: Path) -> None:
     state = {name: t.detach().to("cpu", torch.bfloat16).clone() for name, t in head.state_dict().items()}
     torch.save(state, out / "consolidated.00.pth")
     (out / "params.json").write_text(json.dumps(HEAD_PARAMS, indent=2) + "\n")
-    lines = [f"{hashlib.md5((out / n).read_bytes()).hexdigest()}  {n}" for n in ("consolidated.00.pth", "params.json")]
+    write_checklist(out)
+
+
+def write_checklist(out: Path) -> None:
+    names = [n for n in ("consolidated.00.pth", "params.json", DRAFT_VOCAB_FILE) if (out / n).is_file()]
+    lines = [f"{hashlib.md5((out / n).read_bytes()).hexdigest()}  {n}" for n in names]
     (out / "checklist.chk").write_text("\n".join(lines) + "\n")
+
+
+def write_draft_vocab(corpus: Corpus, out: Path) -> None:
+    """draft_vocab.json: every token id the training split holds, the most frequent first (ties by id): the
+    drafter's reduced vocabulary is its first N (EAGLE-3's draft vocabulary; EagleDrafter(draft_vocab=N))."""
+    counts = torch.bincount(corpus.ids, minlength=HEAD_PARAMS["vocab_size"])
+    order = sorted((i for i in range(len(counts)) if counts[i] > 0), key=lambda i: (-int(counts[i]), i))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DRAFT_VOCAB_FILE).write_text(json.dumps(order) + "\n")
 
 
 def main() -> None:
@@ -194,7 +208,14 @@ def main() -> None:
     p.add_argument("--save-every", type=int, default=100, help="also write the head every this many steps")
     p.add_argument("--out", default=str(REPO / "models" / "demo-eagle"))
     p.add_argument("--report", default="", help="also write the figures printed to this JSON file")
+    p.add_argument("--draft-vocab-only", action="store_true",
+                   help="write only draft_vocab.json (token ids by training-split frequency) and the checklist")
     opts = p.parse_args()
+    if opts.draft_vocab_only:
+        tokenizer = Tokenizer(str(REPO / "models" / "demo" / "tokenizer.model"))
+        write_draft_vocab(Corpus(tokenizer, novels_split()[0]), Path(opts.out))
+        write_checklist(Path(opts.out))
+        return
     t0 = time.time()
     torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
@@ -208,6 +229,7 @@ def main() -> None:
         param.requires_grad_(False)
     train_novels, held_novels = novels_split()
     train, held = Corpus(llama.tokenizer, train_novels), Corpus(llama.tokenizer, held_novels)
+    write_draft_vocab(train, Path(opts.out))
     generator = torch.Generator().manual_seed(opts.seed)
     windows, features, greedy = dataset(llama, train, opts.text_windows, opts.distilled, generator, 32)
     held_windows, held_features, held_greedy = dataset(llama, held, 16, 16, torch.Generator().manual_seed(1), 32)

@@ -245,7 +245,7 @@ def test_naive_generate_has_speculative_generates_signature_and_output_one_token
 
 
 def test_bad_settings_are_refused_by_name(llama, tiny_checkpoint):
-    with pytest.raises(ValueError, match="unknown speculative setting 'lookahead': expected one of draft, eagle, lookup"):
+    with pytest.raises(ValueError, match="unknown speculative setting 'lookahead': expected one of draft, eagle, eagle-tree, lookup"):
         llama.generate([[1, 2]], 4, speculative="lookahead")
     with pytest.raises(ValueError, match="'draft' needs a path: draft:PATH"):
         llama.text_completion(["ab"], speculative="draft")

@@ -33,6 +33,7 @@ from llama.model import ModelArgs, TransformerBlock, apply_rotary_emb, causal_ma
 from llama.speculative.drafters import Drafter
 
 HEAD_FILES = ("consolidated.00.pth", "params.json")
+DRAFT_VOCAB_FILE = "draft_vocab.json"  # optional: token ids by training-split frequency, most frequent first
 
 
 class EagleHead(nn.Module):
@@ -105,11 +106,26 @@ def check_head_files(head_dir: Path) -> None:
     if not checklist.is_file():
         return  # a head just written by hand or by the training script before its checklist: nothing to check
     expected = dict(reversed(line.split(None, 1)) for line in checklist.read_text().splitlines() if line.strip())
-    for name in HEAD_FILES:
+    for name in HEAD_FILES + ((DRAFT_VOCAB_FILE,) if (head_dir / DRAFT_VOCAB_FILE).is_file() else ()):
         actual = hashlib.md5((head_dir / name).read_bytes()).hexdigest()
         if name in expected and expected[name].strip() != actual:
             raise ValueError(f"draft head {str(head_dir)!r}: {name} is damaged (md5 {actual}, checklist.chk "
                              f"says {expected[name].strip()})")
+
+
+def load_draft_vocab(head_dir: Union[str, Path], size: int) -> List[int]:
+    """The `size` most frequent token ids of the head's training text (its draft_vocab.json, written by
+    scripts/train_eagle.py). Raises FileNotFoundError, or ValueError for a size the file cannot give."""
+    path = Path(head_dir) / DRAFT_VOCAB_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"draft_vocab={size} needs {str(path)!r} (scripts/train_eagle.py --draft-vocab-only "
+                                f"writes it)")
+    check_head_files(Path(head_dir))
+    order = json.loads(path.read_text())
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= len(order):
+        raise ValueError(f"draft_vocab must be an integer from 1 to {len(order)} (the ids in {str(path)!r}), "
+                         f"got {size!r}")
+    return order[:size]
 
 
 def load_head(head_dir: Union[str, Path], target: Any) -> EagleHead:
@@ -165,24 +181,55 @@ class EagleDrafter(Drafter):
     wants_features = True
 
     def __init__(self, head: Union[EagleHead, str, Path], target: Any, fast: bool = True,
-                 min_confidence: float = 0.0):
+                 min_confidence: float = 0.0, draft_vocab: Union[None, int, Sequence[int]] = None,
+                 draft_dtype: Optional[torch.dtype] = None):
         """head: an EagleHead for `target`, or the directory of one (load_head); target: the built Llama it
         drafts for (its embedding, final norm and output layer are used, not copied); fast: draft with
         llama.fast's layers (use_fast_head) and a lean step; min_confidence: end a chain early after a draft
         to which the head gives less than this probability (its later drafts would mostly be rejected:
-        each costs a head step). The chain stays a function of the text, so verification stays exact."""
+        each costs a head step). The chain stays a function of the text, so verification stays exact.
+        draft_vocab: draft only these token ids, or (an int N, with `head` a directory) the N most frequent
+        of the head's training text (its draft_vocab.json): EAGLE-3's reduced draft vocabulary. The head's
+        output product then reads those rows of the model's output layer only (a copy); the verify pass,
+        over the whole vocabulary, keeps the output exact. draft_dtype: the dtype of the head's products
+        and of that copy (e.g. torch.bfloat16: half the bytes to read per draft; exact all the same)."""
         if not 0.0 <= min_confidence < 1.0:
             raise ValueError(f"min_confidence must be in [0, 1), got {min_confidence!r}")
         self.min_confidence = min_confidence
         if not hasattr(target, "model") or not hasattr(target, "tokenizer"):
             raise TypeError(f"EagleDrafter drafts for a Llama (Llama.build(...)), got {type(target).__name__}")
+        if isinstance(draft_vocab, int) and not isinstance(draft_vocab, bool):
+            if isinstance(head, EagleHead):
+                raise ValueError("draft_vocab=N reads the head directory's draft_vocab.json: give the directory")
+            draft_vocab = load_draft_vocab(head, draft_vocab)
         self.head = head if isinstance(head, EagleHead) else load_head(head, target)
         if self.head.params.dim != target.model.params.dim:
             raise ValueError(f"the head has dim={self.head.params.dim}, the model {target.model.params.dim}")
         if fast:
             use_fast_head(self.head)
+        self.head_dtype = self.head.fc.weight.dtype  # the dtype its products run in
+        if draft_dtype is not None and fast and self.head.params.n_layers == 1:
+            # The head's products in draft_dtype (fewer bytes to read); its cache, RoPE and attention stay
+            # in the model's dtype, and _lean_step casts at the edges.
+            layer = self.head.layers[0]
+            for module in (self.head.fc, layer.attention.wqkv, layer.attention.wo, layer.feed_forward.w13,
+                           layer.feed_forward.w2, layer.attention_norm, layer.ffn_norm):
+                module.to(draft_dtype)
+            self.head_dtype = draft_dtype
         self.target = target
         model = target.model
+        self.draft_ids: Optional[torch.Tensor] = None  # (n,) the draft vocabulary, None: the whole vocabulary
+        self.draft_weight = None  # its rows of the output layer, (n, dim), in draft_dtype
+        if draft_vocab is not None or draft_dtype is not None:
+            weight = model.output.dense_weight() if hasattr(model.output, "dense_weight") else model.output.weight
+            if draft_vocab is not None:
+                ids = sorted(set(int(i) for i in draft_vocab))
+                if not ids or ids[0] < 0 or ids[-1] >= model.vocab_size:
+                    raise ValueError(f"draft_vocab must hold ids in [0, {model.vocab_size}), got "
+                                     f"{len(ids)} ids from {ids[:1]} to {ids[-1:]}")
+                self.draft_ids = torch.tensor(ids, dtype=torch.long, device=weight.device)
+                weight = weight[self.draft_ids]
+            self.draft_weight = weight.to(draft_dtype or weight.dtype).contiguous()
         self.features = torch.zeros(model.params.max_seq_len, model.params.dim,
                                     device=model.rope_cos.device, dtype=model.tok_embeddings.weight.dtype)
         self.n_real = 0  # features known for positions 0 .. n_real - 1 (the model's, of accepted tokens)
@@ -214,28 +261,16 @@ class EagleDrafter(Drafter):
         length = len(tokens)
         if k <= 0 or length < 2:  # the first draft needs the feature of the token before the last one
             return []
-        if self.n_real < length - 1:
-            raise ValueError(
-                f"EagleDrafter has the model's features of {self.n_real} positions, {length - 1} needed: it "
-                f"drafts only inside speculative_generate, which hands it the features of every accepted token")
         model = self.target.model
         device = self.features.device
-        start = min(self.head_len, length - 2)
-        # Pairs (f_j, t_{j+1}) for j = start .. length - 2: the last one predicts the feature of the last token.
-        ids = torch.tensor(list(tokens[start + 1 : length]), dtype=torch.long, device=device)  # (n,)
-        if self.lean:
-            predicted = self._lean_step(self.features[start : length - 1], ids, start)  # (n, dim)
-        else:
-            predicted = self.head(self.features[None, start : length - 1], model.tok_embeddings(ids[None]), start)[0]
-        self.head_len = length - 1
+        feature = self._catch_up(tokens)  # (1, dim)
         drafts: List[int] = []
-        feature = predicted[-1:]  # (1, dim)
         norm = model.norm
         for i in range(k):
             normed = F.rms_norm(feature, (feature.shape[-1],), norm.weight, norm.eps)  # the model's final norm
-            logits = model.output(normed)  # (1, vocab)
+            logits = self.draft_logits(normed)  # (1, vocab or draft vocabulary)
             best = logits.max(dim=-1)
-            drafts.append(int(best.indices))
+            drafts.append(self.token_id(int(best.indices)))
             if i == k - 1:
                 break
             if self.min_confidence and float((best.values - logits.logsumexp(-1)).exp()) < self.min_confidence:
@@ -247,32 +282,67 @@ class EagleDrafter(Drafter):
                 feature = self.head(feature[None], model.tok_embeddings(ids[None]), length - 1 + i)[0]
         return drafts
 
-    def _lean_step(self, features: torch.Tensor, ids: torch.Tensor, pos: int) -> torch.Tensor:
+    def draft_logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """The model's output layer on normed features (n, dim) -> (n, vocab); with a draft vocabulary or
+        dtype, its copy: (n, len(draft_vocab)) logits, in draft_dtype."""
+        if self.draft_weight is None:
+            return self.target.model.output(normed)
+        return F.linear(normed.to(self.draft_weight.dtype), self.draft_weight)
+
+    def token_id(self, index: int) -> int:
+        """The token id of column `index` of draft_logits."""
+        return index if self.draft_ids is None else int(self.draft_ids[index])
+
+    def _catch_up(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Feed the head the real pairs (f_j, t_{j+1}) it has not seen, j up to len(tokens) - 2 -> its
+        predicted feature of the last token, (1, dim)."""
+        length = len(tokens)
+        if self.n_real < length - 1:
+            raise ValueError(
+                f"EagleDrafter has the model's features of {self.n_real} positions, {length - 1} needed: it "
+                f"drafts only inside speculative_generate, which hands it the features of every accepted token")
+        start = min(self.head_len, length - 2)
+        ids = torch.tensor(list(tokens[start + 1 : length]), dtype=torch.long, device=self.features.device)  # (n,)
+        if self.lean:
+            predicted = self._lean_step(self.features[start : length - 1], ids, start)  # (n, dim)
+        else:
+            embeddings = self.target.model.tok_embeddings(ids[None])
+            predicted = self.head(self.features[None, start : length - 1], embeddings, start)[0]
+        self.head_len = length - 1
+        return predicted[-1:]
+
+    def _lean_step(self, features: torch.Tensor, ids: torch.Tensor, pos: int,
+                   positions: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The head on n pairs (features (n, dim), token ids (n,)) at positions pos .. pos + n - 1, through
         its cache -> predicted features (n, dim): what `self.head(features, embeddings, pos)` computes, in
         half the operations (a drafting step costs what its operations cost, not its arithmetic: at dim 256
-        each takes microseconds whatever it does)."""
+        each takes microseconds whatever it does). A draft tree (llama.speculative.eagle_tree) gives the
+        pairs' own RoPE `positions` (n,) and `mask` (n, pos + n); they still go to cache slots pos ...."""
         layer = self.head.layers[0]
         attn, ffn = layer.attention, layer.feed_forward
         n_q, n_kv, head_dim = attn.n_local_heads, attn.n_local_kv_heads, attn.head_dim
         n, dim = features.shape
         embeddings = F.embedding(ids, self.target.model.tok_embeddings.weight)  # (n, dim)
-        x = self.head.fc(torch.cat([features, embeddings], dim=-1))  # (n, dim)
+        x = self.head.fc(torch.cat([features, embeddings], dim=-1).to(self.head_dtype))  # (n, dim)
         a = F.rms_norm(x, (dim,), layer.attention_norm.weight, layer.attention_norm.eps)
-        qkv = attn.wqkv(a).view(n, n_q + 2 * n_kv, head_dim)
+        qkv = attn.wqkv(a).view(n, n_q + 2 * n_kv, head_dim).to(attn.cache_k.dtype)
         pairs = torch.view_as_complex(qkv[:, : n_q + n_kv].reshape(n, n_q + n_kv, head_dim // 2, 2))
-        rotated = torch.view_as_real(pairs * self.cis[pos : pos + n, None]).view(n, n_q + n_kv, head_dim)
+        cis = self.cis[pos : pos + n] if positions is None else self.cis[positions]  # (n, head_dim // 2)
+        rotated = torch.view_as_real(pairs * cis[:, None]).view(n, n_q + n_kv, head_dim)
         attn.cache_k[0, :, pos : pos + n] = rotated[:, n_q:].transpose(0, 1)
         attn.cache_v[0, :, pos : pos + n] = qkv[:, n_q + n_kv :].transpose(0, 1)
         queries = rotated[:, :n_q].transpose(0, 1)[None]  # (1, n_q, n, head_dim)
         out = F.scaled_dot_product_attention(queries, attn.cache_k[:1, :, : pos + n], attn.cache_v[:1, :, : pos + n],
-                                             attn_mask=causal_mask(n, pos, features.device),
-                                             enable_gqa=n_q != n_kv)  # (1, n_q, n, head_dim)
-        h = x + attn.wo(out[0].transpose(0, 1).reshape(n, n_q * head_dim))
+                                             attn_mask=causal_mask(n, pos, features.device) if mask is None
+                                             else mask, enable_gqa=n_q != n_kv)  # (1, n_q, n, head_dim)
+        h = x + attn.wo(out[0].transpose(0, 1).reshape(n, n_q * head_dim).to(self.head_dtype))
         gate, up = ffn.w13(F.rms_norm(h, (dim,), layer.ffn_norm.weight, layer.ffn_norm.eps)).chunk(2, dim=-1)
-        return h + ffn.w2(F.silu(gate) * up)  # (n, dim)
+        return (h + ffn.w2(F.silu(gate) * up)).to(features.dtype)  # (n, dim)
 
     def __repr__(self) -> str:
         p = self.head.params
         return (f"EagleDrafter({p.n_layers} layer, dim {p.dim}, ffn {p.ffn_hidden_dim}"
-                + (f", min_confidence={self.min_confidence}" if self.min_confidence else "") + ")")
+                + (f", min_confidence={self.min_confidence}" if self.min_confidence else "")
+                + (f", draft_vocab={len(self.draft_ids)}" if self.draft_ids is not None else "")
+                + (f", draft_dtype={str(self.head_dtype).replace('torch.', '')}"
+                   if self.draft_weight is not None else "") + ")")

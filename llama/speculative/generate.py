@@ -21,6 +21,7 @@ from llama.config import GenerationConfig
 from llama.sampling import Context, LogitsProcessor
 from llama.speculative.drafters import Drafter
 from llama.speculative.forward import forward_all, forward_features, forward_last
+from llama.speculative.tree import DraftTree, tree_pass
 from llama.speculative.verify import accept_greedy, accept_sampled, target_probs
 from llama.streaming import StreamEvent
 
@@ -39,10 +40,11 @@ class SpeculativeStats:
         self.drafted_at = self.drafted_at or [0] * self.k
         self.accepted_at = self.accepted_at or [0] * self.k
 
-    def record(self, n_drafted: int, n_accepted: int) -> None:
-        """One verify pass that checked n_drafted drafts and accepted the first n_accepted."""
+    def record(self, n_drafted: int, n_accepted: int, nodes: Optional[int] = None) -> None:
+        """One verify pass that checked n_drafted drafts and accepted the first n_accepted. For a draft tree
+        n_drafted is its depth (positions drafted) and `nodes` its size (tokens drafted)."""
         self.steps += 1
-        self.drafted += n_drafted
+        self.drafted += n_drafted if nodes is None else nodes
         self.accepted += n_accepted
         for i in range(n_drafted):
             self.drafted_at[i] += 1
@@ -164,6 +166,17 @@ def _contexts(tokens: List[int], drafts: List[int], prompt_len: int, device: tor
     return Context(seq.expand(n, -1), lengths, torch.full((n,), prompt_len, device=device))
 
 
+def check_tree(tree: DraftTree, depth: int, vocab_size: int, drafter: Drafter) -> None:
+    """ValueError for a drafter's tree deeper than `depth` or with ids outside the vocabulary."""
+    if not isinstance(tree, DraftTree):
+        raise TypeError(f"{drafter!r}.propose_tree returned {type(tree).__name__}, not a DraftTree")
+    if len(tree) and max(tree.depths()) > depth:
+        raise ValueError(f"{drafter!r} proposed a tree of depth {max(tree.depths())}, at most {depth} asked for")
+    bad = [t for t in tree.tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"{drafter!r} proposed token ids {bad[:5]} outside the vocabulary [0, {vocab_size})")
+
+
 def _run(llama: Any, prompt: List[int], end: int, drafter: Drafter, k: int, cfg: GenerationConfig,
          out: Any, stats: SpeculativeStats, generator: Optional[torch.Generator] = None,
          processors: Sequence[LogitsProcessor] = ()) -> Iterator[List[StreamEvent]]:
@@ -191,8 +204,23 @@ def _run(llama: Any, prompt: List[int], end: int, drafter: Drafter, k: int, cfg:
         if out.wants_prompt_logits:  # logits at positions 0 .. len - 2 give the logprobs of tokens 1 .. len - 1
             out.prompt_logits(prefix_logits[0])
 
+    propose_tree = getattr(drafter, "propose_tree", None)  # a tree drafter (llama.speculative.tree)
     while len(tokens) < end:
         n_draft = min(k, end - len(tokens) - 1)  # a pass yields at most n_draft + 1 tokens
+        if propose_tree is not None:  # greedy only (decode_rows refuses sampling)
+            # Its nodes take cache slots after the root: len(tokens) .. max_seq_len - 1.
+            tree = propose_tree(tokens, n_draft, model.params.max_seq_len - len(tokens))
+            check_tree(tree, n_draft, vocab_size, drafter)
+            emitted, logits, features = tree_pass(model, tokens, tree, len(prompt), processors)
+            stats.record(max(tree.depths(), default=0), len(emitted) - 1, nodes=len(tree))
+            if observe:
+                observe(len(tokens) - 1, features)
+            events, done = out.take(len(tokens), emitted, logits)
+            tokens.extend(emitted)
+            yield events
+            if done:
+                return
+            continue
         drafts = [int(t) for t in drafter.propose(tokens, n_draft)][:n_draft] if n_draft > 0 else []
         bad = [t for t in drafts if not 0 <= t < vocab_size]
         if bad:

@@ -5,6 +5,7 @@ A setting is a Speculation (a drafter and k), or a string "NAME" or "NAME:PATH":
     "lookup"              prompt lookup (no weights)
     "draft:PATH"          a draft model: the Llama checkpoint at PATH (any layout Llama.build loads)
     "eagle" / "eagle:DIR" the EAGLE-style draft head (llama.speculative.eagle; default: the demo model's)
+    "eagle-tree[:DIR]"    the same head drafting a tree (llama.speculative.eagle_tree; greedy decoding only)
     "plain"               no drafts, one token per pass through the same loop: the baseline
                           (EAGLE's naivegenerate)
 
@@ -12,8 +13,10 @@ More drafters register a name with `register_drafter`.
 A string is resolved once per Llama and name: the drafter (a draft model's weights) is kept and reused.
 """
 
+import json
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Union
 
 from llama.speculative.drafters import DraftModel, Drafter, PromptLookup
@@ -59,16 +62,44 @@ register_drafter("plain", DrafterKind(lambda target, path: Drafter(), needs_path
                                       help="no drafts (the baseline through the same loop)"))
 
 
-def build_eagle_drafter(target: Any, path: Optional[str]) -> Drafter:
-    """The EAGLE-style head at `path` (default: the demo model's, models/demo-eagle) for the target."""
+def build_eagle_drafter(target: Any, path: Optional[str], tree: bool = False) -> Drafter:
+    """The EAGLE-style head at `path` (default: the demo model's, models/demo-eagle) for the target, drafting
+    with eagle_draft_options (measured on the demo: docs/speculative.md); with `tree`, a draft tree of
+    TREE_BRANCH x TREE_NODES (llama.speculative.eagle_tree)."""
     from llama.cli.demo import DEMO_DIR  # (not at import time: llama.cli imports llama.generation)
     from llama.speculative.eagle import EagleDrafter
+    from llama.speculative.eagle_tree import EagleTreeDrafter
 
-    return EagleDrafter(path or DEMO_DIR.parent / "demo-eagle", target)
+    head_dir = path or DEMO_DIR.parent / "demo-eagle"
+    options = eagle_draft_options(head_dir)
+    if tree:
+        return EagleTreeDrafter(head_dir, target, branch=TREE_BRANCH, nodes=TREE_NODES, **options)
+    return EagleDrafter(head_dir, target, **options)
+
+
+EAGLE_DRAFT_VOCAB = 2048  # the most frequent tokens drafted (of the demo's 4352: 94% of its training text)
+TREE_BRANCH, TREE_NODES, TREE_DEPTH = 3, 8, 3  # the named tree's shape (measured: docs/speculative.md)
+
+
+def eagle_draft_options(head_dir: Any) -> Dict[str, Any]:
+    """EagleDrafter's options for a named setting: the head's EAGLE_DRAFT_VOCAB most frequent tokens where it
+    ships draft_vocab.json with that many (else the whole vocabulary); products in the model's dtype (bf16
+    ones, with their casts, measured slower for the demo on the CPU: docs/speculative.md)."""
+    from llama.speculative.eagle import DRAFT_VOCAB_FILE
+
+    options: Dict[str, Any] = {}
+    vocab_file = Path(head_dir) / DRAFT_VOCAB_FILE
+    if vocab_file.is_file() and len(json.loads(vocab_file.read_text())) >= EAGLE_DRAFT_VOCAB:
+        options["draft_vocab"] = EAGLE_DRAFT_VOCAB
+    return options
 
 
 register_drafter("eagle", DrafterKind(build_eagle_drafter, needs_path=False,
                                       help="the EAGLE-style draft head (eagle:HEAD_DIR; default models/demo-eagle)"))
+register_drafter("eagle-tree", DrafterKind(lambda target, path: build_eagle_drafter(target, path, tree=True),
+                                           needs_path=False, k=TREE_DEPTH,
+                                           help="the EAGLE-style head drafting a tree, verified in one pass "
+                                                "(greedy only; eagle-tree:HEAD_DIR)"))
 
 # Strings already resolved, per Llama: a draft model is loaded once.
 _resolved: "weakref.WeakKeyDictionary[Any, Dict[tuple, Speculation]]" = weakref.WeakKeyDictionary()
