@@ -40,8 +40,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 import austen  # noqa: E402
 from train_demo import HOLDOUT, Corpus  # noqa: E402  (the demo's own split and windows)
 from llama.generation import Llama  # noqa: E402
-from llama.model import TransformerBlock, apply_rotary_emb  # noqa: E402
-from llama.speculative.eagle import DRAFT_VOCAB_FILE, EagleHead, head_args  # noqa: E402
+from llama.model import TransformerBlock  # noqa: E402
+from llama.speculative.eagle import DRAFT_VOCAB_FILE, EagleHead, head_args, rotated_qkv  # noqa: E402
 from llama.speculative.forward import forward_features  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 
@@ -93,12 +93,7 @@ def attend_depths(layer: TransformerBlock, h: torch.Tensor, cos: torch.Tensor, s
     Appends this depth's keys and values to `keys`, `values`."""
     bsz, seqlen, _ = h.shape
     attn = layer.attention
-    x = layer.attention_norm(h)
-    q = attn.wq(x).view(bsz, seqlen, attn.n_local_heads, attn.head_dim)
-    k = attn.wk(x).view(bsz, seqlen, attn.n_local_kv_heads, attn.head_dim)
-    v = attn.wv(x).view(bsz, seqlen, attn.n_local_kv_heads, attn.head_dim)
-    q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (bsz, heads, seqlen, head_dim)
+    q, k, v = rotated_qkv(layer, h, cos, sin)  # each (bsz, heads, seqlen, head_dim)
     keys.append(k)
     values.append(v)
     depth = len(keys)

@@ -74,10 +74,10 @@ class EagleHead(nn.Module):
         return h
 
 
-def _block_without_cache(layer: TransformerBlock, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                         ) -> torch.Tensor:
-    """layer(h) over whole sequences with causal attention, with gradients and without the KV cache (the
-    reference block's modules and weights; tests check it equals the cached path)."""
+def rotated_qkv(layer: TransformerBlock, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """The block's queries, keys and values of h (bsz, seqlen, dim), keys and queries rotated by RoPE, each
+    (bsz, heads, seqlen, head_dim): the first half of the block's attention over whole sequences, without the
+    KV cache (for training and for the tests' whole-sequence pass)."""
     bsz, seqlen, _ = h.shape
     attn = layer.attention
     x = layer.attention_norm(h)
@@ -85,7 +85,16 @@ def _block_without_cache(layer: TransformerBlock, h: torch.Tensor, cos: torch.Te
     k = attn.wk(x).view(bsz, seqlen, attn.n_local_kv_heads, attn.head_dim)
     v = attn.wv(x).view(bsz, seqlen, attn.n_local_kv_heads, attn.head_dim)
     q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (bsz, heads, seqlen, head_dim)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _block_without_cache(layer: TransformerBlock, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                         ) -> torch.Tensor:
+    """layer(h) over whole sequences with causal attention, with gradients and without the KV cache (the
+    reference block's modules and weights; tests check it equals the cached path)."""
+    bsz, seqlen, _ = h.shape
+    attn = layer.attention
+    q, k, v = rotated_qkv(layer, h, cos, sin)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                          enable_gqa=attn.n_local_heads != attn.n_local_kv_heads)
     h = h + attn.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
