@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.bandwidth import measure_read_bandwidth  # noqa: E402
 from bench.run import cpu_description  # noqa: E402
+from llama.fast.blocked_int8 import BlockedInt8Product  # noqa: E402
 from llama.fast.cpu_forms import CompiledProduct  # noqa: E402
 from llama.fast.quantize import quantize_int8  # noqa: E402
 
@@ -48,6 +49,7 @@ def forms_for(kind: str, act: torch.dtype, w: torch.Tensor) -> Dict[str, Callabl
         forms["int8pack"] = lambda q, s: (lambda x: torch.ops.aten._weight_int8pack_mm(x, q, s.to(act)))
         forms["dequantize"] = lambda q, s: (lambda x: F.linear(x, q.to(act)) * s.to(act))
         forms["compiled"] = lambda q, s: CompiledProduct(q, s.to(act))
+        forms["blocked"] = lambda q, s: BlockedInt8Product(q, s.to(act))
         if act == torch.float32:
             forms["int8pack, x cast to bf16 (other numerics)"] = lambda q, s: (
                 lambda x: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, s.bfloat16()).float())
@@ -86,6 +88,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--products", nargs="+", default=[n for n, _, _ in PRODUCTS])
+    p.add_argument("--weights", nargs="+", default=["float32", "bfloat16", "int8"], help="weight kinds to measure")
     p.add_argument("--out", default="cpu_product_forms.json")
     opts = p.parse_args()
     torch.set_num_threads(opts.threads)
@@ -101,6 +104,8 @@ def main() -> None:
         w = torch.randn(n, k, generator=g) / k**0.5
         for kind, act in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("int8", torch.float32),
                           ("int8", torch.bfloat16)):
+            if kind not in opts.weights:
+                continue
             x = torch.randn(opts.rows, k, generator=g).to(act)
             if kind == "int8":
                 q, s = quantize_int8(w)

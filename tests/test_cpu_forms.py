@@ -10,6 +10,7 @@ import torch
 from llama import Llama
 from llama.distributed import init_distributed
 from llama.fast import cpu_forms
+from llama.fast.blocked_int8 import BLOCK, BlockedInt8Product
 from llama.fast.cpu_forms import CompiledProduct, pick_cpu_forms, picked_forms
 from llama.fast.layers import FastLinear
 from llama.fast.quantize import quantize_int8
@@ -55,6 +56,25 @@ def test_compiled_form_is_the_product_within_float32_summation_error(dtype, rows
     assert (err <= bound(x64, w64, dtype)).all(), float((err / bound(x64, w64, dtype)).max())
 
 
+@pytest.mark.slow  # compiles (inductor)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("out_features", [2 * BLOCK, BLOCK + 72], ids=["whole-blocks", "padded"])
+def test_blocked_int8_form_is_the_product_within_float32_summation_error(dtype, rows, out_features):
+    g = torch.Generator().manual_seed(4)
+    q, scale = quantize_int8(torch.randn(out_features, 96, generator=g) / 10)
+    scale = scale.to(dtype)  # as Int8Linear hands it over (scale_act)
+    x = torch.randn(2, rows, 96, generator=g).to(dtype)
+    form = BlockedInt8Product(q, scale)
+    assert torch.equal(form.int8_weight(), q)  # the blocks hold the weight, and give it back
+    y = form(x)
+    assert y.shape == (2, rows, out_features) and y.dtype == dtype
+    w64 = q.double() * scale.double()[:, None]
+    x64 = x.double().reshape(-1, 96)
+    err = (y.double().reshape(-1, out_features) - x64 @ w64.T).abs()
+    assert (err <= bound(x64, w64, dtype)).all(), float((err / bound(x64, w64, dtype)).max())
+
+
 def _build(tiny_checkpoint, dtype, quantize=None):
     ckpt = tiny_checkpoint(PARAMS)
     return Llama.build(ckpt.dir, ckpt.tokenizer, max_seq_len=48, max_batch_size=2, device="cpu", dtype=dtype,
@@ -75,21 +95,23 @@ def test_an_unknown_llama_cpu_forms_setting_is_refused(tiny_checkpoint, monkeypa
 
 
 @pytest.mark.slow  # compiles (inductor)
-@pytest.mark.parametrize("quantize", [None, "int8"])
-@pytest.mark.parametrize("how", ["compiled", "probe"])
+@pytest.mark.parametrize("quantize,how", [(None, "compiled"), (None, "probe"), ("int8", "compiled"),
+                                          ("int8", "blocked"), ("int8", "probe")])
 def test_picked_forms_keep_the_greedy_tokens_and_meta_weights(tiny_checkpoint, monkeypatch, quantize, how):
     """fp32: the contract is the reference loop's greedy tokens and logits equal to float32 rounding."""
     monkeypatch.setenv(cpu_forms.ENV, "off")
     base = _build(tiny_checkpoint, torch.float32, quantize)  # default forms
     picked = _build(tiny_checkpoint, torch.float32, quantize)
     before = {k: v.clone() for k, v in picked.model.state_dict().items()}
-    forms = pick_cpu_forms(picked.model, force="compiled") if how == "compiled" else None
+    forms = pick_cpu_forms(picked.model, force=how) if how != "probe" else None
     if how == "probe":
         monkeypatch.setenv(cpu_forms.ENV, "probe")
         forms = pick_cpu_forms(picked.model)
-        assert set(forms.values()) <= {"packed", "linear", "int8pack", "dequantize", "compiled"}
+        assert set(forms.values()) <= {"packed", "linear", "int8pack", "dequantize", "compiled", "blocked"}
     else:
-        assert set(forms.values()) == {"compiled"}
+        assert set(forms.values()) == {how}
+    if how == "blocked":  # the blocks replace the int8 weight: it is held once
+        assert all(m.weight is None for m in picked.model.modules() if getattr(m, "form_name", "") == "blocked")
     after = picked.model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
 
@@ -173,7 +195,7 @@ def test_bench_records_the_picked_forms_the_cpu_and_llamacpp_q8_0_beside_int8(tm
     forms = report["picked_forms"]["float32"]
     assert set(forms) == {"ours", "ours-int8"}
     assert all(f in ("packed", "linear", "compiled") for f in forms["ours"].values())
-    assert all(f in ("int8pack", "dequantize", "compiled") for f in forms["ours-int8"].values())
+    assert all(f in ("int8pack", "dequantize", "compiled", "blocked") for f in forms["ours-int8"].values())
     [res] = report["results"]
     for name in ("ours", "ours-int8", "ours-default", "ours-int8-default"):
         assert res[name]["decode_tok_s"] > 0

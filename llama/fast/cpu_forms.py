@@ -15,6 +15,9 @@ are read, and the kernel that streams them fastest differs with the weight's dty
   multiplied by the activation rows and summed in float32 vectors; int8 rows are then scaled and the result
   rounded once to the activations' dtype. Inductor vectorises it for the ISA torch uses (AVX-512 or AVX2,
   ATEN_CPU_CAPABILITY) and splits the weight's rows over the threads.
+- "blocked": int8 weights, held as blocks of output rows transposed, summed by an inductor kernel with many
+  independent accumulators (llama.fast.blocked_int8): the compiled form's one chain of additions per row
+  caps a thread below the memory's speed. A layer taking it gives up its row-major int8 weight for the blocks.
 
 `pick_cpu_forms(model)` groups the model's products by weight shape and dtype, times each group's
 candidate forms on the group's own weights (one pass over every layer of the group, so the weights stream
@@ -45,12 +48,17 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 from torch import nn
 
+from llama.fast.blocked_int8 import BlockedInt8Product
 from llama.fast.layers import FastLinear
 from llama.fast.quantize import Int8Linear
+
 # Below this many bytes of linear weights the model is not probed (see the module docstring).
 PROBE_MIN_BYTES = 32 * 2**20
 # Timed passes per form; the best counts.
 PROBE_ROUNDS = 5
+# A group's timed passes run over its first layers holding at least this many bytes (all of them if fewer):
+# enough to stream from memory, and it bounds what the candidates' own copies (the blocked form's) add at load.
+PROBE_PASS_BYTES = 256 * 2**20
 ENV = "LLAMA_CPU_FORMS"
 
 
@@ -112,30 +120,35 @@ def _default_form(layer: nn.Module) -> str:
     return "packed" if layer.packed is not None else "linear"
 
 
-def _candidates(layer: nn.Module) -> Dict[str, Optional[Callable]]:
-    """The forms a layer can take, by name: None for its own default path (the layer's forward)."""
-    forms: Dict[str, Optional[Callable]] = {_default_form(layer): None}
+def _candidates(layer: nn.Module) -> Dict[str, Callable[[], Optional[Callable]]]:
+    """The forms a layer can take, by name, each as a builder: it returns the form (a callable), or None for
+    the layer's own default path (its forward). Built only where timed or picked (the blocked form copies
+    the weight)."""
+    forms: Dict[str, Callable[[], Optional[Callable]]] = {_default_form(layer): lambda: None}
     if isinstance(layer, Int8Linear):
         # Not "dequantize" beside int8pack: it writes a float copy of the weight at every call. Timed alone
         # it won on emulated AVX2 (int8 weights, float32 activations), yet it made the whole step 2x slower
         # there (docs/cpu-forms.md): its allocations do not time alone as they run in a step.
-        weight, scale = layer.weight, layer.scale_act
+        forms["compiled"] = lambda: CompiledProduct(layer.int8_weight(), layer.scale_act)
+        forms["blocked"] = lambda: BlockedInt8Product(layer.int8_weight(), layer.scale_act)
     else:
-        weight, scale = layer.dense_weight(), None
-    forms["compiled"] = CompiledProduct(weight, scale)
+        forms["compiled"] = lambda: CompiledProduct(layer.dense_weight())
     return forms
 
 
 def use_form(layer: nn.Module, name: str, form: Optional[Callable]) -> None:
     """Give `layer` the form `name` for its decode products (None: its own default path). A float layer
     taking the compiled form gives up its packed copy (the kernel reads the plain weight; a prefill then
-    runs F.linear on it), so the weight is held once."""
+    runs F.linear on it), and an int8 layer taking the blocked form gives up its int8 weight for the form's
+    blocks (a prefill rebuilds it: Int8Linear.int8_weight), so the weight is held once."""
     if name == "compiled" and isinstance(layer, FastLinear) and layer.packed is not None:
         form = CompiledProduct(layer.dense_weight())
         layer.weight = nn.Parameter(form.weight, requires_grad=False)
         layer.packed = None
     layer.decode_form = form
     layer.form_name = name
+    if name == "blocked" and isinstance(layer, Int8Linear):
+        layer.weight = None
 
 
 def _linears(model: nn.Module) -> Dict[str, nn.Module]:
@@ -198,18 +211,19 @@ def pick_cpu_forms(model: nn.Module, force: Optional[str] = None, rows: int = 1)
     for key, layers in groups.items():
         dtype = layers[0].dtype if isinstance(layers[0], Int8Linear) else _float_dtype(layers[0])
         x = torch.randn(rows, layers[0].in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
-        per_layer = [_candidates(m) for m in layers]
-        names = list(per_layer[0])
+        names = list(_candidates(layers[0]))
         if force is not None:
             name = _default_form(layers[0]) if force == "default" else force
             if name in names:
-                for m, forms in zip(layers, per_layer):
-                    use_form(m, name, forms[name])
+                for m in layers:
+                    use_form(m, name, _candidates(m)[name]())
             continue
+        timed = _probe_layers(layers)
+        per_layer = [{n: build() for n, build in _candidates(m).items()} for m in timed]
         usable = []
         for name in names:
             try:  # the first call builds the form (inductor compiles here) and warms it up
-                _time_pass(layers, [f[name] for f in per_layer], x)
+                _time_pass(timed, [f[name] for f in per_layer], x)
                 usable.append(name)
             except Exception as e:  # noqa: BLE001  (a compiler missing or failing: inductor raises many kinds)
                 warnings.warn(f"the {name!r} form of {_group_key(layers[0])[1]} products cannot be built here "
@@ -217,12 +231,23 @@ def pick_cpu_forms(model: nn.Module, force: Optional[str] = None, rows: int = 1)
         best = {name: float("inf") for name in usable}
         for r in range(PROBE_ROUNDS):
             for name in usable if r % 2 == 0 else usable[::-1]:
-                best[name] = min(best[name], _time_pass(layers, [f[name] for f in per_layer], x))
+                best[name] = min(best[name], _time_pass(timed, [f[name] for f in per_layer], x))
         name = min(usable, key=best.__getitem__)
-        for m, forms in zip(layers, per_layer):
-            use_form(m, name, forms[name])
+        del per_layer  # the forms not picked (and their copies) go
+        for m in layers:  # one at a time: a layer's old weight goes before the next one's form is built
+            use_form(m, name, _candidates(m)[name]())
     _warn_if_scalar(linears.values())
     return picked_forms(model)
+
+
+def _probe_layers(layers: List[nn.Module]) -> List[nn.Module]:
+    """The first of `layers` that hold PROBE_PASS_BYTES together (all of them if they hold less)."""
+    total = 0
+    for i, m in enumerate(layers):
+        total += _weight_bytes(m)
+        if total >= PROBE_PASS_BYTES:
+            return layers[:i + 1]
+    return layers
 
 
 def _warn_if_scalar(layers) -> None:
@@ -240,6 +265,8 @@ def _warn_if_scalar(layers) -> None:
 
 
 def _device(layer: nn.Module) -> torch.device:
+    if isinstance(layer, Int8Linear):
+        return layer.scale.device  # its weight may be held by its blocked form
     return layer.weight.device if layer.weight is not None else layer.packed.device
 
 

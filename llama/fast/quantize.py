@@ -165,16 +165,21 @@ class Int8Linear(nn.Module):
         elif self.use_kernel and x2.shape[0] <= KERNEL_MAX_ROWS and not torch.compiler.is_compiling():
             if not x2.is_contiguous() or x2.data_ptr() % 64:
                 x2 = x2.clone(memory_format=torch.contiguous_format)  # a fresh, aligned copy
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale_act)
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.int8_weight(), self.scale_act)
             y = y.view(*x.shape[:-1], self.out_features)  # (..., out_features)
         else:
-            y = F.linear(x, self.weight.to(x.dtype)) * self.scale_act  # (..., out_features)
+            y = F.linear(x, self.int8_weight().to(x.dtype)) * self.scale_act  # (..., out_features)
         return across_ranks(y, self.reduce, self.gather)
+
+    def int8_weight(self) -> torch.Tensor:
+        """Q (out_features, in_features): the `weight` buffer, or, where a decode form holds the weight in
+        its own layout instead (llama.fast.blocked_int8), rebuilt from it."""
+        return self.weight if self.weight is not None else self.decode_form.int8_weight()
 
     def dense_weight(self) -> torch.Tensor:
         """The dequantized weight Q * scale (out_features, in_features), in the activations' dtype, with the
         scales the products use (in that dtype too)."""
-        return dequantize_int8(self.weight, self.scale_act, self.dtype)
+        return dequantize_int8(self.int8_weight(), self.scale_act, self.dtype)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         save_as_meta(destination, prefix, self.dense_weight(), self.parts)
