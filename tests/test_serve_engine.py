@@ -207,6 +207,34 @@ def test_a_bad_request_is_refused_before_it_runs(llama, prompt, settings, messag
     assert not engine.has_unfinished()
 
 
+def run_random_schedule(llama, data, block_sizes: List[int], max_requests: int, **engine_settings) -> None:
+    """Draw a block size, a step token budget, requests (prompt length, new tokens, arrival step, which
+    prompt) and a block budget from the least that fits the largest request; run them through an Engine
+    (engine_settings, e.g. decode=...) and check every request against the same prompt alone and that
+    every block is free again. Shared by the hypothesis tests of each decode mode."""
+    block_size = data.draw(st.sampled_from(block_sizes), label="block_size")
+    max_step_tokens = data.draw(st.integers(1, 48), label="max_step_tokens")
+    requests = data.draw(st.lists(st.tuples(st.integers(1, 30), st.integers(1, 12), st.integers(0, 8),
+                                            st.integers(0, 3)), min_size=1, max_size=max_requests),
+                         label="requests")
+    biggest = max(-(-(n + new - 1) // block_size) for n, new, _, _ in requests)
+    n_blocks = data.draw(st.integers(biggest, 2 * sum(-(-(n + new) // block_size) for n, new, _, _ in requests)),
+                         label="n_blocks")
+    engine = Engine(llama, n_blocks=n_blocks, block_size=block_size, max_step_tokens=max_step_tokens,
+                    **engine_settings)
+    pool = prompts([30] * 4, seed=9)
+    ids, step = {}, 0
+    while len(ids) < len(requests) or engine.has_unfinished():
+        for k, (n, new, arrival, which) in enumerate(requests):
+            if k not in ids and arrival <= step:
+                ids[k] = engine.add_request(pool[which][:n], logprobs=True, max_new_tokens=new, **GREEDY)
+        engine.step()
+        step += 1
+    for k, (n, new, _, which) in enumerate(requests):
+        assert_as_alone(llama, pool[which][:n], engine.outputs[ids[k]], new, **GREEDY)
+    assert engine.cache.allocator.n_free == n_blocks
+
+
 @pytest.fixture(scope="module")
 def fast_llama(tiny_llama):
     return tiny_llama(PARAMS, seed=1, max_seq_len=MAX_SEQ_LEN, max_batch_size=1, device="cpu")
@@ -217,25 +245,7 @@ def fast_llama(tiny_llama):
 def test_any_schedule_of_arrivals_budgets_and_chunks_leaves_every_request_as_it_is_alone(fast_llama, data):
     """Random arrival steps, block sizes, block budgets (from the least that fits the largest request) and
     step token budgets: every request still gets its greedy tokens and logprobs alone."""
-    block_size = data.draw(st.sampled_from([1, 2, 4, 8, 16]), label="block_size")
-    max_step_tokens = data.draw(st.integers(1, 48), label="max_step_tokens")
-    requests = data.draw(st.lists(st.tuples(st.integers(1, 30), st.integers(1, 12), st.integers(0, 8),
-                                            st.integers(0, 3)), min_size=1, max_size=5), label="requests")
-    biggest = max(-(-(n + new - 1) // block_size) for n, new, _, _ in requests)
-    n_blocks = data.draw(st.integers(biggest, 2 * sum(-(-(n + new) // block_size) for n, new, _, _ in requests)),
-                         label="n_blocks")
-    engine = Engine(fast_llama, n_blocks=n_blocks, block_size=block_size, max_step_tokens=max_step_tokens)
-    pool = prompts([30] * 4, seed=9)
-    ids, step = {}, 0
-    while len(ids) < len(requests) or engine.has_unfinished():
-        for k, (n, new, arrival, which) in enumerate(requests):
-            if k not in ids and arrival <= step:
-                ids[k] = engine.add_request(pool[which][:n], logprobs=True, max_new_tokens=new, **GREEDY)
-        engine.step()
-        step += 1
-    for k, (n, new, _, which) in enumerate(requests):
-        assert_as_alone(fast_llama, pool[which][:n], engine.outputs[ids[k]], new, **GREEDY)
-    assert engine.cache.allocator.n_free == n_blocks
+    run_random_schedule(fast_llama, data, block_sizes=[1, 2, 4, 8, 16], max_requests=5)
 
 
 def test_top_logprobs_are_those_of_the_prompt_alone(llama):

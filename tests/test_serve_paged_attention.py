@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import SMALL_GQA, SMALL_MHA
+from test_serve_engine import run_random_schedule
 from llama.serve import paged_attention as pa
 from llama.serve.decode import DecodeRunner, StepForward, bucket
 from llama.serve.engine import Engine
@@ -173,26 +174,7 @@ def fast_llama(tiny_llama):
 def test_any_schedule_through_the_kernel_decode_leaves_every_request_as_it_is_alone(fast_llama, data):
     """Random arrivals, block sizes, budgets and step budgets: rows join, leave, are preempted and move
     between the step's input rows (whose block tables are rewritten only when they change)."""
-    block_size = data.draw(st.sampled_from([1, 3, 4, 16]), label="block_size")
-    max_step_tokens = data.draw(st.integers(1, 48), label="max_step_tokens")
-    requests = data.draw(st.lists(st.tuples(st.integers(1, 30), st.integers(1, 12), st.integers(0, 8),
-                                            st.integers(0, 3)), min_size=1, max_size=9), label="requests")
-    biggest = max(-(-(n + new - 1) // block_size) for n, new, _, _ in requests)
-    n_blocks = data.draw(st.integers(biggest, 2 * sum(-(-(n + new) // block_size) for n, new, _, _ in requests)),
-                         label="n_blocks")
-    engine = Engine(fast_llama, n_blocks=n_blocks, block_size=block_size, max_step_tokens=max_step_tokens,
-                    decode="kernel")
-    pool = prompts([30] * 4, seed=9)
-    ids, step = {}, 0
-    while len(ids) < len(requests) or engine.has_unfinished():
-        for k, (n, new, arrival, which) in enumerate(requests):
-            if k not in ids and arrival <= step:
-                ids[k] = engine.add_request(pool[which][:n], logprobs=True, max_new_tokens=new, **GREEDY)
-        engine.step()
-        step += 1
-    for k, (n, new, _, which) in enumerate(requests):
-        assert_as_alone(fast_llama, pool[which][:n], engine.outputs[ids[k]], new)
-    assert engine.cache.allocator.n_free == n_blocks
+    run_random_schedule(fast_llama, data, block_sizes=[1, 3, 4, 16], max_requests=9, decode="kernel")
 
 
 def test_an_unknown_decode_mode_or_graphs_without_cuda_are_refused(llama):
