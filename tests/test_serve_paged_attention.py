@@ -5,7 +5,6 @@ Expected values: a per-row softmax written out by hand over each row's own slots
 each prompt alone (not the engine's simple path). The Triton kernels run on CUDA, or on the CPU under
 Triton's interpreter (TRITON_INTERPRET=1 with Triton installed); elsewhere those tests skip."""
 
-import os
 from typing import List
 
 import pytest
@@ -13,10 +12,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import SMALL_GQA, SMALL_MHA
+from helpers import SMALL_GQA
 from test_serve_engine import run_random_schedule
 from llama.serve import paged_attention as pa
-from llama.serve.decode import DecodeRunner, StepForward, bucket
+from llama.serve.decode import StepForward, bucket
 from llama.serve.engine import Engine
 from llama.serve.forward import Chunk, paged_forward
 
