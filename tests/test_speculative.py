@@ -347,6 +347,12 @@ def chi_square_p_value(llama: Llama, expected: Dict[tuple, float], n_samples: in
         tokens, _, _ = speculative_generate(llama, [SAMPLE_PROMPT], n_tokens, drafter, k=2,
                                             temperature=TEMPERATURE, top_p=TOP_P, seed=seed)
         counts[tuple(tokens[0])] = counts.get(tuple(tokens[0]), 0) + 1
+    return goodness_of_fit(counts, expected, n_samples)
+
+
+def goodness_of_fit(counts: Dict[tuple, int], expected: Dict[tuple, float], n_samples: int) -> float:
+    """The chi-square test's p-value for `counts` (outcome -> times seen, n_samples in all) drawn from the
+    distribution `expected` (outcome -> probability); 0.0 if an outcome of probability 0 was seen."""
     impossible = set(counts) - set(expected)
     if impossible:
         return 0.0

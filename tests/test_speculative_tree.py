@@ -1,6 +1,7 @@
 """Draft trees (llama.speculative.tree, eagle_tree): several candidate continuations verified by one forward
 pass under a tree attention mask give, greedy, token for token what plain decoding gives; a wrong ancestor in
-the mask, or accepted entries left where the tree put them, do not; sampling with a tree is refused."""
+the mask, or accepted entries left where the tree put them, do not. (Sampling with a tree:
+test_speculative_tree_sampling.)"""
 
 from typing import Dict, List, Sequence
 
@@ -155,13 +156,6 @@ def test_logits_processors_and_stop_strings_shape_each_node_given_its_own_path(t
     tokens = llama.generate([prompt], 40, temperature=0, **controls,
                             speculative=Speculation(OracleTree(sequence, llama.model.vocab_size), k=3))[0][0]
     assert tokens == want
-
-
-def test_sampling_with_a_tree_drafter_is_refused_before_any_work(tiny_llama):
-    llama = tiny_llama(seed=0, max_seq_len=64, max_batch_size=1)
-    drafter = OracleTree([], llama.model.vocab_size)
-    with pytest.raises(ValueError, match="greedy"):
-        llama.generate([[1, 2, 3]], 10, temperature=0.7, speculative=Speculation(drafter, k=2))
 
 
 # ---- the EAGLE-style head drafting a tree ----

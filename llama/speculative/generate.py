@@ -12,6 +12,7 @@ mask): a stale entry beyond the current end is never read. Moving the position b
 """
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -21,7 +22,8 @@ from llama.config import GenerationConfig
 from llama.sampling import Context, LogitsProcessor
 from llama.speculative.drafters import Drafter
 from llama.speculative.forward import forward_all, forward_features, forward_last
-from llama.speculative.tree import DraftTree, tree_pass
+from llama.speculative.tree import DraftTree, TreeAcceptance, accept_tree_greedy, tree_pass
+from llama.speculative.tree_sampling import accept_tree_sampled
 from llama.speculative.verify import accept_greedy, accept_sampled, target_probs
 from llama.streaming import StreamEvent
 
@@ -205,13 +207,18 @@ def _run(llama: Any, prompt: List[int], end: int, drafter: Drafter, k: int, cfg:
             out.prompt_logits(prefix_logits[0])
 
     propose_tree = getattr(drafter, "propose_tree", None)  # a tree drafter (llama.speculative.tree)
+    accept_tree: TreeAcceptance = accept_tree_greedy
+    if cfg.temperature > 0:  # llama.speculative.tree_sampling: the multi-draft rule, with this row's stream
+        distribution = partial(target_probs, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                               min_p=cfg.min_p)
+        accept_tree = partial(accept_tree_sampled, distribution=distribution, generator=generator)
     while len(tokens) < end:
         n_draft = min(k, end - len(tokens) - 1)  # a pass yields at most n_draft + 1 tokens
-        if propose_tree is not None:  # greedy only (decode_rows refuses sampling)
+        if propose_tree is not None:
             # Its nodes take cache slots after the root: len(tokens) .. max_seq_len - 1.
             tree = propose_tree(tokens, n_draft, model.params.max_seq_len - len(tokens))
             check_tree(tree, n_draft, vocab_size, drafter)
-            emitted, logits, features = tree_pass(model, tokens, tree, len(prompt), processors)
+            emitted, logits, features = tree_pass(model, tokens, tree, len(prompt), processors, accept_tree)
             stats.record(max(tree.depths(), default=0), len(emitted) - 1, nodes=len(tree))
             if observe:
                 observe(len(tokens) - 1, features)

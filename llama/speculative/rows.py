@@ -85,10 +85,6 @@ def decode_rows(llama: Any, rows: Rows, speculation: Any) -> DecodeLoop:
     """Llama's decode loop over `rows`, each row speculated on its own with `speculation` (a Speculation:
     drafter, k); its `stats` become the call's (all rows), and the Decoded carries each row's."""
     cfg = rows.config
-    if cfg.temperature > 0 and hasattr(speculation.drafter, "propose_tree"):
-        raise ValueError(f"{speculation.drafter!r} drafts trees, which verify greedy decoding only "
-                         f"(temperature=0), got temperature={cfg.temperature}: exact sampling from a tree "
-                         f"needs a multi-draft rejection rule, not built; use a chain drafter to sample")
     model = llama.model
     device = model.rope_cos.device
     bsz = len(rows.prompt_tokens)

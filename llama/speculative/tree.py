@@ -14,12 +14,13 @@ start + 1 ... that plain decoding would have written them to (their keys were ro
 positions, start + depth), so the cache is plain decoding's again; everything past them is stale and
 overwritten before being read, as after a chain's rejection (llama.speculative.generate).
 
-Sampling from a tree exactly needs the multi-draft rejection rule (SpecInfer; EAGLE's recursive one), not
-built: trees verify greedy decoding only, and sampling with a tree drafter raises a ValueError.
+Sampling walks the tree by the multi-draft rejection rule for point-mass drafts (llama.speculative.
+tree_sampling: accept each child in turn with its probability under what is left of p, else draw from the
+residual); `tree_pass` takes either walk, and the cache is committed alike.
 """
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -30,7 +31,9 @@ from llama.sampling import Context, LogitsProcessor, greedy
 @dataclass(frozen=True)
 class DraftTree:
     """Draft tokens with parents: node i holds tokens[i] and hangs under parents[i] (-1: the root, the last
-    accepted token; otherwise an earlier node, so that parents come before their children)."""
+    accepted token; otherwise an earlier node, so that parents come before their children). Siblings hold
+    distinct tokens (a repeated one would be a node verified for nothing, and sampling's rule assumes
+    distinct candidates)."""
 
     tokens: List[int]
     parents: List[int]
@@ -42,6 +45,16 @@ class DraftTree:
         bad = [(i, p) for i, p in enumerate(self.parents) if not -1 <= p < i]
         if bad:
             raise ValueError(f"draft tree parents must be -1 or an earlier node's index: (node, parent) {bad[:5]}")
+        first: Dict[Tuple[int, int], int] = {}  # (parent, token) -> the first node holding it
+        repeated = []  # (node, its earlier sibling with the same token, the token)
+        for i, key in enumerate(zip(self.parents, self.tokens)):
+            if key in first:
+                repeated.append((i, first[key], key[1]))
+            else:
+                first[key] = i
+        if repeated:
+            raise ValueError("draft tree siblings must hold distinct tokens: (node, its earlier sibling, token) "
+                             f"{repeated[:5]}")
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -129,17 +142,24 @@ def tree_contexts(tokens: List[int], tree: DraftTree, prompt_len: int, device: t
     return Context(seq, lengths, torch.full((len(rows),), prompt_len, device=device))
 
 
+# (processed logits (n + 1, vocab), tree) -> (accepted nodes, emitted tokens): accept_tree_greedy, or
+# llama.speculative.tree_sampling.accept_tree_sampled with the call's controls and random stream.
+TreeAcceptance = Callable[[torch.Tensor, DraftTree], Tuple[List[int], List[int]]]
+
+
 def tree_pass(model: Transformer, tokens: List[int], tree: DraftTree, prompt_len: int,
-              processors: Sequence[LogitsProcessor] = ()) -> Tuple[List[int], torch.Tensor, torch.Tensor]:
-    """One greedy verify pass of `tree` after `tokens` (the last one not yet in the cache) -> (the emitted
-    tokens, the raw logits that predicted them (len(emitted), vocab), the features of the fed tokens that
-    were accepted (len(emitted), dim): the root's, then the accepted nodes'), with the cache committed."""
+              processors: Sequence[LogitsProcessor] = (), accept: TreeAcceptance = accept_tree_greedy
+              ) -> Tuple[List[int], torch.Tensor, torch.Tensor]:
+    """One verify pass of `tree` after `tokens` (the last one not yet in the cache), its nodes accepted by
+    `accept` (greedy by default) -> (the emitted tokens, the raw logits that predicted them (len(emitted),
+    vocab), the features of the fed tokens that were accepted (len(emitted), dim): the root's, then the
+    accepted nodes'), with the cache committed."""
     start = len(tokens) - 1
     logits, features = forward_tree(model, tokens[-1], tree, start)
     scores = logits
     for process in processors:
         scores = process(scores, tree_contexts(tokens, tree, prompt_len, logits.device))
-    path, emitted = accept_tree_greedy(scores, tree)
+    path, emitted = accept(scores, tree)
     commit_path(model, start, path)
     rows = torch.tensor([0] + [node + 1 for node in path], device=logits.device)
     return emitted, logits[rows], features[rows]
