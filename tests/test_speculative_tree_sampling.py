@@ -22,8 +22,8 @@ from llama.speculative.drafters import Drafter
 from llama.speculative.tree import DraftTree
 from llama.speculative.verify import draw
 from llama.tokenizer import Tokenizer
+from test_eagle import random_head  # noqa: F401  (a fixture)
 from test_speculative import goodness_of_fit, one_thread  # noqa: F401  (one_thread: a fixture)
-from test_speculative_api import BANNED
 
 VOCAB = 8
 TINY_VOCAB = dict(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, multiple_of=16, norm_eps=1e-5,
@@ -273,3 +273,160 @@ def test_tree_sampling_follows_every_sampling_control(tiny_vocab_llama, controls
     llama = tiny_vocab_llama
     expected = expected_pairs(llama, controls)
     assert pairs_p_value(llama, expected, 1000, FixedTree(ranked_tree(llama, controls)), controls) > LEVEL
+
+
+# ---- greedy, and every other control, as without speculation (a random model writing letters) ----
+
+NOT_LETTERS = tuple(t for t in range(512) if not ord("a") <= t <= ord("z"))
+TREE_SAMPLED = dict(temperature=1.0, top_p=0.95, banned_token_ids=NOT_LETTERS)  # texts of letters only
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_checkpoint) -> Llama:
+    return Llama.build(str(tiny_checkpoint(SMALL_GQA, seed=2).dir), None, max_seq_len=64, max_batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def twin_tree(tiny_checkpoint) -> "TwinTree":
+    """Trees from a second copy of the model: its likeliest tokens, so that drafts are often accepted."""
+    twin = Llama.build(str(tiny_checkpoint(SMALL_GQA, seed=2).dir), None, max_seq_len=64, max_batch_size=1)
+    return TwinTree(twin)
+
+
+class TwinTree(Drafter):
+    """At each depth the `branch` likeliest letters after the text and the
+    likeliest chain so far, under the twin model (the target's own weights, a separate cache): the chain of
+    first children and their siblings. A function of the text, as a drafter must be."""
+
+    def __init__(self, twin: Llama, branch: int = 3):
+        self.twin, self.branch = twin, branch
+        self.allowed = torch.ones(twin.model.vocab_size, dtype=torch.bool)
+        self.allowed[list(NOT_LETTERS)] = False
+
+    @torch.inference_mode()
+    def propose_tree(self, tokens: Sequence[int], depth: int, max_nodes: int) -> DraftTree:
+        text, toks, parents, parent = list(tokens), [], [], -1
+        for _ in range(depth):
+            if len(toks) + self.branch > max_nodes or len(text) >= self.twin.model.params.max_seq_len:
+                break
+            logits = self.twin.model.forward(torch.tensor([text]), 0)[0, -1].masked_fill(~self.allowed, -math.inf)
+            top = logits.topk(self.branch).indices.tolist()
+            toks += top
+            parents += [parent] * len(top)
+            parent = len(toks) - len(top)  # the likeliest child carries the chain on
+            text.append(top[0])
+        return DraftTree(toks, parents)
+
+    def propose(self, tokens: Sequence[int], k: int) -> List[int]:
+        raise AssertionError("a tree drafter is asked for trees")
+
+
+def flat(results) -> list:
+    return [c for samples in results for c in samples]
+
+
+PROMPTS = [list(b"cab"), list(b"hello wor"), list(b"q")]
+
+
+@pytest.mark.parametrize("controls", [dict(temperature=0), dict(temperature=0.8, top_k=1, seed=5),
+                                      dict(temperature=1.5, top_p=1e-6)],
+                         ids=["temperature 0", "top_k 1", "top_p 1e-6"])
+def test_tree_sampling_of_a_point_mass_is_greedy_decoding(llama, twin_tree, controls):
+    # top_k=1 or a tiny top_p leave p a point mass on the greedy token: the sampling rule must then accept
+    # exactly the greedy walk's nodes and draw the greedy token.
+    want = flat(llama.complete(PROMPTS, 30, logprobs=True, temperature=0, banned_token_ids=NOT_LETTERS))
+    spec = Speculation(twin_tree, k=3)
+    got = flat(llama.complete(PROMPTS, 30, logprobs=True, banned_token_ids=NOT_LETTERS, speculative=spec,
+                              **controls))
+    for g, w in zip(got, want):
+        assert (g.tokens, g.text, g.stop_reason) == (w.tokens, w.text, w.stop_reason)
+        assert max((abs(a - b) for a, b in zip(g.logprobs, w.logprobs)), default=0.0) <= 1e-5
+    assert spec.stats.mean_accepted_length > 2  # (the twin's drafts are the model's choices)
+
+
+def sampled(llama: Llama, drafter: Drafter, prompts=PROMPTS[:1], max_gen_len: int = 40, **kw):
+    spec = Speculation(drafter, k=3)
+    return flat(llama.complete(prompts, max_gen_len, speculative=spec, **dict(TREE_SAMPLED, **kw))), spec.stats
+
+
+def test_stop_strings_and_stop_tokens_cut_a_tree_sampled_text_where_they_first_occur(llama, twin_tree, monkeypatch):
+    # Stop strings and stop tokens change neither the trees nor the draws before them: with the same seed the
+    # output is the uncut one, cut where plain decoding cuts a text (before the stop string / stop token).
+    [full], stats = sampled(llama, twin_tree, seed=4)
+    assert full.stop_reason == "length" and len(full.text) == 40
+    assert stats.accepted > 5  # several passes accepted nodes: stops inside runs of accepted tokens
+    for where in (3, 11, 20):
+        stop = full.text[where : where + 2]
+        [cut], _ = sampled(llama, twin_tree, seed=4, stop=[stop], logprobs=True)
+        assert cut.stop_reason == "stop_string" and cut.text == full.text[: full.text.index(stop)]
+        assert cut.tokens == full.tokens[: len(cut.tokens)]
+    letter = full.tokens[17]
+    monkeypatch.setattr(llama.tokenizer, "stop_tokens", set(llama.tokenizer.stop_tokens) | {letter})
+    [cut], _ = sampled(llama, twin_tree, seed=4, logprobs=True)
+    first = full.tokens.index(letter)
+    assert (cut.tokens, cut.stop_reason, cut.stop_token) == (full.tokens[:first], "stop_token", letter)
+    assert len(cut.logprobs) == first
+    [kept], _ = sampled(llama, twin_tree, seed=4, ignore_eos=True)  # ignore_eos: the stop token is kept
+    assert kept.tokens == full.tokens
+
+
+@pytest.mark.parametrize("max_gen_len", [1, 2, 4, 9])
+def test_max_gen_len_and_the_end_of_the_context_end_tree_sampled_rows_as_plain_decoding(llama, twin_tree,
+                                                                                       max_gen_len):
+    prompts = [list(b"cab"), list(b"ab" * 30)]  # the second: 4 slots of the context left
+    got, _ = sampled(llama, twin_tree, prompts, max_gen_len, seed=1, ignore_eos=True, logprobs=True)
+    for c, room in zip(got, (max_gen_len, min(max_gen_len, 4))):
+        assert (len(c.tokens), len(c.logprobs), c.stop_reason) == (room, room, "length")
+
+
+def test_logprobs_and_top_logprobs_of_tree_sampled_tokens_are_the_models_own(llama, twin_tree):
+    got, stats = sampled(llama, twin_tree, PROMPTS, 30, seed=2, logprobs=True, top_logprobs=3)
+    assert stats.accepted > 0
+    for prompt, c in zip(PROMPTS, got):
+        text = prompt + c.tokens
+        with torch.inference_mode():
+            want = torch.log_softmax(llama.model.forward(torch.tensor([text]), 0)[0].float(), dim=-1)
+        want = want[len(prompt) - 1 : len(text) - 1]  # (len(c.tokens), vocab): the rows that predicted them
+        lps = want.gather(1, torch.tensor(c.tokens)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(c.logprobs), lps, atol=1e-5)
+        assert score_sequences(llama.model, [text])[0]["logprobs"][len(prompt) - 1 :] == pytest.approx(c.logprobs,
+                                                                                                       abs=1e-5)
+        for pos, top in enumerate(c.top_logprobs):
+            values, ids = want[pos].topk(3)
+            assert [t for t, _ in top] == ids.tolist()
+            assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-5)
+
+
+def test_n_seeded_tree_samples_repeat_differ_and_do_not_depend_on_the_other_rows(llama, twin_tree):
+    runs = [[c.tokens for c in sampled(llama, twin_tree, max_gen_len=20, seed=3, n=3)[0]] for _ in range(2)]
+    assert runs[0] == runs[1]  # the seed makes it repeat
+    assert len({tuple(t) for t in runs[0]}) == 3  # each sample its own random stream
+    alone = sampled(llama, twin_tree, [list(b"cab")], 20, seed=11)[0][0].tokens
+    second = sampled(llama, twin_tree, [list(b"hello"), list(b"cab")], 20, seed=11)[0][1].tokens
+    assert second == alone
+    assert sampled(llama, twin_tree, max_gen_len=20, seed=12)[0][0].tokens != runs[0][0]
+
+
+def test_a_tree_sampled_stream_gives_each_rows_text_token_by_token_and_its_stop_reason(llama, twin_tree):
+    kw = dict(TREE_SAMPLED, seed=6)
+    whole, _ = sampled(llama, twin_tree, PROMPTS[:2], 30, seed=6)
+    stop = whole[0].text[8:10]
+    for extra in ({}, {"stop": [stop]}):
+        want, _ = sampled(llama, twin_tree, PROMPTS[:2], 30, seed=6, **extra)
+        events = list(llama.generate_stream(PROMPTS[:2], 30, speculative=Speculation(twin_tree, k=3), **kw,
+                                            **extra))
+        assert [e.row for e in events] == sorted(e.row for e in events)  # rows one after the other
+        for row, c in enumerate(want):
+            mine = [e for e in events if e.row == row]
+            assert "".join(e.text for e in mine) == c.text
+            assert mine[-1].token is None and mine[-1].stop_reason == c.stop_reason
+            assert [e.token for e in mine[:-1]][: len(c.tokens)] == c.tokens
+    assert want[0].stop_reason == "stop_string"
+
+
+def test_the_eagle_tree_setting_samples_reproducibly_with_a_seed(llama, random_head):
+    setting = f"eagle-tree:{random_head(llama)}"
+    runs = [llama.complete([list(b"cab")], 20, speculative=setting, seed=s, **TREE_SAMPLED)[0][0].tokens
+            for s in (7, 7, 8)]
+    assert runs[0] == runs[1] != runs[2]
+    assert len(runs[0]) == 20 and all(ord("a") <= t <= ord("z") for t in runs[0])

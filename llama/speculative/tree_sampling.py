@@ -25,9 +25,9 @@ Edge cases, all inside that argument:
 - a child with p_i(c_i) = 0 (cut by top_p, top_k, min_p or a banned id) is rejected at once, with no
   random number drawn, and removing it changes nothing;
 - the residual is never empty when a draw needs it: a child is rejected only if some other token keeps
-  mass (if c_i held all the mass left, p_i(c_i) = 1 and it is accepted, surely: the code accepts it without
-  a comparison, which floating-point rounding of p_i(c_i) just below 1 could otherwise lose); so after a
-  rejection R_{i+1} > 0, and the final residual has mass;
+  mass (if c_i holds all the mass left, p_i(c_i) = 1 and it is accepted surely; the code checks that the
+  rest is empty, and then accepts without drawing a random number); so after a rejection R_{i+1} > 0, and
+  the final residual has mass;
 - two children with the same token would make the second one a zero-probability child (harmless here), but
   a tree must not hold them: DraftTree refuses duplicate siblings when it is built.
 Temperature 0 is not sampled here: greedy trees go through llama.speculative.tree.accept_tree_greedy.
