@@ -200,7 +200,7 @@ P = [0.3, 0.0, 0.25, 0.05, 0.2, 0.0, 0.15, 0.05]
     ([4, 1, 2], ("not_renormalised", "resample_from_p")),  # a zero-probability child in between
     ([1, 5], ()),  # only zero-probability children: a draw from p
     ([7, 6, 4, 3, 2], ("not_renormalised", "resample_from_p")),  # all but the likeliest
-    (list(range(8)), ()),  # every token: one is accepted surely, and the biased rules fail to draw at all
+    (list(range(8)), ("not_renormalised",)),  # every token: one is accepted surely, no residual is drawn
 ], ids=["no children", "one", "two", "a zero in between", "only zeros", "all but one", "every token"])
 def test_one_node_emits_each_token_with_its_probability_and_biased_rules_do_not(children, caught_by):
     assert node_p_value(P, children, 4000) > LEVEL

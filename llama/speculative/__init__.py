@@ -7,7 +7,8 @@
 verify.py: the acceptance rules; drafters.py: the Drafter interface, prompt lookup, a draft model;
 generate.py: one row's loop and its statistics; rows.py: that loop as a decode loop of Llama (every
 control, stop strings, n, logprobs, streaming); settings.py: named settings ("lookup", "draft:PATH");
-eagle.py: the EAGLE-style head; tree.py: draft trees verified in one pass; eagle_tree.py: the head drafting them.
+eagle.py: the EAGLE-style head; tree.py: draft trees verified in one pass; tree_sampling.py: sampling over
+them; eagle_tree.py: the head drafting them.
 docs/speculative.md says what is supported.
 """
 

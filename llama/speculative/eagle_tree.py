@@ -24,7 +24,7 @@ from llama.speculative.tree import DraftTree
 
 
 class EagleTreeDrafter(EagleDrafter):
-    """Drafts a DraftTree with an EagleHead (greedy decoding only: see llama.speculative.tree). `k`, the
+    """Drafts a DraftTree with an EagleHead (greedy or sampled: llama.speculative.tree_sampling). `k`, the
     Speculation's drafts per pass, is the tree's depth."""
 
     def __init__(self, head: Union[EagleHead, str, Path], target: Any, branch: int = 4, nodes: int = 16,

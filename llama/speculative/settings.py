@@ -5,7 +5,7 @@ A setting is a Speculation (a drafter and k), or a string "NAME" or "NAME:PATH":
     "lookup"              prompt lookup (no weights)
     "draft:PATH"          a draft model: the Llama checkpoint at PATH (any layout Llama.build loads)
     "eagle" / "eagle:DIR" the EAGLE-style draft head (llama.speculative.eagle; default: the demo model's)
-    "eagle-tree[:DIR]"    the same head drafting a tree (llama.speculative.eagle_tree; greedy decoding only)
+    "eagle-tree[:DIR]"    the same head drafting a tree (llama.speculative.eagle_tree)
     "plain"               no drafts, one token per pass through the same loop: the baseline
                           (EAGLE's naivegenerate)
 
@@ -99,7 +99,7 @@ register_drafter("eagle", DrafterKind(build_eagle_drafter, needs_path=False,
 register_drafter("eagle-tree", DrafterKind(lambda target, path: build_eagle_drafter(target, path, tree=True),
                                            needs_path=False, k=TREE_DEPTH,
                                            help="the EAGLE-style head drafting a tree, verified in one pass "
-                                                "(greedy only; eagle-tree:HEAD_DIR)"))
+                                                "(eagle-tree:HEAD_DIR)"))
 
 # Strings already resolved, per Llama: a draft model is loaded once.
 _resolved: "weakref.WeakKeyDictionary[Any, Dict[tuple, Speculation]]" = weakref.WeakKeyDictionary()
