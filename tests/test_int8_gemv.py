@@ -122,6 +122,21 @@ def test_the_environment_picks_the_layers(monkeypatch):
         G.gemv_roles()
 
 
+@pytest.mark.parametrize("setting, expected", [("auto", ("w2", "wo", "output")), ("wo", ("wo",)), ("off", ()),
+                                               ("all", ("wqkv", "wo", "w13", "w2", "output"))])
+def test_the_setting_gives_the_kernel_to_the_layers_it_names(tiny_llama, monkeypatch, setting, expected):
+    """The choice of layers alone (the kernel's device check and the timing stubbed out), on the fast layers."""
+    llama = tiny_llama(PARAMS, seed=6, device="cpu", quantize="int8")
+    layers = {p: m for p, m in llama.model.named_modules() if isinstance(m, Int8Linear)}
+    monkeypatch.setattr(G, "kernel_runs_on", lambda device: True)
+    monkeypatch.setattr(G, "pick_config", lambda layers: G.CANDIDATES[0])
+    monkeypatch.setenv(G.ENV, setting)
+    picked = G.use_int8_gemv(layers)
+    assert {p.rpartition(".")[2] for p in picked} == set(expected)
+    assert all((m.gemv is not None) == (p in picked) for p, m in layers.items())
+    assert len(picked) == sum(p.rpartition(".")[2] in expected for p in layers)
+
+
 def test_cpu_models_keep_their_own_products(tiny_llama):
     llama = tiny_llama(PARAMS, seed=6, device="cpu", quantize="int8")
     layers = [m for m in llama.model.modules() if isinstance(m, Int8Linear)]
@@ -166,7 +181,7 @@ def test_cuda_int8_model_takes_the_kernel_and_gives_the_logits_of_its_own_produc
     kwargs = dict(params=PARAMS, seed=6, device="cuda", dtype=torch.float32, quantize="int8", max_batch_size=1)
     monkeypatch.setenv(G.ENV, "off")
     plain = tiny_llama(**kwargs)
-    monkeypatch.setenv(G.ENV, "auto")
+    monkeypatch.setenv(G.ENV, "all")
     gemv = tiny_llama(**kwargs)
     layers = [m for m in gemv.model.modules() if isinstance(m, Int8Linear)]
     assert layers and all(isinstance(m.gemv, G.Int8Gemv) for m in layers)

@@ -22,8 +22,9 @@ same function as F.linear(x, Q * scale) up to float32 summation rounding (tests/
 against float64). Off CUDA, or without Triton, the op computes the same thing with torch's own float32
 product (`int8_gemv_reference`).
 
-LLAMA_INT8_GEMV picks which products take it: "auto" (the default: DEFAULT_ROLES), "off", "all", or a comma
-list of layer names (w2,wo,wqkv,w13,output; wq,wk,wv,w1,w3 on the reference layers).
+LLAMA_INT8_GEMV picks which products take it: "auto" (the default: DEFAULT_ROLES, w2, wo and the output
+projection), "off", "all", or a comma list of layer names (w2,wo,wqkv,w13,output; wq,wk,wv,w1,w3 on the
+reference layers).
 """
 
 import os
@@ -40,8 +41,12 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 ENV = "LLAMA_INT8_GEMV"
-# The layers (by attribute name) that take the kernel under "auto".
-DEFAULT_ROLES = ("w2", "wo", "wqkv", "w13", "output", "wq", "wk", "wv", "w1", "w3")
+# Every layer name the setting takes, and those that take the kernel under "auto": the products that follow
+# no RMSNorm. wqkv and w13 follow one, which inductor fuses into its own product's kernel (an opaque op
+# cannot take it in): alone the kernel beat inductor's form there by 1-2 us (H200), less than the separate
+# norm kernel it would need (bench/results/GPU_RESULTS.md).
+ROLES = ("w2", "wo", "wqkv", "w13", "output", "wq", "wk", "wv", "w1", "w3")
+DEFAULT_ROLES = ("w2", "wo", "output")
 # Rows of x the kernel serves (a batch-1 decode step); more rows keep the layer's own product.
 MAX_ROWS = 1
 # A timed pass over a shape's layers reads at least this many bytes (several times the L2 cache), so the
@@ -59,16 +64,18 @@ class GemvConfig(NamedTuple):
     num_warps: int
 
 
-# Candidates timed at build for each weight shape (the first fitting one is also the default, untimed).
+# Candidates timed at build for each weight shape: the fastest block shapes of scripts/int8_gemv_sweep.py's
+# sweep (20 block shapes x 4-6 splits at each 8B shape, H200; bench/results/GPU_RESULTS.md), and split-K ones
+# for products with fewer rows (a model-parallel rank's slice) or a longer K.
 CANDIDATES = (
-    GemvConfig(4, 1024, 1, 4),
-    GemvConfig(8, 512, 1, 4),
-    GemvConfig(8, 512, 2, 4),
-    GemvConfig(4, 1024, 4, 4),
-    GemvConfig(8, 1024, 4, 8),
-    GemvConfig(16, 512, 4, 8),
-    GemvConfig(8, 512, 8, 4),
-    GemvConfig(16, 256, 8, 4),
+    GemvConfig(2, 2048, 1, 4),  # the sweep's best for wqkv, wo, w2
+    GemvConfig(4, 2048, 1, 8),
+    GemvConfig(8, 512, 1, 4),  # w13's
+    GemvConfig(8, 512, 1, 8),
+    GemvConfig(16, 256, 1, 4),  # the output projection's
+    GemvConfig(4, 1024, 2, 4),
+    GemvConfig(8, 512, 4, 4),
+    GemvConfig(8, 512, 7, 4),  # w2's best split (within 7% of its best)
 )
 
 
@@ -118,7 +125,11 @@ if triton is not None:
                 w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0,
                             eviction_policy="evict_first")
                 xk = tl.load(x_ptr + cols, mask=col_ok, other=0.0, eviction_policy="evict_last")
-            acc += w.to(tl.float32) * xk.to(tl.float32)[None, :]
+            # int8 -> float32 without the int-to-float instruction (a quarter of the float rate on Hopper, and the
+            # bound once loads are 16 bytes wide): the bits 0x4B000080 + b are float32 2**23 + 128 + b exactly
+            # for b in -128..127, and subtracting 2**23 + 128 leaves b exactly.
+            wf = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+            acc += wf * xk.to(tl.float32)[None, :]
         part = tl.sum(acc, axis=1)  # (BLOCK_N,)
         if PARTIAL:
             tl.store(out_ptr + pid_k * N + rows, part, mask=row_ok)
@@ -205,7 +216,7 @@ def gemv_roles() -> Optional[Sequence[str]]:
     if setting == "off":
         return ()
     roles = [r.strip() for r in setting.split(",") if r.strip()]
-    known = set(DEFAULT_ROLES)
+    known = set(ROLES)
     unknown = [r for r in roles if r not in known]
     if unknown or not roles:
         raise ValueError(f"{ENV} must be 'auto', 'off', 'all' or a comma list of {sorted(known)}, got {setting!r}")
