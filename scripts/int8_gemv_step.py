@@ -61,7 +61,8 @@ def main() -> None:
         torch.cuda.set_device(device)
     init_distributed(device)
     bandwidth = measure_read_bandwidth(device)
-    report = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "torch": torch.__version__, "shape": opts.shape,
+    report = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "shape": opts.shape,
               "prompt_len": opts.prompt_len, "new_tokens": opts.new_tokens, "repeats": opts.repeats,
               "command": "python scripts/int8_gemv_step.py " + " ".join(sys.argv[1:])}
     roles = opts.roles

@@ -7,9 +7,11 @@ Every form is timed as a compiled decode step runs it: a CUDA graph of one launc
 over enough copies (PASS_BYTES) that each launch reads its weight from memory, not from the L2 cache; the
 median replay over the copies. The GEMV's time includes its partial sums' reduction (split_k > 1).
 Each block shape is checked once against float64 on the dequantized weight (rel. error printed).
-"--magic": the top block shapes again with int8 -> float32 done without the int-to-float instruction
-(the byte added into float32 2**23 + 128's mantissa, then subtracted: exact), to see whether that
-instruction's rate bounds the kernel.
+"--cvt N": each shape's top N block shapes again with int8 -> float32 by the int-to-float instruction
+(`w.to(tl.float32)`), the form the library's kernel replaced by the mantissa's.
+
+bench/results/int8_gemv_sweep_h200.json was written before that swap: its "gemv" rows are the
+int-to-float form, its "magic" rows the mantissa's (what llama.fast.int8_gemv now runs).
 """
 
 import argparse
@@ -53,10 +55,9 @@ import triton.language as tl  # noqa: E402
 
 
 @triton.jit
-def _gemv_magic_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, N, K, k_split,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr):
-    """llama.fast.int8_gemv's kernel (even shapes only) with int8 -> float32 by the mantissa: bits 0x4B000080 + b
-    are float32 2**23 + 128 + b exactly (b in -127..127), less 2**23 + 128 is b."""
+def _gemv_cvt_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, N, K, k_split,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr):
+    """llama.fast.int8_gemv's kernel (even shapes only) with int8 -> float32 by the int-to-float instruction."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -67,8 +68,7 @@ def _gemv_magic_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, N, K, k_split,
         cols = k_lo + k0 + tl.arange(0, BLOCK_K)
         w = tl.load(w_rows + cols[None, :], eviction_policy="evict_first")
         xk = tl.load(x_ptr + cols, eviction_policy="evict_last")
-        wf = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
-        acc += wf * xk.to(tl.float32)[None, :]
+        acc += w.to(tl.float32) * xk.to(tl.float32)[None, :]
     part = tl.sum(acc, axis=1)
     if PARTIAL:
         tl.store(out_ptr + pid_k * N + rows, part)
@@ -77,18 +77,18 @@ def _gemv_magic_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, N, K, k_split,
         tl.store(out_ptr + rows, (part * s).to(out_ptr.dtype.element_ty))
 
 
-def launch_magic(x, q, scale, cfg):
+def launch_cvt(x, q, scale, cfg):
     n, k = q.shape
     per = G.k_per_split(k, cfg)
     assert n % cfg.block_n == 0 and per * cfg.split_k == k
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     grid = (n // cfg.block_n, cfg.split_k)
     if cfg.split_k == 1:
-        _gemv_magic_kernel[grid](x, q, scale, out, n, k, per, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        _gemv_cvt_kernel[grid](x, q, scale, out, n, k, per, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                                  PARTIAL=False, num_warps=cfg.num_warps)
         return out
     parts = torch.empty((cfg.split_k, n), dtype=torch.float32, device=x.device)
-    _gemv_magic_kernel[grid](x, q, scale, parts, n, k, per, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+    _gemv_cvt_kernel[grid](x, q, scale, parts, n, k, per, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                              PARTIAL=True, num_warps=cfg.num_warps)
     G._sum_parts_kernel[(triton.cdiv(n, 1024),)](parts, scale, out, n, cfg.split_k, BLOCK=1024, num_warps=4)
     return out
@@ -134,7 +134,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["w2", "wo", "wqkv", "w13", "output"])
     p.add_argument("--budget-s", type=float, default=150.0, help="stop sweeping block shapes after this long")
-    p.add_argument("--magic", type=int, default=3, help="the top N block shapes per shape, also by the mantissa")
+    p.add_argument("--cvt", type=int, default=3, help="the top N block shapes per shape, also by int-to-float")
     p.add_argument("--out", default="int8_gemv_sweep.json")
     opts = p.parse_args()
     t0 = time.time()
@@ -196,14 +196,14 @@ def main() -> None:
                 continue
             found.append(row(f"gemv {bn}x{bk} s{sk} w{nw}", t, y, n * k, config=list(cfg)))
         found.sort(key=lambda r: r["seconds"])
-        for r in found[: opts.magic]:
+        for r in found[: opts.cvt]:
             cfg = G.GemvConfig(*r["config"])
             try:
-                y = launch_magic(x, q0, sb, cfg)
-                t = graph_time(lambda i: launch_magic(x, qs[i], sb, cfg), copies)
-                row(f"magic {r['form'][5:]}", t, y, n * k, config=list(cfg))
+                y = launch_cvt(x, q0, sb, cfg)
+                t = graph_time(lambda i: launch_cvt(x, qs[i], sb, cfg), copies)
+                row(f"cvt {r['form'][5:]}", t, y, n * k, config=list(cfg))
             except Exception as e:  # noqa: BLE001
-                print(f"{shape} magic {cfg} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+                print(f"{shape} cvt {cfg} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
         if found:
             res["best"][shape] = {"config": found[0]["config"], "seconds": found[0]["seconds"],
                                   "top": [r["config"] for r in found[:5]]}

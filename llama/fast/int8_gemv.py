@@ -2,18 +2,25 @@
 
 At batch 1 a decode step multiplies one row x (1, K) by every int8 weight Q (N, K) once: it is bound by how
 fast Q is read. Under compile=True inductor makes each such product one reduction kernel, one program per
-output row (or a few), walking the whole of K (no split-K). Measured on an H200 (bench/results/GPU_RESULTS.md,
-issue 18) that runs w13 (28672 x 4096) at 78% of the read bandwidth but w2 (4096 x 14336, the long K) at 24%,
-with tuning that lands 3-4x apart from process to process and from layer to layer. This kernel:
+output row (or a few), walking the whole of K. Measured on an H200 (bench/results/GPU_RESULTS.md, issue 18)
+that ran w13 (28672 x 4096) at 78% of the read bandwidth but w2 (4096 x 14336, the long K) at 24%, with
+tuning that landed 3-4x apart from process to process and from layer to layer. This kernel:
 
-- splits K (grid: N / BLOCK_N row blocks x SPLIT_K slices of K), so that a product with few rows and a long K
-  still has enough programs, each with bytes in flight, to keep every multiprocessor streaming; each program
-  writes its rows' float32 partial sums, and a second small kernel adds the SPLIT_K partials, applies the
-  per-row scale once and rounds once to x's dtype (no atomics: the sum's order is fixed, results repeat);
+- can split K (grid: N / BLOCK_N row blocks x SPLIT_K slices of K). Why: the number of programs, and so the
+  bytes in flight on every multiprocessor, then need not come from the rows alone; a product with few rows
+  for its K (a model-parallel rank's slice of a column-parallel weight, a long-K w2 with big row blocks)
+  still fills the GPU. Each program writes its rows' float32 partial sums and a second small kernel adds
+  the SPLIT_K partials, applies the per-row scale once and rounds once to x's dtype (no atomics: the order
+  of the sum is fixed, results repeat). Whether to split is the timing's call: at the 8B shapes on an H200
+  one slice won everywhere (w2: 22.3 us unsplit, 23.8 in 7 slices), since 2-row blocks already give w2
+  2,048 programs;
 - reads BLOCK_N rows of Q at a time along K (row-major, as stored, 16 contiguous bytes a thread), sharing each
   load of x among those rows (inductor's one-row programs read x once per row);
-- is picked per weight shape from a small table of block shapes by timing them once at build, on the model's
-  own weights (`use_int8_gemv`), not by inductor's autotuning;
+- converts int8 to float32 without the int-to-float instruction, which Hopper issues at a quarter of the
+  float rate and which bounds the kernel once its loads are 16 bytes wide (7-10% a product, measured);
+- is picked per weight shape from a small table of block shapes (CANDIDATES) by timing them once at load,
+  on the model's own weights and in a CUDA graph as a compiled step runs them (`use_int8_gemv`), not by
+  inductor's autotuning;
 - is a torch custom op (`llama::int8_gemv`), which torch.compile and CUDA graphs treat as one opaque call.
 
 Numerics: each product x[k] * Q[n, k] is formed in float32 (exact for bf16 x: 8 + 7 significant bits) and

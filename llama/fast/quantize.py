@@ -247,4 +247,5 @@ def use_int8_layers(
                              gather=getattr(linear, "gather_output", False))
         owner, _, attr = path.rpartition(".")
         setattr(model.get_submodule(owner) if owner else model, attr, new)
-    use_int8_gemv({p: m for p, m in model.named_modules() if isinstance(m, Int8Linear)})  # on CUDA: the one-row products' Triton kernel, timed here per shape
+    # On CUDA: the one-row products' Triton kernel, its block shape timed here per weight shape.
+    use_int8_gemv({p: m for p, m in model.named_modules() if isinstance(m, Int8Linear)})
