@@ -15,8 +15,8 @@ row-parallel rank (wo, w2) holds a slice of every row's columns; its rows' maxim
 the model-parallel group before quantizing, so every rank holds the full rows' scales and its slice of the
 full Q: the ranks together hold exactly what one rank would (llama.checkpoints.quantized does the same).
 
-Kernels: on CUDA, one-row products (batch-1 decode steps) take a split-K Triton kernel (llama.fast.int8_gemv).
-Otherwise torch's own `aten._weight_int8pack_mm(x (M, K), Q (N, K) int8, scale (N,) in x's dtype)` where it
+Kernels: on CUDA, the one-row products (batch-1 decode steps) of w2, wo and the output projection take a
+Triton kernel (llama.fast.int8_gemv; LLAMA_INT8_GEMV picks the layers). Otherwise torch's own `aten._weight_int8pack_mm(x (M, K), Q (N, K) int8, scale (N,) in x's dtype)` where it
 runs (the CPU; probed once per device and dtype) for products of a few rows (decode steps), else the same
 product written out, `F.linear(x, Q.to(x.dtype)) * scale`: for many rows (a prefill) the float copy of Q costs
 less than the kernel's repeated conversions, and torch.compile can fuse this form into one kernel.
