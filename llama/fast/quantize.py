@@ -15,7 +15,8 @@ row-parallel rank (wo, w2) holds a slice of every row's columns; its rows' maxim
 the model-parallel group before quantizing, so every rank holds the full rows' scales and its slice of the
 full Q: the ranks together hold exactly what one rank would (llama.checkpoints.quantized does the same).
 
-Kernels: torch's own `aten._weight_int8pack_mm(x (M, K), Q (N, K) int8, scale (N,) in x's dtype)` where it
+Kernels: on CUDA, the one-row products (batch-1 decode steps) of w2, wo and the output projection take a
+Triton kernel (llama.fast.int8_gemv; LLAMA_INT8_GEMV picks the layers). Otherwise torch's own `aten._weight_int8pack_mm(x (M, K), Q (N, K) int8, scale (N,) in x's dtype)` where it
 runs (the CPU; probed once per device and dtype) for products of a few rows (decode steps), else the same
 product written out, `F.linear(x, Q.to(x.dtype)) * scale`: for many rows (a prefill) the float copy of Q costs
 less than the kernel's repeated conversions, and torch.compile can fuse this form into one kernel.
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
+from llama.fast.int8_gemv import MAX_ROWS as GEMV_MAX_ROWS, Int8Gemv, use_int8_gemv
 from llama.fast.layers import DECODE_FORM_MAX_ROWS, FastLinear, across_ranks, is_fast, save_as_meta, use_fast_layers
 from llama.model import Transformer
 
@@ -157,10 +159,15 @@ class Int8Linear(nn.Module):
         self.use_kernel = self.in_features % 16 == 0 and int8pack_mm_works(q.device, dtype)
         # Another form of the product for decode steps' few rows, picked at load (llama.fast.cpu_forms).
         self.decode_form: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        # On CUDA, the one-row product's split-K Triton kernel, given at load (llama.fast.int8_gemv); it is a
+        # custom op, so it serves compiled steps too.
+        self.gemv: Optional[Int8Gemv] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (M, K): the kernel takes a 2-d, contiguous input
-        if self.decode_form is not None and x2.shape[0] <= DECODE_FORM_MAX_ROWS and not torch.compiler.is_compiling():
+        if self.gemv is not None and x2.shape[0] <= GEMV_MAX_ROWS:
+            y = self.gemv(x, self.weight, self.scale_act)  # (..., out_features)
+        elif self.decode_form is not None and x2.shape[0] <= DECODE_FORM_MAX_ROWS and not torch.compiler.is_compiling():
             y = self.decode_form(x)  # picked at load for decode steps (llama.fast.cpu_forms)
         elif self.use_kernel and x2.shape[0] <= KERNEL_MAX_ROWS and not torch.compiler.is_compiling():
             if not x2.is_contiguous() or x2.data_ptr() % 64:
@@ -185,7 +192,7 @@ class Int8Linear(nn.Module):
         save_as_meta(destination, prefix, self.dense_weight(), self.parts)
 
     def extra_repr(self) -> str:
-        kernel = "_weight_int8pack_mm" if self.use_kernel else "dequantize"
+        kernel = repr(self.gemv) if self.gemv else "_weight_int8pack_mm" if self.use_kernel else "dequantize"
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={kernel}"
 
 
@@ -240,3 +247,5 @@ def use_int8_layers(
                              gather=getattr(linear, "gather_output", False))
         owner, _, attr = path.rpartition(".")
         setattr(model.get_submodule(owner) if owner else model, attr, new)
+    # On CUDA: the one-row products' Triton kernel, its block shape timed here per weight shape.
+    use_int8_gemv({p: m for p, m in model.named_modules() if isinstance(m, Int8Linear)})

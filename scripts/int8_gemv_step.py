@@ -1,0 +1,151 @@
+"""The compiled batch-1 decode step at the 8B shape, three systems in one process, alternating rounds as the
+bench does (bench.run.measure): bf16, int8 with inductor's products (LLAMA_INT8_GEMV=off, the form before
+llama.fast.int8_gemv) and int8 with the split-K GEMV.
+
+    python scripts/int8_gemv_step.py [--sweep int8_gemv_sweep.json] [--roles auto|from-sweep|w2,wo] [--out step.json]
+
+--sweep: candidates for the build-time pick from scripts/int8_gemv_sweep.py's output (each shape's top block
+shapes); --roles from-sweep: the GEMV only for the shapes where the sweep found it faster than inductor's
+form (3 us granted to the shapes after a norm, which inductor fuses into its product and the GEMV cannot).
+--profile: afterwards, torch's profiler over the GEMV system's decode steps (as scripts/profile_step.py).
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import torch
+
+from bench.bandwidth import measure_read_bandwidth
+from bench.run import (SHAPES, build_ours, bytes_per_decode_step, log, measure, ours_system, random_weights,
+                       same_tokens, summarise)
+from llama.distributed import init_distributed
+from llama.fast import int8_gemv as G
+from llama.model import ModelArgs
+
+SHAPE_OF = {(6144, 4096): "wqkv", (4096, 4096): "wo", (28672, 4096): "w13", (4096, 14336): "w2",
+            (128256, 4096): "output"}
+AFTER_NORM = ("wqkv", "w13", "output")
+
+
+def picked(llama) -> dict:
+    """{shape name: block shape} of the GEMV layers of a built model."""
+    out = {}
+    for m in llama.model.modules():
+        cfg = getattr(getattr(m, "gemv", None), "cfg", None)
+        if cfg is not None:
+            out[SHAPE_OF.get((m.out_features, m.in_features), f"{m.out_features}x{m.in_features}")] = list(cfg)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sweep", default=None)
+    p.add_argument("--roles", default="auto")
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--systems", nargs="+", default=["ours", "ours-int8-inductor", "ours-int8-gemv"],
+                   choices=["ours", "ours-int8-inductor", "ours-int8-gemv"])
+    p.add_argument("--out", default="int8_gemv_step.json")
+    p.add_argument("--device", default="cuda", help="cuda (or cpu, to try the script: no GEMV there)")
+    opts = p.parse_args()
+    t0 = time.time()
+    device = torch.device("cuda", 0) if opts.device == "cuda" else torch.device(opts.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    init_distributed(device)
+    bandwidth = measure_read_bandwidth(device)
+    report = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "shape": opts.shape,
+              "prompt_len": opts.prompt_len, "new_tokens": opts.new_tokens, "repeats": opts.repeats,
+              "command": "python scripts/int8_gemv_step.py " + " ".join(sys.argv[1:])}
+    roles = opts.roles
+    if opts.sweep:
+        sweep = json.load(open(opts.sweep))
+        cands = []
+        for best in sweep["best"].values():
+            for c in best["top"][:3]:
+                if tuple(c) not in cands:
+                    cands.append(tuple(c))
+        G.CANDIDATES = tuple(G.GemvConfig(*c) for c in cands)
+        report["candidates"] = cands
+        if roles == "from-sweep":
+            ind = {r["shape"]: r["seconds"] for r in sweep["rows"] if r["form"] == "inductor"}
+            wins = [s for s, b in sweep["best"].items()
+                    if s in ind and b["seconds"] + (3e-6 if s in AFTER_NORM else 0) < ind[s]]
+            roles = ",".join(wins) if wins else "off"
+    report["roles"] = roles
+    log(f"roles {roles}; candidates {getattr(G, 'CANDIDATES')}")
+    dtype = torch.bfloat16
+    args = ModelArgs.from_params(SHAPES[opts.shape], max_seq_len=opts.prompt_len + opts.new_tokens, max_batch_size=1)
+    sd = random_weights(args, dtype, device, seed=0)
+    systems, builds = [], {}
+    variants = (("ours", None, "off"), ("ours-int8-inductor", "int8", "off"), ("ours-int8-gemv", "int8", roles))
+    for name, quantize, env in [v for v in variants if v[0] in opts.systems]:
+        start = time.time()
+        os.environ[G.ENV] = env
+        llama = build_ours(args, sd, device, dtype, True, True, quantize)
+        builds[name] = {"build_s": time.time() - start, "picked": picked(llama)}
+        systems.append(ours_system(name, llama))
+        log(f"built {name} in {builds[name]['build_s']:.1f} s; gemv {builds[name]['picked']}")
+    report["builds"] = builds
+    prompts = torch.randint(0, args.vocab_size, (1, opts.prompt_len), generator=torch.Generator().manual_seed(0))
+    prompts = prompts.to(device)
+    rounds_bw = measure(systems, prompts, opts.new_tokens, opts.repeats, 1, device, "bf16 batch 1")
+    bandwidth = max([bandwidth] + rounds_bw)
+    report["read_bandwidth_bytes_s"] = bandwidth
+    traffic = {q: bytes_per_decode_step(sd, args, dtype, 1, opts.prompt_len, opts.new_tokens, int8=q)["total_bytes"]
+               for q in (False, True)}
+    res = {}
+    for s in systems:
+        r = summarise(s, 1, opts.prompt_len, opts.new_tokens)
+        r["bytes_per_decode_step"] = traffic[s.name != "ours"]
+        r["fraction_of_read_bandwidth"] = r["bytes_per_decode_step"] * r["decode_steps_s"] / bandwidth
+        res[s.name] = r
+    for name in ("ours-int8-inductor", "ours-int8-gemv"):
+        if name in res and "ours" in res:
+            res[f"ratio_{name}_to_bf16"] = res[name]["decode_tok_s"] / res["ours"]["decode_tok_s"]
+            res[f"median_ratio_{name}_to_bf16"] = (res[name]["median_decode_tok_s"]
+                                                   / res["ours"]["median_decode_tok_s"])
+    tokens = {s.name: s.tokens for s in systems}
+    for a, b, key in (("ours-int8-inductor", "ours-int8-gemv", "int8_inductor_vs_gemv"),
+                      ("ours", "ours-int8-gemv", "bf16_vs_int8_gemv")):
+        if a in tokens and b in tokens:
+            same_tokens(res, tokens[a], tokens[b], key)
+    report["results"] = res
+    report["elapsed_s"] = time.time() - t0
+    with open(opts.out, "w") as f:
+        json.dump(report, f, indent=1)
+    for s in systems:
+        r = res[s.name]
+        print(f"{s.name:20s} {r['decode_tok_s']:7.1f} tok/s (median {r['median_decode_tok_s']:7.1f}), "
+              f"{100 * r['fraction_of_read_bandwidth']:5.1f}% of {bandwidth / 1e9:.0f} GB/s", flush=True)
+    print({k: v for k, v in res.items() if not isinstance(v, dict)}, flush=True)
+    if opts.profile:
+        spec = importlib.util.spec_from_file_location("profile_step", os.path.join(os.path.dirname(__file__),
+                                                                                    "profile_step.py"))
+        prof = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(prof)
+        gen = systems[-1].generate
+        one = prof.kernel_times(lambda: gen(prompts, 1), device)
+        full = prof.kernel_times(lambda: gen(prompts, opts.new_tokens), device)
+        steps = opts.new_tokens - 1
+        per_step = {n: ((c - one.get(n, (0, 0))[0]) / steps, (us - one.get(n, (0, 0.0))[1]) / steps)
+                    for n, (c, us) in full.items()}
+        top = sorted(((n, c, us) for n, (c, us) in per_step.items() if us > 0), key=lambda t: -t[2])[:20]
+        report["profile_top_kernels"] = top
+        report["profile_kernels_us_per_step"] = sum(us for _, _, us in top)
+        for n, c, us in top:
+            print(f"   {us:8.1f} us  {c:5.1f}x  {us / max(c, 1e-9):7.2f} us/call  {n[:100]}", flush=True)
+        with open(opts.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
