@@ -305,8 +305,8 @@ class GraphPass:
                 return
 
 
-# The graph pass of each model, per (drafter, k, capture): built once (a capture compiles).
-_passes: "weakref.WeakKeyDictionary[Transformer, Dict[Tuple[int, int, bool], GraphPass]]" = weakref.WeakKeyDictionary()
+# The graph passes of each model, by pass_key: each built once (a capture compiles).
+_passes: "weakref.WeakKeyDictionary[Transformer, Dict[tuple, GraphPass]]" = weakref.WeakKeyDictionary()
 # Models whose speculative loop uses the graph pass without CUDA graphs (the CPU tests: the same stages).
 _eager: "weakref.WeakSet[Transformer]" = weakref.WeakSet()
 
@@ -334,7 +334,18 @@ def graph_pass_for(llama: Any, drafter: Drafter, k: int, prompt: Sequence[int], 
     if kind is None or (kind == "eagle" and len(prompt) < 2) or len(prompt) - 1 + k + 1 > model.params.max_seq_len:
         return None
     known = _passes.setdefault(model, {})
-    key = (id(drafter), k, capture)
-    if key not in known or known[key].drafter is not drafter:
+    key = pass_key(drafter, k, capture)
+    if key not in known or (kind == "eagle" and known[key].drafter is not drafter):
         known[key] = GraphPass(llama, drafter, k, capture=capture)
     return known[key]
+
+
+def pass_key(drafter: Drafter, k: int, capture: bool) -> tuple:
+    """What makes two GraphPasses the same: an EAGLE head drafter itself (its head and caches), prompt
+    lookup's n-gram sizes, nothing for no drafts; k; captured or not."""
+    kind = graph_kind(drafter, k)
+    if kind == "eagle":
+        return kind, id(drafter), k, capture
+    if kind == "lookup":
+        return kind, (drafter.max_ngram, drafter.min_ngram), k, capture
+    return kind, None, k, capture
