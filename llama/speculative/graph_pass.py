@@ -305,6 +305,9 @@ class GraphPass:
                 return
 
 
+# Whether a captured pass's stages are compiled by torch.compile first (else eager kernels are captured).
+COMPILE_STAGES = True
+
 # The graph passes of each model, by pass_key: each built once (a capture compiles).
 _passes: "weakref.WeakKeyDictionary[Transformer, Dict[tuple, GraphPass]]" = weakref.WeakKeyDictionary()
 # Models whose speculative loop uses the graph pass without CUDA graphs (the CPU tests: the same stages).
@@ -336,7 +339,7 @@ def graph_pass_for(llama: Any, drafter: Drafter, k: int, prompt: Sequence[int], 
     known = _passes.setdefault(model, {})
     key = pass_key(drafter, k, capture)
     if key not in known or (kind == "eagle" and known[key].drafter is not drafter):
-        known[key] = GraphPass(llama, drafter, k, capture=capture)
+        known[key] = GraphPass(llama, drafter, k, capture=capture, compile=COMPILE_STAGES)
     return known[key]
 
 
