@@ -57,14 +57,7 @@ def time_graph_pass(gp: GraphPass, prompt: List[int]) -> Dict[str, Any]:
     out: Dict[str, Any] = {"kind": gp.kind, "k": gp.k, "device_time": cuda}
     names = ("draft", "verify_and_accept", "advance")
     if cuda:
-        stage_graphs = []
-        with torch.inference_mode(False):
-            for stage in gp.stages:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    stage()
-                stage_graphs.append(graph)
-        for name, graph in zip(names, stage_graphs):
+        for name, graph in zip(names, gp.stage_graphs):
             out[name + "_ms"] = _median_ms(graph.replay, reset, cuda)
         out["pass_ms"] = _median_ms(gp.graph.replay, reset, cuda)
         pinned = torch.empty(gp.k + 3, dtype=torch.long, pin_memory=True)
@@ -98,3 +91,135 @@ def time_plain_step(llama: Any, position: int) -> Dict[str, float]:
     with torch.inference_mode():
         step()
         return {"plain_step_ms": _median_ms(step, None, cuda)}
+
+
+def profile_stages(gp: GraphPass, prompt: List[int], reps: int = 10) -> Dict[str, Any]:
+    """The device kernels each stage launches per pass (torch.profiler over `reps` calls of the compiled
+    stages, outside the graph): their number and time, and the costliest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        gp.start(prompt)
+    out: Dict[str, Any] = {}
+    for name, stage in zip(("draft", "verify_and_accept", "advance"), gp.stages):
+        with torch.inference_mode(False), torch.no_grad():
+            stage()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(reps):
+                    stage()
+                torch.cuda.synchronize()
+        rows = []
+        for evt in prof.key_averages():
+            us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+            if us > 0:
+                rows.append({"kernel": evt.key[:100], "calls_per_pass": evt.count / reps, "us_per_pass": us / reps})
+        rows.sort(key=lambda r: -r["us_per_pass"])
+        out[name] = {"kernels_per_pass": sum(r["calls_per_pass"] for r in rows),
+                     "kernel_us_per_pass": sum(r["us_per_pass"] for r in rows), "top": rows[:12]}
+    with torch.inference_mode():
+        gp.start(prompt)
+    return out
+
+
+def time_kernels(device: torch.device, dtype: torch.dtype, dim: int, heads: int, kv_heads: int, hidden: int,
+                 vocab: int, seq: int) -> Dict[str, Any]:
+    """Microseconds per call, from a CUDA graph of 20 calls (launch gaps gone): each of the demo's products
+    (F.linear, float32 as the model) and its masked attention over the whole cache, for 1 to 16 rows."""
+    head_dim = dim // heads
+    shapes = {"wqkv": ((heads + 2 * kv_heads) * head_dim, dim), "wo": (dim, dim), "w13": (2 * hidden, dim),
+              "w2": (dim, hidden), "output": (vocab, dim)}
+    out: Dict[str, Any] = {}
+    for rows in (1, 2, 5, 8, 16):
+        for name, (n, k) in shapes.items():
+            weight, x = torch.randn(n, k, device=device, dtype=dtype), torch.randn(rows, k, device=device, dtype=dtype)
+            out[f"{name}_{rows}rows_us"] = _graph_us(lambda: torch.nn.functional.linear(x, weight))
+            if rows == 5:  # the same product with the weight stored transposed (another cuBLAS layout)
+                weight_t = weight.t().contiguous()
+                out[f"{name}_{rows}rows_transposed_us"] = _graph_us(lambda: torch.mm(x, weight_t))
+        q = torch.randn(1, heads, rows, head_dim, device=device, dtype=dtype)
+        keys = torch.randn(1, heads, seq, head_dim, device=device, dtype=dtype)
+        mask = torch.ones(1, 1, rows, seq, dtype=torch.bool, device=device).tril(seq - rows)
+        out[f"attention_{rows}rows_us"] = _graph_us(
+            lambda: torch.nn.functional.scaled_dot_product_attention(q, keys, keys, attn_mask=mask))
+    return out
+
+
+def _graph_us(fn: Callable[[], Any], calls: int = 20) -> float:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return _median_ms(graph.replay, None, True, reps=5, rounds=9) * 1e3 / calls
+
+
+def main() -> None:
+    """python -m bench.graph_pass_timing --out FILE.json: on CUDA, the demo model compiled (CUDA graphs, no
+    max_autotune), its graph passes (EAGLE chain of 4, prompt lookup k = 4, no drafts): stage times, kernels
+    per stage, the products' and attention's own times, and the copy-heavy set's speed-ups once more."""
+    import argparse
+    import json
+
+    from bench.speculative import COPY_HEAVY, run_set
+    from llama.cli.demo import DEMO_DIR
+    from llama.fast import step
+    from llama.generation import Llama
+    from llama.speculative import Drafter, PromptLookup, speculative_generate, verify_step
+    from llama.speculative.eagle import EagleDrafter
+    from llama.speculative.graph_pass import _passes
+    from llama.speculative.settings import eagle_draft_options
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--repeats", type=int, default=3)
+    opts = p.parse_args()
+    graphs = lambda: {"triton.cudagraphs": True}  # noqa: E731  (as bench.speculative --graphs-only)
+    step.compile_options = verify_step.compile_options = graphs
+    llama = Llama.build(str(DEMO_DIR), None, max_seq_len=256, max_batch_size=1, device="cuda", dtype="float32",
+                        compile=True)
+    head_dir = DEMO_DIR.parent / "demo-eagle"
+    eagle = EagleDrafter(head_dir, llama, **eagle_draft_options(head_dir))
+    ids = llama.tokenizer.encode(COPY_HEAVY[0], bos=True, eos=False)
+    report: Dict[str, Any] = {"command": "python -m bench.graph_pass_timing", "passes": [], "kernels": {}}
+
+    def save() -> None:
+        with open(opts.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+    for drafter, k in ((eagle, 4), (PromptLookup(), 4), (Drafter(), 0)):
+        speculative_generate(llama, [ids], 16, drafter, k, ignore_eos=True)  # builds and captures its pass
+    report["plain"] = time_plain_step(llama, len(ids))
+    for gp in _passes[llama.model].values():
+        report["passes"].append(time_graph_pass(gp, ids))
+        print("pass:", report["passes"][-1], flush=True)
+    save()
+    args = llama.model.params
+    hidden = llama.model.layers[0].feed_forward.w2.in_features
+    report["kernel_us"] = time_kernels(torch.device("cuda", 0), torch.float32, args.dim, args.n_heads,
+                                       args.n_kv_heads, hidden, args.vocab_size, args.max_seq_len)
+    print("kernels alone (us):", {k: round(v, 1) for k, v in report["kernel_us"].items()}, flush=True)
+    save()
+    for gp in _passes[llama.model].values():
+        try:
+            report["kernels"][gp.kind] = profile_stages(gp, ids)
+        except Exception as e:  # the profiler is a bonus: keep the rest
+            report["kernels"][gp.kind] = f"profiler failed: {e!r}"
+        print("profile", gp.kind, json.dumps(report["kernels"][gp.kind])[:3000], flush=True)
+        save()
+    results = []
+    for drafter, k in ((eagle, 4), (PromptLookup(), 4)):
+        results += run_set(llama, COPY_HEAVY, drafter, [k], 48, opts.repeats)
+    report["copy_heavy_again"] = results
+    for r in results:
+        print(r["method"], r["drafter"][:30], round(r["speed_up"], 2), round(r["speculative_tok_s"]),
+              round(r["plain_tok_s"]), round(r["ms_per_pass"], 3), r["same_tokens"], flush=True)
+    save()
+
+
+if __name__ == "__main__":
+    main()

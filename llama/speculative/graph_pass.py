@@ -143,6 +143,7 @@ class GraphPass:
             self.history = torch.zeros(self.max_seq_len + k + 2, dtype=torch.long, device=device)
         self.stages: List[Callable[[], None]] = [self._draft, self._verify, self._advance]
         self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.stage_graphs: List[torch.cuda.CUDAGraph] = []
         if capture:
             self._capture(compile)
 
@@ -222,6 +223,14 @@ class GraphPass:
             with torch.cuda.graph(self.graph):
                 for stage in self.stages:
                     stage()
+            # Each stage alone too, for timing (bench/graph_pass_timing.py); captured here, where the
+            # compiled stages' guards hold (grad mode off: inference_mode(False) alone would turn it on).
+            self.stage_graphs = []
+            for stage in self.stages:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    stage()
+                self.stage_graphs.append(graph)
         torch.cuda.synchronize()
 
     # --- one row ---
