@@ -10,6 +10,7 @@ back-to-back time per call. On the CPU the stages run eagerly, timed by the wall
 """
 
 import statistics
+import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -165,7 +166,8 @@ def main() -> None:
     import argparse
     import json
 
-    from bench.speculative import COPY_HEAVY, run_set
+    from bench.speculative import COPY_HEAVY, HELD_OUT, run_set
+    from llama.speculative import graph_pass
     from llama.cli.demo import DEMO_DIR
     from llama.fast import step
     from llama.generation import Llama
@@ -177,7 +179,11 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sets", default="copy-heavy", help="bench.speculative's sets to run again, comma-separated")
+    p.add_argument("--row-products", action="store_true", help="graph_pass.ROW_PRODUCTS (few_row_products)")
+    p.add_argument("--no-kernel-times", action="store_true", help="skip the products' and attention's own times")
     opts = p.parse_args()
+    graph_pass.ROW_PRODUCTS = opts.row_products
     graphs = lambda: {"triton.cudagraphs": True}  # noqa: E731  (as bench.speculative --graphs-only)
     step.compile_options = verify_step.compile_options = graphs
     llama = Llama.build(str(DEMO_DIR), None, max_seq_len=256, max_batch_size=1, device="cuda", dtype="float32",
@@ -185,7 +191,8 @@ def main() -> None:
     head_dir = DEMO_DIR.parent / "demo-eagle"
     eagle = EagleDrafter(head_dir, llama, **eagle_draft_options(head_dir))
     ids = llama.tokenizer.encode(COPY_HEAVY[0], bos=True, eos=False)
-    report: Dict[str, Any] = {"command": "python -m bench.graph_pass_timing", "passes": [], "kernels": {}}
+    report: Dict[str, Any] = {"command": "python -m bench.graph_pass_timing " + " ".join(sys.argv[1:]),
+                              "row_products": opts.row_products, "passes": [], "kernels": {}}
 
     def save() -> None:
         with open(opts.out, "w") as f:
@@ -198,12 +205,13 @@ def main() -> None:
         report["passes"].append(time_graph_pass(gp, ids))
         print("pass:", report["passes"][-1], flush=True)
     save()
-    args = llama.model.params
-    hidden = llama.model.layers[0].feed_forward.w2.in_features
-    report["kernel_us"] = time_kernels(torch.device("cuda", 0), torch.float32, args.dim, args.n_heads,
-                                       args.n_kv_heads, hidden, args.vocab_size, args.max_seq_len)
-    print("kernels alone (us):", {k: round(v, 1) for k, v in report["kernel_us"].items()}, flush=True)
-    save()
+    if not opts.no_kernel_times:
+        args = llama.model.params
+        hidden = llama.model.layers[0].feed_forward.w2.in_features
+        report["kernel_us"] = time_kernels(torch.device("cuda", 0), torch.float32, args.dim, args.n_heads,
+                                           args.n_kv_heads, hidden, args.vocab_size, args.max_seq_len)
+        print("kernels alone (us):", {k: round(v, 1) for k, v in report["kernel_us"].items()}, flush=True)
+        save()
     for gp in _passes[llama.model].values():
         try:
             report["kernels"][gp.kind] = profile_stages(gp, ids)
@@ -211,14 +219,16 @@ def main() -> None:
             report["kernels"][gp.kind] = f"profiler failed: {e!r}"
         print("profile", gp.kind, json.dumps(report["kernels"][gp.kind])[:3000], flush=True)
         save()
-    results = []
-    for drafter, k in ((eagle, 4), (PromptLookup(), 4)):
-        results += run_set(llama, COPY_HEAVY, drafter, [k], 48, opts.repeats)
-    report["copy_heavy_again"] = results
-    for r in results:
-        print(r["method"], r["drafter"][:30], round(r["speed_up"], 2), round(r["speculative_tok_s"]),
-              round(r["plain_tok_s"]), round(r["ms_per_pass"], 3), r["same_tokens"], flush=True)
-    save()
+    sets = {"copy-heavy": COPY_HEAVY, "held-out Austen": HELD_OUT, "held-out": HELD_OUT}
+    report["results"] = []
+    for name in opts.sets.split(","):
+        for drafter, k in ((eagle, 4), (PromptLookup(), 4)):
+            for r in run_set(llama, sets[name], drafter, [k], 48, opts.repeats):
+                report["results"].append(dict(set=name, **r))
+                print(name, r["method"], r["drafter"][:30], "x%.2f" % r["speed_up"], round(r["speculative_tok_s"]),
+                      "plain", round(r["plain_tok_s"]), "ms/pass %.3f" % r["ms_per_pass"],
+                      "tau %.2f" % r["mean_accepted_length"], "same", r["same_tokens"], flush=True)
+                save()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
                                 [--compile] [--draft-layers 0,2,4,5] [--drafters lookup,eagle,eagle-full,eagle-tree]
                                 [--eagle models/demo-eagle] [--min-confidence P] [--tree 3x8x3,4x12x4]
                                 [--draft-vocab auto|all|N] [--draft-dtype auto|float32|bfloat16] [--out FILE.json]
-                                [--graph-pass] [--eager-stages] [--breakdown]
+                                [--graph-pass] [--eager-stages] [--row-products] [--breakdown]
 
 Two prompt sets: copy-heavy (an Austen sentence three times, then its first words: the model is invited to
 copy, as far as this toy model copies: it mostly does not) and held-out Austen (sentences from the last
@@ -180,6 +180,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--sets", default="copy-heavy,held-out Austen")
     p.add_argument("--graph-pass", action="store_true",
                    help="greedy passes through llama.speculative.graph_pass even without --compile (eagerly)")
+    p.add_argument("--row-products", action="store_true",
+                   help="graph passes' few-row products as reductions (llama.speculative.graph_pass.few_row_products)")
     p.add_argument("--eager-stages", action="store_true",
                    help="capture the graph passes' eager kernels, without torch.compile's fusion")
     p.add_argument("--breakdown", action="store_true",
@@ -202,6 +204,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if opts.graph_pass:
         graph_pass.use_graph_pass(llama)
     graph_pass.COMPILE_STAGES = not opts.eager_stages
+    graph_pass.ROW_PRODUCTS = opts.row_products
     names = [n.strip() for n in opts.drafters.split(",") if n.strip()]
     unknown = sorted(set(names) - {"lookup", "eagle", "eagle-full", "eagle-tree"})
     if unknown:
@@ -230,6 +233,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     report: Dict[str, Any] = {"machine": machine_info(llama.device), "new_tokens": opts.new_tokens,
                               "repeats": opts.repeats, "compile": opts.compile, "graphs_only": opts.graphs_only,
                               "graph_pass_stages": "eager" if opts.eager_stages else "compiled",
+                              "row_products": opts.row_products,
                               "dtype": str(llama.model.tok_embeddings.weight.dtype),
                               "results": [],
                               "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,

@@ -38,11 +38,13 @@ Without CUDA (the CPU tests) the same three stages run eagerly, in the same orde
 
 import weakref
 from collections import deque
+from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from llama.fast.layers import FastLinear
 from llama.model import Transformer, apply_rotary_emb
 from llama.speculative.drafters import Drafter, PromptLookup
 from llama.speculative.eagle import EagleDrafter
@@ -115,19 +117,47 @@ def lookup_drafts(history: torch.Tensor, length: torch.Tensor, k: int, max_ngram
     return drafts, valid
 
 
+@contextmanager
+def few_row_products(on: bool = True) -> Iterator[None]:
+    """While torch.compile traces (inside this block), FastLinear products of at most 8 rows become one
+    multiply-and-sum over the input dimension, which inductor generates as a single reduction kernel,
+    instead of cuBLAS's. For float32 products of a few rows cuBLAS picks split-K kernels (two launches,
+    5 to 13 microseconds each on an H200 for the demo's shapes, against 2.5 for a one-row product): a
+    5-token verify pass of the demo then costs twice a 1-token one. The sums run in another order than
+    cuBLAS's: logits differ by float32 rounding (as a several-row product's do from a one-row one)."""
+    if not on:
+        yield
+        return
+    plain_forward = FastLinear.forward
+
+    def forward(self: FastLinear, x: torch.Tensor) -> torch.Tensor:
+        if (torch.compiler.is_compiling() and self.weight is not None and not (self.reduce or self.gather)
+                and x.numel() <= 8 * self.in_features):
+            return (x.unsqueeze(-2) * self.weight).sum(dim=-1)  # (..., 1, in) * (out, in) -> (..., out)
+        return plain_forward(self, x)
+
+    FastLinear.forward = forward
+    try:
+        yield
+    finally:
+        FastLinear.forward = plain_forward
+
+
 class GraphPass:
     """The device-side speculative pass of `llama` with `drafter` (graph_kind must name it) and k drafts,
     greedy, one row at cache row 0. `capture=True` (CUDA) compiles each stage (torch.compile, the verify
     step's inductor options without its CUDA graphs) and captures the pass as one CUDA graph; otherwise
     the stages run eagerly."""
 
-    def __init__(self, llama: Any, drafter: Drafter, k: int, capture: bool = False, compile: bool = True):
+    def __init__(self, llama: Any, drafter: Drafter, k: int, capture: bool = False, compile: bool = True,
+                 row_products: bool = False):
         kind = graph_kind(drafter, k)
         if kind is None:
             raise ValueError(f"GraphPass drafts with prompt lookup, the EAGLE-style chain or nothing, got {drafter!r}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"k must be an integer >= 0, got {k!r}")
         self.llama, self.model, self.drafter, self.k, self.kind = llama, llama.model, drafter, k, kind
+        self.row_products = row_products  # compiled stages: few-row products as reductions (few_row_products)
         model: Transformer = llama.model
         device = model.rope_cos.device
         self.max_seq_len = model.params.max_seq_len
@@ -211,11 +241,12 @@ class GraphPass:
 
             options = {**verify_step.compile_options(), "triton.cudagraphs": False}
             self.stages = [torch.compile(s, options=options, fullgraph=True, dynamic=False) for s in self.stages]
-        with torch.inference_mode(False), torch.no_grad():
+        # (few_row_products holds through the capture too: compiled code is guarded on what it traced)
+        with torch.inference_mode(False), torch.no_grad(), few_row_products(compile and self.row_products):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # compiles, tunes and warms up before capture (its writes are junk)
-                for _ in range(2):
+            with torch.cuda.stream(side):
+                for _ in range(2):  # compiles, tunes and warms up before capture (its writes are junk)
                     for stage in self.stages:
                         stage()
             torch.cuda.current_stream().wait_stream(side)
@@ -314,8 +345,10 @@ class GraphPass:
                 return
 
 
-# Whether a captured pass's stages are compiled by torch.compile first (else eager kernels are captured).
+# Whether a captured pass's stages are compiled by torch.compile first (else eager kernels are captured),
+# and whether their few-row products are compiled as reductions (few_row_products).
 COMPILE_STAGES = True
+ROW_PRODUCTS = False
 
 # The graph passes of each model, by pass_key: each built once (a capture compiles).
 _passes: "weakref.WeakKeyDictionary[Transformer, Dict[tuple, GraphPass]]" = weakref.WeakKeyDictionary()
@@ -348,7 +381,7 @@ def graph_pass_for(llama: Any, drafter: Drafter, k: int, prompt: Sequence[int], 
     known = _passes.setdefault(model, {})
     key = pass_key(drafter, k, capture)
     if key not in known or (kind == "eagle" and known[key].drafter is not drafter):
-        known[key] = GraphPass(llama, drafter, k, capture=capture, compile=COMPILE_STAGES)
+        known[key] = GraphPass(llama, drafter, k, capture=capture, compile=COMPILE_STAGES, row_products=ROW_PRODUCTS)
     return known[key]
 
 
