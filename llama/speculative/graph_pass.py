@@ -41,6 +41,7 @@ from collections import deque
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.nn.functional as F
 
@@ -370,11 +371,13 @@ def graph_pass_for(llama: Any, drafter: Drafter, k: int, prompt: Sequence[int], 
                    ) -> Optional[GraphPass]:
     """The GraphPass to decode this row with, or None for the general loop: greedy decoding, no logits
     processors, no logprobs (`plain_rows`), a drafter it runs (graph_kind), a prompt the first pass fits
-    after, and a compiled decode step on CUDA (or use_graph_pass)."""
+    after, one model-parallel rank, and a compiled decode step on CUDA (or use_graph_pass)."""
     model = llama.model
     capture = model.rope_cos.device.type == "cuda" and getattr(llama.decode_step, "compiled", None) is not None
     if not (greedy and plain_rows and (capture or model in _eager)):
         return None
+    if torch.distributed.is_initialized() and fs_init.get_model_parallel_world_size() > 1:
+        return None  # model-parallel ranks: the general loop (a captured pass holds no collectives)
     kind = graph_kind(drafter, k)
     if kind is None or (kind == "eagle" and len(prompt) < 2) or len(prompt) - 1 + k + 1 > model.params.max_seq_len:
         return None
