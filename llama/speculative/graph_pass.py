@@ -122,10 +122,12 @@ def lookup_drafts(history: torch.Tensor, length: torch.Tensor, k: int, max_ngram
 def few_row_products(on: bool = True) -> Iterator[None]:
     """While torch.compile traces (inside this block), FastLinear products of at most 8 rows become one
     multiply-and-sum over the input dimension, which inductor generates as a single reduction kernel,
-    instead of cuBLAS's. For float32 products of a few rows cuBLAS picks split-K kernels (two launches,
-    5 to 13 microseconds each on an H200 for the demo's shapes, against 2.5 for a one-row product): a
-    5-token verify pass of the demo then costs twice a 1-token one. The sums run in another order than
-    cuBLAS's: logits differ by float32 rounding (as a several-row product's do from a one-row one)."""
+    instead of cuBLAS's. For float32 products of a few rows cuBLAS picks split-K kernels (a product of 4
+    to 11 microseconds and a reduction, on an H200 for the demo's shapes, where one row takes a 2.6 us
+    gemv): a 5-token verify pass of the demo costs 1.9x a 1-token one, 1.4x with this. Only for models
+    that small: the reduction reads each weight once per row, where cuBLAS reads it once. The sums run in
+    another order than cuBLAS's: logits differ by float32 rounding (as a several-row product's do from a
+    one-row one). Measured: docs/speculative.md."""
     if not on:
         yield
         return
@@ -152,11 +154,11 @@ class GraphPass:
 
     def __init__(self, llama: Any, drafter: Drafter, k: int, capture: bool = False, compile: bool = True,
                  row_products: bool = False):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"k must be an integer >= 0, got {k!r}")
         kind = graph_kind(drafter, k)
         if kind is None:
             raise ValueError(f"GraphPass drafts with prompt lookup, the EAGLE-style chain or nothing, got {drafter!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"k must be an integer >= 0, got {k!r}")
         self.llama, self.model, self.drafter, self.k, self.kind = llama, llama.model, drafter, k, kind
         self.row_products = row_products  # compiled stages: few-row products as reductions (few_row_products)
         model: Transformer = llama.model
