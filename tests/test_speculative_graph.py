@@ -8,12 +8,14 @@ from typing import List
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llama import Llama
 from llama.cli.demo import DEMO_DIR, build_demo
 from llama.speculative import Drafter, PromptLookup, speculative_generate
 from llama.speculative.eagle import EagleDrafter
-from llama.speculative.graph_pass import GraphPass, graph_pass_for, lookup_drafts, use_graph_pass
+from llama.fast.layers import FastLinear
+from llama.speculative.graph_pass import GraphPass, few_row_products, graph_pass_for, lookup_drafts, use_graph_pass
 from llama.speculative.settings import eagle_draft_options
 
 from test_eagle import head_params, write_random_head
@@ -118,6 +120,24 @@ def test_graph_pass_is_used_only_where_it_is_exact(tiny_llama):
     finally:
         use_graph_pass(llama, False)
     assert graph_pass_for(llama, PromptLookup(), 4, [1, 2, 3], True, True) is None  # CPU, not asked for
+    with pytest.raises(ValueError, match="drafts with prompt lookup"):
+        GraphPass(llama, Subclass(), 4)
+    with pytest.raises(ValueError, match="k must be"):
+        GraphPass(llama, PromptLookup(), -1)
+
+
+@pytest.mark.slow
+def test_few_row_products_compute_the_products_while_traced_and_are_undone_after(tiny_llama):
+    llama = tiny_llama(seed=0, max_seq_len=32, max_batch_size=1, compile=True)  # unpacked weights, as on CUDA
+    layer = llama.model.layers[0].feed_forward.w13
+    x = torch.randn(1, 5, layer.in_features)
+    plain_forward = FastLinear.forward
+    traced = torch.compile(lambda x: layer(x), backend="aot_eager", fullgraph=True)
+    with few_row_products():
+        got = traced(x)
+        assert "sum" in str(torch._dynamo.explain(lambda x: layer(x))(x).graphs[0].graph)  # not a linear
+    assert FastLinear.forward is plain_forward
+    torch.testing.assert_close(got, F.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
