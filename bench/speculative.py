@@ -4,6 +4,7 @@
                                 [--compile] [--draft-layers 0,2,4,5] [--drafters lookup,eagle,eagle-full,eagle-tree]
                                 [--eagle models/demo-eagle] [--min-confidence P] [--tree 3x8x3,4x12x4]
                                 [--draft-vocab auto|all|N] [--draft-dtype auto|float32|bfloat16] [--out FILE.json]
+                                [--graph-pass] [--eager-stages] [--row-products] [--breakdown]
 
 Two prompt sets: copy-heavy (an Austen sentence three times, then its first words: the model is invited to
 copy, as far as this toy model copies: it mostly does not) and held-out Austen (sentences from the last
@@ -17,7 +18,10 @@ equal. Drafters (--drafters): `lookup` (prompt lookup), `eagle` (the demo's EAGL
 models/demo-eagle, made by scripts/train_eagle.py, drafting from its reduced vocabulary as the named setting
 does; --min-confidence ends its chains early), `eagle-full` (the same head over the whole vocabulary),
 `eagle-tree` (the head drafting trees of each --tree shape, verified in one pass); with
---draft-layers 0,2,4,5 the demo cut to those layers (its embedding and output too) also runs as a draft model. With --compile (CUDA) both the decode step and the verify step replay CUDA graphs.
+--draft-layers 0,2,4,5 the demo cut to those layers (its embedding and output too) also runs as a draft model. With --compile (CUDA) the decode step replays CUDA graphs, and greedy speculative rows
+with prompt lookup, the EAGLE chain or no drafts run as whole passes on the device, each one CUDA graph
+(llama.speculative.graph_pass; --graph-pass runs the same stages eagerly on the CPU); --breakdown then times
+each pass's stages and the plain step (bench/graph_pass_timing.py).
 """
 
 import argparse
@@ -120,9 +124,18 @@ def run_set(llama: Llama, prompts: List[str], drafter: Drafter, ks: List[int], n
             "plain_tok_s": tokens / wall["plain"], "speculative_tok_s": tokens / wall[n],
             "speed_up": wall["plain"] / wall[n], "speed_up_cpu_time": cpu["plain"] / cpu[n],
             "mean_accepted_length": st.mean_accepted_length, "drafts_per_step": st.drafted / st.steps,
+            "steps": st.steps, "ms_per_pass": wall[n] * 1e3 / st.steps, "plain_ms_per_token": wall["plain"] * 1e3 / tokens,
+            "graph_pass": _graph_pass_used(llama, drafter if n != "naive" else Drafter(), st.k),
             "acceptance_by_position": [None if a is None else round(a, 3) for a in st.acceptance_by_position],
         })
     return results
+
+
+def _graph_pass_used(llama: Llama, drafter: Drafter, k: int) -> bool:
+    """Whether the speculative loop ran these rows through a GraphPass (llama.speculative.graph_pass)."""
+    from llama.speculative.graph_pass import _passes, pass_key
+
+    return any(pass_key(drafter, k, gp.graph is not None) == key for key, gp in _passes.get(llama.model, {}).items())
 
 
 def truncated_demo(layers: List[int], dir_: str, device: str = "cpu") -> Llama:
@@ -165,6 +178,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--graphs-only", action="store_true",
                    help="with --compile: CUDA graphs without max_autotune (compiles in seconds, not minutes)")
     p.add_argument("--sets", default="copy-heavy,held-out Austen")
+    p.add_argument("--graph-pass", action="store_true",
+                   help="greedy passes through llama.speculative.graph_pass even without --compile (eagerly)")
+    p.add_argument("--row-products", action="store_true",
+                   help="graph passes' few-row products as reductions (llama.speculative.graph_pass.few_row_products)")
+    p.add_argument("--eager-stages", action="store_true",
+                   help="capture the graph passes' eager kernels, without torch.compile's fusion")
+    p.add_argument("--breakdown", action="store_true",
+                   help="then time each graph pass's stages and the plain step (bench/graph_pass_timing.py)")
     p.add_argument("--out", default=None, help="JSON report path")
     opts = p.parse_args(argv)
     if opts.threads:
@@ -178,6 +199,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     check_demo_files()
     llama = Llama.build(str(DEMO_DIR), None, max_seq_len=256, max_batch_size=1, device=opts.device,
                         dtype=opts.dtype, compile=opts.compile)
+    from llama.speculative import graph_pass
+
+    if opts.graph_pass:
+        graph_pass.use_graph_pass(llama)
+    graph_pass.COMPILE_STAGES = not opts.eager_stages
+    graph_pass.ROW_PRODUCTS = opts.row_products
     names = [n.strip() for n in opts.drafters.split(",") if n.strip()]
     unknown = sorted(set(names) - {"lookup", "eagle", "eagle-full", "eagle-tree"})
     if unknown:
@@ -205,6 +232,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         drafters.append((DraftModel(truncated_demo(layers, tempfile.mkdtemp(), opts.device)), ks))
     report: Dict[str, Any] = {"machine": machine_info(llama.device), "new_tokens": opts.new_tokens,
                               "repeats": opts.repeats, "compile": opts.compile, "graphs_only": opts.graphs_only,
+                              "graph_pass_stages": "eager" if opts.eager_stages else "compiled",
+                              "row_products": opts.row_products,
                               "dtype": str(llama.model.tok_embeddings.weight.dtype),
                               "results": [],
                               "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
@@ -223,10 +252,21 @@ def main(argv: Optional[List[str]] = None) -> None:
                       f"this {r['speculative_tok_s']:7.1f} tok/s  x{r['speed_up']:.2f} (CPU time "
                       f"x{r['speed_up_cpu_time']:.2f})  mean accepted length {r['mean_accepted_length']:.2f}  "
                       f"drafts/step {r['drafts_per_step']:.2f}  by position {r['acceptance_by_position']}  "
-                      f"same tokens: {r['same_tokens']}", flush=True)
+                      f"{r['ms_per_pass']:.3f} ms/pass (plain {r['plain_ms_per_token']:.3f} ms/token)  "
+                      f"graph pass: {r['graph_pass']}  same tokens: {r['same_tokens']}", flush=True)
                 if opts.out:
                     with open(opts.out, "w") as f:
                         json.dump(report, f, indent=1)
+    if opts.breakdown:
+        from bench.graph_pass_timing import time_graph_pass, time_plain_step
+        from llama.speculative.graph_pass import _passes
+
+        ids = llama.tokenizer.encode(COPY_HEAVY[0], bos=True, eos=False)
+        report["breakdown"] = [time_plain_step(llama, len(ids))]
+        for gp in _passes.get(llama.model, {}).values():
+            report["breakdown"].append(time_graph_pass(gp, ids))
+        for row in report["breakdown"]:
+            print("breakdown:", {key: round(v, 4) if isinstance(v, float) else v for key, v in row.items()})
     report["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     print(f"load average at the end: {report['load_average_end']}")
     if opts.out:

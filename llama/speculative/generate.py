@@ -22,6 +22,7 @@ from llama.config import GenerationConfig
 from llama.sampling import Context, LogitsProcessor
 from llama.speculative.drafters import Drafter
 from llama.speculative.forward import forward_all, forward_features, forward_last
+from llama.speculative.graph_pass import GraphPass, graph_pass_for
 from llama.speculative.tree import DraftTree, TreeAcceptance, accept_tree_greedy, tree_pass
 from llama.speculative.tree_sampling import accept_tree_sampled
 from llama.speculative.verify import accept_greedy, accept_sampled, target_probs
@@ -188,6 +189,12 @@ def _run(llama: Any, prompt: List[int], end: int, drafter: Drafter, k: int, cfg:
     `processors` (repetition penalty, banned words...) shape each verified position's logits, given the
     text before it; `generator` is the row's random stream (None: torch's global one)."""
     model = llama.model
+    # Greedy rows without processors or logprobs on a compiled CUDA step: the whole pass on the device.
+    graph = graph_pass_for(llama, drafter, k, prompt, cfg.temperature == 0,
+                           not processors and not out.wants_prompt_logits)
+    if graph is not None:
+        yield from _run_graph(graph, prompt, end, out, stats)
+        return
     device = model.rope_cos.device
     vocab_size = model.vocab_size
     tokens = list(prompt)  # the prompt, then every accepted token; the last one is not in the cache yet
@@ -255,6 +262,23 @@ def _run(llama: Any, prompt: List[int], end: int, drafter: Drafter, k: int, cfg:
         yield events
         if done:
             return
+
+
+def _run_graph(graph: GraphPass, prompt: List[int], end: int, out: Any, stats: SpeculativeStats
+               ) -> Iterator[List[StreamEvent]]:
+    """`_run` through a GraphPass (llama.speculative.graph_pass): stop tokens and strings tracked on the
+    host as the passes' results come back, the row's tokens written to the loop's buffer once, at its end."""
+    kept: List[int] = []
+
+    def take(first_pos: int, emitted: List[int]) -> Tuple[List[StreamEvent], bool]:
+        events, done, n = out.track(first_pos, emitted)
+        kept.extend(emitted[:n])
+        return events, done
+
+    try:
+        yield from graph.run_row(prompt, end, take, stats.record)
+    finally:
+        out.write(len(prompt), kept)
 
 
 @dataclass

@@ -48,6 +48,14 @@ class RowOutput:
         """The tokens of one pass, at positions first_pos ...; logits (>= len(emitted), vocab): the raw
         logits that predicted them. Returns the stream events and whether the row is done (a stop token,
         a stop string, its end); tokens after the one that ends it are dropped."""
+        events, done, kept = self.track(first_pos, emitted)
+        kept_tokens = self.write(first_pos, emitted[:kept])
+        if self.recorder is not None:
+            self._record(first_pos, logits[:kept], kept_tokens)
+        return events, done
+
+    def track(self, first_pos: int, emitted: List[int]) -> Tuple[List[StreamEvent], bool, int]:
+        """take's host side, without touching the device: (stream events, done, how many tokens are kept)."""
         events: List[StreamEvent] = []
         kept = 0
         done = False
@@ -64,11 +72,13 @@ class RowOutput:
                 done = token in self.stop_ids or pos + 1 >= self.end
             if done:
                 break
-        kept_tokens = torch.tensor(emitted[:kept], dtype=torch.long, device=self.buffer.device)
-        self.buffer[self.row, first_pos : first_pos + kept] = kept_tokens
-        if self.recorder is not None:
-            self._record(first_pos, logits[:kept], kept_tokens)
-        return events, done
+        return events, done, kept
+
+    def write(self, first_pos: int, tokens: List[int]) -> torch.Tensor:
+        """Put tokens into the row's buffer at positions first_pos ...; returns them as a tensor."""
+        kept_tokens = torch.tensor(tokens, dtype=torch.long, device=self.buffer.device)
+        self.buffer[self.row, first_pos : first_pos + len(tokens)] = kept_tokens
+        return kept_tokens
 
     def _record(self, first_pos: int, logits: torch.Tensor, targets: torch.Tensor) -> None:
         """What LogprobRecorder.record does for a batch, for this row alone."""
