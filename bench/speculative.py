@@ -158,7 +158,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--eagle", default=str(Path(DEMO_DIR).parent / "demo-eagle"),
                    help="the EAGLE-style head's directory (several, comma-separated: each runs every eagle drafter)")
     p.add_argument("--min-confidence", type=float, default=0.0, help="the eagle drafter's min_confidence")
-    p.add_argument("--tree", default="3x8x3", help="eagle-tree shapes BRANCHxNODESxDEPTH, comma-separated")
+    p.add_argument("--tree", default="3x10x4", help="eagle-tree shapes BRANCHxNODESxDEPTH, comma-separated")
     p.add_argument("--draft-vocab", default="auto",
                    help="eagle drafters: N most frequent tokens, 'all', or 'auto' (the named setting's)")
     p.add_argument("--draft-dtype", default="auto", help="eagle drafters: float32, bfloat16 or auto (as named)")
