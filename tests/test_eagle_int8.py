@@ -73,3 +73,15 @@ def test_the_demo_head_in_int8_is_lossless_and_accepted_as_often_as_in_float32(d
             total = stats if total is None else total.add(stats)
         lengths[name] = total.mean_accepted_length
     assert lengths["int8"] > lengths["float32"] - 0.1, lengths
+
+
+def test_widths_the_int8_kernel_cannot_take_are_refused_and_not_picked_by_the_named_settings(tiny_llama,
+                                                                                               random_head):
+    with pytest.raises(ValueError, match=r"multiple of 16, got a weight of shape \(8, 24\)"):
+        Int8DraftProduct(torch.randn(8, 24))  # (torch's kernel crashes the process on such a width)
+    llama = tiny_llama(seed=0, max_seq_len=64, max_batch_size=1)
+    head = random_head(llama, multiple_of=8, ffn_dim_multiplier=0.4)  # FFN hidden 72: not a multiple of 16
+    assert "draft_dtype" not in eagle_draft_options(head, torch.device("cpu"))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        EagleDrafter(head, llama, draft_dtype=torch.int8)
+    assert "draft_dtype" in eagle_draft_options(random_head(llama, seed=1), torch.device("cpu"))

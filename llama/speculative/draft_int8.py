@@ -16,12 +16,18 @@ from torch import nn
 
 from llama.fast.quantize import int8pack_mm_works, quantize_int8
 
+# The kernel's input width must be a multiple of this (others crash torch 2.13's CPU kernel outright).
+INT8_COLUMNS = 16
+
 
 class Int8DraftProduct(nn.Module):
     """y = x W^T with W held as int8 rows and bf16 scales; x and y in the caller's float dtype."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
+        if weight.shape[1] % INT8_COLUMNS:
+            raise ValueError(f"int8 draft products need an input width that is a multiple of {INT8_COLUMNS}, got "
+                             f"a weight of shape {tuple(weight.shape)}")
         if not int8pack_mm_works(weight.device, torch.bfloat16):
             raise ValueError(f"int8 draft products need torch's _weight_int8pack_mm for bf16 activations on "
                              f"{weight.device.type}, which this torch build does not run")

@@ -90,12 +90,16 @@ def eagle_draft_options(head_dir: Any, device: Any = None) -> Dict[str, Any]:
     import torch
 
     from llama.fast.quantize import int8pack_mm_works
-    from llama.speculative.eagle import DRAFT_VOCAB_FILE
+    from llama.speculative.draft_int8 import INT8_COLUMNS
+    from llama.speculative.eagle import DRAFT_VOCAB_FILE, head_args
 
     options: Dict[str, Any] = {}
     if device is not None and torch.device(device).type == "cpu" and int8pack_mm_works(torch.device("cpu"),
                                                                                        torch.bfloat16):
-        options["draft_dtype"] = torch.int8
+        params_file = Path(head_dir) / "params.json"  # (a missing one: EagleDrafter's own error, later)
+        args = head_args(json.loads(params_file.read_text()), 1) if params_file.is_file() else None
+        if args is not None and args.dim % INT8_COLUMNS == 0 and args.ffn_hidden_dim % INT8_COLUMNS == 0:
+            options["draft_dtype"] = torch.int8
     vocab_file = Path(head_dir) / DRAFT_VOCAB_FILE
     if vocab_file.is_file() and len(json.loads(vocab_file.read_text())) >= EAGLE_DRAFT_VOCAB:
         options["draft_vocab"] = EAGLE_DRAFT_VOCAB
