@@ -1,8 +1,9 @@
 """Train the EAGLE-style draft head of the bundled demo model (llama/speculative/eagle.py) from its own features.
 
     apt-get download r-cran-janeaustenr && dpkg-deb -x r-cran-janeaustenr_*.deb corpus
-    python scripts/train_eagle.py --device cuda      # writes models/demo-eagle/ (about a minute on a GPU)
-    python scripts/train_eagle.py --steps 200        # the CPU: seconds a step (see models/demo-eagle/README.md)
+    python scripts/train_eagle.py --device cuda --batch 64 --depth 3 --text-windows 1024 --distilled 3072 \
+        --data-batch 128 --steps 1000 --save-every 250   # the shipped head (models/demo-eagle/README.md)
+    python scripts/train_eagle.py --steps 200        # the CPU with the defaults (the first head's recipe)
 
 Data: 256-token windows of the demo's training split (train_demo's split: the last 5% of each novel is held
 out, unseen here too), half of them Austen's text and half the demo model's own greedy continuation of a
