@@ -1,8 +1,9 @@
 """Speculative decoding against plain decoding on the demo model, greedy, in one run (a measurement, not a test).
 
     python -m bench.speculative [--new-tokens 48] [--repeats 3] [--k 4,8] [--threads 1] [--device cuda]
-                                [--compile] [--draft-layers 0,2,4,5] [--drafters lookup,eagle,eagle-full,eagle-tree]
-                                [--eagle models/demo-eagle] [--min-confidence P] [--tree 3x8x3,4x12x4]
+                                [--compile] [--draft-layers 0,2,4,5]
+                                [--drafters lookup,eagle,eagle-fp32,eagle-full,eagle-tree]
+                                [--eagle models/demo-eagle[,OTHER_HEAD_DIR]] [--min-confidence P] [--tree 3x8x3,4x12x4]
                                 [--draft-vocab auto|all|N] [--draft-dtype auto|float32|bfloat16] [--out FILE.json]
                                 [--graph-pass] [--eager-stages] [--row-products] [--breakdown]
 
@@ -15,13 +16,16 @@ generating exactly --new-tokens tokens (stop tokens ignored); the best time of e
 prints tokens/s, the ratio to plain decoding in wall time and in this process's CPU time (steadier on a
 shared machine), the mean accepted length and acceptance by draft position, and checks the tokens are
 equal. Drafters (--drafters): `lookup` (prompt lookup), `eagle` (the demo's EAGLE-style head,
-models/demo-eagle, made by scripts/train_eagle.py, drafting from its reduced vocabulary as the named setting
-does; --min-confidence ends its chains early), `eagle-full` (the same head over the whole vocabulary),
-`eagle-tree` (the head drafting trees of each --tree shape, verified in one pass); with
---draft-layers 0,2,4,5 the demo cut to those layers (its embedding and output too) also runs as a draft model. With --compile (CUDA) the decode step replays CUDA graphs, and greedy speculative rows
-with prompt lookup, the EAGLE chain or no drafts run as whole passes on the device, each one CUDA graph
-(llama.speculative.graph_pass; --graph-pass runs the same stages eagerly on the CPU); --breakdown then times
-each pass's stages and the plain step (bench/graph_pass_timing.py).
+models/demo-eagle, made by scripts/train_eagle.py, drafting from its reduced vocabulary in the named
+setting's dtype, int8 on the CPU; --min-confidence ends its chains early), `eagle-fp32` (the same in the
+model's float32), `eagle-full` (the same head over the whole vocabulary, float32), `eagle-tree` (the head
+drafting trees of each --tree shape, verified in one pass, as the named setting); several --eagle heads
+(comma-separated) each run every eagle drafter, in the same process; with
+--draft-layers 0,2,4,5 the demo cut to those layers (its embedding and output too) also runs as a draft model.
+With --compile (CUDA) the decode step replays CUDA graphs, and greedy speculative rows with prompt lookup, the
+EAGLE chain or no drafts run as whole passes on the device, each one CUDA graph (llama.speculative.graph_pass;
+--graph-pass runs the same stages eagerly on the CPU); --breakdown then times each pass's stages and the plain
+step (bench/graph_pass_timing.py).
 """
 
 import argparse
@@ -163,11 +167,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--draft-layers", default="",
                    help="also a draft model: the demo with only these layers, e.g. 0,2,4,5 (of 0..5)")
     p.add_argument("--drafters", default="lookup,eagle",
-                   help="comma-separated: lookup, eagle (draft vocabulary), eagle-full (whole vocabulary), eagle-tree")
+                   help="comma-separated: lookup, eagle (draft vocabulary, int8 on the CPU), eagle-fp32 (draft "
+                        "vocabulary, float32), eagle-full (whole vocabulary), eagle-tree")
     p.add_argument("--eagle", default=str(Path(DEMO_DIR).parent / "demo-eagle"),
-                   help="the EAGLE-style head's directory")
+                   help="the EAGLE-style head's directory (several, comma-separated: each runs every eagle drafter)")
     p.add_argument("--min-confidence", type=float, default=0.0, help="the eagle drafter's min_confidence")
-    p.add_argument("--tree", default="3x8x3", help="eagle-tree shapes BRANCHxNODESxDEPTH, comma-separated")
+    p.add_argument("--tree", default="3x10x4", help="eagle-tree shapes BRANCHxNODESxDEPTH, comma-separated")
     p.add_argument("--draft-vocab", default="auto",
                    help="eagle drafters: N most frequent tokens, 'all', or 'auto' (the named setting's)")
     p.add_argument("--draft-dtype", default="auto", help="eagle drafters: float32, bfloat16 or auto (as named)")
@@ -206,30 +211,35 @@ def main(argv: Optional[List[str]] = None) -> None:
     graph_pass.COMPILE_STAGES = not opts.eager_stages
     graph_pass.ROW_PRODUCTS = opts.row_products
     names = [n.strip() for n in opts.drafters.split(",") if n.strip()]
-    unknown = sorted(set(names) - {"lookup", "eagle", "eagle-full", "eagle-tree"})
+    unknown = sorted(set(names) - {"lookup", "eagle", "eagle-fp32", "eagle-full", "eagle-tree"})
     if unknown:
-        p.error(f"unknown drafters {unknown}: choose from lookup, eagle, eagle-full, eagle-tree")
+        p.error(f"unknown drafters {unknown}: choose from lookup, eagle, eagle-fp32, eagle-full, eagle-tree")
     ks = [int(k) for k in opts.k.split(",")]
-    drafters: List[Tuple[Drafter, List[int]]] = [(PromptLookup(), ks)] if "lookup" in names else []
-    eagle_options = eagle_draft_options(opts.eagle)
-    if opts.draft_vocab != "auto":
-        eagle_options.pop("draft_vocab", None)
-        if opts.draft_vocab != "all":
-            eagle_options["draft_vocab"] = int(opts.draft_vocab)
-    if opts.draft_dtype != "auto":
-        eagle_options["draft_dtype"] = getattr(torch, opts.draft_dtype)
-    if "eagle" in names:
-        drafters.append((EagleDrafter(opts.eagle, llama, min_confidence=opts.min_confidence, **eagle_options), ks))
-    if "eagle-full" in names:  # the head over the whole vocabulary, in the model's dtype (the first version)
-        drafters.append((EagleDrafter(opts.eagle, llama, min_confidence=opts.min_confidence), ks))
-    if "eagle-tree" in names:
-        for shape in opts.tree.split(","):
-            branch, nodes, depth = (int(x) for x in shape.split("x"))
-            drafters.append((EagleTreeDrafter(opts.eagle, llama, branch=branch, nodes=nodes, **eagle_options),
-                             [depth]))
+    # (drafter, its ks, the head directory or "")
+    drafters: List[Tuple[Drafter, List[int], str]] = [(PromptLookup(), ks, "")] if "lookup" in names else []
+    for head in opts.eagle.split(","):
+        eagle_options = eagle_draft_options(head, llama.device)
+        if opts.draft_vocab != "auto":
+            eagle_options.pop("draft_vocab", None)
+            if opts.draft_vocab != "all":
+                eagle_options["draft_vocab"] = int(opts.draft_vocab)
+        if opts.draft_dtype != "auto":
+            eagle_options["draft_dtype"] = getattr(torch, opts.draft_dtype)
+        fp32_options = {k: v for k, v in eagle_options.items() if k != "draft_dtype"}
+        if "eagle" in names:
+            drafters.append((EagleDrafter(head, llama, min_confidence=opts.min_confidence, **eagle_options), ks, head))
+        if "eagle-fp32" in names:  # the named setting before int8 products
+            drafters.append((EagleDrafter(head, llama, min_confidence=opts.min_confidence, **fp32_options), ks, head))
+        if "eagle-full" in names:  # the head over the whole vocabulary, in the model's dtype (the first version)
+            drafters.append((EagleDrafter(head, llama, min_confidence=opts.min_confidence), ks, head))
+        if "eagle-tree" in names:
+            for shape in opts.tree.split(","):
+                branch, nodes, depth = (int(x) for x in shape.split("x"))
+                drafters.append((EagleTreeDrafter(head, llama, branch=branch, nodes=nodes, **eagle_options),
+                                 [depth], head))
     if opts.draft_layers:
         layers = [int(i) for i in opts.draft_layers.split(",")]
-        drafters.append((DraftModel(truncated_demo(layers, tempfile.mkdtemp(), opts.device)), ks))
+        drafters.append((DraftModel(truncated_demo(layers, tempfile.mkdtemp(), opts.device)), ks, ""))
     report: Dict[str, Any] = {"machine": machine_info(llama.device), "new_tokens": opts.new_tokens,
                               "repeats": opts.repeats, "compile": opts.compile, "graphs_only": opts.graphs_only,
                               "graph_pass_stages": "eager" if opts.eager_stages else "compiled",
@@ -244,11 +254,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     sets = {"copy-heavy": COPY_HEAVY, "held-out Austen": HELD_OUT}
     for name in opts.sets.split(","):
         prompts = sets[name]
-        for drafter, drafter_ks in drafters:
+        for drafter, drafter_ks, head in drafters:
             for r in run_set(llama, prompts, drafter, drafter_ks, opts.new_tokens, opts.repeats):
-                r = dict(set=name, **r)
+                r = dict(set=name, head=head, load_average=os.getloadavg(), **r)
                 report["results"].append(r)
-                print(f"{name:16} {r['drafter'][:60]:60} {r['method']:5} plain {r['plain_tok_s']:7.1f} tok/s  "
+                print(f"{name:16} {head[-14:]:14} {r['drafter'][:60]:60} {r['method']:5} plain {r['plain_tok_s']:7.1f} tok/s  "
                       f"this {r['speculative_tok_s']:7.1f} tok/s  x{r['speed_up']:.2f} (CPU time "
                       f"x{r['speed_up_cpu_time']:.2f})  mean accepted length {r['mean_accepted_length']:.2f}  "
                       f"drafts/step {r['drafts_per_step']:.2f}  by position {r['acceptance_by_position']}  "

@@ -1,8 +1,9 @@
 """Train the EAGLE-style draft head of the bundled demo model (llama/speculative/eagle.py) from its own features.
 
     apt-get download r-cran-janeaustenr && dpkg-deb -x r-cran-janeaustenr_*.deb corpus
-    python scripts/train_eagle.py --device cuda      # writes models/demo-eagle/ (about a minute on a GPU)
-    python scripts/train_eagle.py --steps 200        # the CPU: seconds a step (see models/demo-eagle/README.md)
+    python scripts/train_eagle.py --device cuda --batch 64 --depth 3 --text-windows 1024 --distilled 3072 \
+        --data-batch 128 --steps 1000 --save-every 250   # the shipped head (models/demo-eagle/README.md)
+    python scripts/train_eagle.py --steps 200        # the CPU with the defaults (the first head's recipe)
 
 Data: 256-token windows of the demo's training split (train_demo's split: the last 5% of each novel is held
 out, unseen here too), half of them Austen's text and half the demo model's own greedy continuation of a
@@ -108,7 +109,8 @@ def attend_depths(layer: TransformerBlock, h: torch.Tensor, cos: torch.Tensor, s
 
 
 def head_losses(head: EagleHead, llama: Llama, windows: torch.Tensor, features: torch.Tensor,
-                greedy: torch.Tensor, noise: float, depth: int) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+                greedy: torch.Tensor, noise: float, depth: int, ce_weight: float = CE_WEIGHT
+                ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """(loss, [per depth: (bsz, SEQ_LEN - 1) bool, draft equals the model's greedy token])."""
     model = llama.model
     emb = model.tok_embeddings(windows[:, 1:])  # (bsz, S - 1, dim): token j + 1 for pair j
@@ -126,7 +128,7 @@ def head_losses(head: EagleHead, llama: Llama, windows: torch.Tensor, features: 
         for layer, (keys, values) in zip(head.layers, caches):
             h = attend_depths(layer, h, cos, sin, keys, values)
         logits = model.output(model.norm(h)).float()  # the model's own norm and output layer
-        total = total + F.smooth_l1_loss(h, target_f) + CE_WEIGHT * F.cross_entropy(logits.transpose(1, 2), target_t)
+        total = total + F.smooth_l1_loss(h, target_f) + ce_weight * F.cross_entropy(logits.transpose(1, 2), target_t)
         right.append(logits.argmax(-1) == target_t)
         feat = torch.cat([real[:, :1], h[:, :-1]], dim=1)  # position j's input at the next depth: prediction j
     return total / depth, right
@@ -166,12 +168,12 @@ def dataset(llama: Llama, corpus: Corpus, n_text: int, n_distilled: int, generat
     return windows, torch.cat(feats), torch.cat(greedy)
 
 
-def write_head(head: EagleHead, out: Path) -> None:
+def write_head(head: EagleHead, params: Dict, out: Path) -> None:
     """consolidated.00.pth (bf16, Meta-style names), params.json, checklist.chk (md5, as Meta ships)."""
     out.mkdir(parents=True, exist_ok=True)
     state = {name: t.detach().to("cpu", torch.bfloat16).clone() for name, t in head.state_dict().items()}
     torch.save(state, out / "consolidated.00.pth")
-    (out / "params.json").write_text(json.dumps(HEAD_PARAMS, indent=2) + "\n")
+    (out / "params.json").write_text(json.dumps(params, indent=2) + "\n")
     write_checklist(out)
 
 
@@ -201,6 +203,16 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-every", type=int, default=100, help="also write the head every this many steps")
+    p.add_argument("--ce-weight", type=float, default=CE_WEIGHT, help="weight of the cross-entropy term")
+    p.add_argument("--ffn-multiplier", type=float, default=HEAD_PARAMS["ffn_dim_multiplier"],
+                   help="the block's ffn_dim_multiplier (0: none, Meta's SwiGLU size for dim 256: 704)")
+    p.add_argument("--data-batch", type=int, default=32, help="windows per forward pass of the model (data)")
+    p.add_argument("--data-cache", default="",
+                   help="load the data (windows, features, greedy tokens, the generator's state) from this file "
+                        "if it exists, else compute and save it there: runs of one recipe share it")
+    p.add_argument("--time-limit", type=float, default=0.0,
+                   help="stop training after this many seconds (then save), 0: no limit")
+    p.add_argument("--checkpoint", default="", help="also save the head's state dict here at every save")
     p.add_argument("--out", default=str(REPO / "models" / "demo-eagle"))
     p.add_argument("--report", default="", help="also write the figures printed to this JSON file")
     p.add_argument("--draft-vocab-only", action="store_true",
@@ -218,7 +230,7 @@ def main() -> None:
     demo = REPO / "models" / "demo"
     # fast=False: the fast layers' packed products have no backward, and the head's loss runs through the
     # model's output layer.
-    llama = Llama.build(str(demo), str(demo / "tokenizer.model"), max_seq_len=SEQ_LEN, max_batch_size=32,
+    llama = Llama.build(str(demo), str(demo / "tokenizer.model"), max_seq_len=SEQ_LEN, max_batch_size=max(32, opts.data_batch),
                         device=opts.device, dtype=torch.float32, fast=False)
     for param in llama.model.parameters():
         param.requires_grad_(False)
@@ -226,12 +238,27 @@ def main() -> None:
     train, held = Corpus(llama.tokenizer, train_novels), Corpus(llama.tokenizer, held_novels)
     write_draft_vocab(train, Path(opts.out))
     generator = torch.Generator().manual_seed(opts.seed)
-    windows, features, greedy = dataset(llama, train, opts.text_windows, opts.distilled, generator, 32)
-    held_windows, held_features, held_greedy = dataset(llama, held, 16, 16, torch.Generator().manual_seed(1), 32)
+    cache = Path(opts.data_cache) if opts.data_cache else None
+    if cache is not None and cache.is_file():
+        data = torch.load(cache, weights_only=True)
+        generator.set_state(data["generator"])
+        windows, features, greedy = data["train"]
+        held_windows, held_features, held_greedy = data["held"]
+    else:
+        windows, features, greedy = dataset(llama, train, opts.text_windows, opts.distilled, generator,
+                                            opts.data_batch)
+        held_windows, held_features, held_greedy = dataset(llama, held, 16, 16, torch.Generator().manual_seed(1),
+                                                           opts.data_batch)
+        if cache is not None:
+            torch.save({"generator": generator.get_state(), "train": (windows, features, greedy),
+                        "held": (held_windows, held_features, held_greedy)}, cache)
     print(f"data: {len(windows)} training windows ({opts.distilled} distilled), {len(held_windows)} held-out "
           f"({time.time() - t0:.0f} s)", flush=True)
 
-    head = EagleHead(head_args(HEAD_PARAMS, SEQ_LEN)).to(device)
+    params = dict(HEAD_PARAMS, ffn_dim_multiplier=opts.ffn_multiplier or None)
+    if params["ffn_dim_multiplier"] is None:
+        del params["ffn_dim_multiplier"]
+    head = EagleHead(head_args(params, SEQ_LEN)).to(device)
     for name, param in head.named_parameters():  # GPT-2 style, as train_demo
         if name.endswith("norm.weight"):
             torch.nn.init.ones_(param)
@@ -242,14 +269,14 @@ def main() -> None:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=PEAK_LR, betas=(0.9, 0.95))
     n_params = sum(q.numel() for q in head.parameters())
-    print(f"head: {HEAD_PARAMS}, {n_params / 1e6:.2f} M parameters; {opts.steps} steps of {opts.batch} x "
-          f"{SEQ_LEN}, depth {opts.depth}", flush=True)
+    print(f"head: {params}, {n_params / 1e6:.2f} M parameters; {opts.steps} steps of {opts.batch} x "
+          f"{SEQ_LEN}, depth {opts.depth}, cross-entropy weight {opts.ce_weight}", flush=True)
 
     def losses(idx: torch.Tensor, data: Tuple, noise: float, depth: int):
         w, f, g = (t[idx].to(device) for t in data)
         # bf16 autocast: the matrix products in bf16 (twice as fast on CPUs that have it), the rest float32.
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            return head_losses(head, llama, w, f.float(), g, noise, depth)
+            return head_losses(head, llama, w, f.float(), g, noise, depth, opts.ce_weight)
 
     def held_rates() -> List[float]:
         head.eval()
@@ -259,9 +286,27 @@ def main() -> None:
         head.train()
         return accept_rates([torch.cat(r) for r in zip(*rights)])
 
+    def report(done: int) -> None:
+        if not opts.report:
+            return
+        rates = history[-1]["held_out_accept_by_depth"] if history else []
+        Path(opts.report).write_text(json.dumps({
+            "device": str(device), "torch": torch.__version__, "threads": opts.threads, "steps": done,
+            "steps_asked": opts.steps, "batch": opts.batch, "depth": opts.depth, "seed": opts.seed,
+            "text_windows": opts.text_windows, "distilled": opts.distilled, "ce_weight": opts.ce_weight,
+            "params": params, "n_params": n_params, "data_seconds": train_start - t0,
+            "train_seconds": time.time() - train_start, "total_seconds": time.time() - t0,
+            "held_out_accept_by_depth": rates, "expected_mean_accepted_length_k4": expected_length(rates),
+            "history": history,
+        }, indent=1))
+
     train_start = time.time()
     history: List[Dict] = []
+    steps = opts.steps
     for step in range(opts.steps):
+        if opts.time_limit and time.time() - train_start > opts.time_limit and step % opts.save_every == 0:
+            steps = step  # stopped by the time limit, just after a save (or at step 0)
+            break
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         idx = torch.randint(len(windows), (opts.batch,), generator=generator)
@@ -280,19 +325,14 @@ def main() -> None:
             history.append({"step": step + 1, "loss": loss.item(), "held_out_accept_by_depth": rates})
             print(f"  step {step + 1}: held-out accept by depth {[round(r, 3) for r in rates]}, "
                   f"mean accepted length (4 drafts) about {expected_length(rates):.2f}; written", flush=True)
-            write_head(head, Path(opts.out))
-    train_seconds = time.time() - train_start
-    rates = history[-1]["held_out_accept_by_depth"]
-    print(f"trained in {train_seconds:.0f} s, {time.time() - t0:.0f} s in all; wrote {opts.out}")
-    if opts.report:
-        Path(opts.report).write_text(json.dumps({
-            "device": str(device), "torch": torch.__version__, "threads": opts.threads, "steps": opts.steps,
-            "batch": opts.batch, "depth": opts.depth, "seed": opts.seed, "text_windows": opts.text_windows,
-            "distilled": opts.distilled, "params": HEAD_PARAMS, "n_params": n_params,
-            "train_seconds": train_seconds, "total_seconds": time.time() - t0,
-            "held_out_accept_by_depth": rates, "expected_mean_accepted_length_k4": expected_length(rates),
-            "history": history,
-        }, indent=1))
+            write_head(head, params, Path(opts.out))
+            if opts.checkpoint:
+                torch.save({name: t.detach().to("cpu", torch.bfloat16).clone()
+                            for name, t in head.state_dict().items()}, opts.checkpoint)
+            report(step + 1)
+    print(f"trained {steps} steps in {time.time() - train_start:.0f} s, {time.time() - t0:.0f} s in all; "
+          f"wrote {opts.out}")
+    report(steps)
 
 
 def expected_length(rates: List[float]) -> float:

@@ -189,7 +189,7 @@ def test_the_demo_head_drafts_losslessly_and_is_accepted_often(demo):
         stats = assert_same_as_plain(demo, prompt, 48, drafter, k=4)
         lengths.append(stats.mean_accepted_length)
         assert stats.mean_accepted_length > 1.5, stats.summary()  # (a random head: about 1.0)
-    assert sum(lengths) / len(lengths) > 1.9, lengths  # the shipped head: 2.53, 1.92 and 1.71 here
+    assert sum(lengths) / len(lengths) > 1.9, lengths  # the shipped head: 2.53, 2.09 and 1.85 here
     spec = Speculation(EagleDrafter(HEAD_DIR, demo, min_confidence=0.3), k=4)  # through Llama.generate
     want = demo.generate([prompt], 40, temperature=0)[0]
     assert demo.generate([prompt], 40, temperature=0, speculative=spec)[0] == want

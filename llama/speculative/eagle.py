@@ -30,6 +30,7 @@ from torch import nn
 
 from llama.fast.layers import FastAttention, FastFeedForward, FastLinear, can_pack
 from llama.model import ModelArgs, TransformerBlock, apply_rotary_emb, causal_mask, interleave_rope, precompute_rope
+from llama.speculative.draft_int8 import Int8DraftProduct
 from llama.speculative.drafters import Drafter
 
 HEAD_FILES = ("consolidated.00.pth", "params.json")
@@ -201,7 +202,9 @@ class EagleDrafter(Drafter):
         of the head's training text (its draft_vocab.json): EAGLE-3's reduced draft vocabulary. The head's
         output product then reads those rows of the model's output layer only (a copy); the verify pass,
         over the whole vocabulary, keeps the output exact. draft_dtype: the dtype of the head's products
-        and of that copy (e.g. torch.bfloat16: half the bytes to read per draft; exact all the same)."""
+        and of that copy (e.g. torch.bfloat16: half the bytes to read per draft; exact all the same), or
+        torch.int8: each product held as int8 rows with per-row scales (llama.speculative.draft_int8: a
+        quarter of float32's bytes; the CPU only, where torch runs its int8 kernel)."""
         if not 0.0 <= min_confidence < 1.0:
             raise ValueError(f"min_confidence must be in [0, 1), got {min_confidence!r}")
         self.min_confidence = min_confidence
@@ -217,7 +220,18 @@ class EagleDrafter(Drafter):
         if fast:
             use_fast_head(self.head)
         self.head_dtype = self.head.fc.weight.dtype  # the dtype its products run in
-        if draft_dtype is not None and fast and self.head.params.n_layers == 1:
+        int8 = draft_dtype == torch.int8
+        if int8:
+            if not fast or self.head.params.n_layers != 1:
+                raise ValueError(f"draft_dtype=torch.int8 drafts with a one-block head on the fast layers (got "
+                                 f"fast={fast}, {self.head.params.n_layers} blocks)")
+            # Each product as int8 rows (llama.speculative.draft_int8); the rest stays in the model's dtype.
+            layer = self.head.layers[0]
+            self.head.fc = Int8DraftProduct(self.head.fc.dense_weight())
+            attn, ffn = layer.attention, layer.feed_forward
+            attn.wqkv, attn.wo = Int8DraftProduct(attn.wqkv.dense_weight()), Int8DraftProduct(attn.wo.dense_weight())
+            ffn.w13, ffn.w2 = Int8DraftProduct(ffn.w13.dense_weight()), Int8DraftProduct(ffn.w2.dense_weight())
+        elif draft_dtype is not None and fast and self.head.params.n_layers == 1:
             # The head's products in draft_dtype (fewer bytes to read); its cache, RoPE and attention stay
             # in the model's dtype, and _lean_step casts at the edges.
             layer = self.head.layers[0]
@@ -238,7 +252,8 @@ class EagleDrafter(Drafter):
                                      f"{len(ids)} ids from {ids[:1]} to {ids[-1:]}")
                 self.draft_ids = torch.tensor(ids, dtype=torch.long, device=weight.device)
                 weight = weight[self.draft_ids]
-            self.draft_weight = weight.to(draft_dtype or weight.dtype).contiguous()
+            self.draft_weight = weight.to(weight.dtype if int8 else (draft_dtype or weight.dtype)).contiguous()
+        self.draft_product = Int8DraftProduct(self.draft_weight) if int8 else None  # the output rows in int8
         self.features = torch.zeros(model.params.max_seq_len, model.params.dim,
                                     device=model.rope_cos.device, dtype=model.tok_embeddings.weight.dtype)
         self.n_real = 0  # features known for positions 0 .. n_real - 1 (the model's, of accepted tokens)
@@ -294,6 +309,8 @@ class EagleDrafter(Drafter):
     def draft_logits(self, normed: torch.Tensor) -> torch.Tensor:
         """The model's output layer on normed features (n, dim) -> (n, vocab); with a draft vocabulary or
         dtype, its copy: (n, len(draft_vocab)) logits, in draft_dtype."""
+        if self.draft_product is not None:
+            return self.draft_product(normed)
         if self.draft_weight is None:
             return self.target.model.output(normed)
         return F.linear(normed.to(self.draft_weight.dtype), self.draft_weight)
@@ -353,5 +370,6 @@ class EagleDrafter(Drafter):
         return (f"EagleDrafter({p.n_layers} layer, dim {p.dim}, ffn {p.ffn_hidden_dim}"
                 + (f", min_confidence={self.min_confidence}" if self.min_confidence else "")
                 + (f", draft_vocab={len(self.draft_ids)}" if self.draft_ids is not None else "")
-                + (f", draft_dtype={str(self.head_dtype).replace('torch.', '')}"
+                + (", draft_dtype=int8" if self.draft_product is not None else
+                   f", draft_dtype={str(self.head_dtype).replace('torch.', '')}"
                    if self.draft_weight is not None else "") + ")")

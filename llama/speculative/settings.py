@@ -71,23 +71,35 @@ def build_eagle_drafter(target: Any, path: Optional[str], tree: bool = False) ->
     from llama.speculative.eagle_tree import EagleTreeDrafter
 
     head_dir = path or DEMO_DIR.parent / "demo-eagle"
-    options = eagle_draft_options(head_dir)
+    options = eagle_draft_options(head_dir, target.model.tok_embeddings.weight.device)
     if tree:
         return EagleTreeDrafter(head_dir, target, branch=TREE_BRANCH, nodes=TREE_NODES, **options)
     return EagleDrafter(head_dir, target, **options)
 
 
 EAGLE_DRAFT_VOCAB = 2048  # the most frequent tokens drafted (of the demo's 4352: 94% of its training text)
-TREE_BRANCH, TREE_NODES, TREE_DEPTH = 3, 8, 3  # the named tree's shape (measured: docs/speculative.md)
+TREE_BRANCH, TREE_NODES, TREE_DEPTH = 3, 10, 4  # the named tree's shape (measured: docs/speculative.md, third slice)
 
 
-def eagle_draft_options(head_dir: Any) -> Dict[str, Any]:
+def eagle_draft_options(head_dir: Any, device: Any = None) -> Dict[str, Any]:
     """EagleDrafter's options for a named setting: the head's EAGLE_DRAFT_VOCAB most frequent tokens where it
-    ships draft_vocab.json with that many (else the whole vocabulary); products in the model's dtype (bf16
-    ones, with their casts, measured slower for the demo on the CPU: docs/speculative.md)."""
-    from llama.speculative.eagle import DRAFT_VOCAB_FILE
+    ships draft_vocab.json with that many (else the whole vocabulary); on a CPU (`device`: the target's) whose
+    torch runs int8 products for bf16 activations, the head's products in int8 (a quarter of float32's
+    bytes: faster drafting, the same drafts on the demo: docs/speculative.md); elsewhere in the model's dtype
+    (bf16 ones, with their casts, measured slower for the demo on the CPU)."""
+    import torch
+
+    from llama.fast.quantize import int8pack_mm_works
+    from llama.speculative.draft_int8 import INT8_COLUMNS
+    from llama.speculative.eagle import DRAFT_VOCAB_FILE, head_args
 
     options: Dict[str, Any] = {}
+    if device is not None and torch.device(device).type == "cpu" and int8pack_mm_works(torch.device("cpu"),
+                                                                                       torch.bfloat16):
+        params_file = Path(head_dir) / "params.json"  # (a missing one: EagleDrafter's own error, later)
+        args = head_args(json.loads(params_file.read_text()), 1) if params_file.is_file() else None
+        if args is not None and args.dim % INT8_COLUMNS == 0 and args.ffn_hidden_dim % INT8_COLUMNS == 0:
+            options["draft_dtype"] = torch.int8
     vocab_file = Path(head_dir) / DRAFT_VOCAB_FILE
     if vocab_file.is_file() and len(json.loads(vocab_file.read_text())) >= EAGLE_DRAFT_VOCAB:
         options["draft_vocab"] = EAGLE_DRAFT_VOCAB
