@@ -36,6 +36,7 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 from torch import nn
 
+from llama.fast.blocked_int8 import BlockedInt8Product
 from llama.fast.cpu_forms import PROBE_MIN_BYTES, CompiledProduct, use_form
 from llama.fast.layers import FastLinear, Positions
 from llama.fast.quantize import Int8Linear
@@ -61,8 +62,9 @@ def compile_options() -> Dict[str, object]:
 class CompiledCPUStep:
     """A DecodeStep (same call) whose step is compiled whole by inductor for the CPU (see the module docstring).
 
-    Building it unpacks every oneDNN-packed weight (its layer then takes the compiled form, a kernel reading
-    the plain weight), so that the model holds each weight once. The batch size is static (a new batch size
+    Building it gives every product a form inductor can inline: a float layer left on oneDNN's packed weight
+    (or on F.linear) takes the compiled form, its weight unpacked (held once); an int8 layer left on torch's
+    int8 kernel (which the graph would replace by a float copy of the weight at every step), the blocked one. The batch size is static (a new batch size
     compiles again), the cache length read dynamic (one compilation for every position but the last, where the
     cache is read whole: a second one).
     """
@@ -71,9 +73,12 @@ class CompiledCPUStep:
         self.model = model
         self.eager = DecodeStep(model)  # where compiling fails later (a new batch size), with a warning
         self.failed = False
-        for m in model.modules():
-            if isinstance(m, FastLinear) and m.packed is not None:
-                use_form(m, "compiled", None)  # unpacks: the layer's weight becomes plain, read by `traced`
+        for m in model.modules():  # every product in a form inductor can inline (one with `traced`)
+            if isinstance(m, FastLinear) and not hasattr(m.decode_form, "traced"):
+                # (a packed layer's form is made by use_form, which unpacks the weight: it is then held once)
+                use_form(m, "compiled", None if m.packed is not None else CompiledProduct(m.weight.detach()))
+            elif isinstance(m, Int8Linear) and not hasattr(m.decode_form, "traced"):
+                use_form(m, "blocked", BlockedInt8Product(m.int8_weight(), m.scale_act))
         self.graph = torch.compile(self._step, options=compile_options(), fullgraph=True)
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -112,15 +117,17 @@ def compiles_on_cpu(model: Transformer) -> bool:
     return model.rope_cos.device.type == "cpu" and fs_init.get_model_parallel_world_size() == 1
 
 
-def _packed_layers(model: nn.Module) -> Dict[nn.Module, tuple]:
-    """What unpacking changes in each packed layer, to put it back."""
-    return {m: (m.packed, m.weight, m.decode_form, getattr(m, "form_name", None))
-            for m in model.modules() if isinstance(m, FastLinear) and m.packed is not None}
+def _layer_states(model: nn.Module) -> Dict[nn.Module, tuple]:
+    """What CompiledCPUStep changes in each product's layer (its weight, packed weight and form), to put back."""
+    return {m: (getattr(m, "packed", None), m.weight, m.decode_form, getattr(m, "form_name", None))
+            for m in model.modules() if isinstance(m, (FastLinear, Int8Linear))}
 
 
 def _restore(saved: Dict[nn.Module, tuple]) -> None:
     for m, (packed, weight, form, name) in saved.items():
-        m.packed, m.decode_form = packed, form
+        if isinstance(m, FastLinear):
+            m.packed = packed
+        m.decode_form = form
         m.weight = weight
         if name is None:
             m.__dict__.pop("form_name", None)
@@ -171,7 +178,7 @@ def cpu_decode_step(model: Transformer, compile: bool = False) -> Optional[Compi
     if timed:
         with torch.inference_mode():  # as the decode loop runs it
             eager_s = _time_steps(DecodeStep(model), tokens, positions, kv_len)
-    saved = _packed_layers(model)
+    saved = _layer_states(model)
     start = time.perf_counter()
     try:
         step = CompiledCPUStep(model)
@@ -185,7 +192,8 @@ def cpu_decode_step(model: Transformer, compile: bool = False) -> Optional[Compi
     if not timed:
         return step
     compiled_s = _time_steps(step.run, tokens, positions, kv_len)
-    step.probe = {"eager_step_s": eager_s, "compiled_step_s": compiled_s, "compile_s": step.compile_seconds}
+    # What was measured, kept on the model whichever step won (the bench records it).
+    model.cpu_step_probe = {"eager_step_s": eager_s, "compiled_step_s": compiled_s, "compile_s": step.compile_seconds}
     if eager_s < compiled_s * MIN_GAIN:
         _restore(saved)
         return None
