@@ -9,11 +9,11 @@ token per row) goes through torch.compile with inductor's CPU backend:
   a step costs one Python call (and torch.compile's guards);
 - the products keep the form the load-time probe picked (llama.fast.cpu_forms): a picked "compiled" or
   "blocked" form is inlined as its torch operations (its `traced` method), so inductor writes the same loop
-  nest inside the step's graph; a layer left on oneDNN's packed weight is unpacked (the step reads its plain
-  weight through the compiled form too: inductor cannot take oneDNN's opaque packed tensor, and freezing,
-  which would pack it again, keeps a second copy of every such weight);
-- the step's shapes are dynamic in the batch size and the cache length it reads (`dynamic=True`): one
-  compilation serves every batch and position, and a step reads only the part of the cache filled so far.
+  nest inside the step's graph; a layer left on oneDNN's packed weight takes the compiled form, unpacked
+  (inductor cannot take oneDNN's opaque packed tensor, and `freezing`, which would pack a plain weight
+  again, keeps a second copy of it); an int8 layer left on torch's int8 kernel takes the blocked form;
+- the batch size is static (another batch size compiles again); the cache length a step reads is dynamic, so
+  one compilation serves every position and a step reads only the part of the cache filled so far.
 
 Numerics are the eager fast path's: every product sums in float32 (the forms' own loops, in their order),
 activations are never rounded beyond the model's dtype; inductor fuses the pointwise operations, which in
@@ -21,7 +21,7 @@ float32 changes results by rounding only (tests/test_cpu_step.py: the reference 
 within a bound derived from float32 rounding).
 
 `cpu_decode_step(model)` is what `Llama` calls: where the step compiled whole beats the eager step in a short
-timed comparison at load (alternating, best of PROBE_ROUNDS), it returns it, else None (the eager step). It is
+timed comparison at load (best of PROBE_ROUNDS each, eager first), it returns it, else None (the eager step). It is
 left out where it cannot pay: models under PROBE_MIN_BYTES of linear weights (compiling costs ~10-25 s on 2
 cores), another device, several model-parallel ranks, LLAMA_CPU_STEP=off. No C++ compiler (or any failure
 of inductor): a warning, and the eager step.
@@ -64,9 +64,8 @@ class CompiledCPUStep:
 
     Building it gives every product a form inductor can inline: a float layer left on oneDNN's packed weight
     (or on F.linear) takes the compiled form, its weight unpacked (held once); an int8 layer left on torch's
-    int8 kernel (which the graph would replace by a float copy of the weight at every step), the blocked one. The batch size is static (a new batch size
-    compiles again), the cache length read dynamic (one compilation for every position but the last, where the
-    cache is read whole: a second one).
+    int8 kernel (which the graph would replace by a float copy of the weight at every step), the blocked one.
+    The batch size is static (a new batch size compiles again), the cache length read dynamic.
     """
 
     def __init__(self, model: Transformer):
