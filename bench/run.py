@@ -236,7 +236,17 @@ def ours_system(name: str, llama: Llama) -> System:
         out, _ = llama.generate(prompts.tolist(), max_gen_len=n, temperature=0.0)
         return torch.tensor(out)
 
-    return System(name, generate)
+    system = System(name, generate)
+    system.llama = llama  # type: ignore[attr-defined]
+    return system
+
+
+def step_description(llama: Llama) -> Dict[str, Any]:
+    """Which decode step `llama` runs (DecodeStep, or CompiledCPUStep: the CPU step compiled whole), with the
+    compile time and the load-time comparison where there was one."""
+    step = llama.decode_step
+    return {"step": type(step).__name__, "compile_s": getattr(step, "compile_seconds", None),
+            "probe": getattr(llama.model, "cpu_step_probe", None)}
 
 
 def hf_system(model) -> System:
@@ -416,6 +426,10 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
             forms[f"ours-{opts.quantize}"] = picked_forms(quantized.model)
         if device.type == "cpu":  # the form each product took for decode steps (llama.fast.cpu_forms)
             report["picked_forms"][dtype_name] = forms
+            # ... and the step: eager, or compiled whole where that won at load (llama.fast.cpu_step)
+            report.setdefault("decode_steps", {})[dtype_name] = {
+                s.name: step_description(s.llama) for s in built if hasattr(s, "llama")}
+            log(f"  {dtype_name} decode steps: {report['decode_steps'][dtype_name]}")
             for name, picked in forms.items():
                 log(f"  {name} {dtype_name} decode forms: " + ", ".join(f"{k} {v}" for k, v in picked.items()))
         if opts.default_forms and device.type == "cpu":

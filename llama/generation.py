@@ -27,6 +27,7 @@ from llama.config import GenerationConfig, resolve_config
 from llama.distributed import default_dtype, init_distributed, is_rank_zero, pick_device, pick_dtype
 from llama.families import AnyChatFormat, AnyTokenizer, load_tokenizer, make_chat_format
 from llama.fast.cpu_forms import pick_cpu_forms
+from llama.fast.cpu_step import compiles_on_cpu, cpu_decode_step
 from llama.fast.layers import use_fast_layers
 from llama.fast.loop import decode, stop_check_interval
 from llama.fast.quantize import check_quantize, use_int8_layers
@@ -223,15 +224,19 @@ class Llama:
         its step (see build)."""
         if compile and not fast:
             raise ValueError("compile=True compiles the fast decode loop's step: it needs fast=True")
+        cpu_step = None
         if fast:  # the fast path is layered on from outside; the reference modules are left as they are
-            use_fast_layers(model, pack=not compile)
-            if not compile:  # on the CPU: each product's fastest form for decode steps, timed here
+            # On the CPU (one rank) compile=True compiles the step with the picked forms inside (cpu_step.py).
+            cpu_compile = compile and compiles_on_cpu(model)
+            use_fast_layers(model, pack=not compile or cpu_compile)
+            if not compile or cpu_compile:  # on the CPU: each product's fastest form for decode steps, timed here
                 pick_cpu_forms(model)
+                cpu_step = cpu_decode_step(model, compile=cpu_compile)  # where compiling the step whole wins
         self.model = model
         self.tokenizer = tokenizer
         self.formatter = formatter or make_chat_format(tokenizer)
         self.fast = fast
-        self.decode_step = DecodeStep(model, compile=compile) if fast else None
+        self.decode_step = (cpu_step or DecodeStep(model, compile=compile and not cpu_compile)) if fast else None
 
     @property
     def device(self) -> torch.device:

@@ -98,3 +98,9 @@ class BlockedInt8Product:
             y = y[:, :self.out_features].contiguous()
         return y.view(*x.shape[:-1], self.out_features)  # (..., N)
 
+    def traced(self, x: torch.Tensor) -> torch.Tensor:
+        """The same product as torch operations, for a step compiled whole (llama.fast.cpu_step)."""
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)  # (M, K)
+        y = _blocked_multiply_sum(x2, self.blocks, self.scale, x.dtype)[:, :self.out_features]
+        return y.reshape(*x.shape[:-1], self.out_features)  # (..., N)
+

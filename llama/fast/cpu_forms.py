@@ -113,6 +113,13 @@ class CompiledProduct:
         y = compiled_kernel(x2, self.weight, self.scale, x.dtype)(*args)
         return y.view(*x.shape[:-1], y.shape[-1])  # (..., N)
 
+    def traced(self, x: torch.Tensor) -> torch.Tensor:
+        """The same product as torch operations, for a step compiled whole (llama.fast.cpu_step): inductor
+        makes the same loop nest of it inside the step's graph."""
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)  # (M, K)
+        y = _multiply_sum(x2, self.weight, self.scale, x.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])  # (..., N)
+
 
 def _default_form(layer: nn.Module) -> str:
     if isinstance(layer, Int8Linear):

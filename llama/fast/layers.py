@@ -41,6 +41,18 @@ PACK_FOR_ROWS = 16
 DECODE_FORM_MAX_ROWS = 16
 
 
+def decode_form(layer: nn.Module, rows: int) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """The form picked at load (llama.fast.cpu_forms) that a product of `rows` rows takes, or None for the
+    layer's own path. Inside torch.compile, the form's torch operations (`traced`), where it has them: the
+    CPU step compiled whole (llama.fast.cpu_step) inlines them; its own call is an opaque compiled kernel."""
+    form = layer.decode_form
+    if form is None or rows > DECODE_FORM_MAX_ROWS:
+        return None
+    if torch.compiler.is_compiling():
+        return getattr(form, "traced", None)
+    return form
+
+
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     """True where weights can be packed for oneDNN: the CPU, float32, or bf16 on processors with native bf16."""
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
@@ -107,9 +119,9 @@ class FastLinear(nn.Module):
             self.weight = nn.Parameter(weight.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.decode_form is not None and x.numel() <= DECODE_FORM_MAX_ROWS * self.in_features
-                and not torch.compiler.is_compiling()):
-            y = self.decode_form(x)  # picked at load for decode steps (llama.fast.cpu_forms)
+        form = decode_form(self, x.numel() // self.in_features)
+        if form is not None:
+            y = form(x)  # picked at load for decode steps (llama.fast.cpu_forms)
         elif self.packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         else:

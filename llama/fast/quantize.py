@@ -32,7 +32,7 @@ from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallel
 from torch import nn
 
 from llama.fast.int8_gemv import MAX_ROWS as GEMV_MAX_ROWS, Int8Gemv, use_int8_gemv
-from llama.fast.layers import DECODE_FORM_MAX_ROWS, FastLinear, across_ranks, is_fast, save_as_meta, use_fast_layers
+from llama.fast.layers import FastLinear, decode_form, across_ranks, is_fast, save_as_meta, use_fast_layers
 from llama.model import Transformer
 
 # The values `quantize` takes (besides None, no quantization).
@@ -165,10 +165,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)  # (M, K): the kernel takes a 2-d, contiguous input
+        form = decode_form(self, x2.shape[0])
         if self.gemv is not None and x2.shape[0] <= GEMV_MAX_ROWS:
             y = self.gemv(x, self.weight, self.scale_act)  # (..., out_features)
-        elif self.decode_form is not None and x2.shape[0] <= DECODE_FORM_MAX_ROWS and not torch.compiler.is_compiling():
-            y = self.decode_form(x)  # picked at load for decode steps (llama.fast.cpu_forms)
+        elif form is not None:
+            y = form(x)  # picked at load for decode steps (llama.fast.cpu_forms)
         elif self.use_kernel and x2.shape[0] <= KERNEL_MAX_ROWS and not torch.compiler.is_compiling():
             if not x2.is_contiguous() or x2.data_ptr() % 64:
                 x2 = x2.clone(memory_format=torch.contiguous_format)  # a fresh, aligned copy

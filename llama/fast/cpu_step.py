@@ -1,0 +1,206 @@
+"""The CPU decode step compiled whole: inductor's C++ for the step's ~200 operations, with no Python in it.
+
+An eager CPU decode step calls ~200 small operations (norms, rotary embedding, the cache writes, attention,
+SiLU, ...) between its products, each through torch's dispatcher and Python; on the bench's small shape, int8,
+they were about a third of a 5.3 ms step (docs/cpu-step.md). Here the step (llama.fast.step.fast_forward at one
+token per row) goes through torch.compile with inductor's CPU backend:
+
+- `cpp_wrapper`: the compiled graph is called from generated C++, not from a generated Python function, so
+  a step costs one Python call (and torch.compile's guards);
+- the products keep the form the load-time probe picked (llama.fast.cpu_forms): a picked "compiled" or
+  "blocked" form is inlined as its torch operations (its `traced` method), so inductor writes the same loop
+  nest inside the step's graph; a layer left on oneDNN's packed weight takes the compiled form, unpacked
+  (inductor cannot take oneDNN's opaque packed tensor, and `freezing`, which would pack a plain weight
+  again, keeps a second copy of it); an int8 layer left on torch's int8 kernel takes the blocked form;
+- the batch size is static (another batch size compiles again); the cache length a step reads is dynamic, so
+  one compilation serves every position and a step reads only the part of the cache filled so far.
+
+Numerics are the eager fast path's: every product sums in float32 (the forms' own loops, in their order),
+activations are never rounded beyond the model's dtype; inductor fuses the pointwise operations, which in
+float32 changes results by rounding only (tests/test_cpu_step.py: the reference loop's greedy tokens, logits
+within a bound derived from float32 rounding).
+
+`cpu_decode_step(model)` is what `Llama` calls: where the step compiled whole beats the eager step in a short
+timed comparison at load (best of PROBE_ROUNDS each, eager first), it returns it, else None (the eager step). It is
+left out where it cannot pay: models under PROBE_MIN_BYTES of linear weights (compiling costs ~10-25 s on 2
+cores), another device, several model-parallel ranks, LLAMA_CPU_STEP=off. No C++ compiler (or any failure
+of inductor): a warning, and the eager step.
+"""
+
+import os
+import time
+import warnings
+from typing import Callable, Dict, Optional
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+from torch import nn
+
+from llama.fast.blocked_int8 import BlockedInt8Product
+from llama.fast.cpu_forms import PROBE_MIN_BYTES, CompiledProduct, use_form
+from llama.fast.layers import FastLinear, Positions
+from llama.fast.quantize import Int8Linear
+from llama.fast.step import DecodeStep, fast_forward
+from llama.model import Transformer
+
+ENV = "LLAMA_CPU_STEP"
+# Timed rounds per side at load (the best of each counts), and steps per round.
+PROBE_ROUNDS = 5
+PROBE_STEPS = 4
+# The compiled step is kept only if it is at least this much faster than the eager one (a probe on a
+# busy machine is noisy; a tie is not worth a compiled graph).
+MIN_GAIN = 1.03
+
+
+def compile_options() -> Dict[str, object]:
+    """Inductor's options for the CPU step: generated C++ calls the graph (no Python wrapper). Not
+    `freezing` (it packs plain weights for oneDNN again, a second copy of each), nor max_autotune (minutes
+    of compiling on 2 cores; the products are the picked forms already)."""
+    return {"cpp_wrapper": True}
+
+
+class CompiledCPUStep:
+    """A DecodeStep (same call) whose step is compiled whole by inductor for the CPU (see the module docstring).
+
+    Building it gives every product a form inductor can inline: a float layer left on oneDNN's packed weight
+    (or on F.linear) takes the compiled form, its weight unpacked (held once); an int8 layer left on torch's
+    int8 kernel (which the graph would replace by a float copy of the weight at every step), the blocked one.
+    The batch size is static (a new batch size compiles again), the cache length read dynamic.
+    """
+
+    def __init__(self, model: Transformer):
+        self.model = model
+        self.eager = DecodeStep(model)  # where compiling fails later (a new batch size), with a warning
+        self.failed = False
+        for m in model.modules():  # every product in a form inductor can inline (one with `traced`)
+            if isinstance(m, FastLinear) and not hasattr(m.decode_form, "traced"):
+                # (a packed layer's form is made by use_form, which unpacks the weight: it is then held once)
+                use_form(m, "compiled", None if m.packed is not None else CompiledProduct(m.weight.detach()))
+            elif isinstance(m, Int8Linear) and not hasattr(m.decode_form, "traced"):
+                use_form(m, "blocked", BlockedInt8Product(m.int8_weight(), m.scale_act))
+        self.graph = torch.compile(self._step, options=compile_options(), fullgraph=True)
+
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        # cols: (kv_len,), only its length is read: a dimension torch.compile keeps symbolic (mark_dynamic)
+        return fast_forward(self.model, tokens[:, None], positions, kv_len=cols.shape[0])[:, 0]  # (bsz, vocab)
+
+    def __call__(self, tokens: torch.Tensor, positions: Positions, kv_len: int) -> torch.Tensor:
+        """tokens: (bsz,); positions: (bsz,) or an int (every row there); kv_len: cache positions to read,
+        beyond every row's position. Where compiling fails (a new batch size), a warning, and from then on
+        the eager step."""
+        if not self.failed:
+            try:
+                return self.run(tokens, positions, kv_len)
+            except Exception as e:  # noqa: BLE001  (inductor raises many kinds: a compiler missing, a limit)
+                warnings.warn(f"the compiled CPU decode step failed ({type(e).__name__}: {str(e)[:200]}); "
+                              "decoding on the eager step")
+                self.failed = True
+        return self.eager(tokens, positions, kv_len)
+
+    def run(self, tokens: torch.Tensor, positions: Positions, kv_len: int) -> torch.Tensor:
+        """The compiled step (compiled at the first call with a batch size), errors raised."""
+        if isinstance(positions, int):
+            positions = torch.full_like(tokens, positions)
+        # Compiled code cannot take inference tensors: run outside inference mode, on copies.
+        with torch.inference_mode(False), torch.no_grad():
+            tokens, positions = tokens.clone(), positions.clone()
+            cols = torch.empty(max(kv_len, 2), dtype=torch.int8)  # a length of 1 would be taken as a constant
+            torch._dynamo.mark_dynamic(cols, 0)
+            torch._dynamo.mark_static(tokens, 0)
+            torch._dynamo.mark_static(positions, 0)
+            return self.graph(tokens, positions, cols)
+
+
+def compiles_on_cpu(model: Transformer) -> bool:
+    """True where compile=True means this module's step: the model on the CPU, on one model-parallel rank."""
+    return model.rope_cos.device.type == "cpu" and fs_init.get_model_parallel_world_size() == 1
+
+
+def _layer_states(model: nn.Module) -> Dict[nn.Module, tuple]:
+    """What CompiledCPUStep changes in each product's layer (its weight, packed weight and form), to put back."""
+    return {m: (getattr(m, "packed", None), m.weight, m.decode_form, getattr(m, "form_name", None))
+            for m in model.modules() if isinstance(m, (FastLinear, Int8Linear))}
+
+
+def _restore(saved: Dict[nn.Module, tuple]) -> None:
+    for m, (packed, weight, form, name) in saved.items():
+        if isinstance(m, FastLinear):
+            m.packed = packed
+        m.decode_form = form
+        m.weight = weight
+        if name is None:
+            m.__dict__.pop("form_name", None)
+        else:
+            m.form_name = name
+
+
+def _time_steps(step: Callable, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> float:
+    """The best of PROBE_ROUNDS rounds of PROBE_STEPS steps, seconds a step."""
+    best = float("inf")
+    for _ in range(PROBE_ROUNDS):
+        start = time.perf_counter()
+        for _ in range(PROBE_STEPS):
+            step(tokens, positions, kv_len)
+        best = min(best, (time.perf_counter() - start) / PROBE_STEPS)
+    return best
+
+
+@torch.no_grad()
+def cpu_decode_step(model: Transformer, compile: bool = False) -> Optional[CompiledCPUStep]:
+    """The decode step compiled whole for `model` on the CPU, or None for the eager DecodeStep.
+
+    compile=True (Llama's compile=True on the CPU): compiled, untimed. Otherwise (LLAMA_CPU_STEP=auto, the
+    default) only for models of PROBE_MIN_BYTES of linear weights or more, and only if a timed comparison at
+    load finds it at least MIN_GAIN times faster than the eager step (timed first, then the compiled one:
+    compiling unpacks the packed weights, which are packed again if the eager step wins); =probe: the
+    comparison whatever the size; =off: never; =on: always, untimed. Not on another device, nor over several
+    model-parallel ranks (the compiled step there is DecodeStep's). A compiler missing or failing: a warning,
+    the model as it was, and None.
+    """
+    setting = os.environ.get(ENV, "auto")
+    if setting not in ("auto", "off", "probe", "on"):
+        raise ValueError(f"{ENV} must be 'auto', 'off', 'probe' or 'on', got {setting!r}")
+    linears = [m for m in model.modules() if isinstance(m, (FastLinear, Int8Linear))]
+    if not linears or not compiles_on_cpu(model):
+        return None
+    if model.params.max_seq_len < 3:
+        return None  # the step reads at least 2 positions; nothing to gain on so short a context
+    if not compile:
+        weight_bytes = sum(m.out_features * m.in_features * _element_size(m) for m in linears)
+        if setting == "off" or (setting == "auto" and weight_bytes < PROBE_MIN_BYTES):
+            return None
+    timed = not compile and setting in ("auto", "probe")
+    tokens = torch.zeros(1, dtype=torch.long)
+    kv_len = min(16, model.params.max_seq_len - 1)
+    positions = torch.full((1,), kv_len - 1)  # what the probe writes in the cache, a prefill overwrites
+    eager_s = None
+    if timed:
+        with torch.inference_mode():  # as the decode loop runs it
+            eager_s = _time_steps(DecodeStep(model), tokens, positions, kv_len)
+    saved = _layer_states(model)
+    start = time.perf_counter()
+    try:
+        step = CompiledCPUStep(model)
+        step.run(tokens, positions, kv_len)  # compiles
+    except Exception as e:  # noqa: BLE001  (a compiler missing or failing: inductor raises many kinds)
+        _restore(saved)
+        warnings.warn(f"the CPU decode step cannot be compiled here ({type(e).__name__}: {str(e)[:200]}); "
+                      "it runs eagerly", stacklevel=2)
+        return None
+    step.compile_seconds = time.perf_counter() - start
+    if not timed:
+        return step
+    compiled_s = _time_steps(step.run, tokens, positions, kv_len)
+    # What was measured, kept on the model whichever step won (the bench records it).
+    model.cpu_step_probe = {"eager_step_s": eager_s, "compiled_step_s": compiled_s, "compile_s": step.compile_seconds}
+    if eager_s < compiled_s * MIN_GAIN:
+        _restore(saved)
+        return None
+    return step
+
+
+def _element_size(layer: nn.Module) -> int:
+    if isinstance(layer, Int8Linear):
+        return 1
+    weight = layer.weight if layer.weight is not None else layer.packed
+    return torch.empty((), dtype=weight.dtype).element_size()

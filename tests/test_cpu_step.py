@@ -1,0 +1,114 @@
+"""llama.fast.cpu_step: the CPU decode step compiled whole gives the reference loop's greedy tokens and logits
+as close to exact (float64) as the reference's own float32 ones, is chosen only where it is asked for or wins,
+and without a working C++ compiler the model decodes eagerly, with a warning."""
+
+import copy
+
+import pytest
+import torch
+
+from llama import Llama
+from llama.fast import cpu_step
+from llama.fast.cpu_forms import picked_forms
+from llama.fast.cpu_step import CompiledCPUStep, cpu_decode_step
+from llama.fast.step import DecodeStep, fast_forward
+
+from helpers import SMALL_GQA
+
+PARAMS = dict(SMALL_GQA, vocab_size=512)
+MAX_SEQ_LEN = 40
+# The compiled step's products and fused pointwise operations round in another order than the reference
+# model's: each float32 sum has the same worst-case error (gamma_K times the sum of magnitudes) whatever its
+# order, so its distance from exact may be a small multiple of the reference's own, not more.
+ORDER_FACTOR = 8
+
+
+def _build(tiny_llama, **kwargs) -> Llama:
+    return tiny_llama(PARAMS, seed=6, max_seq_len=MAX_SEQ_LEN, max_batch_size=4, device="cpu", dtype=torch.float32,
+                      **kwargs)
+
+
+def _prompts(lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.slow  # compiles (inductor)
+def test_compiled_cpu_step_gives_the_reference_greedy_tokens(tiny_llama):
+    compiled, reference = _build(tiny_llama, compile=True), _build(tiny_llama, fast=False)
+    assert isinstance(compiled.decode_step, CompiledCPUStep)
+    for lengths, new in (([3, 11, 7], 12), ([5, 5], 9), ([4], MAX_SEQ_LEN - 4)):  # the last fills the context
+        prompts = _prompts(lengths, seed=len(lengths))
+        tokens, logprobs = compiled.generate(prompts, new, temperature=0, logprobs=True)
+        ref_tokens, ref_logprobs = reference.generate(prompts, new, temperature=0, logprobs=True)
+        assert tokens == ref_tokens
+        for row, ref_row in zip(logprobs, ref_logprobs):
+            torch.testing.assert_close(torch.tensor(row), torch.tensor(ref_row), rtol=0, atol=1e-5)
+    assert not compiled.decode_step.failed  # every step ran compiled
+
+
+@pytest.mark.slow  # compiles (inductor)
+def test_compiled_cpu_step_logits_are_as_close_to_exact_as_the_reference_ones(tiny_llama):
+    """Each step's logits against the same model in float64: the compiled step's distance from exact is
+    within ORDER_FACTOR times the float32 reference model's own, over 10 decode steps of 2 rows."""
+    compiled, reference = _build(tiny_llama, compile=True), _build(tiny_llama, fast=False)
+    exact = copy.deepcopy(reference.model).double()
+    prompts = torch.tensor(_prompts([6, 6], seed=3))  # (2, 6)
+    with torch.inference_mode():
+        fast_forward(compiled.model, prompts, 0)
+        ref = reference.model.forward(prompts, 0)[:, -1]
+        exact.forward(prompts, 0)
+        err, ref_err = 0.0, 0.0
+        for pos in range(6, 16):
+            tokens = ref.argmax(-1)  # (2,) the reference's greedy tokens, fed to all three
+            logits = compiled.decode_step(tokens, pos, pos + 1)  # (2, vocab)
+            ref = reference.model.forward(tokens[:, None], pos)[:, -1]
+            logits64 = exact.forward(tokens[:, None], pos)[:, -1]
+            err = max(err, float((logits.double() - logits64).abs().max()))
+            ref_err = max(ref_err, float((ref.double() - logits64).abs().max()))
+    assert 0 < ref_err < 1e-4  # float32 rounding, not another model
+    assert err <= ORDER_FACTOR * ref_err, (err, ref_err)
+
+
+@pytest.mark.slow  # tries to compile
+def test_without_a_compiler_the_model_decodes_eagerly_with_a_warning(tiny_llama, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/no/such/c++",))
+    monkeypatch.setattr(inductor_config, "force_disable_caches", True)  # no kernel from an earlier compile
+    torch._dynamo.reset()
+    reference = _build(tiny_llama)  # eager fast path
+    with pytest.warns(UserWarning, match="cannot be compiled here"):
+        llama = _build(tiny_llama, compile=True)
+    torch._dynamo.reset()
+    assert type(llama.decode_step) is DecodeStep
+    assert picked_forms(llama.model) == picked_forms(reference.model)  # packed again, as before the attempt
+    prompts = _prompts([3, 8], seed=4)
+    assert llama.generate(prompts, 10, temperature=0) == reference.generate(prompts, 10, temperature=0)
+
+
+def test_small_models_run_the_eager_step_unless_asked(tiny_llama, monkeypatch):
+    monkeypatch.delenv(cpu_step.ENV, raising=False)
+    assert type(_build(tiny_llama).decode_step) is DecodeStep  # far below PROBE_MIN_BYTES: nothing compiled
+    monkeypatch.setenv(cpu_step.ENV, "sometimes")
+    with pytest.raises(ValueError, match="LLAMA_CPU_STEP.*'sometimes'"):
+        _build(tiny_llama)
+
+
+def test_the_eager_step_is_kept_where_it_is_faster_and_the_layers_put_back(tiny_llama, monkeypatch):
+    """The timed comparison at load: an eager step timed faster keeps the model's layers exactly as they were
+    (packed weights, picked forms) and no compiled step. (Compiling is replaced by a stand-in here.)"""
+    llama = _build(tiny_llama)
+    before = picked_forms(llama.model)
+    weights = {k: v.clone() for k, v in llama.model.state_dict().items()}
+    monkeypatch.setenv(cpu_step.ENV, "probe")
+    monkeypatch.setattr(CompiledCPUStep, "run", lambda self, *args: None)  # "compiles" at once
+    monkeypatch.setattr(cpu_step, "_time_steps", lambda step, *args: 1.0 if isinstance(step, DecodeStep) else 2.0)
+    assert cpu_decode_step(llama.model) is None
+    assert picked_forms(llama.model) == before
+    assert llama.model.cpu_step_probe["compiled_step_s"] == 2.0
+    after = llama.model.state_dict()
+    assert all(torch.equal(after[k], weights[k]) for k in weights)
+    # ... and a compiled step timed faster is kept
+    monkeypatch.setattr(cpu_step, "_time_steps", lambda step, *args: 2.0 if isinstance(step, DecodeStep) else 1.0)
+    assert isinstance(cpu_decode_step(llama.model), CompiledCPUStep)
