@@ -71,14 +71,15 @@ def test_compiled_cpu_step_logits_are_as_close_to_exact_as_the_reference_ones(ti
 
 
 @pytest.mark.slow  # tries to compile
-def test_without_a_compiler_the_model_decodes_eagerly_with_a_warning(tiny_llama, monkeypatch):
+def test_without_a_compiler_the_model_decodes_eagerly_with_a_warning(tiny_llama):
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/no/such/c++",))
-    monkeypatch.setattr(inductor_config, "force_disable_caches", True)  # no kernel from an earlier compile
+    # inductor's config is patched through its own context manager: pytest's monkeypatch cannot restore
+    # these entries (it deletes them on undo, breaking every later compile in the session).
+    no_compiler = {"cpp.cxx": ("/no/such/c++",), "force_disable_caches": True}  # no kernel from an earlier compile
     torch._dynamo.reset()
     reference = _build(tiny_llama)  # eager fast path
-    with pytest.warns(UserWarning, match="cannot be compiled here"):
+    with inductor_config.patch(no_compiler), pytest.warns(UserWarning, match="cannot be compiled here"):
         llama = _build(tiny_llama, compile=True)
     torch._dynamo.reset()
     assert type(llama.decode_step) is DecodeStep

@@ -144,9 +144,12 @@ def test_cpu_models_keep_their_own_products(tiny_llama):
 
 
 @pytest.mark.slow
-def test_compiled_step_through_the_custom_op_gives_the_eager_tokens_and_logprobs(tiny_llama):
+def test_compiled_step_through_the_custom_op_gives_the_eager_tokens_and_logprobs(tiny_llama, monkeypatch):
     """The op traced whole by torch.compile (fullgraph; its fake implementation gives the shapes): on the CPU
-    it runs torch's product, so this checks the tracing and the layer's dispatch, not the kernel."""
+    it runs torch's product, so this checks the tracing and the layer's dispatch, not the kernel. The step is
+    compiled as on a GPU (DecodeStep), not as the CPU's whole-step compile (llama.fast.cpu_step), which
+    re-forms the int8 layers for the CPU."""
+    monkeypatch.setattr("llama.generation.compiles_on_cpu", lambda model: False)
     prompts = [[256, 5, 6, 7]]
     kwargs = dict(params=PARAMS, seed=6, device="cpu", quantize="int8", max_batch_size=1)
     tokens, logprobs = tiny_llama(**kwargs).generate(prompts, max_gen_len=10, temperature=0, logprobs=True)
