@@ -127,7 +127,8 @@ def test_graph_pass_is_used_only_where_it_is_exact(tiny_llama):
 
 
 @pytest.mark.slow
-def test_few_row_products_compute_the_products_while_traced_and_are_undone_after(tiny_llama):
+def test_few_row_products_compute_the_products_while_traced_and_are_undone_after(tiny_llama, monkeypatch):
+    monkeypatch.setattr("llama.generation.compiles_on_cpu", lambda model: False)  # compiled as on CUDA
     llama = tiny_llama(seed=0, max_seq_len=32, max_batch_size=1, compile=True)  # unpacked weights, as on CUDA
     layer = llama.model.layers[0].feed_forward.w13
     x = torch.randn(1, 5, layer.in_features)
