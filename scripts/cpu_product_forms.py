@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.bandwidth import measure_read_bandwidth  # noqa: E402
 from bench.run import cpu_description  # noqa: E402
-from llama.fast.blocked_int8 import BlockedInt8Product  # noqa: E402
+from llama.fast.blocked import BlockedProduct  # noqa: E402
 from llama.fast.cpu_forms import CompiledProduct  # noqa: E402
 from llama.fast.quantize import quantize_int8  # noqa: E402
 
@@ -49,7 +49,7 @@ def forms_for(kind: str, act: torch.dtype, w: torch.Tensor) -> Dict[str, Callabl
         forms["int8pack"] = lambda q, s: (lambda x: torch.ops.aten._weight_int8pack_mm(x, q, s.to(act)))
         forms["dequantize"] = lambda q, s: (lambda x: F.linear(x, q.to(act)) * s.to(act))
         forms["compiled"] = lambda q, s: CompiledProduct(q, s.to(act))
-        forms["blocked"] = lambda q, s: BlockedInt8Product(q, s.to(act))
+        forms["blocked"] = lambda q, s: BlockedProduct(q, s.to(act))
         if act == torch.float32:
             forms["int8pack, x cast to bf16 (other numerics)"] = lambda q, s: (
                 lambda x: torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, s.bfloat16()).float())

@@ -3,7 +3,7 @@ settings, timed side by side in one process, alternating round by round (a measu
 in docs/cpu-forms.md):
 
 - "compiled": every int8 product in the compiled form (what the probe picked on main in a quiet moment);
-- "blocked": every int8 product in the blocked form (llama.fast.blocked_int8);
+- "blocked": every int8 product in the blocked form (llama.fast.blocked);
 - "probe": whatever llama.fast.cpu_forms' probe picks at load (the blocked form among the candidates).
 
     python scripts/int8_forms_ab.py THREADS OUT.json

@@ -9,8 +9,8 @@ import torch
 
 from llama import Llama
 from llama.distributed import init_distributed
-from llama.fast import cpu_forms
-from llama.fast.blocked_int8 import BLOCK, BlockedInt8Product
+from llama.fast import blocked, cpu_forms
+from llama.fast.blocked import BlockedProduct, block_rows
 from llama.fast.cpu_forms import CompiledProduct, pick_cpu_forms, picked_forms
 from llama.fast.layers import FastLinear
 from llama.fast.quantize import quantize_int8
@@ -59,20 +59,33 @@ def test_compiled_form_is_the_product_within_float32_summation_error(dtype, rows
 @pytest.mark.slow  # compiles (inductor)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("rows", [1, 3])
-@pytest.mark.parametrize("out_features", [2 * BLOCK, BLOCK + 72], ids=["whole-blocks", "padded"])
-def test_blocked_int8_form_is_the_product_within_float32_summation_error(dtype, rows, out_features):
+@pytest.mark.parametrize("blocks", [2, 1.5], ids=["whole-blocks", "padded"])
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+def test_blocked_form_is_the_product_within_float32_summation_error(dtype, rows, blocks, int8):
     g = torch.Generator().manual_seed(4)
-    q, scale = quantize_int8(torch.randn(out_features, 96, generator=g) / 10)
-    scale = scale.to(dtype)  # as Int8Linear hands it over (scale_act)
+    w = torch.randn(1000, 96, generator=g) / 10
+    if int8:
+        q, scale = quantize_int8(w[:int(blocks * block_rows(torch.int8))])
+        scale = scale.to(dtype)  # as Int8Linear hands it over (scale_act)
+        form, held = BlockedProduct(q, scale), q
+        w64 = q.double() * scale.double()[:, None]
+    else:
+        held = w[:int(blocks * block_rows(dtype))].to(dtype)
+        form = BlockedProduct(held)
+        w64 = held.double()
+    out_features = held.shape[0]
+    assert form.blocks.shape == (math.ceil(blocks), 96, block_rows(held.dtype))  # 128 bytes of weights a k
+    assert torch.equal(form.dense_weight(), held)  # the blocks hold the weight, and give it back
     x = torch.randn(2, rows, 96, generator=g).to(dtype)
-    form = BlockedInt8Product(q, scale)
-    assert torch.equal(form.int8_weight(), q)  # the blocks hold the weight, and give it back
     y = form(x)
     assert y.shape == (2, rows, out_features) and y.dtype == dtype
-    w64 = q.double() * scale.double()[:, None]
     x64 = x.double().reshape(-1, 96)
     err = (y.double().reshape(-1, out_features) - x64 @ w64.T).abs()
     assert (err <= bound(x64, w64, dtype)).all(), float((err / bound(x64, w64, dtype)).max())
+    if not int8:  # a prefill's product over the blocks as held: F.linear's, to its own rounding
+        full = form.full(x)
+        assert full.shape == (2, rows, out_features) and full.dtype == dtype
+        torch.testing.assert_close(full, torch.nn.functional.linear(x, held), rtol=U_OUT[dtype] * 4, atol=1e-6)
 
 
 def _build(tiny_checkpoint, dtype, quantize=None):
@@ -95,7 +108,7 @@ def test_an_unknown_llama_cpu_forms_setting_is_refused(tiny_checkpoint, monkeypa
 
 
 @pytest.mark.slow  # compiles (inductor)
-@pytest.mark.parametrize("quantize,how", [(None, "compiled"), (None, "probe"), ("int8", "compiled"),
+@pytest.mark.parametrize("quantize,how", [(None, "compiled"), (None, "blocked"), (None, "probe"), ("int8", "compiled"),
                                           ("int8", "blocked"), ("int8", "probe")])
 def test_picked_forms_keep_the_greedy_tokens_and_meta_weights(tiny_checkpoint, monkeypatch, quantize, how):
     """fp32: the contract is the reference loop's greedy tokens and logits equal to float32 rounding."""
@@ -110,8 +123,9 @@ def test_picked_forms_keep_the_greedy_tokens_and_meta_weights(tiny_checkpoint, m
         assert set(forms.values()) <= {"packed", "linear", "int8pack", "dequantize", "compiled", "blocked"}
     else:
         assert set(forms.values()) == {how}
-    if how == "blocked":  # the blocks replace the int8 weight: it is held once
-        assert all(m.weight is None for m in picked.model.modules() if getattr(m, "form_name", "") == "blocked")
+    if how == "blocked":  # the blocks replace the weight (int8 or float, packed or not): it is held once
+        assert all(m.weight is None and getattr(m, "packed", None) is None
+                   for m in picked.model.modules() if getattr(m, "form_name", "") == "blocked")
     after = picked.model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
 
@@ -133,10 +147,14 @@ def test_a_form_that_cannot_be_built_is_left_out_with_a_warning(monkeypatch):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(cpu_forms, "compiled_kernel", broken)
+    monkeypatch.setattr(blocked, "blocked_kernel", broken)
     monkeypatch.setenv(cpu_forms.ENV, "probe")
     model = torch.nn.Sequential(layer)
-    with pytest.warns(UserWarning, match="'compiled' form .* cannot be built here"):
+    with pytest.warns(UserWarning) as warned:
         forms = pick_cpu_forms(model)
+    messages = [str(w.message) for w in warned]
+    for name in ("compiled", "blocked"):
+        assert any(f"'{name}' form" in m and "cannot be built here" in m for m in messages), messages
     assert list(forms.values()) == ["packed"] and layer.packed is not None
 
 

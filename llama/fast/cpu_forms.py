@@ -15,9 +15,10 @@ are read, and the kernel that streams them fastest differs with the weight's dty
   multiplied by the activation rows and summed in float32 vectors; int8 rows are then scaled and the result
   rounded once to the activations' dtype. Inductor vectorises it for the ISA torch uses (AVX-512 or AVX2,
   ATEN_CPU_CAPABILITY) and splits the weight's rows over the threads.
-- "blocked": int8 weights, held as blocks of output rows transposed, summed by an inductor kernel with many
-  independent accumulators (llama.fast.blocked_int8): the compiled form's one chain of additions per row
-  caps a thread below the memory's speed. A layer taking it gives up its row-major int8 weight for the blocks.
+- "blocked": all three, held as blocks of output rows transposed, summed by an inductor kernel with several
+  independent accumulators (llama.fast.blocked): the compiled form's one chain of additions per row, and
+  its horizontal sum at every row's end, cap a thread below the memory's speed where rows are short. A
+  layer taking it gives up its row-major weight for the blocks (a float prefill multiplies the blocks).
 
 `pick_cpu_forms(model)` groups the model's products by weight shape and dtype, times each group's
 candidate forms on the group's own weights (one pass over every layer of the group, so the weights stream
@@ -48,8 +49,8 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 from torch import nn
 
-from llama.fast.blocked_int8 import BlockedInt8Product
-from llama.fast.layers import FastLinear
+from llama.fast.blocked import BlockedProduct
+from llama.fast.layers import FastLinear, computed_once
 from llama.fast.quantize import Int8Linear
 
 # Below this many bytes of linear weights the model is not probed (see the module docstring).
@@ -116,7 +117,7 @@ class CompiledProduct:
     def traced(self, x: torch.Tensor) -> torch.Tensor:
         """The same product as torch operations, for a step compiled whole (llama.fast.cpu_step): inductor
         makes the same loop nest of it inside the step's graph."""
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.float32)  # (M, K)
+        x2 = computed_once(x.reshape(-1, x.shape[-1]).to(torch.float32))  # (M, K), not recomputed per row
         y = _multiply_sum(x2, self.weight, self.scale, x.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])  # (..., N)
 
@@ -137,25 +138,29 @@ def _candidates(layer: nn.Module) -> Dict[str, Callable[[], Optional[Callable]]]
         # it won on emulated AVX2 (int8 weights, float32 activations), yet it made the whole step 2x slower
         # there (docs/cpu-forms.md): its allocations do not time alone as they run in a step.
         forms["compiled"] = lambda: CompiledProduct(layer.int8_weight(), layer.scale_act)
-        forms["blocked"] = lambda: BlockedInt8Product(layer.int8_weight(), layer.scale_act)
+        forms["blocked"] = lambda: BlockedProduct(layer.int8_weight(), layer.scale_act)
     else:
         forms["compiled"] = lambda: CompiledProduct(layer.dense_weight())
+        forms["blocked"] = lambda: BlockedProduct(layer.dense_weight())
     return forms
 
 
 def use_form(layer: nn.Module, name: str, form: Optional[Callable]) -> None:
     """Give `layer` the form `name` for its decode products (None: its own default path). A float layer
     taking the compiled form gives up its packed copy (the kernel reads the plain weight; a prefill then
-    runs F.linear on it), and an int8 layer taking the blocked form gives up its int8 weight for the form's
-    blocks (a prefill rebuilds it: Int8Linear.int8_weight), so the weight is held once."""
+    runs F.linear on it); a layer taking the blocked form gives up its weight for the form's blocks (a float
+    prefill multiplies the blocks: BlockedProduct.full; an int8 one rebuilds Q: Int8Linear.int8_weight), so
+    the weight is held once."""
     if name == "compiled" and isinstance(layer, FastLinear) and layer.packed is not None:
         form = CompiledProduct(layer.dense_weight())
         layer.weight = nn.Parameter(form.weight, requires_grad=False)
         layer.packed = None
     layer.decode_form = form
     layer.form_name = name
-    if name == "blocked" and isinstance(layer, Int8Linear):
+    if name == "blocked":
         layer.weight = None
+        if isinstance(layer, FastLinear):
+            layer.packed = None
 
 
 def _linears(model: nn.Module) -> Dict[str, nn.Module]:
@@ -274,11 +279,11 @@ def _warn_if_scalar(layers) -> None:
 def _device(layer: nn.Module) -> torch.device:
     if isinstance(layer, Int8Linear):
         return layer.scale.device  # its weight may be held by its blocked form
-    return layer.weight.device if layer.weight is not None else layer.packed.device
+    return layer.held().device
 
 
 def _float_dtype(layer: nn.Module) -> torch.dtype:
-    return layer.weight.dtype if layer.weight is not None else layer.packed.dtype
+    return layer.held().dtype
 
 
 def _weight_bytes(layer: nn.Module) -> int:

@@ -36,7 +36,7 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 from torch import nn
 
-from llama.fast.blocked_int8 import BlockedInt8Product
+from llama.fast.blocked import BlockedProduct
 from llama.fast.cpu_forms import PROBE_MIN_BYTES, CompiledProduct, use_form
 from llama.fast.layers import FastLinear, Positions
 from llama.fast.quantize import Int8Linear
@@ -50,6 +50,11 @@ PROBE_STEPS = 4
 # The compiled step is kept only if it is at least this much faster than the eager one (a probe on a
 # busy machine is noisy; a tie is not worth a compiled graph).
 MIN_GAIN = 1.03
+# A float product left on a form the step cannot inline takes the blocked form where it has at least this
+# many times more rows than columns, else the compiled one. Measured on the bench's small shape (bf16, one
+# process, alternating, 2 threads): the output projection (128256 x 512) and w13 (3584 x 512) blocked made the
+# step 1.30x faster; blocking wqkv, wo and w2 as well, only 1.06x (docs/cpu-step.md).
+BLOCKED_MIN_RATIO = 2
 
 
 def compile_options() -> Dict[str, object]:
@@ -63,8 +68,10 @@ class CompiledCPUStep:
     """A DecodeStep (same call) whose step is compiled whole by inductor for the CPU (see the module docstring).
 
     Building it gives every product a form inductor can inline: a float layer left on oneDNN's packed weight
-    (or on F.linear) takes the compiled form, its weight unpacked (held once); an int8 layer left on torch's
-    int8 kernel (which the graph would replace by a float copy of the weight at every step), the blocked one.
+    (or on F.linear) takes the blocked form where it has at least BLOCKED_MIN_RATIO times more rows than
+    columns (short rows, many of them: the output projection, w13), else the compiled form, its weight
+    unpacked (held once either way); an int8 layer left on torch's int8 kernel (which the graph would replace
+    by a float copy of the weight at every step), the blocked one.
     The batch size is static (a new batch size compiles again), the cache length read dynamic.
     """
 
@@ -74,10 +81,12 @@ class CompiledCPUStep:
         self.failed = False
         for m in model.modules():  # every product in a form inductor can inline (one with `traced`)
             if isinstance(m, FastLinear) and not hasattr(m.decode_form, "traced"):
-                # (a packed layer's form is made by use_form, which unpacks the weight: it is then held once)
-                use_form(m, "compiled", None if m.packed is not None else CompiledProduct(m.weight.detach()))
+                if m.out_features >= BLOCKED_MIN_RATIO * m.in_features:
+                    use_form(m, "blocked", BlockedProduct(m.dense_weight()))
+                else:  # (a packed layer's form is made by use_form, which unpacks the weight: held once)
+                    use_form(m, "compiled", None if m.packed is not None else CompiledProduct(m.weight.detach()))
             elif isinstance(m, Int8Linear) and not hasattr(m.decode_form, "traced"):
-                use_form(m, "blocked", BlockedInt8Product(m.int8_weight(), m.scale_act))
+                use_form(m, "blocked", BlockedProduct(m.int8_weight(), m.scale_act))
         self.graph = torch.compile(self._step, options=compile_options(), fullgraph=True)
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -202,5 +211,4 @@ def cpu_decode_step(model: Transformer, compile: bool = False) -> Optional[Compi
 def _element_size(layer: nn.Module) -> int:
     if isinstance(layer, Int8Linear):
         return 1
-    weight = layer.weight if layer.weight is not None else layer.packed
-    return torch.empty((), dtype=weight.dtype).element_size()
+    return torch.empty((), dtype=layer.held().dtype).element_size()

@@ -53,6 +53,20 @@ def decode_form(layer: nn.Module, rows: int) -> Optional[Callable[[torch.Tensor]
     return form
 
 
+def computed_once(x: torch.Tensor) -> torch.Tensor:
+    """x, as a buffer of its own inside a step compiled whole (llama.fast.cpu_step): the identity on values.
+
+    A picked form's `traced` product is a loop over weight rows, each summed against x. Left to itself,
+    inductor inlines whatever makes x (the RMSNorm before wqkv, w13 and the output projection, SiLU(gate) * up
+    before w2, the conversion to float32) into that loop, so it is recomputed for every weight row: for
+    bf16 and int8 weights, whose rows are read fast, that work rather than the memory bounded the product
+    (bench/results, docs/cpu-step.md: the step 1.08-1.28x faster with x computed once). `as_strided` to x's
+    own size and strides changes nothing, but inductor's lowering of it stores its input in a buffer first,
+    which the loop then reads: one barrier per product, where inductor's global realize thresholds would
+    also split the products' own sums (measured: the blocked int8 form 7x slower)."""
+    return torch.as_strided(x, x.shape, x.stride())
+
+
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     """True where weights can be packed for oneDNN: the CPU, float32, or bf16 on processors with native bf16."""
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
@@ -124,16 +138,28 @@ class FastLinear(nn.Module):
             y = form(x)  # picked at load for decode steps (llama.fast.cpu_forms)
         elif self.packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
-        else:
+        elif self.weight is not None:
             y = F.linear(x, self.weight)  # (..., out_features)
+        else:
+            y = self.decode_form.full(x)  # the blocked form holds the only copy of W (llama.fast.blocked)
         return across_ranks(y, self.reduce, self.gather)
 
     def dense_weight(self) -> torch.Tensor:
-        """W as a plain (out_features, in_features) tensor (unpacked from oneDNN's layout, exactly)."""
-        return self.packed.to_dense() if self.packed is not None else self.weight.detach()
+        """W as a plain (out_features, in_features) tensor (unpacked from oneDNN's layout, exactly; or rebuilt
+        from the blocked form's copy, llama.fast.blocked)."""
+        if self.packed is not None:
+            return self.packed.to_dense()
+        return self.weight.detach() if self.weight is not None else self.decode_form.dense_weight()
+
+    def held(self) -> torch.Tensor:
+        """The tensor that holds W, whichever form it is in (the parameter, oneDNN's packed copy, or a blocked
+        form's blocks): for its dtype and device."""
+        if self.weight is not None:
+            return self.weight
+        return self.packed if self.packed is not None else self.decode_form.blocks
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        weight = self.weight if keep_vars and self.packed is None else self.dense_weight()
+        weight = self.weight if keep_vars and self.weight is not None else self.dense_weight()
         save_as_meta(destination, prefix, weight, self.parts)
 
     def extra_repr(self) -> str:

@@ -181,8 +181,8 @@ class Int8Linear(nn.Module):
 
     def int8_weight(self) -> torch.Tensor:
         """Q (out_features, in_features): the `weight` buffer, or, where a decode form holds the weight in
-        its own layout instead (llama.fast.blocked_int8), rebuilt from it."""
-        return self.weight if self.weight is not None else self.decode_form.int8_weight()
+        its own layout instead (llama.fast.blocked), rebuilt from it."""
+        return self.weight if self.weight is not None else self.decode_form.dense_weight()
 
     def dense_weight(self) -> torch.Tensor:
         """The dequantized weight Q * scale (out_features, in_features), in the activations' dtype, with the

@@ -1,0 +1,134 @@
+"""The "blocked" form of a decode product on the CPU: the weight held in column blocks, summed by a kernel
+inductor generates with several independent accumulators (one of llama.fast.cpu_forms' candidates).
+
+The "compiled" form reads each weight row as stored and sums it in one vector register: every addition waits
+for the one before (4 cycles), and each row ends in a horizontal sum. Where rows are short (K = 512: 1 KB of
+bf16, 512 bytes of int8) that caps one thread below the memory's read speed. Here the weight W (N, K) is held
+as blocks of `block` output rows, each block transposed:
+
+    blocks[b, k, j] = W[b * block + j, k]        (N / block, K, block), rows past N are zeros
+
+so that for one activation value x[k] the block's weights are contiguous: 128 bytes, two cache lines, for
+every dtype (BLOCK_BYTES: 128 rows of int8, 64 of bf16, 32 of float32). The product is written as one sum per
+16 columns of the block (an AVX-512 register of float32; two AVX2 ones), side by side; inductor fuses them into
+one loop nest whose inner loop (over k) updates those independent vector registers: no horizontal additions,
+no chain of dependent additions across registers. Each output is still the plain float32 sum over k of
+x[k] * W[n, k] (in order), times the row's scale for int8: the product to float32 summation error, the
+activations unrounded.
+
+The blocked copy replaces the layer's weight (llama.fast.cpu_forms.use_form): the form serves the layer's
+other products too: `dense_weight()` rebuilds W (a temporary copy) where a path needs it (an int8 prefill,
+state_dict()), and `full(x)` multiplies any number of rows of a float layer block by block (a batched matrix
+product on the blocks as they are: a prefill copies no weight).
+"""
+
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from llama.fast.layers import computed_once
+
+# Bytes of weights a block holds for one k (its rows), and float32 lanes each accumulator sums.
+BLOCK_BYTES = 128
+LANES = 16
+
+
+def block_rows(dtype: torch.dtype) -> int:
+    """Output rows per block for a weight of `dtype`: 128 for int8, 64 for bf16/fp16, 32 for float32."""
+    return BLOCK_BYTES // torch.empty((), dtype=dtype).element_size()
+
+
+def to_blocks(w: torch.Tensor) -> torch.Tensor:
+    """W (N, K) -> blocks (ceil(N / block), K, block), zero rows padding N to a multiple of block."""
+    n, k = w.shape
+    block = block_rows(w.dtype)
+    pad = -n % block
+    if pad:
+        w = F.pad(w, (0, 0, 0, pad))
+    return w.view(-1, block, k).transpose(1, 2).contiguous()
+
+
+def from_blocks(blocks: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of to_blocks: W (n, K), a new contiguous tensor."""
+    nb, k, block = blocks.shape
+    return blocks.transpose(1, 2).reshape(nb * block, k)[:n].contiguous()
+
+
+def _blocked_multiply_sum(x: torch.Tensor, blocks: torch.Tensor, scale: Optional[torch.Tensor],
+                          out_dtype: torch.dtype) -> torch.Tensor:
+    """x (M, K) float32 times the blocked weight, times scale (N_padded,) if any -> (M, N_padded) in out_dtype.
+    The activation rows sit inside the block loop (x's transpose broadcast per block), so a block read for the
+    first row is in the cache for the others."""
+    nb, _, block = blocks.shape
+    xt = x.t()[None, :, :, None]  # (1, K, M, 1)
+    parts = [(blocks[:, :, None, a:a + LANES].to(torch.float32) * xt).sum(1)  # (NB, M, LANES) each
+             for a in range(0, block, LANES)]
+    y = torch.cat(parts, -1).permute(1, 0, 2).reshape(x.shape[0], nb * block)  # (M, N_padded)
+    if scale is not None:
+        y = y * scale.to(torch.float32)
+    return y.to(out_dtype)
+
+
+_KERNELS: Dict[tuple, Callable] = {}
+
+
+def blocked_kernel(x: torch.Tensor, blocks: torch.Tensor, scale: Optional[torch.Tensor], out_dtype: torch.dtype
+                   ) -> Callable:
+    """Inductor's kernel for _blocked_multiply_sum at exactly these shapes (compiled once per process; inductor
+    also caches it on disk), called directly as llama.fast.cpu_forms.compiled_kernel does."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    key = (tuple(x.shape), tuple(blocks.shape), blocks.dtype, None if scale is None else scale.dtype, out_dtype)
+    if key not in _KERNELS:
+        tensors = (x, blocks) if scale is None else (x, blocks, scale)
+
+        def fn(*args):
+            return _blocked_multiply_sum(args[0], args[1], args[2] if len(args) > 2 else None, out_dtype)
+
+        with torch.inference_mode(False), torch.no_grad():
+            example = [torch.zeros(t.shape, dtype=t.dtype) for t in tensors]  # not inference tensors
+            _KERNELS[key] = torch._inductor.compile(make_fx(fn)(*example), example)
+    return _KERNELS[key]
+
+
+class BlockedProduct:
+    """`form(x (..., K)) -> (..., N)`: the product with weight w (N, K) (float, or int8 with row scales (N,)),
+    read from its blocked copy (made here; the caller may then drop w). bf16/fp16 activations are converted to
+    float32 once and the result rounded back once, as in CompiledProduct."""
+
+    def __init__(self, w: torch.Tensor, scale: Optional[torch.Tensor] = None):
+        self.out_features = w.shape[0]
+        self.blocks = to_blocks(w)  # (NB, K, block)
+        padded = self.blocks.shape[0] * self.blocks.shape[2]
+        self.scale = None if scale is None else F.pad(scale, (0, padded - self.out_features))
+
+    def dense_weight(self) -> torch.Tensor:
+        """W (N, K), rebuilt from the blocks (a new tensor)."""
+        return from_blocks(self.blocks, self.out_features)
+
+    def _tensors(self, x2: torch.Tensor) -> tuple:
+        return (x2, self.blocks) if self.scale is None else (x2, self.blocks, self.scale)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()  # (M, K)
+        y = blocked_kernel(x2, self.blocks, self.scale, x.dtype)(*self._tensors(x2))  # (M, N_padded)
+        if y.shape[-1] != self.out_features:
+            y = y[:, :self.out_features].contiguous()
+        return y.view(*x.shape[:-1], self.out_features)  # (..., N)
+
+    def traced(self, x: torch.Tensor) -> torch.Tensor:
+        """The same product as torch operations, for a step compiled whole (llama.fast.cpu_step)."""
+        x2 = computed_once(x.reshape(-1, x.shape[-1]).to(torch.float32))  # (M, K), not recomputed per row
+        y = _blocked_multiply_sum(x2, self.blocks, self.scale, x.dtype)[:, :self.out_features]
+        return y.reshape(*x.shape[:-1], self.out_features)  # (..., N)
+
+    def full(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) times a float weight for any number of rows (a prefill), block by block: one batched
+        matrix product over the blocks as stored, in x's dtype (as F.linear), no copy of the weight."""
+        if self.scale is not None:
+            raise ValueError("full() serves float weights; an int8 layer rebuilds its weight (Int8Linear)")
+        x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+        y = torch.matmul(x2.to(self.blocks.dtype), self.blocks)  # (NB, M, block)
+        y = y.permute(1, 0, 2).reshape(x2.shape[0], -1)[:, :self.out_features]  # (M, N)
+        return y.reshape(*x.shape[:-1], self.out_features)  # (..., N)
