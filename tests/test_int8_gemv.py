@@ -129,7 +129,7 @@ def test_the_setting_gives_the_kernel_to_the_layers_it_names(tiny_llama, monkeyp
     llama = tiny_llama(PARAMS, seed=6, device="cpu", quantize="int8")
     layers = {p: m for p, m in llama.model.named_modules() if isinstance(m, Int8Linear)}
     monkeypatch.setattr(G, "kernel_runs_on", lambda device: True)
-    monkeypatch.setattr(G, "pick_config", lambda layers: G.CANDIDATES[0])
+    monkeypatch.setattr(G, "pick_config", lambda layers, **kw: G.CANDIDATES[0])
     monkeypatch.setenv(G.ENV, setting)
     picked = G.use_int8_gemv(layers)
     assert {p.rpartition(".")[2] for p in picked} == set(expected)
