@@ -2,15 +2,16 @@
 bench does (bench.run.measure): bf16 (ours), int8 with inductor's products (ours-int8-inductor:
 LLAMA_INT8_GEMV=off, the form before llama.fast.int8_gemv), int8 with the GEMV on --roles' products without
 prologues (ours-int8-gemv: LLAMA_INT8_GEMV_FUSE=off; the second session's form with its roles w2,wo,output)
-and int8 with the GEMV on --fused-roles' products, the RMSNorm and the SwiGLU taken into the kernel
-(ours-int8-fused). Default: ours, ours-int8-gemv, ours-int8-fused.
+and int8 with the GEMV on --fused-roles' products, the RMSNorm, the SwiGLU and the residual add taken into the
+kernel (ours-int8-fused: LLAMA_INT8_GEMV_FUSE=on), or all but the SwiGLU (ours-int8-fused-noswiglu:
+LLAMA_INT8_GEMV_FUSE=rms_norm,residual). Default: ours, ours-int8-gemv, ours-int8-fused.
 
     python scripts/int8_gemv_step.py [--sweep int8_gemv_sweep.json] [--roles w2,wo,output|from-sweep]
         [--fused-roles all] [--out step.json]
 
 After the builds it also times every product shape alone, plain and with its prologue (llama.fast.int8_gemv's
-pick timings, each candidate block shape a CUDA-graph replay over >= 256 MiB of the model's layers): the
-report's "alone". Partial reports are written to --out after the builds and after the measurement.
+pick timings, each candidate block shape a CUDA-graph replay over >= 256 MiB of the model's layers, per
+product): the report's "alone". Partial reports are written to --out after the builds and after the measurement.
 
 --sweep: candidates for the build-time pick from scripts/int8_gemv_sweep.py's output (each shape's top block
 shapes); --roles from-sweep: the GEMV only for the shapes where the sweep found it faster than inductor's
@@ -77,7 +78,8 @@ def main() -> None:
     p.add_argument("--fused-roles", default="all")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--systems", nargs="+", default=["ours", "ours-int8-gemv", "ours-int8-fused"],
-                   choices=["ours", "ours-int8-inductor", "ours-int8-gemv", "ours-int8-fused"])
+                   choices=["ours", "ours-int8-inductor", "ours-int8-gemv", "ours-int8-fused-noswiglu",
+                            "ours-int8-fused"])
     p.add_argument("--out", default="int8_gemv_step.json")
     p.add_argument("--device", default="cuda", help="cuda (or cpu, to try the script: no GEMV there)")
     opts = p.parse_args()
@@ -113,7 +115,9 @@ def main() -> None:
     sd = random_weights(args, dtype, device, seed=0)
     systems, builds = [], {}
     variants = (("ours", None, "off", "off"), ("ours-int8-inductor", "int8", "off", "off"),
-                ("ours-int8-gemv", "int8", roles, "off"), ("ours-int8-fused", "int8", opts.fused_roles, "on"))
+                ("ours-int8-gemv", "int8", roles, "off"),
+                ("ours-int8-fused-noswiglu", "int8", opts.fused_roles, "rms_norm,residual"),
+                ("ours-int8-fused", "int8", opts.fused_roles, "on"))
     report["fused_roles"] = opts.fused_roles
     for name, quantize, env, fuse in [v for v in variants if v[0] in opts.systems]:
         start = time.time()
@@ -146,7 +150,7 @@ def main() -> None:
         r["bytes_per_decode_step"] = traffic[s.name != "ours"]
         r["fraction_of_read_bandwidth"] = r["bytes_per_decode_step"] * r["decode_steps_s"] / bandwidth
         res[s.name] = r
-    for name in ("ours-int8-inductor", "ours-int8-gemv", "ours-int8-fused"):
+    for name in ("ours-int8-inductor", "ours-int8-gemv", "ours-int8-fused-noswiglu", "ours-int8-fused"):
         if name in res and "ours" in res:
             res[f"ratio_{name}_to_bf16"] = res[name]["decode_tok_s"] / res["ours"]["decode_tok_s"]
             res[f"median_ratio_{name}_to_bf16"] = (res[name]["median_decode_tok_s"]
@@ -154,7 +158,8 @@ def main() -> None:
     tokens = {s.name: s.tokens for s in systems}
     for a, b, key in (("ours-int8-inductor", "ours-int8-gemv", "int8_inductor_vs_gemv"),
                       ("ours", "ours-int8-gemv", "bf16_vs_int8_gemv"),
-                      ("ours-int8-gemv", "ours-int8-fused", "int8_gemv_vs_fused")):
+                      ("ours-int8-gemv", "ours-int8-fused", "int8_gemv_vs_fused"),
+                      ("ours-int8-fused-noswiglu", "ours-int8-fused", "int8_fused_noswiglu_vs_fused")):
         if a in tokens and b in tokens:
             same_tokens(res, tokens[a], tokens[b], key)
     report["results"] = res

@@ -181,6 +181,11 @@ def test_the_fuse_setting_gives_the_fast_layers_their_prologues_and_epilogues(ti
     assert residual == ({"wo", "w2"} if fuse == "on" else set())
     G.use_int8_gemv(layers, fused_forms=False)  # the reference layers hand nothing on
     assert all(m.gemv.prologue == G.PLAIN and not m.gemv.residual for m in layers.values())
+    monkeypatch.setenv(G.FUSE_ENV, "rms_norm,residual")  # the forms one by one: here all but the SwiGLU
+    G.use_int8_gemv(layers, fused_forms=True)
+    assert {p.rpartition(".")[2]: m.gemv.prologue for p, m in layers.items()} == dict(
+        {r: G.RMS_NORM for r in ("wqkv", "w13", "output")}, wo=G.PLAIN, w2=G.PLAIN)
+    assert {p.rpartition(".")[2] for p, m in layers.items() if m.gemv.residual} == {"wo", "w2"}
     monkeypatch.setenv(G.FUSE_ENV, "yes")
     with pytest.raises(ValueError, match="'yes'"):
         G.use_int8_gemv(layers, fused_forms=True)
@@ -188,9 +193,8 @@ def test_the_fuse_setting_gives_the_fast_layers_their_prologues_and_epilogues(ti
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(40, 200), (6144, 4096), (28672, 4096), (1000, 3000)])
-@pytest.mark.parametrize("x_scale", SCALES)
-def test_cuda_normed_kernel_gives_the_norm_then_the_product_within_its_bound(shape, dtype, x_scale):
+@pytest.mark.parametrize("shape", [(40, 200), (6144, 4096), (1000, 3000)])
+def test_cuda_normed_kernel_gives_the_norm_then_the_product_within_its_bound(shape, dtype):
     """delta: each input is two roundings to dtype of x[k] / RMS(x) and its product with the weight; the
     kernel's 1/RMS differs from torch's by its float32 sum of squares in another order (at most K u32 of
     the mean, half of that in the reciprocal square root) and its rsqrt's few ulps, so each rounding may land
@@ -203,13 +207,14 @@ def test_cuda_normed_kernel_gives_the_norm_then_the_product_within_its_bound(sha
             G.check_config(cfg, k)
         except ValueError:
             continue
-        q, scale = random_weight(n, k, dtype, seed=20 + i, device="cuda")
-        x, norm = norm_inputs(k, dtype, x_scale, seed=40 + i, device="cuda")
-        y = G.rms_norm_int8_gemv(x, norm.weight, norm.eps, q, scale, *cfg)
-        assert y.shape == (1, n) and y.dtype == dtype
-        with torch.no_grad():
-            a = norm(x)  # the unfused composition's inputs, torch's RMSNorm on CUDA
-        assert_within_bound(y.cpu(), a.cpu(), q.cpu(), scale.cpu(), delta)
+        for x_scale in SCALES:
+            q, scale = random_weight(n, k, dtype, seed=20 + i, device="cuda")
+            x, norm = norm_inputs(k, dtype, x_scale, seed=40 + i, device="cuda")
+            y = G.rms_norm_int8_gemv(x, norm.weight, norm.eps, q, scale, *cfg)
+            assert y.shape == (1, n) and y.dtype == dtype
+            with torch.no_grad():
+                a = norm(x)  # the unfused composition's inputs, torch's RMSNorm on CUDA
+            assert_within_bound(y.cpu(), a.cpu(), q.cpu(), scale.cpu(), delta)
 
 
 @needs_kernel
@@ -233,9 +238,15 @@ def test_cuda_swiglu_kernel_gives_the_swiglu_then_the_product_within_its_bound(s
         a = F.silu(gate_up[:, :k]) * gate_up[:, k:]  # eager torch on CUDA
         assert_within_bound(y.cpu(), a.cpu(), q.cpu(), scale.cpu(), delta)
         residual = torch.randn(1, n, generator=torch.Generator().manual_seed(i)).to("cuda", dtype)
-        # The residual added in the epilogue: torch's sum of the rounded product and the residual, exactly.
-        assert torch.equal(G.swiglu_int8_gemv(gate_up, q, scale, *cfg, residual), residual + y)
-        assert torch.equal(G.int8_gemv(a, q, scale, *cfg, residual), residual + G.int8_gemv(a, q, scale, *cfg))
+        # The residual added in the epilogue: torch's sum of the rounded product and the residual, exactly in
+        # bf16 (the product is rounded to bf16 first); in float32 the compiler may fuse the scaling and the add
+        # into one multiply-add (one rounding, not two): within a float32 rounding of each.
+        for got, y_alone in ((G.swiglu_int8_gemv(gate_up, q, scale, *cfg, residual), y),
+                             (G.int8_gemv(a, q, scale, *cfg, residual), G.int8_gemv(a, q, scale, *cfg))):
+            if dtype == torch.float32:
+                assert ((got - (residual + y_alone)).abs() <= 2 * U32 * (residual.abs() + y_alone.abs())).all()
+            else:
+                assert torch.equal(got, residual + y_alone)
 
 
 @needs_kernel

@@ -65,14 +65,17 @@ ENV = "LLAMA_INT8_GEMV"
 # norm kernel it would need (bench/results/GPU_RESULTS.md).
 ROLES = ("w2", "wo", "wqkv", "w13", "output", "wq", "wk", "wv", "w1", "w3")
 DEFAULT_ROLES = ("w2", "wo", "output")
-# Set to "off", the kernel takes no input function in (LLAMA_INT8_GEMV_FUSE; "on", the default: it does).
+# Which of FORMS the kernel takes in on the fast layers: "on" (the default: all), "off" (none), or a comma list.
 FUSE_ENV = "LLAMA_INT8_GEMV_FUSE"
+FORMS = ("rms_norm", "swiglu", "residual")
 # The input function a product's kernel takes in (the kernel's PROLOGUE): none; the RMSNorm before it (the
 # fast path's wqkv and w13 and the output projection); silu(gate) * up from w13's output (the fast path's w2).
 PLAIN, RMS_NORM, SWIGLU = 0, 1, 2
 PROLOGUE_OF = {"wqkv": RMS_NORM, "w13": RMS_NORM, "output": RMS_NORM, "w2": SWIGLU}
 # The products whose output the fast block adds to its residual stream: their kernels add it in (epilogue).
 RESIDUAL_ROLES = ("wo", "w2")
+# The most columns of x the RMSNorm prologue reads in one step (its sum of squares).
+MAX_NORM_BLOCK = 8192
 # Rows of x the kernel serves (a batch-1 decode step); more rows keep the layer's own product.
 MAX_ROWS = 1
 # A timed pass over a shape's layers reads at least this many bytes (several times the L2 cache), so the
@@ -153,7 +156,7 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, out_ptr, N, K, k_split, eps,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr, EVEN: tl.constexpr,
-                     PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr):
+                     PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr, NORM_BLOCK: tl.constexpr):
         """Rows [pid0 * BLOCK_N, +BLOCK_N) of Q times the input over columns [pid1 * k_split, +k_split): their
         float32 sums, stored as partials (PARTIAL: out is (SPLIT_K, N) float32) or scaled and rounded (out is
         (N,)). The input a column k takes (PROLOGUE): 0, x[k]; 1 (RMS_NORM), x's RMSNorm with weight norm[k],
@@ -168,10 +171,12 @@ if triton is not None:
         k_lo = pid_k * k_split
         if PROLOGUE == 1:
             # 1 / RMS(x) over the whole of x (every program: x is K elements, a few KB read from the caches),
-            # as the norm computes it: the mean of the float32 squares, plus eps, reciprocal square root.
-            squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + tl.arange(0, BLOCK_K)
+            # as the norm computes it: the mean of the float32 squares, plus eps, reciprocal square root. In
+            # NORM_BLOCK columns at a time (the whole of x, up to 8192): all its loads are issued at once, so
+            # the program waits one memory latency before it streams Q, not one a step.
+            squares = tl.zeros((NORM_BLOCK,), dtype=tl.float32)
+            for k0 in range(0, K, NORM_BLOCK):
+                cols = k0 + tl.arange(0, NORM_BLOCK)
                 xs = tl.load(x_ptr + cols, mask=cols < K, other=0.0, eviction_policy="evict_last").to(tl.float32)
                 squares += xs * xs
             inv_rms = tl.math.rsqrt(tl.sum(squares, axis=0) / K + eps)
@@ -242,15 +247,18 @@ def _launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, cfg: GemvConf
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n), cfg.split_k)
     norm = norm_weight if norm_weight is not None else x  # (not read unless RMS_NORM)
+    norm_block = min(triton.next_power_of_2(k), MAX_NORM_BLOCK) if prologue == RMS_NORM else 16
     res = residual if residual is not None else out  # (not read unless RESIDUAL)
     add = residual is not None
     if cfg.split_k == 1:
         _gemv_kernel[grid](x, norm, q, scale, res, out, n, k, per, eps, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                           PARTIAL=False, EVEN=even, PROLOGUE=prologue, RESIDUAL=add, num_warps=cfg.num_warps)
+                           PARTIAL=False, EVEN=even, PROLOGUE=prologue, RESIDUAL=add, NORM_BLOCK=norm_block,
+                           num_warps=cfg.num_warps)
         return out
     parts = torch.empty((cfg.split_k, n), dtype=torch.float32, device=x.device)
     _gemv_kernel[grid](x, norm, q, scale, res, parts, n, k, per, eps, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                       PARTIAL=True, EVEN=even, PROLOGUE=prologue, RESIDUAL=False, num_warps=cfg.num_warps)
+                       PARTIAL=True, EVEN=even, PROLOGUE=prologue, RESIDUAL=False, NORM_BLOCK=norm_block,
+                       num_warps=cfg.num_warps)
     block = 1024
     _sum_parts_kernel[(triton.cdiv(n, block),)](parts, scale, res, out, n, cfg.split_k, BLOCK=block, RESIDUAL=add,
                                                 num_warps=4)
@@ -398,16 +406,20 @@ def _time_pass(fn: Callable[[], None]) -> float:
     return best
 
 
-def fuse_setting() -> bool:
-    """Whether LLAMA_INT8_GEMV_FUSE lets the kernel take the input functions in ("on", the default, or "off");
-    ValueError on another value."""
+def fuse_setting() -> Sequence[str]:
+    """The FORMS LLAMA_INT8_GEMV_FUSE lets the kernel take in: "on" (the default: all), "off" (none) or a comma
+    list of them; ValueError on another value."""
     setting = os.environ.get(FUSE_ENV, "on").strip()
-    if setting not in ("on", "off"):
-        raise ValueError(f"{FUSE_ENV} must be 'on' or 'off', got {setting!r}")
-    return setting == "on"
+    if setting in ("on", "off"):
+        return FORMS if setting == "on" else ()
+    forms = [f.strip() for f in setting.split(",") if f.strip()]
+    if not forms or any(f not in FORMS for f in forms):
+        raise ValueError(f"{FUSE_ENV} must be 'on', 'off' or a comma list of {list(FORMS)}, got {setting!r}")
+    return forms
 
 
-# The timings of every pick made in this process, {(N, K, dtype, prologue): {block shape: seconds}}, for scripts.
+# The timings of every pick made in this process, {(N, K, dtype, prologue): {block shape: seconds a product}}
+# (a pass's time over its number of layers), for scripts.
 PICK_TIMES: Dict[tuple, Dict[GemvConfig, float]] = {}
 
 
@@ -445,7 +457,7 @@ def pick_config(layers: List[nn.Module], candidates: Optional[Sequence[GemvConfi
                 _launch(x, m.weight, m.scale_act, cfg, prologue, norm_weight, 1e-5)
         return run
 
-    times = {cfg: _time_pass(make(cfg)) for cfg in fitting}
+    times = {cfg: _time_pass(make(cfg)) / len(timed) for cfg in fitting}
     PICK_TIMES[(layers[0].out_features, k, str(dtype), prologue)] = times
     return min(fitting, key=times.__getitem__)
 
@@ -457,21 +469,23 @@ def use_int8_gemv(linears: Dict[str, nn.Module], fused_forms: bool = False) -> D
     the others keep their own product. fused_forms: the layers are the fast path's, which hand the RMSNorm
     before wqkv, w13 and output, and the SwiGLU before w2, to the product (llama.fast.layers.normed_product,
     FastFeedForward), and the residual add after wo and w2 to it too (llama.fast.layers.added_product): unless
-    LLAMA_INT8_GEMV_FUSE is "off", those layers' kernels take them in (PROLOGUE_OF, RESIDUAL_ROLES), with a
-    block shape timed for that form. Returns {module path: block shape} of the layers given one."""
+    LLAMA_INT8_GEMV_FUSE leaves them out, those layers' kernels take them in (PROLOGUE_OF, RESIDUAL_ROLES),
+    with a block shape timed for that form. Returns {module path: block shape} of the layers given one."""
     roles = gemv_roles()
-    fuse = fused_forms and fuse_setting()
+    forms = fuse_setting() if fused_forms else ()
+    prologues = {role: p for role, p in PROLOGUE_OF.items() if {RMS_NORM: "rms_norm", SWIGLU: "swiglu"}[p] in forms}
     chosen = {path: m for path, m in linears.items()
               if (roles is None or path.rpartition(".")[2] in roles) and kernel_runs_on(m.scale.device)
               and getattr(m, "weight", None) is not None and m.dtype in (torch.bfloat16, torch.float16, torch.float32)}
     groups: Dict[tuple, List[str]] = {}
     for path, m in chosen.items():
-        prologue = PROLOGUE_OF.get(path.rpartition(".")[2], PLAIN) if fuse else PLAIN
+        prologue = prologues.get(path.rpartition(".")[2], PLAIN)
         groups.setdefault((m.out_features, m.in_features, m.dtype, prologue), []).append(path)
     picked = {}
     for (_, _, _, prologue), paths in groups.items():
         cfg = pick_config([chosen[p] for p in paths], prologue=prologue)
         for p in paths:
-            chosen[p].gemv = Int8Gemv(cfg, prologue, residual=fuse and p.rpartition(".")[2] in RESIDUAL_ROLES)
+            residual = "residual" in forms and p.rpartition(".")[2] in RESIDUAL_ROLES
+            chosen[p].gemv = Int8Gemv(cfg, prologue, residual=residual)
             picked[p] = cfg
     return picked
