@@ -122,7 +122,8 @@ def test_the_environment_picks_the_layers(monkeypatch):
         G.gemv_roles()
 
 
-@pytest.mark.parametrize("setting, expected", [("auto", ("w2", "wo", "output")), ("wo", ("wo",)), ("off", ()),
+@pytest.mark.parametrize("setting, expected", [("auto", ("wqkv", "wo", "w13", "w2", "output")), ("wo", ("wo",)),
+                                               ("off", ()),
                                                ("all", ("wqkv", "wo", "w13", "w2", "output"))])
 def test_the_setting_gives_the_kernel_to_the_layers_it_names(tiny_llama, monkeypatch, setting, expected):
     """The choice of layers alone (the kernel's device check and the timing stubbed out), on the fast layers."""

@@ -2,8 +2,8 @@
 w13 and the output projection, and silu(gate) * up before w2. The fused ops against an independent unfused
 composition (llama.model.RMSNorm, eager F.silu(gate) * up, the float64 product with the dequantized weight)
 within a bound derived from their roundings: torch's functions off CUDA, the Triton kernel on CUDA; the fast
-layers' hand-over of the norm and the SwiGLU to the product; LLAMA_INT8_GEMV_FUSE; a small model's greedy
-tokens fused and unfused on CUDA."""
+layers' hand-over of the norm, the SwiGLU and the residual add to the product; LLAMA_INT8_GEMV_FUSE; a small
+model's greedy tokens fused and unfused on CUDA."""
 
 import math
 
@@ -143,7 +143,8 @@ def test_ops_off_cuda_add_the_residual_to_the_rounded_product(dtype):
     g = torch.Generator().manual_seed(6)
     x, gate_up = torch.randn(1, 96, generator=g).to(dtype), torch.randn(1, 192, generator=g).to(dtype)
     residual = torch.randn(1, 40, generator=g).to(dtype)
-    assert torch.equal(G.int8_gemv(x, q, scale, 4, 64, 1, 4, residual), residual + G.int8_gemv(x, q, scale, 4, 64, 1, 4))
+    assert torch.equal(G.int8_gemv(x, q, scale, 4, 64, 1, 4, residual),
+                       residual + G.int8_gemv(x, q, scale, 4, 64, 1, 4))
     assert torch.equal(G.swiglu_int8_gemv(gate_up, q, scale, 4, 64, 1, 4, residual),
                        residual + G.swiglu_int8_gemv(gate_up, q, scale, 4, 64, 1, 4))
 
@@ -166,6 +167,8 @@ def test_a_layer_whose_gemv_takes_no_prologue_gets_the_normed_input():
 
 @pytest.mark.parametrize("fuse, expected", [("on", {"wqkv": G.RMS_NORM, "w13": G.RMS_NORM, "output": G.RMS_NORM,
                                                      "w2": G.SWIGLU, "wo": G.PLAIN}),
+                                            ("auto", {"wqkv": G.RMS_NORM, "w13": G.RMS_NORM, "output": G.RMS_NORM,
+                                                      "w2": G.PLAIN, "wo": G.PLAIN}),
                                             ("off", {r: G.PLAIN for r in ("wqkv", "wo", "w13", "w2", "output")})])
 def test_the_fuse_setting_gives_the_fast_layers_their_prologues_and_epilogues(tiny_llama, monkeypatch, fuse,
                                                                                expected):
@@ -178,7 +181,7 @@ def test_the_fuse_setting_gives_the_fast_layers_their_prologues_and_epilogues(ti
     G.use_int8_gemv(layers, fused_forms=True)
     assert {p.rpartition(".")[2]: m.gemv.prologue for p, m in layers.items()} == expected
     residual = {p.rpartition(".")[2] for p, m in layers.items() if m.gemv.residual}
-    assert residual == ({"wo", "w2"} if fuse == "on" else set())
+    assert residual == (set() if fuse == "off" else {"wo", "w2"})
     G.use_int8_gemv(layers, fused_forms=False)  # the reference layers hand nothing on
     assert all(m.gemv.prologue == G.PLAIN and not m.gemv.residual for m in layers.values())
     monkeypatch.setenv(G.FUSE_ENV, "rms_norm,residual")  # the forms one by one: here all but the SwiGLU

@@ -22,6 +22,7 @@ tuning that landed 3-4x apart from process to process and from layer to layer. T
   on the model's own weights and in a CUDA graph as a compiled step runs them (`use_int8_gemv`), not by
   inductor's autotuning;
 - is a torch custom op (`llama::int8_gemv`), which torch.compile and CUDA graphs treat as one opaque call;
+- adds the block's residual in its epilogue (wo, w2: one small kernel fewer after each);
 - can take the function that forms its input in (the kernel's PROLOGUE), which inductor would otherwise fuse
   into its own product's kernel or run as a kernel of its own before the opaque op: the RMSNorm before the
   fast path's wqkv, w13 and output projection (`llama::rms_norm_int8_gemv`: each program sums the squares of
@@ -40,9 +41,13 @@ another order); silu(gate) rounded to the dtype, times up, rounded (eager torch;
 silu * up keeps silu in float32); off CUDA, `rms_norm_reference` and `swiglu_reference` (the same torch
 functions). tests/test_int8_gemv_fused.py bounds them against float64 on the unfused composition.
 
-LLAMA_INT8_GEMV picks which products take it: "auto" (the default: DEFAULT_ROLES), "off", "all", or a comma
-list of layer names (w2,wo,wqkv,w13,output; wq,wk,wv,w1,w3 on the reference layers). LLAMA_INT8_GEMV_FUSE
-("on", the default, or "off") says whether the fast layers' products take their prologues in.
+LLAMA_INT8_GEMV picks which products take it: "auto" (the default: DEFAULT_ROLES, every product of the fast
+layers), "off", "all", or a comma list of layer names (w2,wo,wqkv,w13,output; wq,wk,wv,w1,w3 on the reference
+layers). LLAMA_INT8_GEMV_FUSE picks what the fast layers' products take in: "auto" (the default: the RMSNorm
+and the residual add, DEFAULT_FORMS), "on" (the SwiGLU too), "off", or a comma list of rms_norm, swiglu,
+residual. Measured on an H200 at the 8B shape (compiled batch-1 step, bench/results/GPU_RESULTS.md, issue 18,
+third session): 329.4 tok/s, 1.64x of bf16 in the same process, against 283.8 (1.41x) with the kernel on w2,
+wo and output and nothing taken in.
 """
 
 import os
@@ -59,15 +64,19 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 ENV = "LLAMA_INT8_GEMV"
-# Every layer name the setting takes, and those that take the kernel under "auto": the products that follow
-# no RMSNorm. wqkv and w13 follow one, which inductor fuses into its own product's kernel (an opaque op
-# cannot take it in): alone the kernel beat inductor's form there by 1-2 us (H200), less than the separate
-# norm kernel it would need (bench/results/GPU_RESULTS.md).
+# Every layer name the setting takes, and those that take the kernel under "auto": every product of the fast
+# layers. Until the kernel took the RMSNorm in, wqkv and w13 kept inductor's products, which fuse the norm
+# before them; with it, the 8B step on an H200 ran at 1.64x of bf16 against 1.41x with the kernel on w2, wo
+# and output only (bench/results/GPU_RESULTS.md, issue 18, third session).
 ROLES = ("w2", "wo", "wqkv", "w13", "output", "wq", "wk", "wv", "w1", "w3")
-DEFAULT_ROLES = ("w2", "wo", "output")
-# Which of FORMS the kernel takes in on the fast layers: "on" (the default: all), "off" (none), or a comma list.
+DEFAULT_ROLES = ("wqkv", "wo", "w13", "w2", "output")
+# Which of FORMS the kernel takes in on the fast layers: "auto" (the default: DEFAULT_FORMS), "on" (all), "off"
+# (none), or a comma list. The SwiGLU is not among the defaults: w2 with it took 23.0 us alone against 20.0
+# plain (each program computes silu for every column it reads, an exp and a division), and the 8B step ran
+# at 320.9 tok/s with it against 329.4 without (H200, one process; GPU_RESULTS.md).
 FUSE_ENV = "LLAMA_INT8_GEMV_FUSE"
 FORMS = ("rms_norm", "swiglu", "residual")
+DEFAULT_FORMS = ("rms_norm", "residual")
 # The input function a product's kernel takes in (the kernel's PROLOGUE): none; the RMSNorm before it (the
 # fast path's wqkv and w13 and the output projection); silu(gate) * up from w13's output (the fast path's w2).
 PLAIN, RMS_NORM, SWIGLU = 0, 1, 2
@@ -407,14 +416,14 @@ def _time_pass(fn: Callable[[], None]) -> float:
 
 
 def fuse_setting() -> Sequence[str]:
-    """The FORMS LLAMA_INT8_GEMV_FUSE lets the kernel take in: "on" (the default: all), "off" (none) or a comma
-    list of them; ValueError on another value."""
-    setting = os.environ.get(FUSE_ENV, "on").strip()
-    if setting in ("on", "off"):
-        return FORMS if setting == "on" else ()
+    """The FORMS LLAMA_INT8_GEMV_FUSE lets the kernel take in: "auto" (the default: DEFAULT_FORMS), "on" (all),
+    "off" (none) or a comma list of them; ValueError on another value."""
+    setting = os.environ.get(FUSE_ENV, "auto").strip()
+    if setting in ("auto", "on", "off"):
+        return {"auto": DEFAULT_FORMS, "on": FORMS, "off": ()}[setting]
     forms = [f.strip() for f in setting.split(",") if f.strip()]
     if not forms or any(f not in FORMS for f in forms):
-        raise ValueError(f"{FUSE_ENV} must be 'on', 'off' or a comma list of {list(FORMS)}, got {setting!r}")
+        raise ValueError(f"{FUSE_ENV} must be 'auto', 'on', 'off' or a comma list of {list(FORMS)}, got {setting!r}")
     return forms
 
 

@@ -17,10 +17,12 @@ full Q: the ranks together hold exactly what one rank would (llama.checkpoints.q
 
 Kernels: on CUDA, the one-row products (batch-1 decode steps) take a Triton kernel (llama.fast.int8_gemv;
 LLAMA_INT8_GEMV picks the layers), which on the fast layers also takes in the RMSNorm before wqkv, w13 and the
-output projection and the SwiGLU before w2 (`after_norm`, `after_swiglu`; LLAMA_INT8_GEMV_FUSE). Otherwise torch's own `aten._weight_int8pack_mm(x (M, K), Q (N, K) int8, scale (N,) in x's dtype)` where it
-runs (the CPU; probed once per device and dtype) for products of a few rows (decode steps), else the same
-product written out, `F.linear(x, Q.to(x.dtype)) * scale`: for many rows (a prefill) the float copy of Q costs
-less than the kernel's repeated conversions, and torch.compile can fuse this form into one kernel.
+output projection and the residual add after wo and w2, and the SwiGLU before w2 where asked (`after_norm`,
+`plus_residual`, `after_swiglu`; LLAMA_INT8_GEMV_FUSE). Otherwise torch's own
+`aten._weight_int8pack_mm(x (M, K), Q (N, K) int8, scale (N,) in x's dtype)` where it runs (the CPU; probed
+once per device and dtype) for products of a few rows (decode steps), else the same product written out,
+`F.linear(x, Q.to(x.dtype)) * scale`: for many rows (a prefill) the float copy of Q costs less than the
+kernel's repeated conversions, and torch.compile can fuse this form into one kernel.
 """
 
 from typing import Callable, Dict, Optional, Sequence, Tuple
