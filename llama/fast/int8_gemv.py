@@ -27,9 +27,9 @@ tuning that landed 3-4x apart from process to process and from layer to layer. T
   into its own product's kernel or run as a kernel of its own before the opaque op: the RMSNorm before the
   fast path's wqkv, w13 and output projection (`llama::rms_norm_int8_gemv`: each program sums the squares of
   the un-normed x itself, K elements from the caches, then norms x as it reads it) and silu(gate) * up before
-  w2 (`llama::swiglu_int8_gemv`, reading w13's output). The fast layers hand the norm and the SwiGLU on to
-  the product (llama.fast.layers.normed_product, FastFeedForward; llama.fast.quantize.Int8Linear's
-  `after_norm` and `after_swiglu`); the block shape is then timed for the fused form.
+  w2 (`llama::swiglu_int8_gemv`, reading w13's output). The fast layers hand the norm, the SwiGLU and the
+  residual on to the product (llama.fast.layers.fast_block; Int8Linear's `after_norm`, `after_swiglu`,
+  `plus_residual` in llama.fast.quantize); the block shape is then timed for the fused form.
 
 Numerics: each product x[k] * Q[n, k] is formed in float32 (exact for bf16 x: 8 + 7 significant bits) and
 summed in float32, in another order than torch's; then y[n] = sum * scale[n], rounded once to x's dtype. The
@@ -38,8 +38,8 @@ against float64). Off CUDA, or without Triton, the op computes the same thing wi
 product (`int8_gemv_reference`). The prologues round as the unfused path does: the norm's x * (1 / RMS(x))
 rounded to x's dtype, times the norm's weight, rounded (llama.model.RMSNorm; the sum of squares in float32, in
 another order); silu(gate) rounded to the dtype, times up, rounded (eager torch; a compiled step's fused
-silu * up keeps silu in float32); off CUDA, `rms_norm_reference` and `swiglu_reference` (the same torch
-functions). tests/test_int8_gemv_fused.py bounds them against float64 on the unfused composition.
+silu * up keeps silu in float32); the residual is added to the rounded product and the sum rounded (as
+torch adds them); off CUDA, `rms_norm_reference` and `swiglu_reference` (the same torch functions). tests/test_int8_gemv_fused.py bounds them against float64 on the unfused composition.
 
 LLAMA_INT8_GEMV picks which products take it: "auto" (the default: DEFAULT_ROLES, every product of the fast
 layers), "off", "all", or a comma list of layer names (w2,wo,wqkv,w13,output; wq,wk,wv,w1,w3 on the reference

@@ -292,5 +292,5 @@ def use_int8_layers(
         owner, _, attr = path.rpartition(".")
         setattr(model.get_submodule(owner) if owner else model, attr, new)
     # On CUDA: the one-row products' Triton kernel, its block shape timed here per weight shape; on the fast
-    # layers, with the RMSNorm or the SwiGLU before a product taken into its kernel.
+    # layers, with the RMSNorm before a product, the residual add after it (or the SwiGLU) taken into its kernel.
     use_int8_gemv({p: m for p, m in model.named_modules() if isinstance(m, Int8Linear)}, fused_forms=is_fast(model))
