@@ -1,8 +1,17 @@
-"""The compiled batch-1 decode step at the 8B shape, three systems in one process, alternating rounds as the
-bench does (bench.run.measure): bf16, int8 with inductor's products (LLAMA_INT8_GEMV=off, the form before
-llama.fast.int8_gemv) and int8 with the split-K GEMV.
+"""The compiled batch-1 decode step at the 8B shape, several systems in one process, alternating rounds as the
+bench does (bench.run.measure): bf16 (ours), int8 with inductor's products (ours-int8-inductor:
+LLAMA_INT8_GEMV=off, the form before llama.fast.int8_gemv), int8 with the GEMV on --roles' products without
+prologues (ours-int8-gemv: LLAMA_INT8_GEMV_FUSE=off; the second session's form with its roles w2,wo,output)
+and int8 with the GEMV on --fused-roles' products, the RMSNorm, the SwiGLU and the residual add taken into the
+kernel (ours-int8-fused: LLAMA_INT8_GEMV_FUSE=on), or all but the SwiGLU (ours-int8-fused-noswiglu:
+LLAMA_INT8_GEMV_FUSE=rms_norm,residual). Default: ours, ours-int8-gemv, ours-int8-fused.
 
-    python scripts/int8_gemv_step.py [--sweep int8_gemv_sweep.json] [--roles auto|from-sweep|w2,wo] [--out step.json]
+    python scripts/int8_gemv_step.py [--sweep int8_gemv_sweep.json] [--roles w2,wo,output|from-sweep]
+        [--fused-roles all] [--out step.json]
+
+After the builds it also times every product shape alone, plain and with its prologue (llama.fast.int8_gemv's
+pick timings, each candidate block shape a CUDA-graph replay over >= 256 MiB of the model's layers, per
+product): the report's "alone". Partial reports are written to --out after the builds and after the measurement.
 
 --sweep: candidates for the build-time pick from scripts/int8_gemv_sweep.py's output (each shape's top block
 shapes); --roles from-sweep: the GEMV only for the shapes where the sweep found it faster than inductor's
@@ -37,8 +46,25 @@ def picked(llama) -> dict:
     for m in llama.model.modules():
         cfg = getattr(getattr(m, "gemv", None), "cfg", None)
         if cfg is not None:
-            out[SHAPE_OF.get((m.out_features, m.in_features), f"{m.out_features}x{m.in_features}")] = list(cfg)
+            out[SHAPE_OF.get((m.out_features, m.in_features), f"{m.out_features}x{m.in_features}")] = (
+                list(cfg) + [PROLOGUE_NAMES[m.gemv.prologue]])
     return out
+
+
+PROLOGUE_NAMES = {G.PLAIN: "plain", G.RMS_NORM: "rms_norm", G.SWIGLU: "swiglu"}
+
+
+def alone_times(model) -> None:
+    """Time each int8 product shape of `model` alone, plain and with the prologue the fast path gives it
+    (G.PICK_TIMES collects the pick's timings), where the builds have not already."""
+    layers = {}
+    for path, m in model.named_modules():
+        if getattr(m, "scale_act", None) is not None:
+            layers.setdefault((m.out_features, m.in_features), (path.rpartition(".")[2], []))[1].append(m)
+    for (n, k), (role, ms) in layers.items():
+        for prologue in {G.PLAIN, G.PROLOGUE_OF.get(role, G.PLAIN)}:
+            if (n, k, str(ms[0].dtype), prologue) not in G.PICK_TIMES:
+                G.pick_config(ms, prologue=prologue)
 
 
 def main() -> None:
@@ -48,10 +74,12 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sweep", default=None)
-    p.add_argument("--roles", default="auto")
+    p.add_argument("--roles", default="w2,wo,output")
+    p.add_argument("--fused-roles", default="all")
     p.add_argument("--profile", action="store_true")
-    p.add_argument("--systems", nargs="+", default=["ours", "ours-int8-inductor", "ours-int8-gemv"],
-                   choices=["ours", "ours-int8-inductor", "ours-int8-gemv"])
+    p.add_argument("--systems", nargs="+", default=["ours", "ours-int8-gemv", "ours-int8-fused"],
+                   choices=["ours", "ours-int8-inductor", "ours-int8-gemv", "ours-int8-fused-noswiglu",
+                            "ours-int8-fused"])
     p.add_argument("--out", default="int8_gemv_step.json")
     p.add_argument("--device", default="cuda", help="cuda (or cpu, to try the script: no GEMV there)")
     opts = p.parse_args()
@@ -86,15 +114,29 @@ def main() -> None:
     args = ModelArgs.from_params(SHAPES[opts.shape], max_seq_len=opts.prompt_len + opts.new_tokens, max_batch_size=1)
     sd = random_weights(args, dtype, device, seed=0)
     systems, builds = [], {}
-    variants = (("ours", None, "off"), ("ours-int8-inductor", "int8", "off"), ("ours-int8-gemv", "int8", roles))
-    for name, quantize, env in [v for v in variants if v[0] in opts.systems]:
+    variants = (("ours", None, "off", "off"), ("ours-int8-inductor", "int8", "off", "off"),
+                ("ours-int8-gemv", "int8", roles, "off"),
+                ("ours-int8-fused-noswiglu", "int8", opts.fused_roles, "rms_norm,residual"),
+                ("ours-int8-fused", "int8", opts.fused_roles, "on"))
+    report["fused_roles"] = opts.fused_roles
+    for name, quantize, env, fuse in [v for v in variants if v[0] in opts.systems]:
         start = time.time()
-        os.environ[G.ENV] = env
+        os.environ[G.ENV], os.environ[G.FUSE_ENV] = env, fuse
         llama = build_ours(args, sd, device, dtype, True, True, quantize)
         builds[name] = {"build_s": time.time() - start, "picked": picked(llama)}
         systems.append(ours_system(name, llama))
         log(f"built {name} in {builds[name]['build_s']:.1f} s; gemv {builds[name]['picked']}")
     report["builds"] = builds
+    if device.type == "cuda" and any(s.name != "ours" for s in systems):
+        alone_times(systems[-1].llama.model)
+        report["alone"] = [{"shape": SHAPE_OF.get((n, k), f"{n}x{k}"), "prologue": PROLOGUE_NAMES[pro],
+                            "best_us": 1e6 * min(t.values()), "best": list(min(t, key=t.get)),
+                            "all_us": {str(tuple(c)): 1e6 * v for c, v in t.items()}}
+                           for (n, k, _, pro), t in G.PICK_TIMES.items()]
+        for a in report["alone"]:
+            log(f"alone {a['shape']:7s} {a['prologue']:8s} {a['best_us']:7.1f} us {a['best']}")
+    with open(opts.out, "w") as f:
+        json.dump(report, f, indent=1)
     prompts = torch.randint(0, args.vocab_size, (1, opts.prompt_len), generator=torch.Generator().manual_seed(0))
     prompts = prompts.to(device)
     rounds_bw = measure(systems, prompts, opts.new_tokens, opts.repeats, 1, device, "bf16 batch 1")
@@ -108,14 +150,16 @@ def main() -> None:
         r["bytes_per_decode_step"] = traffic[s.name != "ours"]
         r["fraction_of_read_bandwidth"] = r["bytes_per_decode_step"] * r["decode_steps_s"] / bandwidth
         res[s.name] = r
-    for name in ("ours-int8-inductor", "ours-int8-gemv"):
+    for name in ("ours-int8-inductor", "ours-int8-gemv", "ours-int8-fused-noswiglu", "ours-int8-fused"):
         if name in res and "ours" in res:
             res[f"ratio_{name}_to_bf16"] = res[name]["decode_tok_s"] / res["ours"]["decode_tok_s"]
             res[f"median_ratio_{name}_to_bf16"] = (res[name]["median_decode_tok_s"]
                                                    / res["ours"]["median_decode_tok_s"])
     tokens = {s.name: s.tokens for s in systems}
     for a, b, key in (("ours-int8-inductor", "ours-int8-gemv", "int8_inductor_vs_gemv"),
-                      ("ours", "ours-int8-gemv", "bf16_vs_int8_gemv")):
+                      ("ours", "ours-int8-gemv", "bf16_vs_int8_gemv"),
+                      ("ours-int8-gemv", "ours-int8-fused", "int8_gemv_vs_fused"),
+                      ("ours-int8-fused-noswiglu", "ours-int8-fused", "int8_fused_noswiglu_vs_fused")):
         if a in tokens and b in tokens:
             same_tokens(res, tokens[a], tokens[b], key)
     report["results"] = res

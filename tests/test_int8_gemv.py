@@ -122,14 +122,15 @@ def test_the_environment_picks_the_layers(monkeypatch):
         G.gemv_roles()
 
 
-@pytest.mark.parametrize("setting, expected", [("auto", ("w2", "wo", "output")), ("wo", ("wo",)), ("off", ()),
+@pytest.mark.parametrize("setting, expected", [("auto", ("wqkv", "wo", "w13", "w2", "output")), ("wo", ("wo",)),
+                                               ("off", ()),
                                                ("all", ("wqkv", "wo", "w13", "w2", "output"))])
 def test_the_setting_gives_the_kernel_to_the_layers_it_names(tiny_llama, monkeypatch, setting, expected):
     """The choice of layers alone (the kernel's device check and the timing stubbed out), on the fast layers."""
     llama = tiny_llama(PARAMS, seed=6, device="cpu", quantize="int8")
     layers = {p: m for p, m in llama.model.named_modules() if isinstance(m, Int8Linear)}
     monkeypatch.setattr(G, "kernel_runs_on", lambda device: True)
-    monkeypatch.setattr(G, "pick_config", lambda layers: G.CANDIDATES[0])
+    monkeypatch.setattr(G, "pick_config", lambda layers, **kw: G.CANDIDATES[0])
     monkeypatch.setenv(G.ENV, setting)
     picked = G.use_int8_gemv(layers)
     assert {p.rpartition(".")[2] for p in picked} == set(expected)

@@ -21,17 +21,33 @@ tuning that landed 3-4x apart from process to process and from layer to layer. T
 - is picked per weight shape from a small table of block shapes (CANDIDATES) by timing them once at load,
   on the model's own weights and in a CUDA graph as a compiled step runs them (`use_int8_gemv`), not by
   inductor's autotuning;
-- is a torch custom op (`llama::int8_gemv`), which torch.compile and CUDA graphs treat as one opaque call.
+- is a torch custom op (`llama::int8_gemv`), which torch.compile and CUDA graphs treat as one opaque call;
+- adds the block's residual in its epilogue (wo, w2: one small kernel fewer after each);
+- can take the function that forms its input in (the kernel's PROLOGUE), which inductor would otherwise fuse
+  into its own product's kernel or run as a kernel of its own before the opaque op: the RMSNorm before the
+  fast path's wqkv, w13 and output projection (`llama::rms_norm_int8_gemv`: each program sums the squares of
+  the un-normed x itself, K elements from the caches, then norms x as it reads it) and silu(gate) * up before
+  w2 (`llama::swiglu_int8_gemv`, reading w13's output). The fast layers hand the norm, the SwiGLU and the
+  residual on to the product (llama.fast.layers.fast_block; Int8Linear's `after_norm`, `after_swiglu`,
+  `plus_residual` in llama.fast.quantize); the block shape is then timed for the fused form.
 
 Numerics: each product x[k] * Q[n, k] is formed in float32 (exact for bf16 x: 8 + 7 significant bits) and
 summed in float32, in another order than torch's; then y[n] = sum * scale[n], rounded once to x's dtype. The
 same function as F.linear(x, Q * scale) up to float32 summation rounding (tests/test_int8_gemv.py bounds it
 against float64). Off CUDA, or without Triton, the op computes the same thing with torch's own float32
-product (`int8_gemv_reference`).
+product (`int8_gemv_reference`). The prologues round as the unfused path does: the norm's x * (1 / RMS(x))
+rounded to x's dtype, times the norm's weight, rounded (llama.model.RMSNorm; the sum of squares in float32, in
+another order); silu(gate) rounded to the dtype, times up, rounded (eager torch; a compiled step's fused
+silu * up keeps silu in float32); the residual is added to the rounded product and the sum rounded (as
+torch adds them); off CUDA, `rms_norm_reference` and `swiglu_reference` (the same torch functions). tests/test_int8_gemv_fused.py bounds them against float64 on the unfused composition.
 
-LLAMA_INT8_GEMV picks which products take it: "auto" (the default: DEFAULT_ROLES, w2, wo and the output
-projection), "off", "all", or a comma list of layer names (w2,wo,wqkv,w13,output; wq,wk,wv,w1,w3 on the
-reference layers).
+LLAMA_INT8_GEMV picks which products take it: "auto" (the default: DEFAULT_ROLES, every product of the fast
+layers), "off", "all", or a comma list of layer names (w2,wo,wqkv,w13,output; wq,wk,wv,w1,w3 on the reference
+layers). LLAMA_INT8_GEMV_FUSE picks what the fast layers' products take in: "auto" (the default: the RMSNorm
+and the residual add, DEFAULT_FORMS), "on" (the SwiGLU too), "off", or a comma list of rms_norm, swiglu,
+residual. Measured on an H200 at the 8B shape (compiled batch-1 step, bench/results/GPU_RESULTS.md, issue 18,
+third session): 329.4 tok/s, 1.64x of bf16 in the same process, against 283.8 (1.41x) with the kernel on w2,
+wo and output and nothing taken in.
 """
 
 import os
@@ -48,12 +64,27 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 ENV = "LLAMA_INT8_GEMV"
-# Every layer name the setting takes, and those that take the kernel under "auto": the products that follow
-# no RMSNorm. wqkv and w13 follow one, which inductor fuses into its own product's kernel (an opaque op
-# cannot take it in): alone the kernel beat inductor's form there by 1-2 us (H200), less than the separate
-# norm kernel it would need (bench/results/GPU_RESULTS.md).
+# Every layer name the setting takes, and those that take the kernel under "auto": every product of the fast
+# layers. Until the kernel took the RMSNorm in, wqkv and w13 kept inductor's products, which fuse the norm
+# before them; with it, the 8B step on an H200 ran at 1.64x of bf16 against 1.41x with the kernel on w2, wo
+# and output only (bench/results/GPU_RESULTS.md, issue 18, third session).
 ROLES = ("w2", "wo", "wqkv", "w13", "output", "wq", "wk", "wv", "w1", "w3")
-DEFAULT_ROLES = ("w2", "wo", "output")
+DEFAULT_ROLES = ("wqkv", "wo", "w13", "w2", "output")
+# Which of FORMS the kernel takes in on the fast layers: "auto" (the default: DEFAULT_FORMS), "on" (all), "off"
+# (none), or a comma list. The SwiGLU is not among the defaults: w2 with it took 23.0 us alone against 20.0
+# plain (each program computes silu for every column it reads, an exp and a division), and the 8B step ran
+# at 320.9 tok/s with it against 329.4 without (H200, one process; GPU_RESULTS.md).
+FUSE_ENV = "LLAMA_INT8_GEMV_FUSE"
+FORMS = ("rms_norm", "swiglu", "residual")
+DEFAULT_FORMS = ("rms_norm", "residual")
+# The input function a product's kernel takes in (the kernel's PROLOGUE): none; the RMSNorm before it (the
+# fast path's wqkv and w13 and the output projection); silu(gate) * up from w13's output (the fast path's w2).
+PLAIN, RMS_NORM, SWIGLU = 0, 1, 2
+PROLOGUE_OF = {"wqkv": RMS_NORM, "w13": RMS_NORM, "output": RMS_NORM, "w2": SWIGLU}
+# The products whose output the fast block adds to its residual stream: their kernels add it in (epilogue).
+RESIDUAL_ROLES = ("wo", "w2")
+# The most columns of x the RMSNorm prologue reads in one step (its sum of squares).
+MAX_NORM_BLOCK = 8192
 # Rows of x the kernel serves (a batch-1 decode step); more rows keep the layer's own product.
 MAX_ROWS = 1
 # A timed pass over a shape's layers reads at least this many bytes (several times the L2 cache), so the
@@ -84,6 +115,13 @@ CANDIDATES = (
     GemvConfig(8, 512, 4, 4),
     GemvConfig(8, 512, 7, 4),  # w2's best split (within 7% of its best)
 )
+# More for the SwiGLU prologue, which computes silu once a column per program: rows per program share it.
+SWIGLU_CANDIDATES = CANDIDATES + (
+    GemvConfig(8, 1024, 1, 8),
+    GemvConfig(16, 512, 1, 8),
+    GemvConfig(16, 1024, 1, 8),
+    GemvConfig(32, 256, 1, 8),
+)
 
 
 def check_config(cfg: GemvConfig, k: int) -> None:
@@ -108,70 +146,131 @@ def int8_gemv_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -
     return (F.linear(x.float(), q.float()) * scale.float()).to(x.dtype)
 
 
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """llama.model.RMSNorm's function, with its roundings: x normed in float32, rounded to x's dtype, times
+    the weight."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    """F.silu(gate) * up of gate_up (..., 2 * hidden), gate then up, as the fast path's feed-forward computes
+    it (llama.fast.layers.FastFeedForward; eager torch rounds silu's result to the dtype, then the product)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, N, K, k_split,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr, EVEN: tl.constexpr):
-        """Rows [pid0 * BLOCK_N, +BLOCK_N) of Q times x over columns [pid1 * k_split, +k_split): their float32
-        sums, stored as partials (PARTIAL: out is (SPLIT_K, N) float32) or scaled and rounded (out is (N,))."""
+    def _gemv_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, out_ptr, N, K, k_split, eps,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr, EVEN: tl.constexpr,
+                     PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr, NORM_BLOCK: tl.constexpr):
+        """Rows [pid0 * BLOCK_N, +BLOCK_N) of Q times the input over columns [pid1 * k_split, +k_split): their
+        float32 sums, stored as partials (PARTIAL: out is (SPLIT_K, N) float32) or scaled and rounded (out is
+        (N,)). The input a column k takes (PROLOGUE): 0, x[k]; 1 (RMS_NORM), x's RMSNorm with weight norm[k],
+        rounded as llama.model.RMSNorm rounds it; 2 (SWIGLU), silu(x[k]) * x[K + k], rounded as eager torch
+        rounds F.silu(gate) * up. RESIDUAL: the rounded result plus res[n], rounded (residual + y in torch)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
+        dtype = x_ptr.dtype.element_ty  # the activations' dtype, to which the prologues round as torch does
         rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         row_ok = rows < N
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * K  # (BLOCK_N, 1) row starts
         k_lo = pid_k * k_split
+        if PROLOGUE == 1:
+            # 1 / RMS(x) over the whole of x (every program: x is K elements, a few KB read from the caches),
+            # as the norm computes it: the mean of the float32 squares, plus eps, reciprocal square root. In
+            # NORM_BLOCK columns at a time (the whole of x, up to 8192): all its loads are issued at once, so
+            # the program waits one memory latency before it streams Q, not one a step.
+            squares = tl.zeros((NORM_BLOCK,), dtype=tl.float32)
+            for k0 in range(0, K, NORM_BLOCK):
+                cols = k0 + tl.arange(0, NORM_BLOCK)
+                xs = tl.load(x_ptr + cols, mask=cols < K, other=0.0, eviction_policy="evict_last").to(tl.float32)
+                squares += xs * xs
+            inv_rms = tl.math.rsqrt(tl.sum(squares, axis=0) / K + eps)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # BLOCK_K running sums a row, added at the end
         for k0 in range(0, k_split, BLOCK_K):
             cols = k_lo + k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
             if EVEN:  # no masks: N and K fill the blocks exactly
                 w = tl.load(w_rows + cols[None, :], eviction_policy="evict_first")
-                xk = tl.load(x_ptr + cols, eviction_policy="evict_last")
+                xk = tl.load(x_ptr + cols, eviction_policy="evict_last").to(tl.float32)
+                if PROLOGUE == 1:
+                    nk = tl.load(norm_ptr + cols, eviction_policy="evict_last").to(tl.float32)
+                if PROLOGUE == 2:
+                    uk = tl.load(x_ptr + K + cols, eviction_policy="evict_last").to(tl.float32)
             else:
                 col_ok = cols < K
                 w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0,
                             eviction_policy="evict_first")
-                xk = tl.load(x_ptr + cols, mask=col_ok, other=0.0, eviction_policy="evict_last")
+                xk = tl.load(x_ptr + cols, mask=col_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+                if PROLOGUE == 1:
+                    nk = tl.load(norm_ptr + cols, mask=col_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+                if PROLOGUE == 2:
+                    uk = tl.load(x_ptr + K + cols, mask=col_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            if PROLOGUE == 1:  # (x * inv_rms) rounded to the activations' dtype, times the weight, rounded
+                xk = ((xk * inv_rms).to(dtype).to(tl.float32) * nk).to(dtype).to(tl.float32)
+            if PROLOGUE == 2:  # silu(gate) rounded to the activations' dtype, times up, rounded
+                xk = ((xk / (1.0 + tl.exp(-xk))).to(dtype).to(tl.float32) * uk).to(dtype).to(tl.float32)
             # int8 -> float32 without the int-to-float instruction (a quarter of the float rate on Hopper, and the
             # bound once loads are 16 bytes wide): the bits 0x4B000080 + b are float32 2**23 + 128 + b exactly
             # for b in -128..127, and subtracting 2**23 + 128 leaves b exactly.
             wf = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
-            acc += wf * xk.to(tl.float32)[None, :]
+            acc += wf * xk[None, :]
         part = tl.sum(acc, axis=1)  # (BLOCK_N,)
         if PARTIAL:
             tl.store(out_ptr + pid_k * N + rows, part, mask=row_ok)
         else:
             s = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-            tl.store(out_ptr + rows, (part * s).to(out_ptr.dtype.element_ty), mask=row_ok)
+            y = (part * s).to(out_ptr.dtype.element_ty)
+            if RESIDUAL:
+                y = (y.to(tl.float32) + tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32))
+            tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
-    def _sum_parts_kernel(part_ptr, scale_ptr, out_ptr, N, split_k, BLOCK: tl.constexpr):
-        """out[n] = (sum over s of part[s, n]) * scale[n], rounded once to out's dtype."""
+    def _sum_parts_kernel(part_ptr, scale_ptr, res_ptr, out_ptr, N, split_k, BLOCK: tl.constexpr,
+                          RESIDUAL: tl.constexpr):
+        """out[n] = (sum over s of part[s, n]) * scale[n], rounded once to out's dtype (RESIDUAL: plus res[n],
+        rounded again)."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < N
         acc = tl.load(part_ptr + offs, mask=ok, other=0.0)
         for s in range(1, split_k):
             acc += tl.load(part_ptr + s * N + offs, mask=ok, other=0.0)
         scale = tl.load(scale_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, (acc * scale).to(out_ptr.dtype.element_ty), mask=ok)
+        y = (acc * scale).to(out_ptr.dtype.element_ty)
+        if RESIDUAL:
+            y = y.to(tl.float32) + tl.load(res_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, cfg: GemvConfig) -> torch.Tensor:
-    """The Triton kernels on x (1, K) contiguous, Q (N, K) contiguous int8, scale (N,) -> (1, N) in x's dtype."""
+def _launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, cfg: GemvConfig, prologue: int = PLAIN,
+            norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
+            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The Triton kernels on Q (N, K) contiguous int8, scale (N,) and a contiguous input in the activations'
+    dtype: x (1, K) (PLAIN, RMS_NORM with norm_weight (K,) and eps) or gate and up side by side (1, 2K)
+    (SWIGLU) -> (1, N) in that dtype; plus `residual` (N elements, contiguous) where given."""
     n, k = q.shape
     per = k_per_split(k, cfg)
     even = n % cfg.block_n == 0 and per * cfg.split_k == k
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n), cfg.split_k)
+    norm = norm_weight if norm_weight is not None else x  # (not read unless RMS_NORM)
+    norm_block = min(triton.next_power_of_2(k), MAX_NORM_BLOCK) if prologue == RMS_NORM else 16
+    res = residual if residual is not None else out  # (not read unless RESIDUAL)
+    add = residual is not None
     if cfg.split_k == 1:
-        _gemv_kernel[grid](x, q, scale, out, n, k, per, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PARTIAL=False,
-                           EVEN=even, num_warps=cfg.num_warps)
+        _gemv_kernel[grid](x, norm, q, scale, res, out, n, k, per, eps, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                           PARTIAL=False, EVEN=even, PROLOGUE=prologue, RESIDUAL=add, NORM_BLOCK=norm_block,
+                           num_warps=cfg.num_warps)
         return out
     parts = torch.empty((cfg.split_k, n), dtype=torch.float32, device=x.device)
-    _gemv_kernel[grid](x, q, scale, parts, n, k, per, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PARTIAL=True,
-                       EVEN=even, num_warps=cfg.num_warps)
+    _gemv_kernel[grid](x, norm, q, scale, res, parts, n, k, per, eps, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                       PARTIAL=True, EVEN=even, PROLOGUE=prologue, RESIDUAL=False, NORM_BLOCK=norm_block,
+                       num_warps=cfg.num_warps)
     block = 1024
-    _sum_parts_kernel[(triton.cdiv(n, block),)](parts, scale, out, n, cfg.split_k, BLOCK=block, num_warps=4)
+    _sum_parts_kernel[(triton.cdiv(n, block),)](parts, scale, res, out, n, cfg.split_k, BLOCK=block, RESIDUAL=add,
+                                                num_warps=4)
     return out
 
 
@@ -182,35 +281,101 @@ def kernel_runs_on(device: torch.device) -> bool:
 
 @torch.library.custom_op("llama::int8_gemv", mutates_args=())
 def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block_n: int, block_k: int, split_k: int,
-              num_warps: int) -> torch.Tensor:
+              num_warps: int, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(x Q^T) * scale: x (..., K) with one row in all, Q (N, K) int8, scale (N,) -> (..., N) in x's dtype, summed
-    in float32 (the module docstring). The Triton kernel with this block shape on CUDA; elsewhere (or for
-    more rows) int8_gemv_reference."""
+    in float32 (the module docstring); plus `residual` (..., N), rounded again, where given (the block's
+    residual add, in the kernel's epilogue). The Triton kernel with this block shape on CUDA; elsewhere (or
+    for more rows) int8_gemv_reference."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
     if x2.shape[0] == 1 and kernel_runs_on(x.device):
         y = _launch(x2.contiguous(), q.contiguous(), scale.contiguous(), GemvConfig(block_n, block_k, split_k,
-                                                                                      num_warps))
+                                                                                      num_warps),
+                    residual=_flat(residual))
     else:
-        y = int8_gemv_reference(x2, q, scale)
+        y = _plus(int8_gemv_reference(x2, q, scale), residual)
     return y.view(*x.shape[:-1], q.shape[0])
 
 
+def _flat(residual: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if residual is None else residual.reshape(-1).contiguous()
+
+
+def _plus(y: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """residual + y (M, N), as the block adds them (torch's rounding), where there is a residual."""
+    return y if residual is None else residual.reshape(y.shape) + y
+
+
 @int8_gemv.register_fake
-def _(x, q, scale, block_n, block_k, split_k, num_warps):
+def _(x, q, scale, block_n, block_k, split_k, num_warps, residual=None):
     return x.new_empty((*x.shape[:-1], q.shape[0]))
 
 
+@torch.library.custom_op("llama::rms_norm_int8_gemv", mutates_args=())
+def rms_norm_int8_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, q: torch.Tensor, scale: torch.Tensor,
+                       block_n: int, block_k: int, split_k: int, num_warps: int) -> torch.Tensor:
+    """int8_gemv(rms_norm_reference(x, norm_weight, eps), Q, scale) in one kernel: x (..., K) with one row in
+    all, un-normed, norm_weight (K,) in x's dtype -> (..., N). Each program sums x's squares itself and norms
+    x as it reads it, rounding as the norm does. Off CUDA (or for more rows): the two reference functions."""
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    if x2.shape[0] == 1 and kernel_runs_on(x.device):
+        cfg = GemvConfig(block_n, block_k, split_k, num_warps)
+        y = _launch(x2.contiguous(), q.contiguous(), scale.contiguous(), cfg, RMS_NORM, norm_weight.contiguous(),
+                    eps)
+    else:
+        y = int8_gemv_reference(rms_norm_reference(x2, norm_weight, eps), q, scale)
+    return y.view(*x.shape[:-1], q.shape[0])
+
+
+@rms_norm_int8_gemv.register_fake
+def _(x, norm_weight, eps, q, scale, block_n, block_k, split_k, num_warps):
+    return x.new_empty((*x.shape[:-1], q.shape[0]))
+
+
+@torch.library.custom_op("llama::swiglu_int8_gemv", mutates_args=())
+def swiglu_int8_gemv(gate_up: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block_n: int, block_k: int,
+                     split_k: int, num_warps: int, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """int8_gemv(swiglu_reference(gate_up), Q, scale, ..., residual) in one kernel: gate_up (..., 2K), gate
+    then up, with one row in all -> (..., N). Off CUDA (or for more rows): the reference functions."""
+    g2 = gate_up.reshape(-1, gate_up.shape[-1])  # (M, 2K)
+    if g2.shape[0] == 1 and kernel_runs_on(gate_up.device):
+        y = _launch(g2.contiguous(), q.contiguous(), scale.contiguous(),
+                    GemvConfig(block_n, block_k, split_k, num_warps), SWIGLU, residual=_flat(residual))
+    else:
+        y = _plus(int8_gemv_reference(swiglu_reference(g2), q, scale), residual)
+    return y.view(*gate_up.shape[:-1], q.shape[0])
+
+
+@swiglu_int8_gemv.register_fake
+def _(gate_up, q, scale, block_n, block_k, split_k, num_warps, residual=None):
+    return gate_up.new_empty((*gate_up.shape[:-1], q.shape[0]))
+
+
 class Int8Gemv:
-    """A layer's one-row product: int8_gemv with the block shape picked for its weight's shape."""
+    """A layer's one-row product: int8_gemv with the block shape picked for its weight's shape. `prologue`:
+    the input function its kernel may take in as well (PLAIN: none; RMS_NORM or SWIGLU: `after_norm` or
+    `after_swiglu`), with the block shape picked for that form; `residual`: whether it may add the block's
+    residual in its epilogue."""
 
-    def __init__(self, cfg: GemvConfig):
+    def __init__(self, cfg: GemvConfig, prologue: int = PLAIN, residual: bool = False):
         self.cfg = cfg
+        self.prologue = prologue
+        self.residual = residual
 
-    def __call__(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return int8_gemv(x, q, scale, *self.cfg)
+    def __call__(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return int8_gemv(x, q, scale, *self.cfg, residual)
+
+    def after_norm(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, q: torch.Tensor,
+                   scale: torch.Tensor) -> torch.Tensor:
+        return rms_norm_int8_gemv(x, norm_weight, eps, q, scale, *self.cfg)
+
+    def after_swiglu(self, gate_up: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                     residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return swiglu_int8_gemv(gate_up, q, scale, *self.cfg, residual)
 
     def __repr__(self) -> str:
-        return f"Int8Gemv{tuple(self.cfg)}"
+        form = {PLAIN: "", RMS_NORM: ", after the RMSNorm", SWIGLU: ", after the SwiGLU"}[self.prologue]
+        return f"Int8Gemv{tuple(self.cfg)}{form}{', plus the residual' if self.residual else ''}"
 
 
 def gemv_roles() -> Optional[Sequence[str]]:
@@ -250,13 +415,33 @@ def _time_pass(fn: Callable[[], None]) -> float:
     return best
 
 
-def pick_config(layers: List[nn.Module], candidates: Optional[Sequence[GemvConfig]] = None) -> GemvConfig:
-    """The fastest of `candidates` (default CANDIDATES) for the products of `layers` (Int8Linears of one weight
-    shape, on CUDA): each times a CUDA-graph replay of a pass over the first layers holding PASS_BYTES (the best
-    of ROUNDS)."""
+def fuse_setting() -> Sequence[str]:
+    """The FORMS LLAMA_INT8_GEMV_FUSE lets the kernel take in: "auto" (the default: DEFAULT_FORMS), "on" (all),
+    "off" (none) or a comma list of them; ValueError on another value."""
+    setting = os.environ.get(FUSE_ENV, "auto").strip()
+    if setting in ("auto", "on", "off"):
+        return {"auto": DEFAULT_FORMS, "on": FORMS, "off": ()}[setting]
+    forms = [f.strip() for f in setting.split(",") if f.strip()]
+    if not forms or any(f not in FORMS for f in forms):
+        raise ValueError(f"{FUSE_ENV} must be 'auto', 'on', 'off' or a comma list of {list(FORMS)}, got {setting!r}")
+    return forms
+
+
+# The timings of every pick made in this process, {(N, K, dtype, prologue): {block shape: seconds a product}}
+# (a pass's time over its number of layers), for scripts.
+PICK_TIMES: Dict[tuple, Dict[GemvConfig, float]] = {}
+
+
+def pick_config(layers: List[nn.Module], candidates: Optional[Sequence[GemvConfig]] = None,
+                prologue: int = PLAIN) -> GemvConfig:
+    """The fastest of `candidates` (default CANDIDATES, or SWIGLU_CANDIDATES) for the products of `layers`
+    (Int8Linears of one weight shape, on CUDA), with this prologue: each times a CUDA-graph replay of a pass
+    over the first layers holding PASS_BYTES (the best of ROUNDS)."""
     k = layers[0].in_features
+    if candidates is None:
+        candidates = SWIGLU_CANDIDATES if prologue == SWIGLU else CANDIDATES
     fitting = []
-    for cfg in CANDIDATES if candidates is None else candidates:
+    for cfg in candidates:
         try:
             check_config(cfg, k)
             fitting.append(cfg)
@@ -270,35 +455,46 @@ def pick_config(layers: List[nn.Module], candidates: Optional[Sequence[GemvConfi
         total += m.out_features * m.in_features
         if total >= PASS_BYTES:
             break
-    device = layers[0].scale.device
-    x = torch.randn(1, k, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=layers[0].dtype)
+    device, dtype = layers[0].scale.device, layers[0].dtype
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2 * k if prologue == SWIGLU else k, generator=g).to(device=device, dtype=dtype)
+    norm_weight = (1 + torch.rand(k, generator=g)).to(device=device, dtype=dtype)
 
     def make(cfg):
         def run():
             for m in timed:
-                _launch(x, m.weight, m.scale_act, cfg)
+                _launch(x, m.weight, m.scale_act, cfg, prologue, norm_weight, 1e-5)
         return run
 
-    times = {cfg: _time_pass(make(cfg)) for cfg in fitting}
+    times = {cfg: _time_pass(make(cfg)) / len(timed) for cfg in fitting}
+    PICK_TIMES[(layers[0].out_features, k, str(dtype), prologue)] = times
     return min(fitting, key=times.__getitem__)
 
 
 @torch.no_grad()
-def use_int8_gemv(linears: Dict[str, nn.Module]) -> Dict[str, GemvConfig]:
+def use_int8_gemv(linears: Dict[str, nn.Module], fused_forms: bool = False) -> Dict[str, GemvConfig]:
     """Give each Int8Linear of `linears` ({module path: layer}) named in LLAMA_INT8_GEMV's roles, on CUDA with
     Triton, with one model-parallel rank's whole product, its shape's fastest block shape (`gemv` attribute);
-    the others keep their own product. Returns {module path: block shape} of the layers given one."""
+    the others keep their own product. fused_forms: the layers are the fast path's, which hand the RMSNorm
+    before wqkv, w13 and output, and the SwiGLU before w2, to the product (llama.fast.layers.normed_product,
+    FastFeedForward), and the residual add after wo and w2 to it too (llama.fast.layers.added_product): unless
+    LLAMA_INT8_GEMV_FUSE leaves them out, those layers' kernels take them in (PROLOGUE_OF, RESIDUAL_ROLES),
+    with a block shape timed for that form. Returns {module path: block shape} of the layers given one."""
     roles = gemv_roles()
+    forms = fuse_setting() if fused_forms else ()
+    prologues = {role: p for role, p in PROLOGUE_OF.items() if {RMS_NORM: "rms_norm", SWIGLU: "swiglu"}[p] in forms}
     chosen = {path: m for path, m in linears.items()
               if (roles is None or path.rpartition(".")[2] in roles) and kernel_runs_on(m.scale.device)
               and getattr(m, "weight", None) is not None and m.dtype in (torch.bfloat16, torch.float16, torch.float32)}
     groups: Dict[tuple, List[str]] = {}
     for path, m in chosen.items():
-        groups.setdefault((m.out_features, m.in_features, m.dtype), []).append(path)
+        prologue = prologues.get(path.rpartition(".")[2], PLAIN)
+        groups.setdefault((m.out_features, m.in_features, m.dtype, prologue), []).append(path)
     picked = {}
-    for paths in groups.values():
-        cfg = pick_config([chosen[p] for p in paths])
+    for (_, _, _, prologue), paths in groups.items():
+        cfg = pick_config([chosen[p] for p in paths], prologue=prologue)
         for p in paths:
-            chosen[p].gemv = Int8Gemv(cfg)
+            residual = "residual" in forms and p.rpartition(".")[2] in RESIDUAL_ROLES
+            chosen[p].gemv = Int8Gemv(cfg, prologue, residual=residual)
             picked[p] = cfg
     return picked

@@ -28,7 +28,7 @@ from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_regi
 from torch import nn
 
 from llama.fast.collectives import traced_across_ranks
-from llama.model import Attention, FeedForward, Transformer, apply_rotary_emb
+from llama.model import Attention, FeedForward, Transformer, TransformerBlock, apply_rotary_emb
 
 # Where new tokens go in the KV cache: one int for every row (the reference's start_pos), or a (bsz,) tensor
 # of per-row positions, one new token per row.
@@ -98,6 +98,20 @@ def save_as_meta(destination: dict, prefix: str, weight: torch.Tensor, parts: Se
     owner = prefix[: prefix.rstrip(".").rfind(".") + 1]  # "layers.0.attention.wqkv." -> "layers.0.attention."
     for (name, _), part in zip(parts, weight.split([rows for _, rows in parts])):
         destination[f"{owner}{name}.weight"] = part
+
+
+def normed_product(linear: nn.Module, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """linear(norm(x)), the product of an RMSNorm's output. A layer with an `after_norm` form takes x and the
+    norm together (llama.fast.quantize.Int8Linear: on a GPU, one kernel that norms x as it reads it)."""
+    after_norm = getattr(linear, "after_norm", None)
+    return linear(norm(x)) if after_norm is None else after_norm(x, norm)
+
+
+def added_product(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + linear(x), a product added to the block's residual stream. A layer with a `plus_residual`
+    form takes the residual in (llama.fast.quantize.Int8Linear: on a GPU, added in the product's kernel)."""
+    plus_residual = getattr(linear, "plus_residual", None)
+    return residual + linear(x) if plus_residual is None else plus_residual(x, residual)
 
 
 class FastLinear(nn.Module):
@@ -224,11 +238,15 @@ class FastAttention(nn.Module):
         self.register_buffer("cache_v", attention.cache_v, persistent=False)
 
     def forward(
-        self, x: torch.Tensor, start_pos: Positions, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor]
+        self, x: torch.Tensor, start_pos: Positions, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
+        norm: Optional[nn.Module] = None, residual: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
+        """norm: an RMSNorm x has not been through yet, handed on to the product that takes x; residual: added
+        to the output, handed on to wo (fast_block)."""
         bsz, seqlen, _ = x.shape
         n_qk = self.n_local_heads + self.n_local_kv_heads
-        xqkv = self.wqkv(x).view(bsz, seqlen, n_qk + self.n_local_kv_heads, self.head_dim)
+        xqkv = self.wqkv(x) if norm is None else normed_product(self.wqkv, norm, x)  # (bsz, seqlen, qkv dims)
+        xqkv = xqkv.view(bsz, seqlen, n_qk + self.n_local_kv_heads, self.head_dim)
         xqk = apply_rotary_emb(xqkv[:, :, :n_qk], cos, sin)  # queries and keys rotated in one go
         xq, xk, xv = xqk[:, :, : self.n_local_heads], xqk[:, :, self.n_local_heads :], xqkv[:, :, n_qk:]
 
@@ -259,20 +277,40 @@ class FastAttention(nn.Module):
             xq, keys, values, attn_mask=mask, enable_gqa=self.n_local_heads != self.n_local_kv_heads
         )  # (bsz, n_heads, seqlen, head_dim)
         out = out.type_as(x).transpose(1, 2).reshape(bsz, seqlen, -1)  # (bsz, seqlen, n_heads * head_dim)
-        return self.wo(out)
+        return self.wo(out) if residual is None else added_product(self.wo, out, residual)
 
 
 class FastFeedForward(nn.Module):
-    """llama.model.FeedForward with one product for w1 and w3: w2(silu(w1 x) * w3 x)."""
+    """llama.model.FeedForward with one product for w1 and w3: w2(silu(w1 x) * w3 x). A w2 with an
+    `after_swiglu` form (llama.fast.quantize.Int8Linear) takes w13's output and forms silu(gate) * up itself."""
 
     def __init__(self, feed_forward: FeedForward, pack: bool):
         super().__init__()
         self.w13 = _fused([("w1", feed_forward.w1), ("w3", feed_forward.w3)], pack)
         self.w2 = _fast(feed_forward.w2, pack)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """norm: an RMSNorm x has not been through yet, handed on to w13; residual: added to the output, handed
+        on to w2 (fast_block)."""
+        gate_up = self.w13(x) if norm is None else normed_product(self.w13, norm, x)  # (..., 2 * hidden)
+        after_swiglu = getattr(self.w2, "after_swiglu", None)
+        if after_swiglu is not None:
+            return after_swiglu(gate_up) if residual is None else after_swiglu(gate_up, residual)
+        gate, up = gate_up.chunk(2, dim=-1)
+        swiglu = F.silu(gate) * up
+        return self.w2(swiglu) if residual is None else added_product(self.w2, swiglu, residual)
+
+
+def fast_block(
+    layer: TransformerBlock, x: torch.Tensor, start_pos: Positions, cos: torch.Tensor, sin: torch.Tensor,
+    mask: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """layer(x, start_pos, cos, sin, mask), llama.model.TransformerBlock.forward, on the fast layers, with each
+    RMSNorm handed on to the product after it (normed_product) and each residual add to the product before it
+    (added_product), which may take them into its own kernel."""
+    h = layer.attention(x, start_pos, cos, sin, mask, norm=layer.attention_norm, residual=x)  # x + attention
+    return layer.feed_forward(h, norm=layer.ffn_norm, residual=h)  # h + feed-forward
 
 
 def is_fast(model: Transformer) -> bool:

@@ -15,11 +15,14 @@ row-parallel rank (wo, w2) holds a slice of every row's columns; its rows' maxim
 the model-parallel group before quantizing, so every rank holds the full rows' scales and its slice of the
 full Q: the ranks together hold exactly what one rank would (llama.checkpoints.quantized does the same).
 
-Kernels: on CUDA, the one-row products (batch-1 decode steps) of w2, wo and the output projection take a
-Triton kernel (llama.fast.int8_gemv; LLAMA_INT8_GEMV picks the layers). Otherwise torch's own `aten._weight_int8pack_mm(x (M, K), Q (N, K) int8, scale (N,) in x's dtype)` where it
-runs (the CPU; probed once per device and dtype) for products of a few rows (decode steps), else the same
-product written out, `F.linear(x, Q.to(x.dtype)) * scale`: for many rows (a prefill) the float copy of Q costs
-less than the kernel's repeated conversions, and torch.compile can fuse this form into one kernel.
+Kernels: on CUDA, the one-row products (batch-1 decode steps) take a Triton kernel (llama.fast.int8_gemv;
+LLAMA_INT8_GEMV picks the layers), which on the fast layers also takes in the RMSNorm before wqkv, w13 and the
+output projection and the residual add after wo and w2, and the SwiGLU before w2 where asked (`after_norm`,
+`plus_residual`, `after_swiglu`; LLAMA_INT8_GEMV_FUSE). Otherwise torch's own
+`aten._weight_int8pack_mm(x (M, K), Q (N, K) int8, scale (N,) in x's dtype)` where it runs (the CPU; probed
+once per device and dtype) for products of a few rows (decode steps), else the same product written out,
+`F.linear(x, Q.to(x.dtype)) * scale`: for many rows (a prefill) the float copy of Q costs less than the
+kernel's repeated conversions, and torch.compile can fuse this form into one kernel.
 """
 
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
-from llama.fast.int8_gemv import MAX_ROWS as GEMV_MAX_ROWS, Int8Gemv, use_int8_gemv
+from llama.fast.int8_gemv import MAX_ROWS as GEMV_MAX_ROWS, RMS_NORM, SWIGLU, Int8Gemv, use_int8_gemv
 from llama.fast.layers import FastLinear, decode_form, across_ranks, is_fast, save_as_meta, use_fast_layers
 from llama.model import Transformer
 
@@ -179,6 +182,46 @@ class Int8Linear(nn.Module):
             y = F.linear(x, self.int8_weight().to(x.dtype)) * self.scale_act  # (..., out_features)
         return across_ranks(y, self.reduce, self.gather)
 
+    def after_norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """self(norm(x)) for x un-normed and `norm` an RMSNorm (llama.model.RMSNorm: `weight`, `eps`), as the
+        fast path hands them on (llama.fast.layers.normed_product). For one row, where the layer's GEMV takes
+        the norm in (its prologue RMS_NORM), one kernel that norms x as it reads it, with the norm's roundings."""
+        gemv = self.gemv
+        if (gemv is not None and gemv.prologue == RMS_NORM and x.numel() == self.in_features
+                and norm.weight.dtype == x.dtype):
+            y = gemv.after_norm(x, norm.weight, norm.eps, self.weight, self.scale_act)  # (..., out_features)
+            return across_ranks(y, self.reduce, self.gather)
+        return self(norm(x))
+
+    def after_swiglu(self, gate_up: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """self(F.silu(gate) * up) of gate_up (..., 2 * in_features), gate then up (the fast path's w13
+        output, llama.fast.layers.FastFeedForward), plus `residual` where given. For one row, where the
+        layer's GEMV takes the SwiGLU in (its prologue SWIGLU), one kernel that forms it as it reads gate_up,
+        with eager torch's roundings, and adds the residual in its epilogue where it takes that too."""
+        gemv = self.gemv
+        if gemv is not None and gemv.prologue == SWIGLU and gate_up.numel() == 2 * self.in_features:
+            inside = self._residual_inside(residual)
+            y = gemv.after_swiglu(gate_up, self.weight, self.scale_act, inside)  # (..., out_features)
+            y = across_ranks(y, self.reduce, self.gather)
+            return y if residual is None or inside is not None else residual + y
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self(F.silu(gate) * up) if residual is None else self.plus_residual(F.silu(gate) * up, residual)
+
+    def plus_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + self(x), the block's residual add after wo and w2 (llama.fast.layers.added_product): for
+        one row, where the layer's GEMV takes the residual in, added in the kernel's epilogue (rounded as
+        torch rounds the sum)."""
+        inside = self._residual_inside(residual) if self.gemv is not None else None
+        if inside is not None and x.numel() == self.in_features:
+            return self.gemv(x, self.weight, self.scale_act, inside)  # (..., out_features)
+        return residual + self(x)
+
+    def _residual_inside(self, residual: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """`residual` where this layer's GEMV adds it in; None where it does not (a row-parallel rank's
+        partial product is all-reduced first, so the residual is added after)."""
+        ok = residual is not None and self.gemv.residual and not self.reduce and not self.gather
+        return residual if ok and residual.numel() == self.out_features else None
+
     def int8_weight(self) -> torch.Tensor:
         """Q (out_features, in_features): the `weight` buffer, or, where a decode form holds the weight in
         its own layout instead (llama.fast.blocked), rebuilt from it."""
@@ -248,5 +291,6 @@ def use_int8_layers(
                              gather=getattr(linear, "gather_output", False))
         owner, _, attr = path.rpartition(".")
         setattr(model.get_submodule(owner) if owner else model, attr, new)
-    # On CUDA: the one-row products' Triton kernel, its block shape timed here per weight shape.
-    use_int8_gemv({p: m for p, m in model.named_modules() if isinstance(m, Int8Linear)})
+    # On CUDA: the one-row products' Triton kernel, its block shape timed here per weight shape; on the fast
+    # layers, with the RMSNorm before a product, the residual add after it (or the SwiGLU) taken into its kernel.
+    use_int8_gemv({p: m for p, m in model.named_modules() if isinstance(m, Int8Linear)}, fused_forms=is_fast(model))

@@ -9,7 +9,7 @@ from typing import Dict, Optional
 
 import torch
 
-from llama.fast.layers import Positions, is_fast
+from llama.fast.layers import Positions, fast_block, is_fast, normed_product
 from llama.model import Transformer, causal_mask
 
 
@@ -51,12 +51,12 @@ def fast_forward(
         mask = (cols[None, None, :] <= pos[:, :, None])[:, None]  # (bsz, 1, seqlen, kv_len)
 
     for layer in model.layers:
-        # The reference block hands start_pos on to its attention, here a FastAttention, which takes both kinds.
-        h = layer(h, start_pos, cos, sin, mask)
+        # The block as the reference's (its FastAttention takes both kinds of start_pos), each norm handed on
+        # to the product after it.
+        h = fast_block(layer, h, start_pos, cos, sin, mask)
     if last_pos is not None:
         h = h[torch.arange(bsz, device=h.device), last_pos][:, None]  # (bsz, 1, dim)
-    h = model.norm(h)
-    return model.output(h).float()  # (bsz, seqlen, vocab_size)
+    return normed_product(model.output, model.norm, h).float()  # model.output(model.norm(h)): (bsz, seqlen, vocab)
 
 
 def compile_options() -> Dict[str, bool]:
