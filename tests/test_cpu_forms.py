@@ -212,7 +212,7 @@ def test_bench_records_the_picked_forms_the_cpu_and_llamacpp_q8_0_beside_int8(tm
     assert machine["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     forms = report["picked_forms"]["float32"]
     assert set(forms) == {"ours", "ours-int8"}
-    assert all(f in ("packed", "linear", "compiled") for f in forms["ours"].values())
+    assert all(f in ("packed", "linear", "compiled", "blocked") for f in forms["ours"].values())
     assert all(f in ("int8pack", "dequantize", "compiled", "blocked") for f in forms["ours-int8"].values())
     [res] = report["results"]
     for name in ("ours", "ours-int8", "ours-default", "ours-int8-default"):
