@@ -296,7 +296,7 @@ class FastFeedForward(nn.Module):
         gate_up = self.w13(x) if norm is None else normed_product(self.w13, norm, x)  # (..., 2 * hidden)
         after_swiglu = getattr(self.w2, "after_swiglu", None)
         if after_swiglu is not None:
-            return after_swiglu(gate_up) if residual is None else after_swiglu(gate_up, residual)
+            return after_swiglu(gate_up, residual)
         gate, up = gate_up.chunk(2, dim=-1)
         swiglu = F.silu(gate) * up
         return self.w2(swiglu) if residual is None else added_product(self.w2, swiglu, residual)

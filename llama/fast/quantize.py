@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
-from llama.fast.int8_gemv import MAX_ROWS as GEMV_MAX_ROWS, RMS_NORM, SWIGLU, Int8Gemv, use_int8_gemv
+from llama.fast.int8_gemv import (MAX_ROWS as GEMV_MAX_ROWS, RMS_NORM, SWIGLU, Int8Gemv, swiglu_reference,
+                                   use_int8_gemv)
 from llama.fast.layers import FastLinear, decode_form, across_ranks, is_fast, save_as_meta, use_fast_layers
 from llama.model import Transformer
 
@@ -204,8 +205,8 @@ class Int8Linear(nn.Module):
             y = gemv.after_swiglu(gate_up, self.weight, self.scale_act, inside)  # (..., out_features)
             y = across_ranks(y, self.reduce, self.gather)
             return y if residual is None or inside is not None else residual + y
-        gate, up = gate_up.chunk(2, dim=-1)
-        return self(F.silu(gate) * up) if residual is None else self.plus_residual(F.silu(gate) * up, residual)
+        swiglu = swiglu_reference(gate_up)  # (..., in_features)
+        return self(swiglu) if residual is None else self.plus_residual(swiglu, residual)
 
     def plus_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + self(x), the block's residual add after wo and w2 (llama.fast.layers.added_product): for
