@@ -60,21 +60,23 @@ def test_compiled_form_is_the_product_within_float32_summation_error(dtype, rows
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("blocks", [2, 1.5], ids=["whole-blocks", "padded"])
-@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+@pytest.mark.parametrize("int8", [False, True, "words"], ids=["float", "int8", "int8-words"])
 def test_blocked_form_is_the_product_within_float32_summation_error(dtype, rows, blocks, int8):
     g = torch.Generator().manual_seed(4)
     w = torch.randn(1000, 96, generator=g) / 10
     if int8:
         q, scale = quantize_int8(w[:int(blocks * block_rows(torch.int8))])
         scale = scale.to(dtype)  # as Int8Linear hands it over (scale_act)
-        form, held = BlockedProduct(q, scale), q
+        form, held = BlockedProduct(q, scale, words=int8 == "words"), q
+        assert form.blocks.dtype == (torch.int32 if int8 == "words" else torch.int8)
         w64 = q.double() * scale.double()[:, None]
     else:
         held = w[:int(blocks * block_rows(dtype))].to(dtype)
         form = BlockedProduct(held)
         w64 = held.double()
     out_features = held.shape[0]
-    assert form.blocks.shape == (math.ceil(blocks), 96, block_rows(held.dtype))  # 128 bytes of weights a k
+    assert form.blocks.shape[:2] == (math.ceil(blocks), 96)  # (blocks, K, ...) with 128 bytes of weights a k
+    assert form.blocks[0, 0].numel() * form.blocks.element_size() == 128
     assert torch.equal(form.dense_weight(), held)  # the blocks hold the weight, and give it back
     x = torch.randn(2, rows, 96, generator=g).to(dtype)
     y = form(x)
@@ -86,6 +88,20 @@ def test_blocked_form_is_the_product_within_float32_summation_error(dtype, rows,
         full = form.full(x)
         assert full.shape == (2, rows, out_features) and full.dtype == dtype
         torch.testing.assert_close(full, torch.nn.functional.linear(x, held), rtol=U_OUT[dtype] * 4, atol=1e-6)
+
+
+def test_int8_blocks_are_words_that_hold_every_byte_value():
+    """An int8 block is held as int32 words, four rows' bytes each (whole-register loads on AVX2 too): every
+    value -128..127 in every byte position comes back out, from the dense weight and from the kernel's own
+    byte extraction, and each byte lands on its row."""
+    w = torch.arange(256 * 3 * 4, dtype=torch.int32).remainder(256).sub(128).to(torch.int8).view(256 * 3, 4)
+    w = w[torch.randperm(w.shape[0], generator=torch.Generator().manual_seed(0))]  # (768, 4)
+    words = blocked.to_blocks(w, words=True)
+    assert words.dtype == torch.int32 and words.shape == (6, 4, 32)
+    assert torch.equal(blocked.from_blocks(words, 768), w)
+    for c in range(blocked.WORD_ROWS):  # byte c of word j of block b = row 128 b + 32 c + j
+        rows = torch.arange(6)[:, None] * 128 + 32 * c + torch.arange(32)  # (6, 32)
+        assert torch.equal(blocked.word_byte(words, c), w[rows].permute(0, 2, 1).to(torch.int32))
 
 
 def _build(tiny_checkpoint, dtype, quantize=None):

@@ -9,7 +9,13 @@ as blocks of `block` output rows, each block transposed:
     blocks[b, k, j] = W[b * block + j, k]        (N / block, K, block), rows past N are zeros
 
 so that for one activation value x[k] the block's weights are contiguous: 128 bytes, two cache lines, for
-every dtype (BLOCK_BYTES: 128 rows of int8, 64 of bf16, 32 of float32). The product is written as one sum per
+every dtype (BLOCK_BYTES: 128 rows of int8, 64 of bf16, 32 of float32). Without AVX-512, int8 blocks are
+held as 32 int32 words a k, each word four rows' bytes (rows j, 32 + j, 64 + j, 96 + j of the block:
+`to_words`), and the kernel takes each byte out with two shifts: inductor loads int8 weights as many at a
+time as float32 lanes (8 on AVX2), a partial load that torch's AVX2 vectors make through a copy in memory
+(2.4-2.7 GB/s for w13, 2 threads), where 8 words fill a register (24-27 GB/s). AVX-512 loads partial
+vectors with a mask: there the bytes read faster as they are (the output projection 34 GB/s against 26
+as words). The product is written as one sum per
 16 columns of the block (an AVX-512 register of float32; two AVX2 ones), side by side; inductor fuses them into
 one loop nest whose inner loop (over k) updates those independent vector registers: no horizontal additions,
 no chain of dependent additions across registers. Each output is still the plain float32 sum over k of
@@ -39,20 +45,52 @@ def block_rows(dtype: torch.dtype) -> int:
     return BLOCK_BYTES // torch.empty((), dtype=dtype).element_size()
 
 
-def to_blocks(w: torch.Tensor) -> torch.Tensor:
-    """W (N, K) -> blocks (ceil(N / block), K, block), zero rows padding N to a multiple of block."""
+def int8_as_words() -> bool:
+    """Whether int8 blocks are held as words here: where torch's vectors are narrower than AVX-512's."""
+    return "AVX512" not in torch.backends.cpu.get_cpu_capability()
+
+
+def to_blocks(w: torch.Tensor, words: bool = False) -> torch.Tensor:
+    """W (N, K) -> blocks (ceil(N / block), K, block), zero rows padding N to a multiple of block; int8 blocks
+    with `words`: (ceil(N / 128), K, 32) int32 (`to_words`)."""
     n, k = w.shape
     block = block_rows(w.dtype)
     pad = -n % block
     if pad:
         w = F.pad(w, (0, 0, 0, pad))
-    return w.view(-1, block, k).transpose(1, 2).contiguous()
+    blocks = w.view(-1, block, k).transpose(1, 2)  # (NB, K, block)
+    return to_words(blocks) if words and w.dtype == torch.int8 else blocks.contiguous()
 
 
 def from_blocks(blocks: torch.Tensor, n: int) -> torch.Tensor:
     """The inverse of to_blocks: W (n, K), a new contiguous tensor."""
+    if blocks.dtype == torch.int32:
+        blocks = from_words(blocks)
     nb, k, block = blocks.shape
     return blocks.transpose(1, 2).reshape(nb * block, k)[:n].contiguous()
+
+
+# Rows of an int8 block whose bytes one word holds: row j + 32 * c of the block is byte c of word j.
+WORD_ROWS = 4
+
+
+def to_words(blocks: torch.Tensor) -> torch.Tensor:
+    """int8 blocks (NB, K, 128) -> (NB, K, 32) int32, byte c (bits 8c..8c+7) of word j = row 32c + j. Built
+    with arithmetic, so the same on any byte order; no step overflows int32 (the top byte keeps its sign)."""
+    b = blocks.to(torch.int32).unflatten(-1, (WORD_ROWS, -1))  # (NB, K, 4, 32): [.., c, j] = row 32c + j
+    low = b[..., :3, :] & 0xFF  # bytes 0-2 as unsigned
+    return (low[..., 0, :] + low[..., 1, :] * 2**8 + low[..., 2, :] * 2**16 + b[..., 3, :] * 2**24).contiguous()
+
+
+def word_byte(words: torch.Tensor, c: int) -> torch.Tensor:
+    """Byte c of each word, sign-extended to int32: shifted to the top, then back down arithmetically."""
+    top = words if c == WORD_ROWS - 1 else torch.bitwise_left_shift(words, 8 * (WORD_ROWS - 1 - c))
+    return torch.bitwise_right_shift(top, 8 * (WORD_ROWS - 1))
+
+
+def from_words(words: torch.Tensor) -> torch.Tensor:
+    """The inverse of to_words: (NB, K, 32) int32 -> (NB, K, 128) int8."""
+    return torch.cat([word_byte(words, c) for c in range(WORD_ROWS)], -1).to(torch.int8)
 
 
 def _blocked_multiply_sum(x: torch.Tensor, blocks: torch.Tensor, scale: Optional[torch.Tensor],
@@ -60,11 +98,13 @@ def _blocked_multiply_sum(x: torch.Tensor, blocks: torch.Tensor, scale: Optional
     """x (M, K) float32 times the blocked weight, times scale (N_padded,) if any -> (M, N_padded) in out_dtype.
     The activation rows sit inside the block loop (x's transpose broadcast per block), so a block read for the
     first row is in the cache for the others."""
-    nb, _, block = blocks.shape
     xt = x.t()[None, :, :, None]  # (1, K, M, 1)
-    parts = [(blocks[:, :, None, a:a + LANES].to(torch.float32) * xt).sum(1)  # (NB, M, LANES) each
-             for a in range(0, block, LANES)]
-    y = torch.cat(parts, -1).permute(1, 0, 2).reshape(x.shape[0], nb * block)  # (M, N_padded)
+    # int8 words: the four bytes in order, each (NB, K, 32), rows 32c + j of the block
+    columns = [word_byte(blocks, c) for c in range(WORD_ROWS)] if blocks.dtype == torch.int32 else [blocks]
+    parts = [(col[:, :, None, a:a + LANES].to(torch.float32) * xt).sum(1)  # (NB, M, LANES) each
+             for col in columns for a in range(0, col.shape[-1], LANES)]
+    y = torch.cat(parts, -1).permute(1, 0, 2)  # (M, NB, block)
+    y = y.reshape(x.shape[0], -1)  # (M, N_padded)
     if scale is not None:
         y = y * scale.to(torch.float32)
     return y.to(out_dtype)
@@ -97,10 +137,11 @@ class BlockedProduct:
     read from its blocked copy (made here; the caller may then drop w). bf16/fp16 activations are converted to
     float32 once and the result rounded back once, as in CompiledProduct."""
 
-    def __init__(self, w: torch.Tensor, scale: Optional[torch.Tensor] = None):
+    def __init__(self, w: torch.Tensor, scale: Optional[torch.Tensor] = None, words: Optional[bool] = None):
         self.out_features = w.shape[0]
-        self.blocks = to_blocks(w)  # (NB, K, block)
-        padded = self.blocks.shape[0] * self.blocks.shape[2]
+        words = int8_as_words() if words is None else words  # (int8 only; see the module docstring)
+        self.blocks = to_blocks(w, words)  # (NB, K, block); int8 words: (NB, K, 32) int32
+        padded = self.blocks.shape[0] * block_rows(w.dtype)
         self.scale = None if scale is None else F.pad(scale, (0, padded - self.out_features))
 
     def dense_weight(self) -> torch.Tensor:
