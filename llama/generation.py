@@ -31,6 +31,7 @@ from llama.fast.cpu_step import compiles_on_cpu, cpu_decode_step
 from llama.fast.layers import use_fast_layers
 from llama.fast.loop import decode, stop_check_interval
 from llama.fast.quantize import check_quantize, use_int8_layers
+from llama.fast.quantize_int4 import use_int4_layers
 from llama.fast.step import DecodeStep
 from llama.model import ModelArgs, Transformer
 from llama.predictions import ChatPrediction, CompletionPrediction, PromptError, chat_predictions, to_predictions
@@ -162,7 +163,9 @@ class Llama:
                 needs `fast`. The first batch of each size is slow (a minute or more at 8B) while it compiles.
             quantize: "int8": every linear layer (not the embedding) holds int8 weights with one scale per
                 output row, quantized at load from the checkpoint's values (llama.fast.quantize;
-                docs/quantization.md); None: as stored. A checkpoint stored int8 loads int8 either way.
+                docs/quantization.md); "int4": 4-bit codes with a scale and zero per group of 128 inputs
+                (llama.fast.quantize_int4; for CUDA with bf16); None: as stored. A checkpoint stored int8
+                loads int8 either way (and is refused with "int4").
 
         Raises:
             FileNotFoundError: a missing directory, params.json, shard or tokenizer file.
@@ -192,6 +195,9 @@ class Llama:
         # This rank's share of the weights, however many files (Meta or Hugging Face) hold them.
         state, params = load_checkpoint(ckpt_dir, model_parallel_size, fs_init.get_model_parallel_rank())
         params, int8 = int8_scales(state, params, quantize, device_, ckpt_dir)  # int8 weights: their scales
+        if int8 is not None and quantize == "int4":
+            raise ValueError(f"{ckpt_dir!r} is stored int8: it cannot be quantized to int4 (load the float "
+                             "checkpoint with quantize='int4')")
         model_args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         if model_args.vocab_size == -1:
             model_args.vocab_size = tokenizer.n_words
@@ -208,6 +214,8 @@ class Llama:
         model.to(device_).eval()
         if int8 is not None:  # layered on from outside, as the fast path is (and with it, for fast=True)
             use_int8_layers(model, dtype, fast=fast, scales=int8)
+        elif quantize == "int4":  # quantized from the checkpoint's tensors as stored
+            use_int4_layers(model, dtype, fast=fast, source=state)
         if is_rank_zero():
             print(f"Loaded in {time.time() - start_time:.2f} seconds")
         return Llama(model, tokenizer, formatter, fast=fast, compile=compile)

@@ -147,7 +147,7 @@ def test_demo_model_int8_greedy_tokens_mostly_agree_with_float32():
     assert sum(prefix) >= 0.6 * 4 * 32, (prefix, runs)
 
 
-@pytest.mark.parametrize("bad", ["int4", "INT8", "int-8", 8, "fp8"])
+@pytest.mark.parametrize("bad", ["int2", "INT8", "int-8", 8, "fp8"])
 def test_unknown_quantize_value_is_refused_naming_it_and_the_choices_before_loading(bad, tmp_path):
     with pytest.raises(ValueError) as e:  # a missing checkpoint: any loading would raise FileNotFoundError
         Llama.build(str(tmp_path / "no-such-checkpoint"), None, 64, 1, quantize=bad)

@@ -87,6 +87,9 @@ def convert(
     Raises FileNotFoundError, ValueError (bad options, a non-empty `dst`, a source that does not load).
     """
     check_quantize(quantize)
+    if quantize == "int4":
+        raise ValueError("int4 checkpoints are not written (quantize='int4' is offered at load only: "
+                         "Llama.build(..., quantize='int4') or --quantize int4 on the command line)")
     source, params = open_checkpoint(src)
     is_meta = isinstance(source, MetaShards)
     to = to or ("meta" if shards or quantize or not is_meta else "hf")
@@ -165,7 +168,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--max_position_embeddings", type=int, help="Hugging Face target: context in config.json")
     parser.add_argument("--embedding_split", choices=("vocab", "dim"), help="Meta target: tok_embeddings cut")
     parser.add_argument("--quantize", choices=QUANTIZE_CHOICES,
-                        help="Meta target: int8 linear weights with per-row scales")
+                        help="Meta target: int8 linear weights with per-row scales (int4 is refused: load only)")
     opts = parser.parse_args(argv)
     try:
         to = convert(**vars(opts))

@@ -35,8 +35,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     model.add_argument("--model_parallel_size", type=int, help="default: the number of processes")
     model.add_argument("--device", help="cuda, cpu, ... (default: CUDA when available)")
     model.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on the CPU")
-    model.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="int8: int8 weights, one scale per output row "
-                       "(default: as the checkpoint stores them)")
+    model.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="int8: int8 weights, one scale per output row; "
+                       "int4: 4-bit, a scale and zero per 128 inputs (default: as the checkpoint stores them)")
 
     io = p.add_argument_group("prompts and output")
     io.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")

@@ -39,8 +39,8 @@ from llama.fast.int8_gemv import (MAX_ROWS as GEMV_MAX_ROWS, RMS_NORM, SWIGLU, I
 from llama.fast.layers import FastLinear, decode_form, across_ranks, is_fast, save_as_meta, use_fast_layers
 from llama.model import Transformer
 
-# The values `quantize` takes (besides None, no quantization).
-QUANTIZE_CHOICES = ("int8",)
+# The values `quantize` takes (besides None, no quantization): int8 here, int4 in llama.fast.quantize_int4.
+QUANTIZE_CHOICES = ("int8", "int4")
 INT8_MAX = 127
 # The most input rows (tokens) a product sends through `_weight_int8pack_mm`: it converts the weight's int8
 # values to float again for every 4 rows, which is cheap for a decode step's few rows; a prefill's hundreds go
@@ -55,8 +55,8 @@ def check_quantize(quantize: Optional[str]) -> Optional[str]:
     if quantize is None or (isinstance(quantize, str) and quantize in QUANTIZE_CHOICES):
         return quantize
     choices = ", ".join(repr(c) for c in QUANTIZE_CHOICES)
-    raise ValueError(f"quantize must be None or one of {choices}, got {quantize!r} (int8 weight-only is the one "
-                     "scheme implemented)")
+    raise ValueError(f"quantize must be None or one of {choices}, got {quantize!r} (int8 per row and int4 "
+                     "group-wise weight-only are the schemes implemented)")
 
 
 def _row_chunks(weight: torch.Tensor) -> Sequence[torch.Tensor]:

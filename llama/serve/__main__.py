@@ -28,7 +28,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     model.add_argument("--device", help="cuda, cpu, ... (default: CUDA when available)")
     model.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                        help="default: bfloat16 on CUDA, float32 on the CPU")
-    model.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="int8 weights, one scale per output row")
+    model.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="int8 weights, one scale per output row; int4: group-wise")
     model.add_argument("--served_model_name", help="the model id clients send (default: the checkpoint "
                        "directory's name; the demo model: llama-demo)")
 
