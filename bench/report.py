@@ -18,11 +18,12 @@ def summary_line(res: Dict[str, Any]) -> str:
                  f"same tokens in {res['rows_matching_transformers']}/{res['batch']} rows; at the read bandwidth "
                  f"(roofline, {res['roofline_decode_tok_s']:.1f} tok/s) the ratio would be "
                  f"{res['largest_possible_ratio']:.2f}x")
-    if "ours-int8" in res:
-        q = res["ours-int8"]
-        line += (f"; ours int8 {q['decode_tok_s']:.1f} tok/s ({q['fraction_of_read_bandwidth']:.0%} of the read "
-                 f"bandwidth), same greedy tokens in {res['rows_matching_int8']}/{res['batch']} rows (the first "
-                 f"{res['leading_tokens_matching_int8']} tokens)")
+    for bits in ("int8", "int4"):
+        if f"ours-{bits}" in res:
+            q = res[f"ours-{bits}"]
+            line += (f"; ours {bits} {q['decode_tok_s']:.1f} tok/s ({q['fraction_of_read_bandwidth']:.0%} of the "
+                     f"read bandwidth), same greedy tokens in {res[f'rows_matching_{bits}']}/{res['batch']} rows "
+                     f"(the first {res[f'leading_tokens_matching_{bits}']} tokens)")
     if LLAMACPP in res:
         line += (f"; llama.cpp {res[LLAMACPP]['decode_tok_s']:.1f} tok/s, ratio {res['ratio_llamacpp']:.2f}x "
                  f"({res['median_round_ratio_llamacpp']:.2f}x in the median round), "
@@ -87,7 +88,7 @@ def chart(report: Dict[str, Any], path: str) -> bool:
     except ImportError:
         return False
     results = report["results"]
-    names = [n for n in ("ours", "ours-simple", "ours-int8", "transformers", LLAMACPP, LLAMACPP_Q8_0)
+    names = [n for n in ("ours", "ours-simple", "ours-int8", "ours-int4", "transformers", LLAMACPP, LLAMACPP_Q8_0)
              if any(n in r for r in results)]
     labels = [f"{r['dtype']}\nbatch {r['batch']}" for r in results]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(4 + 2.2 * len(results), 4.5))

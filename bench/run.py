@@ -5,6 +5,7 @@
     python -m llama.bench --ckpt-dir ~/models/Llama3.2-1B --batch 1
     python -m llama.bench --batch 1 --llamacpp   # also llama.cpp (llama-cpp-python, installed by hand)
     python -m llama.bench --no-hf --quantize int8  # also ours with int8 weights ("ours-int8"), same run
+    python -m llama.bench --device cuda --no-hf --quantize int8 int4  # "ours-int8" and "ours-int4" too
 
 Random weights at a named shape (or a real checkpoint, in any layout) are loaded once into our Transformer and,
 converted to Hugging Face's layout (sharing every tensor it can), into `LlamaForCausalLM`. For each dtype
@@ -53,6 +54,7 @@ from llama.tokenizer import ChatFormat
 from llama.fast.cpu_forms import ENV as CPU_FORMS_ENV, picked_forms
 from llama.fast.layers import use_fast_layers
 from llama.fast.quantize import QUANTIZE_CHOICES, use_int8_layers
+from llama.fast.quantize_int4 import int4_group, use_int4_layers
 
 _COMMON = dict(vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0)
 SHAPES: Dict[str, Dict[str, Any]] = {
@@ -117,8 +119,8 @@ def build_ours(
     args: ModelArgs, sd: Dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, fast: bool, compile: bool,
     quantize: Optional[str] = None, default_forms: bool = False,
 ) -> Llama:
-    """Our model on `sd`, as Llama.build makes it (with quantize="int8": its weights in `dtype`, quantized).
-    default_forms: every product in its layer's default form, none picked (LLAMA_CPU_FORMS=off)."""
+    """Our model on `sd`, as Llama.build makes it (with quantize="int8" or "int4": its weights in `dtype`,
+    quantized). default_forms: every product in its layer's default form, none picked (LLAMA_CPU_FORMS=off)."""
     if default_forms:
         previous = os.environ.get(CPU_FORMS_ENV)
         os.environ[CPU_FORMS_ENV] = "off"
@@ -130,7 +132,9 @@ def build_ours(
         model = Transformer(args)
     load_into(model, sd, device, dtype, source="bench weights")
     model.to(device).eval()
-    if quantize:
+    if quantize == "int4":
+        use_int4_layers(model, dtype, fast=fast)
+    elif quantize:
         use_int8_layers(model, dtype, fast=fast)
     if fast:
         use_fast_layers(model, pack=not compile)
@@ -316,10 +320,12 @@ def summarise(system: System, bsz: int, prompt_len: int, n_tokens: int) -> Dict[
 
 
 def bytes_per_decode_step(sd: Dict[str, torch.Tensor], args: ModelArgs, dtype: torch.dtype, bsz: int,
-                          prompt_len: int, n_tokens: int, int8: bool = False, q8_0: bool = False) -> Dict[str, float]:
+                          prompt_len: int, n_tokens: int, int8: bool = False, q8_0: bool = False,
+                          int4: bool = False) -> Dict[str, float]:
     """What one decode step must read, on average over the run: every weight except the embedding table
     (of which it reads one row per sequence), and the keys and values cached so far. int8: linear weights
-    are 1 byte each, plus a scale per row in `dtype`; q8_0 (llama.cpp's): 34 bytes per 32 weights."""
+    are 1 byte each, plus a scale per row in `dtype`; q8_0 (llama.cpp's): 34 bytes per 32 weights; int4
+    (llama.fast.quantize_int4): half a byte each, plus a scale and a zero in `dtype` per group."""
     size = torch.empty((), dtype=dtype).element_size()
     weights = bsz * args.dim * size
     for k, v in sd.items():
@@ -327,6 +333,8 @@ def bytes_per_decode_step(sd: Dict[str, torch.Tensor], args: ModelArgs, dtype: t
             continue
         if int8 and v.dim() == 2:
             weights += v.numel() + v.shape[0] * size
+        elif int4 and v.dim() == 2:
+            weights += v.numel() // 2 + v.numel() // int4_group(v.shape[1]) * 2 * size
         elif q8_0 and v.dim() == 2:
             weights += v.numel() // 32 * 34
         else:
@@ -420,10 +428,10 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
         )
         built = [ours_system("ours", ours)]
         forms = {"ours": picked_forms(ours.model)}
-        if opts.quantize:
-            quantized = build_ours(args, sd, device, dtype, True, opts.compile, opts.quantize)
-            built.append(ours_system(f"ours-{opts.quantize}", quantized))
-            forms[f"ours-{opts.quantize}"] = picked_forms(quantized.model)
+        for quantize in opts.quantize:
+            quantized = build_ours(args, sd, device, dtype, True, opts.compile, quantize)
+            built.append(ours_system(f"ours-{quantize}", quantized))
+            forms[f"ours-{quantize}"] = picked_forms(quantized.model)
         if device.type == "cpu":  # the form each product took for decode steps (llama.fast.cpu_forms)
             report["picked_forms"][dtype_name] = forms
             # ... and the step: eager, or compiled whole where that won at load (llama.fast.cpu_step)
@@ -435,9 +443,9 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
         if opts.default_forms and device.type == "cpu":
             built.append(ours_system("ours-default", build_ours(args, sd, device, dtype, True, opts.compile,
                                                                 default_forms=True)))
-            if opts.quantize:
-                built.append(ours_system(f"ours-{opts.quantize}-default", build_ours(
-                    args, sd, device, dtype, True, opts.compile, opts.quantize, default_forms=True)))
+            for quantize in opts.quantize:
+                built.append(ours_system(f"ours-{quantize}-default", build_ours(
+                    args, sd, device, dtype, True, opts.compile, quantize, default_forms=True)))
         if opts.simple:
             built.append(ours_system("ours-simple", build_ours(args, sd, device, dtype, False, False)))
         if not opts.no_hf:
@@ -448,7 +456,7 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
             log("writing the weights as GGUF and loading them into llama.cpp ...")
             built.append(System(LLAMACPP, build_llamacpp(args, sd, dtype, torch.get_num_threads(),
                                                          gpu=device.type == "cuda")))
-            if opts.quantize:  # its Q8_0 on the same weights, beside our int8
+            if "int8" in opts.quantize:  # its Q8_0 on the same weights, beside our int8
                 built.append(System(LLAMACPP_Q8_0, build_llamacpp(args, sd, dtype, torch.get_num_threads(),
                                                                   gpu=device.type == "cuda", quantize="q8_0")))
         for bsz in opts.batch:
@@ -469,10 +477,13 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
             res["bytes_per_decode_step"] = traffic
             int8_traffic = bytes_per_decode_step(sd, args, dtype, bsz, opts.prompt_len, opts.new_tokens, int8=True)
             q8_0_traffic = bytes_per_decode_step(sd, args, dtype, bsz, opts.prompt_len, opts.new_tokens, q8_0=True)
+            int4_traffic = (bytes_per_decode_step(sd, args, dtype, bsz, opts.prompt_len, opts.new_tokens, int4=True)
+                            if "int4" in opts.quantize else None)
             res["kv_cache_bytes"] = kv_cache_bytes
             res["round_read_bandwidths_bytes_s"] = round_bandwidths
             for s in systems:
                 step_bytes = (int8_traffic if s.name.startswith("ours-int8")
+                              else int4_traffic if s.name.startswith("ours-int4")
                               else q8_0_traffic if s.name == LLAMACPP_Q8_0 else traffic)["total_bytes"]
                 res[s.name]["bytes_per_decode_step"] = step_bytes
                 res[s.name]["effective_bandwidth_bytes_s"] = step_bytes * res[s.name]["decode_steps_s"]
@@ -503,8 +514,8 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
                     o, d = (next(s for s in systems if s.name == n) for n in (name, f"{name}-default"))
                     res[f"median_round_ratio_{name}_picked_forms"] = statistics.median(
                         [(df - dt) / max(of - ot, 1e-9) for of, ot, df, dt in zip(o.full, o.ttft, d.full, d.ttft)])
-            if "ours-int8" in res:  # greedy agreement of the int8 weights with this dtype's
-                same_tokens(res, tokens["ours"], tokens["ours-int8"], "int8")
+            for quantize in opts.quantize:  # greedy agreement of the quantized weights with this dtype's
+                same_tokens(res, tokens["ours"], tokens[f"ours-{quantize}"], quantize)
             report["results"].append(res)
             log(f"  {label}: " + ", ".join(f"{s.name} {res[s.name]['decode_tok_s']:.1f} tok/s" for s in systems))
         del ours, built, sd
@@ -513,8 +524,8 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
     bandwidth = max(bandwidth, measure_read_bandwidth(device))
     report["read_bandwidth_bytes_s"] = bandwidth
     for res in report["results"]:
-        for name in ("ours", "ours-simple", "ours-int8", "ours-default", "ours-int8-default", "transformers",
-                     LLAMACPP, LLAMACPP_Q8_0):
+        for name in ("ours", "ours-simple", "ours-int8", "ours-int4", "ours-default", "ours-int8-default",
+                     "ours-int4-default", "transformers", LLAMACPP, LLAMACPP_Q8_0):
             if name in res:
                 res[name]["fraction_of_read_bandwidth"] = res[name]["effective_bandwidth_bytes_s"] / bandwidth
         # The roofline: no decode loop reads its bytes faster than the memory delivers them.
@@ -541,7 +552,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--compile", action="store_true", help="compile our decode step (CUDA graphs)")
     p.add_argument("--simple", action="store_true", help="also run our reference loop (fast=False)")
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, help="also run ours with int8 weights (ours-int8)")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, nargs="+", default=[],
+                   help="also run ours with int8 (ours-int8) and/or int4 weights (ours-int4)")
     p.add_argument("--default-forms", action="store_true", help="also run ours (and ours-int8) with every "
                    "product in its default form, none picked at load (ours-default; the CPU only)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
