@@ -1,13 +1,13 @@
-"""What int8 weight-only quantization costs the demo model: held-out perplexity and greedy agreement, against
-float32 and bf16 on the same weights (a measurement, not a test; figures in docs/quantization.md).
+"""What int8 and int4 weight-only quantization cost the demo model: held-out perplexity and greedy agreement,
+against float32 and bf16 on the same weights (a measurement, not a test; figures in docs/quantization.md).
 
-    python scripts/quantization_quality.py [--corpus PATH/Rdata.rdb] [--windows N]
+    python scripts/quantization_quality.py [--corpus PATH/Rdata.rdb] [--windows N] [--schemes int8 int4]
 
 The held-out text is the last 5% of each of Austen's six novels, which neither the demo's tokenizer nor the
 model saw in training (scripts/train_demo.py; the corpus: scripts/austen.py). It is scored by `Llama.score`
 in windows of 256 tokens (<|begin_of_text|> and 255 of text), the text laid out as the training script
 lays it (paragraphs on one line, each followed by a blank line). Greedy agreement: 64 tokens from the first
-words of held-out paragraphs, int8 against the same activation dtype without quantization.
+words of held-out paragraphs, int8 (int4) against the same activation dtype without quantization.
 """
 
 import argparse
@@ -56,11 +56,12 @@ def main() -> None:
     p.add_argument("--corpus", default="", help="Rdata.rdb of r-cran-janeaustenr (default: where austen.py looks)")
     p.add_argument("--windows", type=int, default=0, help="score only the first N windows (default: all)")
     p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--schemes", nargs="+", default=["int8"], choices=["int8", "int4"])
     opts = p.parse_args()
     results: Dict[str, Dict] = {}
     for dtype in (torch.float32, torch.bfloat16):
-        for quantize in (None, "int8"):
-            name = f"{'int8 weights, ' if quantize else ''}{str(dtype).replace('torch.', '')}"
+        for quantize in (None, *opts.schemes):
+            name = f"{f'{quantize} weights, ' if quantize else ''}{str(dtype).replace('torch.', '')}"
             llama = Llama.build(str(DEMO_DIR), None, WINDOW, 16, device="cpu", dtype=dtype, quantize=quantize)
             windows = held_out_windows(opts.corpus, llama.tokenizer, opts.windows)
             start = time.time()
@@ -78,14 +79,15 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:28s} perplexity {math.exp(r['nll']):.3f}, {100 * (math.exp(r['nll'] - base) - 1):+.2f}% "
               "against float32")
-    for dtype in ("float32", "bfloat16"):
-        a, b = results[dtype]["generated"], results[f"int8 weights, {dtype}"]["generated"]
-        same = sum(x == y for x, y in zip(a, b))
-        prefix = [next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), len(x)) for x, y in zip(a, b)]
-        print(f"greedy, int8 vs {dtype}: {same}/{len(a)} continuations of 64 tokens identical; agreeing prefix "
-              f"{sum(prefix)}/{sum(map(len, a))} tokens")
-    for x, y in (("int8 weights, float32", "float32"), ("int8 weights, bfloat16", "bfloat16"),
-                 ("bfloat16", "float32")):
+    for scheme in opts.schemes:
+        for dtype in ("float32", "bfloat16"):
+            a, b = results[dtype]["generated"], results[f"{scheme} weights, {dtype}"]["generated"]
+            same = sum(x == y for x, y in zip(a, b))
+            prefix = [next((i for i, (s, t) in enumerate(zip(x, y)) if s != t), len(x)) for x, y in zip(a, b)]
+            print(f"greedy, {scheme} vs {dtype}: {same}/{len(a)} continuations of 64 tokens identical; agreeing "
+                  f"prefix {sum(prefix)}/{sum(map(len, a))} tokens")
+    pairs = [(f"{scheme} weights, {dtype}", dtype) for scheme in opts.schemes for dtype in ("float32", "bfloat16")]
+    for x, y in pairs + [("bfloat16", "float32")]:
         d, ref = results[x]["logits"] - results[y]["logits"], results[y]["logits"]
         print(f"logits, {x} vs {y}: RMS difference {(d.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item():.2%} "
               f"of the RMS logit, max |difference| {d.abs().max().item():.3f}, same argmax at "
