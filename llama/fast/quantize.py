@@ -25,6 +25,7 @@ once per device and dtype) for products of a few rows (decode steps), else the s
 kernel's repeated conversions, and torch.compile can fuse this form into one kernel.
 """
 
+from functools import partial
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -59,14 +60,14 @@ def check_quantize(quantize: Optional[str]) -> Optional[str]:
                      "group-wise weight-only are the schemes implemented)")
 
 
-def _row_chunks(weight: torch.Tensor) -> Sequence[torch.Tensor]:
+def row_chunks(weight: torch.Tensor) -> Sequence[torch.Tensor]:
     rows = max(1, CHUNK_BYTES // (4 * max(1, weight.shape[1])))
     return weight.split(rows, dim=0)
 
 
 def row_absmax(weight: torch.Tensor) -> torch.Tensor:
     """max |W[r, :]| for every row r of a 2-d weight, as float32 (exact: a maximum rounds nothing)."""
-    return torch.cat([chunk.float().abs().amax(dim=1) for chunk in _row_chunks(weight)])
+    return torch.cat([chunk.float().abs().amax(dim=1) for chunk in row_chunks(weight)])
 
 
 def quantize_int8(weight: torch.Tensor, absmax: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +82,7 @@ def quantize_int8(weight: torch.Tensor, absmax: Optional[torch.Tensor] = None) -
     divisor = torch.where(scale > 0, scale, torch.ones_like(scale))[:, None]  # a zero row stays zero
     q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     start = 0
-    for chunk in _row_chunks(weight):
+    for chunk in row_chunks(weight):
         end = start + chunk.shape[0]
         q[start:end] = torch.round(chunk.float() / divisor[start:end]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
         start = end
@@ -241,19 +242,30 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={kernel}"
 
 
-def _linears(model: nn.Module) -> Dict[str, nn.Module]:
+def linear_layers(model: nn.Module) -> Dict[str, nn.Module]:
     """Every linear layer of `model` by its module path: the reference's fairscale layers, or FastLinears."""
     kinds = (ColumnParallelLinear, RowParallelLinear, FastLinear)
     return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
 
 
-def _meta_names(path: str, linear: nn.Module) -> Sequence[str]:
+def meta_names(path: str, linear: nn.Module) -> Sequence[str]:
     """Meta's names (without ".weight") of the layers a linear layer holds, in order: several for a fused one."""
     parts = getattr(linear, "parts", None)
     if not parts:
         return [path]
     owner = path.rsplit(".", 1)[0]
     return [f"{owner}.{name}" for name, _ in parts]
+
+
+def swap_linear(model: nn.Module, path: str, linear: nn.Module, make: Callable[..., nn.Module]) -> None:
+    """Put make(reduce=, gather=, parts=) in place of the linear layer at `path`, keeping its place in the
+    model-parallel layout: a FastLinear's own flags and fused parts, or a fairscale layer's kind."""
+    if isinstance(linear, FastLinear):
+        new = make(reduce=linear.reduce, gather=linear.gather, parts=linear.parts)
+    else:
+        new = make(reduce=isinstance(linear, RowParallelLinear), gather=getattr(linear, "gather_output", False))
+    owner, _, attr = path.rpartition(".")
+    setattr(model.get_submodule(owner) if owner else model, attr, new)
 
 
 @torch.no_grad()
@@ -273,8 +285,8 @@ def use_int8_layers(
     scales = scales or {}
     if fast and not is_fast(model):
         use_fast_layers(model, pack=False)  # packing is for float weights; int8 ones are read as they are
-    for path, linear in _linears(model).items():
-        names = _meta_names(path, linear)
+    for path, linear in linear_layers(model).items():
+        names = meta_names(path, linear)
         weight = linear.dense_weight() if isinstance(linear, FastLinear) else linear.weight.detach()
         if weight.dtype == torch.int8:
             missing = [n + ".scale" for n in names if n + ".scale" not in scales]
@@ -285,13 +297,7 @@ def use_int8_layers(
         else:
             row_parallel = isinstance(linear, RowParallelLinear) or getattr(linear, "reduce", False)
             q, scale = quantize_row_parallel(weight) if row_parallel else quantize_int8(weight)
-        if isinstance(linear, FastLinear):
-            new = Int8Linear(q, scale, dtype, reduce=linear.reduce, gather=linear.gather, parts=linear.parts)
-        else:
-            new = Int8Linear(q, scale, dtype, reduce=isinstance(linear, RowParallelLinear),
-                             gather=getattr(linear, "gather_output", False))
-        owner, _, attr = path.rpartition(".")
-        setattr(model.get_submodule(owner) if owner else model, attr, new)
+        swap_linear(model, path, linear, partial(Int8Linear, q, scale, dtype))
     # On CUDA: the one-row products' Triton kernel, its block shape timed here per weight shape; on the fast
     # layers, with the RMSNorm before a product, the residual add after it (or the SwiGLU) taken into its kernel.
     use_int8_gemv({p: m for p, m in model.named_modules() if isinstance(m, Int8Linear)}, fused_forms=is_fast(model))

@@ -35,16 +35,16 @@ Elsewhere (another dtype on CUDA, shapes the kernel refuses, a torch without the
 two to a byte and computes `F.linear(x, dequantized weight)`, the same product without the kernel.
 """
 
+from functools import partial
 from typing import Dict, Optional, Sequence, Tuple
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel.layers import RowParallelLinear
 from torch import nn
 
 from llama.fast.layers import FastLinear, across_ranks, is_fast, save_as_meta, use_fast_layers
-from llama.fast.quantize import _linears, _meta_names, _row_chunks
+from llama.fast.quantize import linear_layers, meta_names, row_chunks, swap_linear
 from llama.model import Transformer
 
 INT4_GROUPS = (128, 64, 32)  # tried in this order: the group is the first that divides in_features
@@ -76,7 +76,7 @@ def quantize_int4(weight: torch.Tensor, group: int) -> Tuple[torch.Tensor, torch
     scale = torch.empty(rows, cols // group, dtype=torch.float32, device=weight.device)
     zero = torch.empty_like(scale)
     start = 0
-    for chunk in _row_chunks(weight):
+    for chunk in row_chunks(weight):
         end = start + chunk.shape[0]
         w = chunk.float().view(chunk.shape[0], cols // group, group)  # (rows, groups, group)
         lo, hi = w.amin(dim=2), w.amax(dim=2)  # (rows, groups)
@@ -247,7 +247,7 @@ class Int4Linear(nn.Module):
 def int4_groups(model: Transformer) -> Dict[str, int]:
     """Each linear layer's group by its module path: ValueError (int4_group) naming the first that has none.
     Cheap: it reads shapes only, so Llama.build calls it before quantizing anything."""
-    return {path: int4_group(linear.weight.shape[1], path) for path, linear in _linears(model).items()}
+    return {path: int4_group(linear.weight.shape[1], path) for path, linear in linear_layers(model).items()}
 
 
 @torch.no_grad()
@@ -265,18 +265,12 @@ def use_int4_layers(model: Transformer, dtype: torch.dtype, fast: bool = True,
     if fast and not is_fast(model):
         use_fast_layers(model, pack=False)  # packing is for float weights
     source = source or {}
-    for path, linear in _linears(model).items():
-        names = [n + ".weight" for n in _meta_names(path, linear)]
+    for path, linear in linear_layers(model).items():
+        names = [n + ".weight" for n in meta_names(path, linear)]
         if all(n in source for n in names):
             weight = torch.cat([source[n] for n in names]).to(model.rope_cos.device)
         else:
             weight = linear.dense_weight() if isinstance(linear, FastLinear) else linear.weight.detach()
         q, scale, zero = quantize_int4(weight, int4_group(weight.shape[1], path))
-        if isinstance(linear, FastLinear):
-            new = Int4Linear(q, scale, zero, dtype, reduce=linear.reduce, gather=linear.gather, parts=linear.parts)
-        else:
-            new = Int4Linear(q, scale, zero, dtype, reduce=isinstance(linear, RowParallelLinear),
-                             gather=getattr(linear, "gather_output", False))
-        owner, _, attr = path.rpartition(".")
-        setattr(model.get_submodule(owner) if owner else model, attr, new)
+        swap_linear(model, path, linear, partial(Int4Linear, q, scale, zero, dtype))
 
