@@ -192,6 +192,13 @@ def test_int4_bad_values_are_refused_with_the_offending_values(tmp_path):
         Int4Linear(q, scale, zero[:, :1], torch.float32)
 
 
+def test_int4_refuses_a_checkpoint_stored_int8(tiny_checkpoint, tmp_path):
+    ckpt = tiny_checkpoint(PARAMS, seed=2)
+    convert(str(ckpt.dir), str(tmp_path / "int8"), quantize="int8")
+    with pytest.raises(ValueError, match="is stored int8: it cannot be quantized to int4"):
+        Llama.build(str(tmp_path / "int8"), None, 32, 1, device="cpu", quantize="int4")
+
+
 def test_unpack_nibbles_undoes_the_layer_s_byte_packing():
     q = torch.randint(0, 16, (16, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     packed = pack_nibbles(q)
