@@ -172,9 +172,15 @@ def test_int4_fast_and_reference_paths_agree_and_keep_metas_state_dict(tiny_chec
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
 
 
-def test_int4_refuses_a_model_whose_inputs_no_group_divides_naming_the_layer(tiny_checkpoint):
+def test_int4_refuses_a_model_whose_inputs_no_group_divides_naming_the_layer_before_loading(tiny_checkpoint,
+                                                                                          monkeypatch):
     params = dict(dim=48, n_layers=1, n_heads=4, multiple_of=16, norm_eps=1e-5, vocab_size=512)
     ckpt = tiny_checkpoint(params, seed=1)
+
+    def load_into(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the refusal")
+
+    monkeypatch.setattr("llama.generation.load_into", load_into)
     with pytest.raises(ValueError, match=r"layers\.0\.attention\.wq's in_features 48") as e:
         Llama.build(str(ckpt.dir), None, 32, 1, device="cpu", quantize="int4")
     assert "128 or 64 or 32" in str(e.value)

@@ -244,10 +244,11 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, kernel={kernel}"
 
 
-def int4_groups(model: Transformer) -> Dict[str, int]:
-    """Each linear layer's group by its module path: ValueError (int4_group) naming the first that has none.
-    Cheap: it reads shapes only, so Llama.build calls it before quantizing anything."""
-    return {path: int4_group(linear.weight.shape[1], path) for path, linear in linear_layers(model).items()}
+def int4_groups(shapes: Dict[str, Sequence[int]]) -> Dict[str, int]:
+    """The group of each (out_features, in_features) weight shape, by its layer's name: ValueError (int4_group)
+    naming the first that takes none. Cheap, shapes only: Llama.build calls it on this rank's checkpoint
+    tensors before the model is even built."""
+    return {name: int4_group(shape[1], name) for name, shape in shapes.items()}
 
 
 @torch.no_grad()
@@ -261,7 +262,8 @@ def use_int4_layers(model: Transformer, dtype: torch.dtype, fast: bool = True,
     Llama does with fast=True; with fast=False the reference modules keep running, on Int4Linears. dtype: the
     activations' dtype. ValueError before any quantizing where a layer's in_features takes no group.
     """
-    int4_groups(model)  # every layer's group, or the ValueError, before anything is quantized
+    int4_groups({path: linear.weight.shape if getattr(linear, "weight", None) is not None
+                 else (linear.out_features, linear.in_features) for path, linear in linear_layers(model).items()})
     if fast and not is_fast(model):
         use_fast_layers(model, pack=False)  # packing is for float weights
     source = source or {}
