@@ -237,14 +237,15 @@ def test_int8_declared_checkpoint_with_float_weights_is_refused(tiny_checkpoint,
 
 def test_cli_takes_quantize(tiny_checkpoint):
     ckpt = tiny_checkpoint(PARAMS, seed=7)
-    run = subprocess.run(
-        [sys.executable, "-m", "llama", "--ckpt_dir", str(ckpt.dir), "--prompt", "ab", "--temperature", "0",
-         "--max_gen_len", "4", "--quantize", "int8", "--device", "cpu", "--no_progress"],
-        capture_output=True, text=True, cwd=ROOT, env=subprocess_env())
-    assert run.returncode == 0, run.stderr
-    bad = subprocess.run([sys.executable, "-m", "llama", "--ckpt_dir", str(ckpt.dir), "--quantize", "int4"],
+    for quantize in ("int8", "int4"):
+        run = subprocess.run(
+            [sys.executable, "-m", "llama", "--ckpt_dir", str(ckpt.dir), "--prompt", "ab", "--temperature", "0",
+             "--max_gen_len", "4", "--quantize", quantize, "--device", "cpu", "--no_progress"],
+            capture_output=True, text=True, cwd=ROOT, env=subprocess_env())
+        assert run.returncode == 0, run.stderr
+    bad = subprocess.run([sys.executable, "-m", "llama", "--ckpt_dir", str(ckpt.dir), "--quantize", "int2"],
                          capture_output=True, text=True, cwd=ROOT, env=subprocess_env())
-    assert bad.returncode == 2 and "int4" in bad.stderr and "int8" in bad.stderr
+    assert bad.returncode == 2 and "int2" in bad.stderr and "int8" in bad.stderr and "int4" in bad.stderr
 
 
 @pytest.mark.slow
