@@ -21,7 +21,7 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 
 from llama.checkpoints.meta import find_tokenizer, load_checkpoint, load_into
-from llama.checkpoints.quantized import int8_scales, is_quantized_weight
+from llama.checkpoints.quantized import int8_scales
 from llama.completion import Completion, DecodeLoop, Decoded, Rows, cut_completions, run_to_end
 from llama.config import GenerationConfig, resolve_config
 from llama.distributed import default_dtype, init_distributed, is_rank_zero, pick_device, pick_dtype
@@ -31,7 +31,7 @@ from llama.fast.cpu_step import compiles_on_cpu, cpu_decode_step
 from llama.fast.layers import use_fast_layers
 from llama.fast.loop import decode, stop_check_interval
 from llama.fast.quantize import check_quantize, use_int8_layers
-from llama.fast.quantize_int4 import int4_groups, use_int4_layers
+from llama.fast.quantize_int4 import check_int4_source, use_int4_layers
 from llama.fast.step import DecodeStep
 from llama.model import ModelArgs, Transformer
 from llama.predictions import ChatPrediction, CompletionPrediction, PromptError, chat_predictions, to_predictions
@@ -195,11 +195,8 @@ class Llama:
         # This rank's share of the weights, however many files (Meta or Hugging Face) hold them.
         state, params = load_checkpoint(ckpt_dir, model_parallel_size, fs_init.get_model_parallel_rank())
         params, int8 = int8_scales(state, params, quantize, device_, ckpt_dir)  # int8 weights: their scales
-        if int8 is not None and quantize == "int4":
-            raise ValueError(f"{ckpt_dir!r} is stored int8: it cannot be quantized to int4 (load the float "
-                             "checkpoint with quantize='int4')")
-        if quantize == "int4":  # every linear layer's group, or a ValueError naming one, before any real work
-            int4_groups({n[: -len(".weight")]: t.shape for n, t in state.items() if is_quantized_weight(n)})
+        if quantize == "int4":  # a float checkpoint, and a group for every linear layer, before any real work
+            check_int4_source(state, int8 is not None, ckpt_dir)
         model_args = ModelArgs.from_params(params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         if model_args.vocab_size == -1:
             model_args.vocab_size = tokenizer.n_words

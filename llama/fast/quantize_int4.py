@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama.checkpoints.quantized import is_quantized_weight
 from llama.fast.layers import FastLinear, across_ranks, is_fast, save_as_meta, use_fast_layers
 from llama.fast.quantize import linear_layers, meta_names, row_chunks, swap_linear
 from llama.model import Transformer
@@ -242,6 +243,15 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         kernel = {"cuda": "_weight_int4pack_mm", "cpu": "_weight_int4pack_mm_for_cpu"}.get(self.kernel, "dequantize")
         return f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, kernel={kernel}"
+
+
+def check_int4_source(state: Dict[str, torch.Tensor], stored_int8: bool, ckpt_dir: str) -> None:
+    """Before the model is built: a checkpoint stored int8 is refused (its float values are gone), and every
+    linear weight of this rank's checkpoint `state` must take a group (int4_groups). ValueError naming them."""
+    if stored_int8:
+        raise ValueError(f"{ckpt_dir!r} is stored int8: it cannot be quantized to int4 (load the float "
+                         "checkpoint with quantize='int4')")
+    int4_groups({n[: -len(".weight")]: t.shape for n, t in state.items() if is_quantized_weight(n)})
 
 
 def int4_groups(shapes: Dict[str, Sequence[int]]) -> Dict[str, int]:
