@@ -3,6 +3,7 @@
 the picker picks, the model's greedy tokens are the reference loop's."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -102,6 +103,28 @@ def test_int8_blocks_are_words_that_hold_every_byte_value():
     for c in range(blocked.WORD_ROWS):  # byte c of word j of block b = row 128 b + 32 c + j
         rows = torch.arange(6)[:, None] * 128 + 32 * c + torch.arange(32)  # (6, 32)
         assert torch.equal(blocked.word_byte(words, c), w[rows].permute(0, 2, 1).to(torch.int32))
+
+
+def test_an_isa_chosen_by_aten_cpu_capability_compiles_into_its_own_inductor_cache(monkeypatch):
+    """torch's cache of compiled graphs does not tell ISAs apart: code generated under ATEN_CPU_CAPABILITY=avx2
+    and then built for AVX-512 wrote past its buffers. So such a process gets a directory of its own, unless
+    the caller chose one."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    default = os.path.abspath(default_cache_dir())
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    cpu_forms.cache_per_isa()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == default + "_avx2"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default)  # as inductor leaves it once it has compiled
+    cpu_forms.cache_per_isa()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == default + "_avx2"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/mine")  # the caller's choice stands
+    cpu_forms.cache_per_isa()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/somewhere/mine"
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    cpu_forms.cache_per_isa()  # no ISA chosen: inductor's own default
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
 
 
 def _build(tiny_checkpoint, dtype, quantize=None):

@@ -195,6 +195,21 @@ def _time_pass(layers: List[nn.Module], forms: List[Optional[Callable]], x: torc
 
 
 @torch.no_grad()
+def cache_per_isa() -> None:
+    """Give inductor's on-disk cache a directory of its own for an ISA chosen by ATEN_CPU_CAPABILITY (the
+    emulation docs/cpu-forms.md describes), unless the caller chose a directory: torch 2.13's cache of compiled
+    graphs does not tell them apart, and code generated for AVX2 built for AVX-512 writes past its buffers
+    (seen: heap corruption in the bench's small-shape step after an AVX2 run). Call before compiling."""
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    if not capability:
+        return
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    default = os.path.abspath(default_cache_dir())
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default):  # inductor writes its default there
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = f"{default}_{capability.lower()}"
+
+
 def pick_cpu_forms(model: nn.Module, force: Optional[str] = None, rows: int = 1) -> Dict[str, str]:
     """Time each group of `model`'s products (same shape and dtype) in every form it can take, at `rows`
     activation rows, and give each layer its group's fastest (see the module docstring). Returns
@@ -206,6 +221,7 @@ def pick_cpu_forms(model: nn.Module, force: Optional[str] = None, rows: int = 1)
     (each would time its own share while the others run), or (unless forced) one with fewer than
     PROBE_MIN_BYTES of linear weights or with LLAMA_CPU_FORMS=off.
     """
+    cache_per_isa()
     linears = _linears(model)
     setting = os.environ.get(ENV, "auto")
     if setting not in ("auto", "off", "probe"):

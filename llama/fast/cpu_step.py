@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from llama.fast.blocked import BlockedProduct
-from llama.fast.cpu_forms import PROBE_MIN_BYTES, CompiledProduct, use_form
+from llama.fast.cpu_forms import PROBE_MIN_BYTES, CompiledProduct, cache_per_isa, use_form
 from llama.fast.layers import FastLinear, Positions
 from llama.fast.quantize import Int8Linear
 from llama.fast.step import DecodeStep, fast_forward
@@ -166,6 +166,7 @@ def cpu_decode_step(model: Transformer, compile: bool = False) -> Optional[Compi
     model-parallel ranks (the compiled step there is DecodeStep's). A compiler missing or failing: a warning,
     the model as it was, and None.
     """
+    cache_per_isa()
     setting = os.environ.get(ENV, "auto")
     if setting not in ("auto", "off", "probe", "on"):
         raise ValueError(f"{ENV} must be 'auto', 'off', 'probe' or 'on', got {setting!r}")
