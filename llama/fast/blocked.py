@@ -13,9 +13,8 @@ every dtype (BLOCK_BYTES: 128 rows of int8, 64 of bf16, 32 of float32). Without 
 held as 32 int32 words a k, each word four rows' bytes (rows j, 32 + j, 64 + j, 96 + j of the block:
 `to_words`), and the kernel takes each byte out with two shifts: inductor loads int8 weights as many at a
 time as float32 lanes (8 on AVX2), a partial load that torch's AVX2 vectors make through a copy in memory
-(2.4-2.7 GB/s for w13, 2 threads), where 8 words fill a register (24-27 GB/s). AVX-512 loads partial
-vectors with a mask: there the bytes read faster as they are (the output projection 34 GB/s against 26
-as words). The product is written as one sum per
+(w13 at 1.3-1.4 GB/s, one thread), where 8 words fill a register (13-14 GB/s). AVX-512 loads partial
+vectors with a mask: there the bytes read faster as they are (18-21 GB/s against 14-15 as words). The product is written as one sum per
 16 columns of the block (an AVX-512 register of float32; two AVX2 ones), side by side; inductor fuses them into
 one loop nest whose inner loop (over k) updates those independent vector registers: no horizontal additions,
 no chain of dependent additions across registers. Each output is still the plain float32 sum over k of
