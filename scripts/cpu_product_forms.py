@@ -79,6 +79,7 @@ def forms_for(kind: str, act: torch.dtype, w: torch.Tensor) -> Dict[str, Callabl
         if kind == "float32" or torch.ops.mkldnn._is_mkldnn_bf16_supported():
             forms["packed"] = packed
         forms["compiled"] = lambda wt, s: CompiledProduct(wt)
+        forms["blocked"] = lambda wt, s: BlockedProduct(wt)
     return forms
 
 

@@ -13,9 +13,10 @@ every dtype (BLOCK_BYTES: 128 rows of int8, 64 of bf16, 32 of float32). Without 
 held as 32 int32 words a k, each word four rows' bytes (rows j, 32 + j, 64 + j, 96 + j of the block:
 `to_words`), and the kernel takes each byte out with two shifts: inductor loads int8 weights as many at a
 time as float32 lanes (8 on AVX2), a partial load that torch's AVX2 vectors make through a copy in memory
-(w13 at 1.3-1.4 GB/s, one thread), where 8 words fill a register (13-14 GB/s). AVX-512 loads partial
-vectors with a mask: there the bytes read faster as they are (18-21 GB/s against 14-15 as words). The product is written as one sum per
-16 columns of the block (an AVX-512 register of float32; two AVX2 ones), side by side; inductor fuses them into
+(w13 at 1.3-1.4 GB/s, one thread), where 8 words fill a register (13-14 GB/s). AVX-512 loads 16 int8
+with a plain 16-byte load: there the bytes read faster as they are (18-21 GB/s against 14-15 as words). The
+product is written as one sum per 16 columns of the block (an AVX-512 register of float32; two AVX2 ones; 32
+columns of 2-byte weights with AVX-512, `lanes`, so that no bf16 load is masked), side by side; inductor fuses them into
 one loop nest whose inner loop (over k) updates those independent vector registers: no horizontal additions,
 no chain of dependent additions across registers. Each output is still the plain float32 sum over k of
 x[k] * W[n, k] (in order), times the row's scale for int8: the product to float32 summation error, the
@@ -37,11 +38,22 @@ from llama.fast.layers import computed_once
 # Bytes of weights a block holds for one k (its rows), and float32 lanes each accumulator sums.
 BLOCK_BYTES = 128
 LANES = 16
+# With AVX-512, 2-byte weights are summed 32 columns a time: torch's bf16 vector holds 32 values there, and
+# one of 16 is loaded with a mask (on the AMD EPYC of issue 18's sixth pass, Zen 5, a masked 16-bit load
+# from memory ran at a third of a plain load: 6.5 against 18-20 GB/s, one thread).
+WIDE_LANES = 32
 
 
 def block_rows(dtype: torch.dtype) -> int:
     """Output rows per block for a weight of `dtype`: 128 for int8, 64 for bf16/fp16, 32 for float32."""
     return BLOCK_BYTES // torch.empty((), dtype=dtype).element_size()
+
+
+def lanes(dtype: torch.dtype) -> int:
+    """Columns of a block one sum covers: as many values of `dtype` as torch's vector holds where that is
+    more than LANES (2-byte weights with AVX-512), so every weight load is a whole vector, never masked."""
+    wide = "AVX512" in torch.backends.cpu.get_cpu_capability() and torch.empty((), dtype=dtype).element_size() == 2
+    return WIDE_LANES if wide else LANES
 
 
 def int8_as_words() -> bool:
@@ -93,15 +105,16 @@ def from_words(words: torch.Tensor) -> torch.Tensor:
 
 
 def _blocked_multiply_sum(x: torch.Tensor, blocks: torch.Tensor, scale: Optional[torch.Tensor],
-                          out_dtype: torch.dtype) -> torch.Tensor:
-    """x (M, K) float32 times the blocked weight, times scale (N_padded,) if any -> (M, N_padded) in out_dtype.
+                          out_dtype: torch.dtype, step: int = LANES) -> torch.Tensor:
+    """x (M, K) float32 times the blocked weight, times scale (N_padded,) if any -> (M, N_padded) in out_dtype,
+    one sum per `step` columns of a block.
     The activation rows sit inside the block loop (x's transpose broadcast per block), so a block read for the
     first row is in the cache for the others."""
     xt = x.t()[None, :, :, None]  # (1, K, M, 1)
     # int8 words: the four bytes in order, each (NB, K, 32), rows 32c + j of the block
     columns = [word_byte(blocks, c) for c in range(WORD_ROWS)] if blocks.dtype == torch.int32 else [blocks]
-    parts = [(col[:, :, None, a:a + LANES].to(torch.float32) * xt).sum(1)  # (NB, M, LANES) each
-             for col in columns for a in range(0, col.shape[-1], LANES)]
+    parts = [(col[:, :, None, a:a + step].to(torch.float32) * xt).sum(1)  # (NB, M, step) each
+             for col in columns for a in range(0, col.shape[-1], step)]
     y = torch.cat(parts, -1).permute(1, 0, 2)  # (M, NB, block)
     y = y.reshape(x.shape[0], -1)  # (M, N_padded)
     if scale is not None:
@@ -112,18 +125,18 @@ def _blocked_multiply_sum(x: torch.Tensor, blocks: torch.Tensor, scale: Optional
 _KERNELS: Dict[tuple, Callable] = {}
 
 
-def blocked_kernel(x: torch.Tensor, blocks: torch.Tensor, scale: Optional[torch.Tensor], out_dtype: torch.dtype
-                   ) -> Callable:
+def blocked_kernel(x: torch.Tensor, blocks: torch.Tensor, scale: Optional[torch.Tensor], out_dtype: torch.dtype,
+                   step: int = LANES) -> Callable:
     """Inductor's kernel for _blocked_multiply_sum at exactly these shapes (compiled once per process; inductor
     also caches it on disk), called directly as llama.fast.cpu_forms.compiled_kernel does."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    key = (tuple(x.shape), tuple(blocks.shape), blocks.dtype, None if scale is None else scale.dtype, out_dtype)
+    key = (tuple(x.shape), tuple(blocks.shape), blocks.dtype, None if scale is None else scale.dtype, out_dtype, step)
     if key not in _KERNELS:
         tensors = (x, blocks) if scale is None else (x, blocks, scale)
 
         def fn(*args):
-            return _blocked_multiply_sum(args[0], args[1], args[2] if len(args) > 2 else None, out_dtype)
+            return _blocked_multiply_sum(args[0], args[1], args[2] if len(args) > 2 else None, out_dtype, step)
 
         with torch.inference_mode(False), torch.no_grad():
             example = [torch.zeros(t.shape, dtype=t.dtype) for t in tensors]  # not inference tensors
@@ -138,6 +151,7 @@ class BlockedProduct:
 
     def __init__(self, w: torch.Tensor, scale: Optional[torch.Tensor] = None, words: Optional[bool] = None):
         self.out_features = w.shape[0]
+        self.lanes = lanes(w.dtype)  # columns a sum covers
         words = int8_as_words() if words is None else words  # (int8 only; see the module docstring)
         self.blocks = to_blocks(w, words)  # (NB, K, block); int8 words: (NB, K, 32) int32
         padded = self.blocks.shape[0] * block_rows(w.dtype)
@@ -152,7 +166,7 @@ class BlockedProduct:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()  # (M, K)
-        y = blocked_kernel(x2, self.blocks, self.scale, x.dtype)(*self._tensors(x2))  # (M, N_padded)
+        y = blocked_kernel(x2, self.blocks, self.scale, x.dtype, self.lanes)(*self._tensors(x2))  # (M, N_padded)
         if y.shape[-1] != self.out_features:
             y = y[:, :self.out_features].contiguous()
         return y.view(*x.shape[:-1], self.out_features)  # (..., N)
@@ -160,7 +174,7 @@ class BlockedProduct:
     def traced(self, x: torch.Tensor) -> torch.Tensor:
         """The same product as torch operations, for a step compiled whole (llama.fast.cpu_step)."""
         x2 = computed_once(x.reshape(-1, x.shape[-1]).to(torch.float32))  # (M, K), not recomputed per row
-        y = _blocked_multiply_sum(x2, self.blocks, self.scale, x.dtype)[:, :self.out_features]
+        y = _blocked_multiply_sum(x2, self.blocks, self.scale, x.dtype, self.lanes)[:, :self.out_features]
         return y.reshape(*x.shape[:-1], self.out_features)  # (..., N)
 
     def full(self, x: torch.Tensor) -> torch.Tensor:
