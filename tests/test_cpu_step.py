@@ -48,6 +48,23 @@ def test_compiled_cpu_step_gives_the_reference_greedy_tokens(tiny_llama):
 
 
 @pytest.mark.slow  # compiles (inductor)
+def test_each_compiled_step_runs_its_own_model_beside_another(tiny_llama):
+    """Two models of different depth compiled in one process, called in turn: each step gives its own model's
+    reference tokens (a step guards only its inputs, so no step may reach the other's graph)."""
+    deep = dict(PARAMS, n_layers=PARAMS["n_layers"] + 1)
+    models = [(_build(tiny_llama, compile=True), _build(tiny_llama, fast=False)),
+              (tiny_llama(deep, seed=7, max_seq_len=MAX_SEQ_LEN, max_batch_size=4, device="cpu",
+                          dtype=torch.float32, compile=True),
+               tiny_llama(deep, seed=7, max_seq_len=MAX_SEQ_LEN, max_batch_size=4, device="cpu",
+                          dtype=torch.float32, fast=False))]
+    prompts = _prompts([6, 6], seed=5)
+    for _ in range(2):
+        for compiled, reference in models:
+            assert isinstance(compiled.decode_step, CompiledCPUStep)
+            assert compiled.generate(prompts, 10, temperature=0)[0] == reference.generate(prompts, 10, temperature=0)[0]
+
+
+@pytest.mark.slow  # compiles (inductor)
 def test_compiled_cpu_step_logits_are_as_close_to_exact_as_the_reference_ones(tiny_llama):
     """Each step's logits against the same model in float64: the compiled step's distance from exact is
     within ORDER_FACTOR times the float32 reference model's own, over 10 decode steps of 2 rows."""
