@@ -1,7 +1,9 @@
-"""The int8 GEMV as a programmatic dependent launch (llama.fast.int8_gemv, PDL): LLAMA_INT8_GEMV_PDL, the op's
-`pdl` argument off CUDA (ignored: torch's product), and on a Hopper GPU the kernel launched so gives the bits
-of its plain launch, alone and in chains where each kernel reads what the one before it wrote (a kernel that
-read its input before `gdc_wait` would read it stale there: that is the race these tests guard)."""
+"""How the int8 GEMV is launched (llama.fast.int8_gemv): as a programmatic dependent launch (PDL;
+LLAMA_INT8_GEMV_PDL, the op's `pdl` argument off CUDA: ignored, torch's product; on a Hopper GPU the kernel
+launched so gives the bits of its plain launch, alone and in chains where each kernel reads what the one before
+it wrote: a kernel that read its input before `gdc_wait` would read it stale there, the race these tests guard),
+and with the RMSNorm in a kernel of its own before the product (LLAMA_INT8_GEMV_NORM_APART; its numbers are
+bounded with the fused norm's in tests/test_int8_gemv_fused.py)."""
 
 import math
 
@@ -9,7 +11,9 @@ import pytest
 import torch
 
 from llama.fast import int8_gemv as G
-from llama.fast.quantize import quantize_int8
+from llama.fast.quantize import Int8Linear, quantize_int8
+
+from helpers import SMALL_GQA
 
 needs_pdl = pytest.mark.skipif(not G.pdl_supported(torch.device("cuda")),
                                reason="needs CUDA, Triton and a GPU with programmatic dependent launch (Hopper+)")
@@ -50,18 +54,21 @@ def test_ops_off_cuda_ignore_pdl():
                        G.swiglu_int8_gemv(gate_up, q2, scale2, *CFG, res, False))
 
 
-def test_layer_product_passes_its_pdl_on_to_the_op(monkeypatch):
+def test_layer_product_passes_its_pdl_and_norm_on_to_the_op(monkeypatch):
     seen = []
-    monkeypatch.setattr(G, "int8_gemv", lambda *args: seen.append(args[-1]) or args[0])
-    monkeypatch.setattr(G, "rms_norm_int8_gemv", lambda *args: seen.append(args[-1]) or args[0])
-    monkeypatch.setattr(G, "swiglu_int8_gemv", lambda *args: seen.append(args[-1]) or args[0])
+    # The ops' arguments after the block shape: int8_gemv and swiglu_int8_gemv (residual, pdl),
+    # rms_norm_int8_gemv (pdl, norm_apart).
+    monkeypatch.setattr(G, "int8_gemv", lambda *args: seen.append(("plain", args[-1])))
+    monkeypatch.setattr(G, "rms_norm_int8_gemv", lambda *args: seen.append(("norm", args[-2:])))
+    monkeypatch.setattr(G, "swiglu_int8_gemv", lambda *args: seen.append(("swiglu", args[-1])))
     x = torch.zeros(1, 8)
-    for pdl in (True, False):
-        gemv = G.Int8Gemv(CFG, G.PLAIN, pdl=pdl)
+    for pdl, apart in ((True, False), (False, True)):
+        gemv = G.Int8Gemv(CFG, G.RMS_NORM, pdl=pdl, norm_apart=apart)
         gemv(x, None, None)
         gemv.after_norm(x, None, 1e-5, None, None)
         gemv.after_swiglu(x, None, None)
-    assert seen == [True] * 3 + [False] * 3
+    assert seen == [("plain", True), ("norm", (True, False)), ("swiglu", True),
+                    ("plain", False), ("norm", (False, True)), ("swiglu", False)]
 
 
 def chain(x: torch.Tensor, w: dict, pdl: bool) -> list:
@@ -129,3 +136,44 @@ def test_cuda_chain_of_dependent_launches_reads_each_input_after_it_is_written(i
         expected = chain(x, w, False)
         for i, (y, e) in enumerate(zip(got, expected)):
             assert torch.equal(y, e), f"product {i} of the chain"
+
+
+@pytest.mark.parametrize("setting", ["auto", "on", "off"])
+def test_norm_apart_setting_picks_where_each_product_after_a_norm_norms_x(tiny_llama, monkeypatch, setting):
+    """"on": every product after an RMSNorm norms x in a kernel of its own first; "off": in its own kernel;
+    "auto": whichever the load-time timing found faster (here a made-up timing: apart faster for w13 only)."""
+    llama = tiny_llama(dict(SMALL_GQA, vocab_size=512), seed=6, device="cpu", quantize="int8")
+    layers = {p: m for p, m in llama.model.named_modules() if isinstance(m, Int8Linear)}
+    w13_shape = next(m for p, m in layers.items() if p.endswith("w13")).weight.shape
+
+    def pick(layers, prologue=G.PLAIN, pdl=False, norm_apart=False, candidates=None):
+        m = layers[0]
+        faster = norm_apart == ((m.out_features, m.in_features) == tuple(w13_shape))
+        G.PICK_TIMES[(m.out_features, m.in_features, str(m.dtype), prologue, pdl, norm_apart)] = {
+            G.CANDIDATES[0]: 1.0 if faster else 2.0}
+        return G.CANDIDATES[0]
+
+    monkeypatch.setattr(G, "kernel_runs_on", lambda device: True)
+    monkeypatch.setattr(G, "pick_config", pick)
+    monkeypatch.setattr(G, "PICK_TIMES", {})
+    monkeypatch.setenv(G.ENV, "all")
+    monkeypatch.setenv(G.FUSE_ENV, "auto")
+    monkeypatch.setenv(G.NORM_APART_ENV, setting)
+    G.use_int8_gemv(layers, fused_forms=True)
+    apart = {p.rpartition(".")[2] for p, m in layers.items() if m.gemv.norm_apart}
+    assert apart == {"on": {"wqkv", "w13", "output"}, "off": set(), "auto": {"w13"}}[setting]
+    assert all(m.gemv.prologue == G.RMS_NORM for p, m in layers.items() if p.rpartition(".")[2] in apart)
+
+
+def test_norm_apart_setting_rejects_other_values(monkeypatch):
+    monkeypatch.setenv(G.NORM_APART_ENV, "yes")
+    with pytest.raises(ValueError, match="LLAMA_INT8_GEMV_NORM_APART"):
+        G.norm_apart_setting()
+
+
+def test_op_off_cuda_norms_apart_as_in_the_kernel():
+    q, scale = random_weight(24, 64, torch.float32, seed=1)
+    g = torch.Generator().manual_seed(4)
+    x, norm_weight = torch.randn(1, 64, generator=g), torch.rand(64, generator=g)
+    assert torch.equal(G.rms_norm_int8_gemv(x, norm_weight, 1e-5, q, scale, *CFG, False, True),
+                       G.rms_norm_int8_gemv(x, norm_weight, 1e-5, q, scale, *CFG, False, False))

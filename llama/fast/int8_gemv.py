@@ -81,6 +81,9 @@ DEFAULT_FORMS = ("rms_norm", "residual")
 # default) or "off". Then the first tile of Q streams in while the kernel before finishes (see _gemv_kernel);
 # compile=True launches inductor's own kernels so too (llama.fast.step.compile_options).
 PDL_ENV = "LLAMA_INT8_GEMV_PDL"
+# How a product after an RMSNorm norms x: in its own kernel (every program norms x: an RMS_NORM prologue) or in a
+# one-program kernel before it (then the plain product); "auto" (the default) times both at load.
+NORM_APART_ENV = "LLAMA_INT8_GEMV_NORM_APART"
 # The input function a product's kernel takes in (the kernel's PROLOGUE): none; the RMSNorm before it (the
 # fast path's wqkv and w13 and the output projection); silu(gate) * up from w13's output (the fast path's w2).
 PLAIN, RMS_NORM, SWIGLU = 0, 1, 2
@@ -198,6 +201,10 @@ if triton is not None:
         # Q's tiles are loaded one loop step ahead of their use: the first here, before the wait.
         w = _load_q(w_rows, k_lo + tl.arange(0, BLOCK_K), row_ok, K, k_split > 0, EVEN)  # (BLOCK_N, BLOCK_K)
         if PDL:
+            # The compiler would otherwise sink the load to its first use, after the wait (seen in the PTX):
+            # passing the tile through an opaque move, ordered before the wait as both are side effects, keeps
+            # the load ahead of it.
+            w = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [w], dtype=tl.int8, is_pure=False, pack=4)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         if PROLOGUE == 1:
@@ -249,6 +256,26 @@ if triton is not None:
             tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
+    def _rms_norm_kernel(x_ptr, norm_ptr, out_ptr, K, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """out = x's RMSNorm with weight norm, rounded as llama.model.RMSNorm rounds it (one program; the
+        same function as the GEMV's RMS_NORM prologue, for products whose many programs would each norm x)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        dtype = x_ptr.dtype.element_ty
+        squares = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            cols = k0 + tl.arange(0, BLOCK)
+            xs = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            squares += xs * xs
+        inv_rms = tl.math.rsqrt(tl.sum(squares, axis=0) / K + eps)
+        for k0 in range(0, K, BLOCK):
+            cols = k0 + tl.arange(0, BLOCK)
+            xs = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            nk = tl.load(norm_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            tl.store(out_ptr + cols, ((xs * inv_rms).to(dtype).to(tl.float32) * nk).to(dtype), mask=cols < K)
+
+    @triton.jit
     def _sum_parts_kernel(part_ptr, scale_ptr, res_ptr, out_ptr, N, split_k, BLOCK: tl.constexpr,
                           RESIDUAL: tl.constexpr):
         """out[n] = (sum over s of part[s, n]) * scale[n], rounded once to out's dtype (RESIDUAL: plus res[n],
@@ -267,12 +294,19 @@ if triton is not None:
 
 def _launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, cfg: GemvConfig, prologue: int = PLAIN,
             norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
-            residual: Optional[torch.Tensor] = None, pdl: bool = False) -> torch.Tensor:
+            residual: Optional[torch.Tensor] = None, pdl: bool = False, norm_apart: bool = False) -> torch.Tensor:
     """The Triton kernels on Q (N, K) contiguous int8, scale (N,) and a contiguous input in the activations'
     dtype: x (1, K) (PLAIN, RMS_NORM with norm_weight (K,) and eps) or gate and up side by side (1, 2K)
     (SWIGLU) -> (1, N) in that dtype; plus `residual` (N elements, contiguous) where given. pdl: the product's
     kernel as a programmatic dependent launch (pdl_supported(device) must hold); a split-K sum kernel after it
-    is launched as usual."""
+    is launched as usual. norm_apart (RMS_NORM): x normed by a one-program kernel first (the same roundings),
+    then the PLAIN product, instead of every program norming x."""
+    if prologue == RMS_NORM and norm_apart:
+        normed = torch.empty_like(x)
+        block = min(triton.next_power_of_2(x.shape[-1]), MAX_NORM_BLOCK)
+        _rms_norm_kernel[(1,)](x, norm_weight, normed, x.shape[-1], eps, BLOCK=block, PDL=pdl,
+                               num_warps=min(16, max(4, block // 512)), **({"launch_pdl": True} if pdl else {}))
+        return _launch(normed, q, scale, cfg, PLAIN, residual=residual, pdl=pdl)
     n, k = q.shape
     per = k_per_split(k, cfg)
     even = n % cfg.block_n == 0 and per * cfg.split_k == k
@@ -307,6 +341,16 @@ def pdl_supported(device: torch.device) -> bool:
         return False
     cuda = getattr(getattr(tl, "extra", None), "cuda", None)
     return hasattr(cuda, "gdc_wait") and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def norm_apart_setting() -> str:
+    """LLAMA_INT8_GEMV_NORM_APART: "auto" (the default: for each product after an RMSNorm, whichever of the
+    two ways timed faster at load), "on" (a kernel of its own norms x first) or "off" (every program of the
+    product norms x); ValueError on another value."""
+    setting = os.environ.get(NORM_APART_ENV, "auto").strip()
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"{NORM_APART_ENV} must be 'auto', 'on' or 'off', got {setting!r}")
+    return setting
 
 
 def pdl_runs_on(device: torch.device) -> bool:
@@ -352,23 +396,25 @@ def _(x, q, scale, block_n, block_k, split_k, num_warps, residual=None, pdl=Fals
 
 @torch.library.custom_op("llama::rms_norm_int8_gemv", mutates_args=())
 def rms_norm_int8_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, q: torch.Tensor, scale: torch.Tensor,
-                       block_n: int, block_k: int, split_k: int, num_warps: int, pdl: bool = False) -> torch.Tensor:
+                       block_n: int, block_k: int, split_k: int, num_warps: int, pdl: bool = False,
+                       norm_apart: bool = False) -> torch.Tensor:
     """int8_gemv(rms_norm_reference(x, norm_weight, eps), Q, scale) in one kernel: x (..., K) with one row in
     all, un-normed, norm_weight (K,) in x's dtype -> (..., N). Each program sums x's squares itself and norms
-    x as it reads it, rounding as the norm does (pdl: as int8_gemv's). Off CUDA (or for more rows): the two
-    reference functions."""
+    x as it reads it, rounding as the norm does (pdl: as int8_gemv's); norm_apart: a one-program kernel norms
+    x first, with the same roundings, and the product reads it plainly (two kernels). Off CUDA (or for more
+    rows): the two reference functions."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
     if x2.shape[0] == 1 and kernel_runs_on(x.device):
         cfg = GemvConfig(block_n, block_k, split_k, num_warps)
         y = _launch(x2.contiguous(), q.contiguous(), scale.contiguous(), cfg, RMS_NORM, norm_weight.contiguous(),
-                    eps, pdl=pdl and pdl_supported(x.device))
+                    eps, pdl=pdl and pdl_supported(x.device), norm_apart=norm_apart)
     else:
         y = int8_gemv_reference(rms_norm_reference(x2, norm_weight, eps), q, scale)
     return y.view(*x.shape[:-1], q.shape[0])
 
 
 @rms_norm_int8_gemv.register_fake
-def _(x, norm_weight, eps, q, scale, block_n, block_k, split_k, num_warps, pdl=False):
+def _(x, norm_weight, eps, q, scale, block_n, block_k, split_k, num_warps, pdl=False, norm_apart=False):
     return x.new_empty((*x.shape[:-1], q.shape[0]))
 
 
@@ -398,13 +444,16 @@ class Int8Gemv:
     """A layer's one-row product: int8_gemv with the block shape picked for its weight's shape. `prologue`:
     the input function its kernel may take in as well (PLAIN: none; RMS_NORM or SWIGLU: `after_norm` or
     `after_swiglu`), with the block shape picked for that form; `residual`: whether it may add the block's
-    residual in its epilogue; `pdl`: whether its kernel is a programmatic dependent launch (pdl_runs_on)."""
+    residual in its epilogue; `pdl`: whether its kernel is a programmatic dependent launch (pdl_runs_on);
+    `norm_apart` (RMS_NORM): whether a kernel of its own norms x first (rms_norm_int8_gemv)."""
 
-    def __init__(self, cfg: GemvConfig, prologue: int = PLAIN, residual: bool = False, pdl: bool = False):
+    def __init__(self, cfg: GemvConfig, prologue: int = PLAIN, residual: bool = False, pdl: bool = False,
+                 norm_apart: bool = False):
         self.cfg = cfg
         self.prologue = prologue
         self.residual = residual
         self.pdl = pdl
+        self.norm_apart = norm_apart
 
     def __call__(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -412,7 +461,7 @@ class Int8Gemv:
 
     def after_norm(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, q: torch.Tensor,
                    scale: torch.Tensor) -> torch.Tensor:
-        return rms_norm_int8_gemv(x, norm_weight, eps, q, scale, *self.cfg, self.pdl)
+        return rms_norm_int8_gemv(x, norm_weight, eps, q, scale, *self.cfg, self.pdl, self.norm_apart)
 
     def after_swiglu(self, gate_up: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                      residual: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -420,6 +469,7 @@ class Int8Gemv:
 
     def __repr__(self) -> str:
         form = {PLAIN: "", RMS_NORM: ", after the RMSNorm", SWIGLU: ", after the SwiGLU"}[self.prologue]
+        form += " (normed apart)" if self.norm_apart else ""
         return (f"Int8Gemv{tuple(self.cfg)}{form}{', plus the residual' if self.residual else ''}"
                 f"{', dependent launch' if self.pdl else ''}")
 
@@ -473,16 +523,17 @@ def fuse_setting() -> Sequence[str]:
     return forms
 
 
-# The timings of every pick made in this process, {(N, K, dtype, prologue, pdl): {block shape: seconds a product}}
+# The timings of every pick made in this process, {(N, K, dtype, prologue, pdl, norm_apart): {block shape: seconds a
+# product}}
 # (a pass's time over its number of layers), for scripts.
 PICK_TIMES: Dict[tuple, Dict[GemvConfig, float]] = {}
 
 
 def pick_config(layers: List[nn.Module], candidates: Optional[Sequence[GemvConfig]] = None,
-                prologue: int = PLAIN, pdl: bool = False) -> GemvConfig:
+                prologue: int = PLAIN, pdl: bool = False, norm_apart: bool = False) -> GemvConfig:
     """The fastest of `candidates` (default CANDIDATES, or SWIGLU_CANDIDATES) for the products of `layers`
-    (Int8Linears of one weight shape, on CUDA), with this prologue and launch (pdl): each times a CUDA-graph
-    replay of a pass over the first layers holding PASS_BYTES (the best of ROUNDS)."""
+    (Int8Linears of one weight shape, on CUDA), with this prologue, launch (pdl) and norm (norm_apart): each
+    times a CUDA-graph replay of a pass over the first layers holding PASS_BYTES (the best of ROUNDS)."""
     k = layers[0].in_features
     if candidates is None:
         candidates = SWIGLU_CANDIDATES if prologue == SWIGLU else CANDIDATES
@@ -509,11 +560,11 @@ def pick_config(layers: List[nn.Module], candidates: Optional[Sequence[GemvConfi
     def make(cfg):
         def run():
             for m in timed:
-                _launch(x, m.weight, m.scale_act, cfg, prologue, norm_weight, 1e-5, pdl=pdl)
+                _launch(x, m.weight, m.scale_act, cfg, prologue, norm_weight, 1e-5, pdl=pdl, norm_apart=norm_apart)
         return run
 
     times = {cfg: _time_pass(make(cfg)) / len(timed) for cfg in fitting}
-    PICK_TIMES[(layers[0].out_features, k, str(dtype), prologue, pdl)] = times
+    PICK_TIMES[(layers[0].out_features, k, str(dtype), prologue, pdl, norm_apart)] = times
     return min(fitting, key=times.__getitem__)
 
 
@@ -526,7 +577,8 @@ def use_int8_gemv(linears: Dict[str, nn.Module], fused_forms: bool = False) -> D
     FastFeedForward), and the residual add after wo and w2 to it too (llama.fast.layers.added_product): unless
     LLAMA_INT8_GEMV_FUSE leaves them out, those layers' kernels take them in (PROLOGUE_OF, RESIDUAL_ROLES),
     with a block shape timed for that form. Each kernel is a programmatic dependent launch where pdl_runs_on
-    holds (timed so too). Returns {module path: block shape} of the layers given one."""
+    holds (timed so too); an RMSNorm is normed in the product's kernel or in one of its own before it
+    (LLAMA_INT8_GEMV_NORM_APART; "auto": the faster, timed). Returns {module path: block shape} of the layers given one."""
     roles = gemv_roles()
     forms = fuse_setting() if fused_forms else ()
     prologues = {role: p for role, p in PROLOGUE_OF.items() if {RMS_NORM: "rms_norm", SWIGLU: "swiglu"}[p] in forms}
@@ -538,11 +590,20 @@ def use_int8_gemv(linears: Dict[str, nn.Module], fused_forms: bool = False) -> D
         prologue = prologues.get(path.rpartition(".")[2], PLAIN)
         groups.setdefault((m.out_features, m.in_features, m.dtype, prologue), []).append(path)
     picked = {}
-    for (_, _, _, prologue), paths in groups.items():
-        pdl = pdl_runs_on(chosen[paths[0]].scale.device)
-        cfg = pick_config([chosen[p] for p in paths], prologue=prologue, pdl=pdl)
+    apart_setting = norm_apart_setting()
+    for (n, k, dtype, prologue), paths in groups.items():
+        layers = [chosen[p] for p in paths]
+        pdl = pdl_runs_on(layers[0].scale.device)
+        apart = apart_setting == "on" and prologue == RMS_NORM
+        cfg = pick_config(layers, prologue=prologue, pdl=pdl, norm_apart=apart)
+        if apart_setting == "auto" and prologue == RMS_NORM:  # the faster of the two ways, by the same timing
+            cfg_apart = pick_config(layers, prologue=prologue, pdl=pdl, norm_apart=True)
+            key = (n, k, str(dtype), prologue, pdl)
+            timed = lambda apart, c: PICK_TIMES.get(key + (apart,), {}).get(c, float("inf"))  # noqa: E731
+            if timed(True, cfg_apart) < timed(False, cfg):
+                cfg, apart = cfg_apart, True
         for p in paths:
             residual = "residual" in forms and p.rpartition(".")[2] in RESIDUAL_ROLES
-            chosen[p].gemv = Int8Gemv(cfg, prologue, residual=residual, pdl=pdl)
+            chosen[p].gemv = Int8Gemv(cfg, prologue, residual=residual, pdl=pdl, norm_apart=apart)
             picked[p] = cfg
     return picked
