@@ -72,14 +72,15 @@ def test_layer_product_passes_its_pdl_and_norm_on_to_the_op(monkeypatch):
 
 
 def chain(x: torch.Tensor, w: dict, pdl: bool) -> list:
-    """Four products, each reading what the one before wrote (as a decode step's do): a = x Q1 (plain), b =
+    """Five products, each reading what the one before wrote (as a decode step's do): a = x Q1 (plain), b =
     RMSNorm(a) Q2 (2K wide), c = silu(b's gate) * b's up Q3 + a, d = c Q1 + c (the residual read from the
-    kernel just before)."""
+    kernel just before), e = RMSNorm(d) Q2 with the norm in a kernel of its own (norm_apart)."""
     a = G.int8_gemv(x, *w["q1"], *CFG, None, pdl)
     b = G.rms_norm_int8_gemv(a, w["norm"], 1e-5, *w["q2"], *CFG, pdl)
     c = G.swiglu_int8_gemv(b, *w["q3"], *CFG, a, pdl)
     d = G.int8_gemv(c, *w["q1"], *CFG, c, pdl)
-    return [a, b, c, d]
+    e = G.rms_norm_int8_gemv(d, w["norm"], 1e-5, *w["q2"], *CFG, pdl, True)
+    return [a, b, c, d, e]
 
 
 def chain_weights(k: int, dtype: torch.dtype) -> dict:
