@@ -14,7 +14,9 @@ import triton
 
 from llama.fast import int8_gemv as G
 
-MEMORY = re.compile(r"^\s*(ld\.global\S*|st\.global\S*|griddepcontrol\.\S+)")
+# Global loads and stores (predicated or not: Q's tiles are masked loads), the wait and trigger, and the opaque
+# moves that keep Q's first tile ahead of the wait.
+MEMORY = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld\.global\S*|st\.global\S*|griddepcontrol\.\S+|mov\.b32 %r\d+, %r\d+;)")
 
 
 def main() -> None:

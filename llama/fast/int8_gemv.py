@@ -201,9 +201,9 @@ if triton is not None:
         # Q's tiles are loaded one loop step ahead of their use: the first here, before the wait.
         w = _load_q(w_rows, k_lo + tl.arange(0, BLOCK_K), row_ok, K, k_split > 0, EVEN)  # (BLOCK_N, BLOCK_K)
         if PDL:
-            # The compiler would otherwise sink the load to its first use, after the wait (seen in the PTX):
-            # passing the tile through an opaque move, ordered before the wait as both are side effects, keeps
-            # the load ahead of it.
+            # Passing the tile through an opaque move, ordered before the wait as both are side effects, keeps
+            # the load ahead of the wait whatever the compiler would schedule (Triton 3.6's PTX has it ahead
+            # without the move too; the move costs one register copy a word).
             w = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [w], dtype=tl.int8, is_pure=False, pack=4)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
