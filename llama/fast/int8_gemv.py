@@ -29,7 +29,14 @@ tuning that landed 3-4x apart from process to process and from layer to layer. T
   the un-normed x itself, K elements from the caches, then norms x as it reads it) and silu(gate) * up before
   w2 (`llama::swiglu_int8_gemv`, reading w13's output). The fast layers hand the norm, the SwiGLU and the
   residual on to the product (llama.fast.layers.fast_block; Int8Linear's `after_norm`, `after_swiglu`,
-  `plus_residual` in llama.fast.quantize); the block shape is then timed for the fused form.
+  `plus_residual` in llama.fast.quantize); the block shape is then timed for the fused form. A product
+  after an RMSNorm may instead have x normed once by a one-program kernel before it (`norm_apart`, the same
+  roundings) and read it plainly: whichever of the two timed faster at load (LLAMA_INT8_GEMV_NORM_APART; on
+  an H200 every 8B product after a norm took the kernel apart: w13 36.1 us against 39.4 in-kernel);
+- is launched as a programmatic dependent launch on Hopper and later (LLAMA_INT8_GEMV_PDL): it starts while
+  the kernel before it finishes and loads its first tile of Q, which nothing in a step writes, before
+  `gdc_wait`; it reads x, the norm's input and the residual, and stores, only after. Its tiles of Q are
+  loaded one loop step ahead of their use.
 
 Numerics: each product x[k] * Q[n, k] is formed in float32 (exact for bf16 x: 8 + 7 significant bits) and
 summed in float32, in another order than torch's; then y[n] = sum * scale[n], rounded once to x's dtype. The
@@ -46,8 +53,8 @@ layers), "off", "all", or a comma list of layer names (w2,wo,wqkv,w13,output; wq
 layers). LLAMA_INT8_GEMV_FUSE picks what the fast layers' products take in: "auto" (the default: the RMSNorm
 and the residual add, DEFAULT_FORMS), "on" (the SwiGLU too), "off", or a comma list of rms_norm, swiglu,
 residual. Measured on an H200 at the 8B shape (compiled batch-1 step, bench/results/GPU_RESULTS.md, issue 18,
-third session): 329.4 tok/s, 1.64x of bf16 in the same process, against 283.8 (1.41x) with the kernel on w2,
-wo and output and nothing taken in.
+sixth session): 350.4 tok/s with the norm apart and the dependent launch, against 326.5 with the dependent
+launch only and 322.9 with neither (bf16 223.2 in the same process: 1.57x, 1.46x, 1.45x).
 """
 
 import os
