@@ -7,7 +7,8 @@ kernel (ours-int8-fused: LLAMA_INT8_GEMV_FUSE=on), or all but the SwiGLU (ours-i
 LLAMA_INT8_GEMV_FUSE=rms_norm,residual). Each of these launches the kernel plainly (LLAMA_INT8_GEMV_PDL=off);
 ours-int8-pdl is ours-int8-fused-noswiglu with the kernel as a programmatic dependent launch, ours-int8-pdl-apart
 that with each RMSNorm normed in the product's kernel or a kernel of its own, whichever timed faster at load
-(LLAMA_INT8_GEMV_NORM_APART=auto; both the defaults since issue 18's sixth session). Default: ours, ours-int8-gemv, ours-int8-fused.
+(LLAMA_INT8_GEMV_NORM_APART=auto; both the defaults since issue 18's sixth session). Default: ours,
+ours-int8-gemv, ours-int8-fused.
 
     python scripts/int8_gemv_step.py [--sweep int8_gemv_sweep.json] [--roles w2,wo,output|from-sweep]
         [--fused-roles all] [--out step.json]

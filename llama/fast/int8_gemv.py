@@ -585,7 +585,8 @@ def use_int8_gemv(linears: Dict[str, nn.Module], fused_forms: bool = False) -> D
     LLAMA_INT8_GEMV_FUSE leaves them out, those layers' kernels take them in (PROLOGUE_OF, RESIDUAL_ROLES),
     with a block shape timed for that form. Each kernel is a programmatic dependent launch where pdl_runs_on
     holds (timed so too); an RMSNorm is normed in the product's kernel or in one of its own before it
-    (LLAMA_INT8_GEMV_NORM_APART; "auto": the faster, timed). Returns {module path: block shape} of the layers given one."""
+    (LLAMA_INT8_GEMV_NORM_APART; "auto": the faster, timed). Returns {module path: block shape} of the layers
+    given one."""
     roles = gemv_roles()
     forms = fuse_setting() if fused_forms else ()
     prologues = {role: p for role, p in PROLOGUE_OF.items() if {RMS_NORM: "rms_norm", SWIGLU: "swiglu"}[p] in forms}
