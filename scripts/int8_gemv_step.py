@@ -4,7 +4,11 @@ LLAMA_INT8_GEMV=off, the form before llama.fast.int8_gemv), int8 with the GEMV o
 prologues (ours-int8-gemv: LLAMA_INT8_GEMV_FUSE=off; the second session's form with its roles w2,wo,output)
 and int8 with the GEMV on --fused-roles' products, the RMSNorm, the SwiGLU and the residual add taken into the
 kernel (ours-int8-fused: LLAMA_INT8_GEMV_FUSE=on), or all but the SwiGLU (ours-int8-fused-noswiglu:
-LLAMA_INT8_GEMV_FUSE=rms_norm,residual). Default: ours, ours-int8-gemv, ours-int8-fused.
+LLAMA_INT8_GEMV_FUSE=rms_norm,residual). Each of these launches the kernel plainly (LLAMA_INT8_GEMV_PDL=off);
+ours-int8-pdl is ours-int8-fused-noswiglu with the kernel as a programmatic dependent launch, ours-int8-pdl-apart
+that with each RMSNorm normed in the product's kernel or a kernel of its own, whichever timed faster at load
+(LLAMA_INT8_GEMV_NORM_APART=auto; both the defaults since issue 18's sixth session). Default: ours,
+ours-int8-gemv, ours-int8-fused.
 
     python scripts/int8_gemv_step.py [--sweep int8_gemv_sweep.json] [--roles w2,wo,output|from-sweep]
         [--fused-roles all] [--out step.json]
@@ -16,7 +20,8 @@ product): the report's "alone". Partial reports are written to --out after the b
 --sweep: candidates for the build-time pick from scripts/int8_gemv_sweep.py's output (each shape's top block
 shapes); --roles from-sweep: the GEMV only for the shapes where the sweep found it faster than inductor's
 form (3 us granted to the shapes after a norm, which inductor fuses into its product and the GEMV cannot).
---profile: afterwards, torch's profiler over the GEMV system's decode steps (as scripts/profile_step.py).
+--profile: afterwards, torch's profiler over the last system's decode steps (as scripts/profile_step.py).
+--extra-candidates: block shapes added to the pick's candidates, e.g. "2,4096,1,8 4,1024,1,4".
 """
 
 import argparse
@@ -47,7 +52,7 @@ def picked(llama) -> dict:
         cfg = getattr(getattr(m, "gemv", None), "cfg", None)
         if cfg is not None:
             out[SHAPE_OF.get((m.out_features, m.in_features), f"{m.out_features}x{m.in_features}")] = (
-                list(cfg) + [PROLOGUE_NAMES[m.gemv.prologue]])
+                list(cfg) + [PROLOGUE_NAMES[m.gemv.prologue]] + (["apart"] if m.gemv.norm_apart else []))
     return out
 
 
@@ -63,8 +68,8 @@ def alone_times(model) -> None:
             layers.setdefault((m.out_features, m.in_features), (path.rpartition(".")[2], []))[1].append(m)
     for (n, k), (role, ms) in layers.items():
         for prologue in {G.PLAIN, G.PROLOGUE_OF.get(role, G.PLAIN)}:
-            if (n, k, str(ms[0].dtype), prologue) not in G.PICK_TIMES:
-                G.pick_config(ms, prologue=prologue)
+            if not any(key[:4] == (n, k, str(ms[0].dtype), prologue) for key in G.PICK_TIMES):
+                G.pick_config(ms, prologue=prologue, pdl=G.pdl_supported(ms[0].scale.device))
 
 
 def main() -> None:
@@ -79,7 +84,8 @@ def main() -> None:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--systems", nargs="+", default=["ours", "ours-int8-gemv", "ours-int8-fused"],
                    choices=["ours", "ours-int8-inductor", "ours-int8-gemv", "ours-int8-fused-noswiglu",
-                            "ours-int8-fused"])
+                            "ours-int8-fused", "ours-int8-pdl", "ours-int8-pdl-apart"])
+    p.add_argument("--extra-candidates", nargs="*", default=[])
     p.add_argument("--out", default="int8_gemv_step.json")
     p.add_argument("--device", default="cuda", help="cuda (or cpu, to try the script: no GEMV there)")
     opts = p.parse_args()
@@ -108,20 +114,30 @@ def main() -> None:
             wins = [s for s, b in sweep["best"].items()
                     if s in ind and b["seconds"] + (3e-6 if s in AFTER_NORM else 0) < ind[s]]
             roles = ",".join(wins) if wins else "off"
+    if opts.extra_candidates:
+        G.CANDIDATES = tuple(G.CANDIDATES) + tuple(G.GemvConfig(*map(int, c.split(","))) for c in opts.extra_candidates)
+        G.SWIGLU_CANDIDATES = tuple(G.SWIGLU_CANDIDATES) + tuple(G.CANDIDATES[-len(opts.extra_candidates):])
+        report["extra_candidates"] = opts.extra_candidates
     report["roles"] = roles
     log(f"roles {roles}; candidates {getattr(G, 'CANDIDATES')}")
     dtype = torch.bfloat16
     args = ModelArgs.from_params(SHAPES[opts.shape], max_seq_len=opts.prompt_len + opts.new_tokens, max_batch_size=1)
     sd = random_weights(args, dtype, device, seed=0)
     systems, builds = [], {}
-    variants = (("ours", None, "off", "off"), ("ours-int8-inductor", "int8", "off", "off"),
-                ("ours-int8-gemv", "int8", roles, "off"),
-                ("ours-int8-fused-noswiglu", "int8", opts.fused_roles, "rms_norm,residual"),
-                ("ours-int8-fused", "int8", opts.fused_roles, "on"))
+    # name: (quantize, LLAMA_INT8_GEMV, LLAMA_INT8_GEMV_FUSE, LLAMA_INT8_GEMV_PDL, LLAMA_INT8_GEMV_NORM_APART)
+    variants = {"ours": (None, "off", "off", "off", "off"),
+                "ours-int8-inductor": ("int8", "off", "off", "off", "off"),
+                "ours-int8-gemv": ("int8", roles, "off", "off", "off"),
+                "ours-int8-fused-noswiglu": ("int8", opts.fused_roles, "rms_norm,residual", "off", "off"),
+                "ours-int8-fused": ("int8", opts.fused_roles, "on", "off", "off"),
+                "ours-int8-pdl": ("int8", opts.fused_roles, "rms_norm,residual", "auto", "off"),
+                "ours-int8-pdl-apart": ("int8", opts.fused_roles, "rms_norm,residual", "auto", "auto")}
     report["fused_roles"] = opts.fused_roles
-    for name, quantize, env, fuse in [v for v in variants if v[0] in opts.systems]:
+    for name in [v for v in variants if v in opts.systems]:
+        quantize, *env = variants[name]
         start = time.time()
-        os.environ[G.ENV], os.environ[G.FUSE_ENV] = env, fuse
+        for var, value in zip((G.ENV, G.FUSE_ENV, G.PDL_ENV, G.NORM_APART_ENV), env):
+            os.environ[var] = value
         llama = build_ours(args, sd, device, dtype, True, True, quantize)
         builds[name] = {"build_s": time.time() - start, "picked": picked(llama)}
         systems.append(ours_system(name, llama))
@@ -129,12 +145,13 @@ def main() -> None:
     report["builds"] = builds
     if device.type == "cuda" and any(s.name != "ours" for s in systems):
         alone_times(systems[-1].llama.model)
-        report["alone"] = [{"shape": SHAPE_OF.get((n, k), f"{n}x{k}"), "prologue": PROLOGUE_NAMES[pro],
-                            "best_us": 1e6 * min(t.values()), "best": list(min(t, key=t.get)),
+        report["alone"] = [{"shape": SHAPE_OF.get((n, k), f"{n}x{k}"), "prologue": PROLOGUE_NAMES[pro], "pdl": pdl,
+                            "norm_apart": apart, "best_us": 1e6 * min(t.values()), "best": list(min(t, key=t.get)),
                             "all_us": {str(tuple(c)): 1e6 * v for c, v in t.items()}}
-                           for (n, k, _, pro), t in G.PICK_TIMES.items()]
+                           for (n, k, _, pro, pdl, apart), t in G.PICK_TIMES.items()]
         for a in report["alone"]:
-            log(f"alone {a['shape']:7s} {a['prologue']:8s} {a['best_us']:7.1f} us {a['best']}")
+            log(f"alone {a['shape']:7s} {a['prologue']:8s} pdl {a['pdl']!s:5s} apart {a['norm_apart']!s:5s} "
+                f"{a['best_us']:7.1f} us {a['best']}")
     with open(opts.out, "w") as f:
         json.dump(report, f, indent=1)
     prompts = torch.randint(0, args.vocab_size, (1, opts.prompt_len), generator=torch.Generator().manual_seed(0))
@@ -150,7 +167,8 @@ def main() -> None:
         r["bytes_per_decode_step"] = traffic[s.name != "ours"]
         r["fraction_of_read_bandwidth"] = r["bytes_per_decode_step"] * r["decode_steps_s"] / bandwidth
         res[s.name] = r
-    for name in ("ours-int8-inductor", "ours-int8-gemv", "ours-int8-fused-noswiglu", "ours-int8-fused"):
+    for name in ("ours-int8-inductor", "ours-int8-gemv", "ours-int8-fused-noswiglu", "ours-int8-fused",
+                 "ours-int8-pdl", "ours-int8-pdl-apart"):
         if name in res and "ours" in res:
             res[f"ratio_{name}_to_bf16"] = res[name]["decode_tok_s"] / res["ours"]["decode_tok_s"]
             res[f"median_ratio_{name}_to_bf16"] = (res[name]["median_decode_tok_s"]
@@ -159,7 +177,9 @@ def main() -> None:
     for a, b, key in (("ours-int8-inductor", "ours-int8-gemv", "int8_inductor_vs_gemv"),
                       ("ours", "ours-int8-gemv", "bf16_vs_int8_gemv"),
                       ("ours-int8-gemv", "ours-int8-fused", "int8_gemv_vs_fused"),
-                      ("ours-int8-fused-noswiglu", "ours-int8-fused", "int8_fused_noswiglu_vs_fused")):
+                      ("ours-int8-fused-noswiglu", "ours-int8-fused", "int8_fused_noswiglu_vs_fused"),
+                      ("ours-int8-fused-noswiglu", "ours-int8-pdl", "int8_fused_noswiglu_vs_pdl"),
+                      ("ours-int8-pdl", "ours-int8-pdl-apart", "int8_pdl_vs_pdl_apart")):
         if a in tokens and b in tokens:
             same_tokens(res, tokens[a], tokens[b], key)
     report["results"] = res

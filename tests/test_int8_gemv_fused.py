@@ -205,7 +205,9 @@ def test_cuda_normed_kernel_gives_the_norm_then_the_product_within_its_bound(sha
     n, k = shape
     configs = list(G.CANDIDATES) + [G.GemvConfig(1, 16, 1, 1), G.GemvConfig(16, 64, 3, 4)]
     delta = 4 * UNIT[dtype] + (k / 2 + 8) * U32
-    for i, cfg in enumerate(configs):
+    # Normed in the product's kernel with every block shape, and by a kernel of its own before a few of them.
+    runs = [(cfg, False) for cfg in configs] + [(cfg, True) for cfg in configs[:2]]
+    for i, (cfg, norm_apart) in enumerate(runs):
         try:
             G.check_config(cfg, k)
         except ValueError:
@@ -213,7 +215,7 @@ def test_cuda_normed_kernel_gives_the_norm_then_the_product_within_its_bound(sha
         for x_scale in SCALES:
             q, scale = random_weight(n, k, dtype, seed=20 + i, device="cuda")
             x, norm = norm_inputs(k, dtype, x_scale, seed=40 + i, device="cuda")
-            y = G.rms_norm_int8_gemv(x, norm.weight, norm.eps, q, scale, *cfg)
+            y = G.rms_norm_int8_gemv(x, norm.weight, norm.eps, q, scale, *cfg, False, norm_apart)
             assert y.shape == (1, n) and y.dtype == dtype
             with torch.no_grad():
                 a = norm(x)  # the unfused composition's inputs, torch's RMSNorm on CUDA

@@ -29,7 +29,14 @@ tuning that landed 3-4x apart from process to process and from layer to layer. T
   the un-normed x itself, K elements from the caches, then norms x as it reads it) and silu(gate) * up before
   w2 (`llama::swiglu_int8_gemv`, reading w13's output). The fast layers hand the norm, the SwiGLU and the
   residual on to the product (llama.fast.layers.fast_block; Int8Linear's `after_norm`, `after_swiglu`,
-  `plus_residual` in llama.fast.quantize); the block shape is then timed for the fused form.
+  `plus_residual` in llama.fast.quantize); the block shape is then timed for the fused form. A product
+  after an RMSNorm may instead have x normed once by a one-program kernel before it (`norm_apart`, the same
+  roundings) and read it plainly: whichever of the two timed faster at load (LLAMA_INT8_GEMV_NORM_APART; on
+  an H200 every 8B product after a norm took the kernel apart: w13 36.1 us against 39.4 in-kernel);
+- is launched as a programmatic dependent launch on Hopper and later (LLAMA_INT8_GEMV_PDL): it starts while
+  the kernel before it finishes and loads its first tile of Q, which nothing in a step writes, before
+  `gdc_wait`; it reads x, the norm's input and the residual, and stores, only after. Its tiles of Q are
+  loaded one loop step ahead of their use.
 
 Numerics: each product x[k] * Q[n, k] is formed in float32 (exact for bf16 x: 8 + 7 significant bits) and
 summed in float32, in another order than torch's; then y[n] = sum * scale[n], rounded once to x's dtype. The
@@ -46,8 +53,8 @@ layers), "off", "all", or a comma list of layer names (w2,wo,wqkv,w13,output; wq
 layers). LLAMA_INT8_GEMV_FUSE picks what the fast layers' products take in: "auto" (the default: the RMSNorm
 and the residual add, DEFAULT_FORMS), "on" (the SwiGLU too), "off", or a comma list of rms_norm, swiglu,
 residual. Measured on an H200 at the 8B shape (compiled batch-1 step, bench/results/GPU_RESULTS.md, issue 18,
-third session): 329.4 tok/s, 1.64x of bf16 in the same process, against 283.8 (1.41x) with the kernel on w2,
-wo and output and nothing taken in.
+sixth session): 350.4 tok/s with the norm apart and the dependent launch, against 326.5 with the dependent
+launch only and 322.9 with neither (bf16 223.2 in the same process: 1.57x, 1.46x, 1.45x).
 """
 
 import os
@@ -77,6 +84,13 @@ DEFAULT_ROLES = ("wqkv", "wo", "w13", "w2", "output")
 FUSE_ENV = "LLAMA_INT8_GEMV_FUSE"
 FORMS = ("rms_norm", "swiglu", "residual")
 DEFAULT_FORMS = ("rms_norm", "residual")
+# Whether the kernel is launched as a programmatic dependent launch where it can (Hopper and later): "auto" (the
+# default) or "off". Then the first tile of Q streams in while the kernel before finishes (see _gemv_kernel);
+# compile=True launches inductor's own kernels so too (llama.fast.step.compile_options).
+PDL_ENV = "LLAMA_INT8_GEMV_PDL"
+# How a product after an RMSNorm norms x: in its own kernel (every program norms x: an RMS_NORM prologue) or in a
+# one-program kernel before it (then the plain product); "auto" (the default) times both at load.
+NORM_APART_ENV = "LLAMA_INT8_GEMV_NORM_APART"
 # The input function a product's kernel takes in (the kernel's PROLOGUE): none; the RMSNorm before it (the
 # fast path's wqkv and w13 and the output projection); silu(gate) * up from w13's output (the fast path's w2).
 PLAIN, RMS_NORM, SWIGLU = 0, 1, 2
@@ -163,14 +177,27 @@ def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
+    def _load_q(w_rows, cols, row_ok, K, live, EVEN: tl.constexpr):
+        """Q's tile (BLOCK_N, BLOCK_K) at columns `cols` (int8; zeros where masked); `live` (a scalar) False
+        loads nothing."""
+        if EVEN:  # no masks but `live`: N and K fill the blocks exactly
+            return tl.load(w_rows + cols[None, :], mask=live, other=0, eviction_policy="evict_first")
+        return tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :] & live, other=0,
+                       eviction_policy="evict_first")
+
+    @triton.jit
     def _gemv_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, out_ptr, N, K, k_split, eps,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr, EVEN: tl.constexpr,
-                     PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr, NORM_BLOCK: tl.constexpr):
+                     PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr):
         """Rows [pid0 * BLOCK_N, +BLOCK_N) of Q times the input over columns [pid1 * k_split, +k_split): their
         float32 sums, stored as partials (PARTIAL: out is (SPLIT_K, N) float32) or scaled and rounded (out is
         (N,)). The input a column k takes (PROLOGUE): 0, x[k]; 1 (RMS_NORM), x's RMSNorm with weight norm[k],
         rounded as llama.model.RMSNorm rounds it; 2 (SWIGLU), silu(x[k]) * x[K + k], rounded as eager torch
-        rounds F.silu(gate) * up. RESIDUAL: the rounded result plus res[n], rounded (residual + y in torch)."""
+        rounds F.silu(gate) * up. RESIDUAL: the rounded result plus res[n], rounded (residual + y in torch).
+        PDL (launched as a programmatic dependent launch): the first tile of Q, which nothing in a step writes,
+        is loaded while the kernel before may still run; everything else (x, the norm's input, the residual,
+        the store) only after `gdc_wait`, which returns once that kernel has finished and its writes are
+        visible; the kernel after may start once every program has passed that wait."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         dtype = x_ptr.dtype.element_ty  # the activations' dtype, to which the prologues round as torch does
@@ -178,6 +205,15 @@ if triton is not None:
         row_ok = rows < N
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * K  # (BLOCK_N, 1) row starts
         k_lo = pid_k * k_split
+        # Q's tiles are loaded one loop step ahead of their use: the first here, before the wait.
+        w = _load_q(w_rows, k_lo + tl.arange(0, BLOCK_K), row_ok, K, k_split > 0, EVEN)  # (BLOCK_N, BLOCK_K)
+        if PDL:
+            # Passing the tile through an opaque move, ordered before the wait as both are side effects, keeps
+            # the load ahead of the wait whatever the compiler would schedule (Triton 3.6's PTX has it ahead
+            # without the move too; the move costs one register copy a word).
+            w = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [w], dtype=tl.int8, is_pure=False, pack=4)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         if PROLOGUE == 1:
             # 1 / RMS(x) over the whole of x (every program: x is K elements, a few KB read from the caches),
             # as the norm computes it: the mean of the float32 squares, plus eps, reciprocal square root. In
@@ -192,8 +228,8 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # BLOCK_K running sums a row, added at the end
         for k0 in range(0, k_split, BLOCK_K):
             cols = k_lo + k0 + tl.arange(0, BLOCK_K)  # (BLOCK_K,)
-            if EVEN:  # no masks: N and K fill the blocks exactly
-                w = tl.load(w_rows + cols[None, :], eviction_policy="evict_first")
+            w_next = _load_q(w_rows, cols + BLOCK_K, row_ok, K, k0 + BLOCK_K < k_split, EVEN)
+            if EVEN:
                 xk = tl.load(x_ptr + cols, eviction_policy="evict_last").to(tl.float32)
                 if PROLOGUE == 1:
                     nk = tl.load(norm_ptr + cols, eviction_policy="evict_last").to(tl.float32)
@@ -201,8 +237,6 @@ if triton is not None:
                     uk = tl.load(x_ptr + K + cols, eviction_policy="evict_last").to(tl.float32)
             else:
                 col_ok = cols < K
-                w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0,
-                            eviction_policy="evict_first")
                 xk = tl.load(x_ptr + cols, mask=col_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
                 if PROLOGUE == 1:
                     nk = tl.load(norm_ptr + cols, mask=col_ok, other=0.0, eviction_policy="evict_last").to(tl.float32)
@@ -217,6 +251,7 @@ if triton is not None:
             # for b in -128..127, and subtracting 2**23 + 128 leaves b exactly.
             wf = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
             acc += wf * xk[None, :]
+            w = w_next
         part = tl.sum(acc, axis=1)  # (BLOCK_N,)
         if PARTIAL:
             tl.store(out_ptr + pid_k * N + rows, part, mask=row_ok)
@@ -226,6 +261,26 @@ if triton is not None:
             if RESIDUAL:
                 y = (y.to(tl.float32) + tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32))
             tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, norm_ptr, out_ptr, K, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """out = x's RMSNorm with weight norm, rounded as llama.model.RMSNorm rounds it (one program; the
+        same function as the GEMV's RMS_NORM prologue, for products whose many programs would each norm x)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        dtype = x_ptr.dtype.element_ty
+        squares = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            cols = k0 + tl.arange(0, BLOCK)
+            xs = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            squares += xs * xs
+        inv_rms = tl.math.rsqrt(tl.sum(squares, axis=0) / K + eps)
+        for k0 in range(0, K, BLOCK):
+            cols = k0 + tl.arange(0, BLOCK)
+            xs = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            nk = tl.load(norm_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            tl.store(out_ptr + cols, ((xs * inv_rms).to(dtype).to(tl.float32) * nk).to(dtype), mask=cols < K)
 
     @triton.jit
     def _sum_parts_kernel(part_ptr, scale_ptr, res_ptr, out_ptr, N, split_k, BLOCK: tl.constexpr,
@@ -246,10 +301,19 @@ if triton is not None:
 
 def _launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, cfg: GemvConfig, prologue: int = PLAIN,
             norm_weight: Optional[torch.Tensor] = None, eps: float = 0.0,
-            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+            residual: Optional[torch.Tensor] = None, pdl: bool = False, norm_apart: bool = False) -> torch.Tensor:
     """The Triton kernels on Q (N, K) contiguous int8, scale (N,) and a contiguous input in the activations'
     dtype: x (1, K) (PLAIN, RMS_NORM with norm_weight (K,) and eps) or gate and up side by side (1, 2K)
-    (SWIGLU) -> (1, N) in that dtype; plus `residual` (N elements, contiguous) where given."""
+    (SWIGLU) -> (1, N) in that dtype; plus `residual` (N elements, contiguous) where given. pdl: the product's
+    kernel as a programmatic dependent launch (pdl_supported(device) must hold); a split-K sum kernel after it
+    is launched as usual. norm_apart (RMS_NORM): x normed by a one-program kernel first (the same roundings),
+    then the PLAIN product, instead of every program norming x."""
+    if prologue == RMS_NORM and norm_apart:
+        normed = torch.empty_like(x)
+        block = min(triton.next_power_of_2(x.shape[-1]), MAX_NORM_BLOCK)
+        _rms_norm_kernel[(1,)](x, norm_weight, normed, x.shape[-1], eps, BLOCK=block, PDL=pdl,
+                               num_warps=min(16, max(4, block // 512)), **({"launch_pdl": True} if pdl else {}))
+        return _launch(normed, q, scale, cfg, PLAIN, residual=residual, pdl=pdl)
     n, k = q.shape
     per = k_per_split(k, cfg)
     even = n % cfg.block_n == 0 and per * cfg.split_k == k
@@ -259,18 +323,16 @@ def _launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, cfg: GemvConf
     norm_block = min(triton.next_power_of_2(k), MAX_NORM_BLOCK) if prologue == RMS_NORM else 16
     res = residual if residual is not None else out  # (not read unless RESIDUAL)
     add = residual is not None
-    if cfg.split_k == 1:
-        _gemv_kernel[grid](x, norm, q, scale, res, out, n, k, per, eps, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                           PARTIAL=False, EVEN=even, PROLOGUE=prologue, RESIDUAL=add, NORM_BLOCK=norm_block,
-                           num_warps=cfg.num_warps)
-        return out
-    parts = torch.empty((cfg.split_k, n), dtype=torch.float32, device=x.device)
-    _gemv_kernel[grid](x, norm, q, scale, res, parts, n, k, per, eps, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                       PARTIAL=True, EVEN=even, PROLOGUE=prologue, RESIDUAL=False, NORM_BLOCK=norm_block,
-                       num_warps=cfg.num_warps)
-    block = 1024
-    _sum_parts_kernel[(triton.cdiv(n, block),)](parts, scale, res, out, n, cfg.split_k, BLOCK=block, RESIDUAL=add,
-                                                num_warps=4)
+    launch = {"launch_pdl": True} if pdl else {}  # (older Tritons know no launch_pdl: only passed when asked)
+    partial = cfg.split_k > 1
+    dest = torch.empty((cfg.split_k, n), dtype=torch.float32, device=x.device) if partial else out
+    _gemv_kernel[grid](x, norm, q, scale, res, dest, n, k, per, eps, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                       PARTIAL=partial, EVEN=even, PROLOGUE=prologue, RESIDUAL=add and not partial,
+                       NORM_BLOCK=norm_block, PDL=pdl, num_warps=cfg.num_warps, **launch)
+    if partial:
+        block = 1024
+        _sum_parts_kernel[(triton.cdiv(n, block),)](dest, scale, res, out, n, cfg.split_k, BLOCK=block,
+                                                    RESIDUAL=add, num_warps=4)
     return out
 
 
@@ -279,18 +341,47 @@ def kernel_runs_on(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda" and torch.cuda.is_available()
 
 
+def pdl_supported(device: torch.device) -> bool:
+    """Whether the kernel can be launched as a programmatic dependent launch on `device`: the kernel runs
+    there, the GPU has it (compute capability 9.0, Hopper, and later) and Triton has its `gdc_wait`."""
+    if triton is None or device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    cuda = getattr(getattr(tl, "extra", None), "cuda", None)
+    return hasattr(cuda, "gdc_wait") and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def norm_apart_setting() -> str:
+    """LLAMA_INT8_GEMV_NORM_APART: "auto" (the default: for each product after an RMSNorm, whichever of the
+    two ways timed faster at load), "on" (a kernel of its own norms x first) or "off" (every program of the
+    product norms x); ValueError on another value."""
+    setting = os.environ.get(NORM_APART_ENV, "auto").strip()
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"{NORM_APART_ENV} must be 'auto', 'on' or 'off', got {setting!r}")
+    return setting
+
+
+def pdl_runs_on(device: torch.device) -> bool:
+    """Whether layers loaded now launch the kernel so on `device`: pdl_supported, and LLAMA_INT8_GEMV_PDL is
+    not "off" ("auto", the default: wherever it can); ValueError on another value."""
+    setting = os.environ.get(PDL_ENV, "auto").strip()
+    if setting not in ("auto", "off"):
+        raise ValueError(f"{PDL_ENV} must be 'auto' or 'off', got {setting!r}")
+    return setting == "auto" and pdl_supported(device)
+
+
 @torch.library.custom_op("llama::int8_gemv", mutates_args=())
 def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block_n: int, block_k: int, split_k: int,
-              num_warps: int, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+              num_warps: int, residual: Optional[torch.Tensor] = None, pdl: bool = False) -> torch.Tensor:
     """(x Q^T) * scale: x (..., K) with one row in all, Q (N, K) int8, scale (N,) -> (..., N) in x's dtype, summed
     in float32 (the module docstring); plus `residual` (..., N), rounded again, where given (the block's
-    residual add, in the kernel's epilogue). The Triton kernel with this block shape on CUDA; elsewhere (or
-    for more rows) int8_gemv_reference."""
+    residual add, in the kernel's epilogue). The Triton kernel with this block shape on CUDA (pdl: launched as
+    a programmatic dependent launch, where pdl_supported holds); elsewhere (or for more rows)
+    int8_gemv_reference."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
     if x2.shape[0] == 1 and kernel_runs_on(x.device):
         y = _launch(x2.contiguous(), q.contiguous(), scale.contiguous(), GemvConfig(block_n, block_k, split_k,
                                                                                       num_warps),
-                    residual=_flat(residual))
+                    residual=_flat(residual), pdl=pdl and pdl_supported(x.device))
     else:
         y = _plus(int8_gemv_reference(x2, q, scale), residual)
     return y.view(*x.shape[:-1], q.shape[0])
@@ -306,47 +397,53 @@ def _plus(y: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 @int8_gemv.register_fake
-def _(x, q, scale, block_n, block_k, split_k, num_warps, residual=None):
+def _(x, q, scale, block_n, block_k, split_k, num_warps, residual=None, pdl=False):
     return x.new_empty((*x.shape[:-1], q.shape[0]))
 
 
 @torch.library.custom_op("llama::rms_norm_int8_gemv", mutates_args=())
 def rms_norm_int8_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, q: torch.Tensor, scale: torch.Tensor,
-                       block_n: int, block_k: int, split_k: int, num_warps: int) -> torch.Tensor:
+                       block_n: int, block_k: int, split_k: int, num_warps: int, pdl: bool = False,
+                       norm_apart: bool = False) -> torch.Tensor:
     """int8_gemv(rms_norm_reference(x, norm_weight, eps), Q, scale) in one kernel: x (..., K) with one row in
     all, un-normed, norm_weight (K,) in x's dtype -> (..., N). Each program sums x's squares itself and norms
-    x as it reads it, rounding as the norm does. Off CUDA (or for more rows): the two reference functions."""
+    x as it reads it, rounding as the norm does (pdl: as int8_gemv's); norm_apart: a one-program kernel norms
+    x first, with the same roundings, and the product reads it plainly (two kernels). Off CUDA (or for more
+    rows): the two reference functions."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
     if x2.shape[0] == 1 and kernel_runs_on(x.device):
         cfg = GemvConfig(block_n, block_k, split_k, num_warps)
         y = _launch(x2.contiguous(), q.contiguous(), scale.contiguous(), cfg, RMS_NORM, norm_weight.contiguous(),
-                    eps)
+                    eps, pdl=pdl and pdl_supported(x.device), norm_apart=norm_apart)
     else:
         y = int8_gemv_reference(rms_norm_reference(x2, norm_weight, eps), q, scale)
     return y.view(*x.shape[:-1], q.shape[0])
 
 
 @rms_norm_int8_gemv.register_fake
-def _(x, norm_weight, eps, q, scale, block_n, block_k, split_k, num_warps):
+def _(x, norm_weight, eps, q, scale, block_n, block_k, split_k, num_warps, pdl=False, norm_apart=False):
     return x.new_empty((*x.shape[:-1], q.shape[0]))
 
 
 @torch.library.custom_op("llama::swiglu_int8_gemv", mutates_args=())
 def swiglu_int8_gemv(gate_up: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block_n: int, block_k: int,
-                     split_k: int, num_warps: int, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     split_k: int, num_warps: int, residual: Optional[torch.Tensor] = None,
+                     pdl: bool = False) -> torch.Tensor:
     """int8_gemv(swiglu_reference(gate_up), Q, scale, ..., residual) in one kernel: gate_up (..., 2K), gate
-    then up, with one row in all -> (..., N). Off CUDA (or for more rows): the reference functions."""
+    then up, with one row in all -> (..., N) (pdl: as int8_gemv's). Off CUDA (or for more rows): the reference
+    functions."""
     g2 = gate_up.reshape(-1, gate_up.shape[-1])  # (M, 2K)
     if g2.shape[0] == 1 and kernel_runs_on(gate_up.device):
         y = _launch(g2.contiguous(), q.contiguous(), scale.contiguous(),
-                    GemvConfig(block_n, block_k, split_k, num_warps), SWIGLU, residual=_flat(residual))
+                    GemvConfig(block_n, block_k, split_k, num_warps), SWIGLU, residual=_flat(residual),
+                    pdl=pdl and pdl_supported(gate_up.device))
     else:
         y = _plus(int8_gemv_reference(swiglu_reference(g2), q, scale), residual)
     return y.view(*gate_up.shape[:-1], q.shape[0])
 
 
 @swiglu_int8_gemv.register_fake
-def _(gate_up, q, scale, block_n, block_k, split_k, num_warps, residual=None):
+def _(gate_up, q, scale, block_n, block_k, split_k, num_warps, residual=None, pdl=False):
     return gate_up.new_empty((*gate_up.shape[:-1], q.shape[0]))
 
 
@@ -354,28 +451,34 @@ class Int8Gemv:
     """A layer's one-row product: int8_gemv with the block shape picked for its weight's shape. `prologue`:
     the input function its kernel may take in as well (PLAIN: none; RMS_NORM or SWIGLU: `after_norm` or
     `after_swiglu`), with the block shape picked for that form; `residual`: whether it may add the block's
-    residual in its epilogue."""
+    residual in its epilogue; `pdl`: whether its kernel is a programmatic dependent launch (pdl_runs_on);
+    `norm_apart` (RMS_NORM): whether a kernel of its own norms x first (rms_norm_int8_gemv)."""
 
-    def __init__(self, cfg: GemvConfig, prologue: int = PLAIN, residual: bool = False):
+    def __init__(self, cfg: GemvConfig, prologue: int = PLAIN, residual: bool = False, pdl: bool = False,
+                 norm_apart: bool = False):
         self.cfg = cfg
         self.prologue = prologue
         self.residual = residual
+        self.pdl = pdl
+        self.norm_apart = norm_apart
 
     def __call__(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                  residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return int8_gemv(x, q, scale, *self.cfg, residual)
+        return int8_gemv(x, q, scale, *self.cfg, residual, self.pdl)
 
     def after_norm(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, q: torch.Tensor,
                    scale: torch.Tensor) -> torch.Tensor:
-        return rms_norm_int8_gemv(x, norm_weight, eps, q, scale, *self.cfg)
+        return rms_norm_int8_gemv(x, norm_weight, eps, q, scale, *self.cfg, self.pdl, self.norm_apart)
 
     def after_swiglu(self, gate_up: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                      residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return swiglu_int8_gemv(gate_up, q, scale, *self.cfg, residual)
+        return swiglu_int8_gemv(gate_up, q, scale, *self.cfg, residual, self.pdl)
 
     def __repr__(self) -> str:
         form = {PLAIN: "", RMS_NORM: ", after the RMSNorm", SWIGLU: ", after the SwiGLU"}[self.prologue]
-        return f"Int8Gemv{tuple(self.cfg)}{form}{', plus the residual' if self.residual else ''}"
+        form += " (normed apart)" if self.norm_apart else ""
+        return (f"Int8Gemv{tuple(self.cfg)}{form}{', plus the residual' if self.residual else ''}"
+                f"{', dependent launch' if self.pdl else ''}")
 
 
 def gemv_roles() -> Optional[Sequence[str]]:
@@ -427,16 +530,17 @@ def fuse_setting() -> Sequence[str]:
     return forms
 
 
-# The timings of every pick made in this process, {(N, K, dtype, prologue): {block shape: seconds a product}}
+# The timings of every pick made in this process, {(N, K, dtype, prologue, pdl, norm_apart): {block shape: seconds a
+# product}}
 # (a pass's time over its number of layers), for scripts.
 PICK_TIMES: Dict[tuple, Dict[GemvConfig, float]] = {}
 
 
 def pick_config(layers: List[nn.Module], candidates: Optional[Sequence[GemvConfig]] = None,
-                prologue: int = PLAIN) -> GemvConfig:
+                prologue: int = PLAIN, pdl: bool = False, norm_apart: bool = False) -> GemvConfig:
     """The fastest of `candidates` (default CANDIDATES, or SWIGLU_CANDIDATES) for the products of `layers`
-    (Int8Linears of one weight shape, on CUDA), with this prologue: each times a CUDA-graph replay of a pass
-    over the first layers holding PASS_BYTES (the best of ROUNDS)."""
+    (Int8Linears of one weight shape, on CUDA), with this prologue, launch (pdl) and norm (norm_apart): each
+    times a CUDA-graph replay of a pass over the first layers holding PASS_BYTES (the best of ROUNDS)."""
     k = layers[0].in_features
     if candidates is None:
         candidates = SWIGLU_CANDIDATES if prologue == SWIGLU else CANDIDATES
@@ -463,11 +567,11 @@ def pick_config(layers: List[nn.Module], candidates: Optional[Sequence[GemvConfi
     def make(cfg):
         def run():
             for m in timed:
-                _launch(x, m.weight, m.scale_act, cfg, prologue, norm_weight, 1e-5)
+                _launch(x, m.weight, m.scale_act, cfg, prologue, norm_weight, 1e-5, pdl=pdl, norm_apart=norm_apart)
         return run
 
     times = {cfg: _time_pass(make(cfg)) / len(timed) for cfg in fitting}
-    PICK_TIMES[(layers[0].out_features, k, str(dtype), prologue)] = times
+    PICK_TIMES[(layers[0].out_features, k, str(dtype), prologue, pdl, norm_apart)] = times
     return min(fitting, key=times.__getitem__)
 
 
@@ -479,7 +583,10 @@ def use_int8_gemv(linears: Dict[str, nn.Module], fused_forms: bool = False) -> D
     before wqkv, w13 and output, and the SwiGLU before w2, to the product (llama.fast.layers.normed_product,
     FastFeedForward), and the residual add after wo and w2 to it too (llama.fast.layers.added_product): unless
     LLAMA_INT8_GEMV_FUSE leaves them out, those layers' kernels take them in (PROLOGUE_OF, RESIDUAL_ROLES),
-    with a block shape timed for that form. Returns {module path: block shape} of the layers given one."""
+    with a block shape timed for that form. Each kernel is a programmatic dependent launch where pdl_runs_on
+    holds (timed so too); an RMSNorm is normed in the product's kernel or in one of its own before it
+    (LLAMA_INT8_GEMV_NORM_APART; "auto": the faster, timed). Returns {module path: block shape} of the layers
+    given one."""
     roles = gemv_roles()
     forms = fuse_setting() if fused_forms else ()
     prologues = {role: p for role, p in PROLOGUE_OF.items() if {RMS_NORM: "rms_norm", SWIGLU: "swiglu"}[p] in forms}
@@ -491,10 +598,20 @@ def use_int8_gemv(linears: Dict[str, nn.Module], fused_forms: bool = False) -> D
         prologue = prologues.get(path.rpartition(".")[2], PLAIN)
         groups.setdefault((m.out_features, m.in_features, m.dtype, prologue), []).append(path)
     picked = {}
-    for (_, _, _, prologue), paths in groups.items():
-        cfg = pick_config([chosen[p] for p in paths], prologue=prologue)
+    apart_setting = norm_apart_setting()
+    for (n, k, dtype, prologue), paths in groups.items():
+        layers = [chosen[p] for p in paths]
+        pdl = pdl_runs_on(layers[0].scale.device)
+        apart = apart_setting == "on" and prologue == RMS_NORM
+        cfg = pick_config(layers, prologue=prologue, pdl=pdl, norm_apart=apart)
+        if apart_setting == "auto" and prologue == RMS_NORM:  # the faster of the two ways, by the same timing
+            cfg_apart = pick_config(layers, prologue=prologue, pdl=pdl, norm_apart=True)
+            key = (n, k, str(dtype), prologue, pdl)
+            timed = lambda apart, c: PICK_TIMES.get(key + (apart,), {}).get(c, float("inf"))  # noqa: E731
+            if timed(True, cfg_apart) < timed(False, cfg):
+                cfg, apart = cfg_apart, True
         for p in paths:
             residual = "residual" in forms and p.rpartition(".")[2] in RESIDUAL_ROLES
-            chosen[p].gemv = Int8Gemv(cfg, prologue, residual=residual)
+            chosen[p].gemv = Int8Gemv(cfg, prologue, residual=residual, pdl=pdl, norm_apart=apart)
             picked[p] = cfg
     return picked
