@@ -1,5 +1,5 @@
 """Where the int8 GEMV's loads fall around its programmatic-dependent-launch wait, read from the PTX Triton
-makes (llama.fast.int8_gemv._gemv_kernel with PDL): the first tile of Q should be loaded before
+makes (llama.fast.int8_gemv_kernels._gemv_kernel with PDL): the first tile of Q should be loaded before
 `griddepcontrol.wait`, x, the norm's input, the residual and the store after it. Also registers and spills.
 
     python scripts/int8_gemv_ptx.py [--out ptx.json]     (CUDA, a Hopper GPU)
@@ -16,7 +16,7 @@ import re
 import torch
 import triton
 
-from llama.fast import int8_gemv as G
+from llama.fast import int8_gemv_kernels as GK
 
 # Global loads and stores (predicated or not: Q's tiles are masked loads), the wait and trigger, and the opaque
 # moves that keep Q's first tile ahead of the wait.
@@ -27,16 +27,16 @@ SIGNATURE = {"x_ptr": "*bf16", "norm_ptr": "*bf16", "w_ptr": "*i8", "scale_ptr":
              "out_ptr": "*bf16", "N": "i32", "K": "i32", "k_split": "i32", "eps": "fp32"}
 
 
-def compile_offline(cfg: G.GemvConfig, prologue: int, residual: bool):
+def compile_offline(cfg: GK.GemvConfig, prologue: int, residual: bool):
     """_gemv_kernel compiled for sm_90 (bf16 activations, even blocks, PDL) without a GPU."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     consts = {"BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "PARTIAL": False, "EVEN": True, "PROLOGUE": prologue,
-              "RESIDUAL": residual, "NORM_BLOCK": 4096 if prologue == G.RMS_NORM else 16, "PDL": True}
+              "RESIDUAL": residual, "NORM_BLOCK": 4096 if prologue == GK.RMS_NORM else 16, "PDL": True}
     signature = dict(SIGNATURE, **{name: "constexpr" for name in consts})
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(SIGNATURE) - 1)}  # pointers and ints, not eps
-    return triton.compile(ASTSource(G._gemv_kernel, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
+    return triton.compile(ASTSource(GK._gemv_kernel, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": cfg.num_warps})
 
 
@@ -52,13 +52,13 @@ def main() -> None:
         scale = torch.rand(n, device="cuda", dtype=torch.bfloat16)
         out = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
     report = {"triton": triton.__version__, "torch": torch.__version__, "offline": opts.offline, "kernels": []}
-    for cfg in (G.GemvConfig(2, 2048, 1, 4), G.GemvConfig(16, 256, 1, 4)):
-        for prologue, residual in ((G.PLAIN, True), (G.RMS_NORM, False)):
-            norm_block = 4096 if prologue == G.RMS_NORM else 16
+    for cfg in (GK.GemvConfig(2, 2048, 1, 4), GK.GemvConfig(16, 256, 1, 4)):
+        for prologue, residual in ((GK.PLAIN, True), (GK.RMS_NORM, False)):
+            norm_block = 4096 if prologue == GK.RMS_NORM else 16
             if opts.offline:
                 kern = compile_offline(cfg, prologue, residual)
             else:
-                kern = G._gemv_kernel[(n // cfg.block_n, 1)](
+                kern = GK._gemv_kernel[(n // cfg.block_n, 1)](
                     x, scale, q, scale, out, out, n, k, k, 1e-5, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                     PARTIAL=False, EVEN=True, PROLOGUE=prologue, RESIDUAL=residual, NORM_BLOCK=norm_block,
                     PDL=True, num_warps=cfg.num_warps, launch_pdl=True)

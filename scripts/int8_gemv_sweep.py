@@ -1,4 +1,4 @@
-"""Block shapes of the split-K int8 GEMV (llama.fast.int8_gemv) at the Llama 3 8B shapes, batch 1, against
+"""Block shapes of the split-K int8 GEMV (llama.fast.int8_gemv_kernels) at the Llama 3 8B shapes, batch 1, against
 inductor's form of the same product and bf16's cuBLAS product: time, % of the measured read bandwidth.
 
     python scripts/int8_gemv_sweep.py [--shapes w2 wo wqkv w13 output] [--budget-s 150] [--out sweep.json]
@@ -11,7 +11,7 @@ Each block shape is checked once against float64 on the dequantized weight (rel.
 (`w.to(tl.float32)`), the form the library's kernel replaced by the mantissa's.
 
 bench/results/int8_gemv_sweep_h200.json was written before that swap: its "gemv" rows are the
-int-to-float form, its "magic" rows the mantissa's (what llama.fast.int8_gemv now runs).
+int-to-float form, its "magic" rows the mantissa's (what llama.fast.int8_gemv_kernels now runs).
 """
 
 import argparse
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.bandwidth import measure_read_bandwidth
-from llama.fast import int8_gemv as G
+from llama.fast import int8_gemv_kernels as GK
 from llama.fast.quantize import quantize_int8
 from llama.fast.step import compile_options
 
@@ -57,7 +57,7 @@ import triton.language as tl  # noqa: E402
 @triton.jit
 def _gemv_cvt_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, N, K, k_split,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr):
-    """llama.fast.int8_gemv's kernel (even shapes only) with int8 -> float32 by the int-to-float instruction."""
+    """The library's _gemv_kernel (even shapes only) with int8 -> float32 by the int-to-float instruction."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -79,7 +79,7 @@ def _gemv_cvt_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, N, K, k_split,
 
 def launch_cvt(x, q, scale, cfg):
     n, k = q.shape
-    per = G.k_per_split(k, cfg)
+    per = GK.k_per_split(k, cfg)
     assert n % cfg.block_n == 0 and per * cfg.split_k == k
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     grid = (n // cfg.block_n, cfg.split_k)
@@ -90,7 +90,7 @@ def launch_cvt(x, q, scale, cfg):
     parts = torch.empty((cfg.split_k, n), dtype=torch.float32, device=x.device)
     _gemv_cvt_kernel[grid](x, q, scale, parts, n, k, per, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                              PARTIAL=True, num_warps=cfg.num_warps)
-    G._sum_parts_kernel[(triton.cdiv(n, 1024),)](parts, scale, out, n, cfg.split_k, BLOCK=1024, num_warps=4)
+    GK._sum_parts_kernel[(triton.cdiv(n, 1024),)](parts, scale, out, n, cfg.split_k, BLOCK=1024, num_warps=4)
     return out
 
 
@@ -182,22 +182,22 @@ def main() -> None:
             if time.time() - t0 > opts.budget_s:
                 print("budget spent", flush=True)
                 break
-            cfg = G.GemvConfig(bn, bk, sk, nw)
+            cfg = GK.GemvConfig(bn, bk, sk, nw)
             if bk > k // sk or (k // sk) % bk:
                 continue
             try:
-                G.check_config(cfg, k)
-                if G.k_per_split(k, cfg) * sk != k:
+                GK.check_config(cfg, k)
+                if GK.k_per_split(k, cfg) * sk != k:
                     continue
-                y = G._launch(x, q0, sb, cfg)
-                t = graph_time(lambda i: G._launch(x, qs[i], sb, cfg), copies)
+                y = GK._launch(x, q0, sb, cfg)
+                t = graph_time(lambda i: GK._launch(x, qs[i], sb, cfg), copies)
             except Exception as e:  # noqa: BLE001  (a block shape that fails is reported, not fatal)
                 print(f"{shape} {cfg} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
             found.append(row(f"gemv {bn}x{bk} s{sk} w{nw}", t, y, n * k, config=list(cfg)))
         found.sort(key=lambda r: r["seconds"])
         for r in found[: opts.cvt]:
-            cfg = G.GemvConfig(*r["config"])
+            cfg = GK.GemvConfig(*r["config"])
             try:
                 y = launch_cvt(x, q0, sb, cfg)
                 t = graph_time(lambda i: launch_cvt(x, qs[i], sb, cfg), copies)

@@ -1,6 +1,7 @@
-"""The split-K int8 GEMV (llama.fast.int8_gemv): the op against float64 on the dequantized weight within its
-float32 summation bound (the Triton kernel on CUDA, torch's product elsewhere), the layer's dispatch to it
-(one row only), the block shapes it takes, LLAMA_INT8_GEMV, and compiled steps through the custom op."""
+"""The split-K int8 GEMV (llama.fast.int8_gemv; its kernels in llama.fast.int8_gemv_kernels): the op against
+float64 on the dequantized weight within its float32 summation bound (the Triton kernel on CUDA, torch's
+product elsewhere), the layer's dispatch to it (one row only), the block shapes it takes, LLAMA_INT8_GEMV, and
+compiled steps through the custom op."""
 
 import math
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 from llama.distributed import init_distributed
 from llama.fast import int8_gemv as G
+from llama.fast import int8_gemv_kernels as GK
 from llama.fast.quantize import Int8Linear, quantize_int8
 
 from helpers import SMALL_GQA
@@ -90,11 +92,11 @@ def test_int8_linear_sends_one_row_to_its_gemv_and_more_rows_to_its_own_product(
 @pytest.mark.parametrize("cfg", G.CANDIDATES + (G.GemvConfig(2, 32, 3, 1), G.GemvConfig(1, 16, 7, 2)))
 def test_every_accepted_block_shape_splits_k_into_nonempty_slices_that_cover_it(k, cfg):
     try:
-        G.check_config(cfg, k)
+        GK.check_config(cfg, k)
     except ValueError:
         assert cfg.split_k > 1  # only a split can leave a slice empty; one slice always fits
         return
-    per = G.k_per_split(k, cfg)
+    per = GK.k_per_split(k, cfg)
     assert per % cfg.block_k == 0
     starts = [s * per for s in range(cfg.split_k)]
     assert all(start < k for start in starts) and per * cfg.split_k >= k
@@ -103,12 +105,12 @@ def test_every_accepted_block_shape_splits_k_into_nonempty_slices_that_cover_it(
 @pytest.mark.parametrize("cfg", [(3, 64, 1, 4), (4, 8, 1, 4), (4, 64, 0, 4), (4, 64, 1, 32), (4, 64, 1, 3)])
 def test_block_shapes_the_kernel_cannot_take_are_refused_naming_them(cfg):
     with pytest.raises(ValueError, match=str(tuple(cfg)).replace("(", r"\(").replace(")", r"\)")):
-        G.check_config(G.GemvConfig(*cfg), 256)
+        GK.check_config(GK.GemvConfig(*cfg), 256)
 
 
 def test_a_split_that_leaves_a_slice_empty_is_refused():
     with pytest.raises(ValueError, match="split_k=8 leaves a slice of K=256 empty"):
-        G.check_config(G.GemvConfig(4, 64, 8, 4), 256)
+        GK.check_config(GK.GemvConfig(4, 64, 8, 4), 256)
 
 
 def test_the_environment_picks_the_layers(monkeypatch):
