@@ -90,7 +90,8 @@ def launch_cvt(x, q, scale, cfg):
     parts = torch.empty((cfg.split_k, n), dtype=torch.float32, device=x.device)
     _gemv_cvt_kernel[grid](x, q, scale, parts, n, k, per, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                              PARTIAL=True, num_warps=cfg.num_warps)
-    GK._sum_parts_kernel[(triton.cdiv(n, 1024),)](parts, scale, out, n, cfg.split_k, BLOCK=1024, num_warps=4)
+    GK._sum_parts_kernel[(triton.cdiv(n, 1024),)](parts, scale, out, out, n, cfg.split_k, BLOCK=1024, RESIDUAL=False,
+                                                  num_warps=4)  # (res_ptr unread without RESIDUAL)
     return out
 
 
