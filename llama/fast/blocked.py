@@ -33,6 +33,7 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
+from llama.fast.huge_pages import on_huge_pages
 from llama.fast.layers import computed_once
 
 # Bytes of weights a block holds for one k (its rows), and float32 lanes each accumulator sums.
@@ -153,7 +154,7 @@ class BlockedProduct:
         self.out_features = w.shape[0]
         self.lanes = lanes(w.dtype)  # columns a sum covers
         words = int8_as_words() if words is None else words  # (int8 only; see the module docstring)
-        self.blocks = to_blocks(w, words)  # (NB, K, block); int8 words: (NB, K, 32) int32
+        self.blocks = on_huge_pages(to_blocks(w, words))  # (NB, K, block); int8 words: (NB, K, 32) int32
         padded = self.blocks.shape[0] * block_rows(w.dtype)
         self.scale = None if scale is None else F.pad(scale, (0, padded - self.out_features))
 
