@@ -36,12 +36,19 @@ def test_a_large_weight_is_copied_onto_huge_pages():
     assert huge_kb_at(copy.data_ptr()) >= (copy.numel() * 4 // HUGE_PAGE) * HUGE_PAGE // 1024  # its whole pages
 
 
+@pytest.mark.slow  # compiles (inductor)
 @needs_thp
-def test_blocked_weights_sit_on_huge_pages():
-    q = torch.randint(-127, 128, (MIN_BYTES // 512 + 128, 512), dtype=torch.int8)
-    form = BlockedProduct(q, torch.rand(q.shape[0]), words=False)
+def test_blocked_weights_sit_on_huge_pages_and_multiply_as_before():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (MIN_BYTES // 512 + 128, 512), dtype=torch.int8, generator=g)
+    scale = torch.rand(q.shape[0], generator=g) / 100
+    form = BlockedProduct(q, scale, words=False)
     assert form.blocks.data_ptr() % HUGE_PAGE == 0 and huge_kb_at(form.blocks.data_ptr()) > 0
     assert torch.equal(form.dense_weight(), q)
+    x = torch.randn(1, 512, generator=g)
+    exact = (x.double() @ q.double().T) * scale.double()
+    bound = 512 * 2**-23 * (x.double().abs() @ q.double().abs().T) * scale.double() + 1e-30  # float32 summation
+    assert ((form(x).double() - exact).abs() <= bound).all()
 
 
 def test_small_tensors_and_the_off_setting_keep_the_tensor(monkeypatch):

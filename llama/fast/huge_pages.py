@@ -11,11 +11,9 @@ made at load anyway. Elsewhere (another OS, THP off, a tensor under MIN_BYTES, `
 tensor comes back as it is: same values either way, only the memory's page size differs.
 """
 
-import ctypes
-import ctypes.util
+import mmap
 import os
 import sys
-from typing import Callable, Optional
 
 import torch
 
@@ -23,47 +21,41 @@ ENV = "LLAMA_HUGE_PAGES"
 HUGE_PAGE = 2 * 2**20
 # Smaller tensors are left where they are: they gain little, and each copy costs up to a huge page of padding.
 MIN_BYTES = 16 * 2**20
-MADV_HUGEPAGE = 14  # linux/mman.h
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
-
-_madvise: Optional[Callable[..., int]] = None  # libc's, found at the first call
 
 
 def available() -> bool:
-    """Whether memory can be asked for huge pages here: Linux, transparent huge pages not "never", libc's
-    madvise found, and LLAMA_HUGE_PAGES not "off"."""
-    global _madvise
+    """Whether memory can be asked for huge pages here: Linux (Python's mmap has MADV_HUGEPAGE), transparent
+    huge pages not "never", and LLAMA_HUGE_PAGES not "off"."""
     setting = os.environ.get(ENV, "auto")
     if setting not in ("auto", "off"):
         raise ValueError(f"{ENV} must be 'auto' or 'off', got {setting!r}")
-    if setting == "off" or not sys.platform.startswith("linux"):
+    if setting == "off" or not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"):
         return False
     try:
         with open(THP_SETTING) as f:
-            if "[never]" in f.read():
-                return False
+            return "[never]" not in f.read()
     except OSError:
         return False
-    if _madvise is None:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        _madvise = libc.madvise
-        _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _madvise.restype = ctypes.c_int
-    return True
 
 
 def on_huge_pages(t: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of CPU tensor `t` on memory advised for huge pages, or `t` itself where that cannot be
-    had (see the module docstring). The copy is a view into a buffer up to one huge page longer, aligned to a
-    huge page; it holds the same values, dtype and shape."""
+    had (see the module docstring). The copy is a view into an anonymous mapping of its own (fresh memory, so
+    no page of it is mapped before the advice: memory malloc hands back may have been touched), up to one huge
+    page longer, the copy aligned to a huge page; it holds the same values, dtype and shape."""
     n_bytes = t.numel() * t.element_size()
     if t.device.type != "cpu" or n_bytes < MIN_BYTES or not available():
         return t
-    buffer = torch.empty(n_bytes + HUGE_PAGE, dtype=torch.uint8)  # (untouched: no page is mapped yet)
-    start = -buffer.data_ptr() % HUGE_PAGE  # the first huge-page boundary inside the buffer
-    length = (n_bytes + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE  # whole huge pages, within the buffer's end
-    if _madvise(buffer.data_ptr() + start, min(length, buffer.numel() - start), MADV_HUGEPAGE) != 0:
-        return t  # (an older kernel, a seccomp filter: ordinary pages then)
+    # Private anonymous memory (a shared mapping would be shmem, which THP's "madvise" does not cover); freed
+    # when the last view of the copy goes.
+    region = mmap.mmap(-1, n_bytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buffer = torch.frombuffer(region, dtype=torch.uint8)
+    start = -buffer.data_ptr() % HUGE_PAGE  # the first huge-page boundary inside the mapping (a page multiple)
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE, start, len(region) - start)
+    except OSError:  # (an older kernel, a seccomp filter: ordinary pages then)
+        return t
     copy = buffer[start:start + n_bytes].view(t.dtype).view(t.shape)
     copy.copy_(t)  # the first touch: the kernel maps huge pages here
     return copy
