@@ -64,14 +64,17 @@ def int8_as_words() -> bool:
 
 def to_blocks(w: torch.Tensor, words: bool = False) -> torch.Tensor:
     """W (N, K) -> blocks (ceil(N / block), K, block), zero rows padding N to a multiple of block; int8 blocks
-    with `words`: (ceil(N / 128), K, 32) int32 (`to_words`)."""
+    with `words`: (ceil(N / 128), K, 32) int32 (`to_words`). A new contiguous tensor, on huge pages where
+    llama.fast.huge_pages can have them (the transpose copied there directly: one copy of the weight)."""
     n, k = w.shape
     block = block_rows(w.dtype)
     pad = -n % block
     if pad:
         w = F.pad(w, (0, 0, 0, pad))
     blocks = w.view(-1, block, k).transpose(1, 2)  # (NB, K, block)
-    return to_words(blocks) if words and w.dtype == torch.int8 else blocks.contiguous()
+    if words and w.dtype == torch.int8:
+        return on_huge_pages(to_words(blocks))
+    return on_huge_pages(blocks).contiguous()  # (a no-op on the huge-page copy; the copy where there is none)
 
 
 def from_blocks(blocks: torch.Tensor, n: int) -> torch.Tensor:
@@ -154,7 +157,7 @@ class BlockedProduct:
         self.out_features = w.shape[0]
         self.lanes = lanes(w.dtype)  # columns a sum covers
         words = int8_as_words() if words is None else words  # (int8 only; see the module docstring)
-        self.blocks = on_huge_pages(to_blocks(w, words))  # (NB, K, block); int8 words: (NB, K, 32) int32
+        self.blocks = to_blocks(w, words)  # (NB, K, block); int8 words: (NB, K, 32) int32
         padded = self.blocks.shape[0] * block_rows(w.dtype)
         self.scale = None if scale is None else F.pad(scale, (0, padded - self.out_features))
 
