@@ -273,6 +273,12 @@ class Sampler:
         self.prefilter = prefilter
         self.sample_top_p = sample_top_p_prefiltered if prefilter else sample_top_p
 
+    @property
+    def plain_greedy(self) -> bool:
+        """True where the choice is greedy(logits) of the raw logits: temperature 0 and no processors. A decode
+        step may then make the pick itself (llama.fast.cpu_step.CompiledCPUStep.decode_and_pick)."""
+        return self.temperature == 0 and not self.processors
+
     def __call__(self, logits: torch.Tensor, context: Context) -> torch.Tensor:
         """logits (bsz, vocab) of each row's last position; context: each row's tokens so far.
         Returns (bsz,) token ids."""

@@ -12,6 +12,7 @@ from llama.fast import cpu_step
 from llama.fast.cpu_forms import picked_forms
 from llama.fast.cpu_step import CompiledCPUStep, cpu_decode_step
 from llama.fast.step import DecodeStep, fast_forward
+from llama.sampling import greedy
 
 from helpers import SMALL_GQA
 
@@ -45,6 +46,44 @@ def test_compiled_cpu_step_gives_the_reference_greedy_tokens(tiny_llama):
         for row, ref_row in zip(logprobs, ref_logprobs):
             torch.testing.assert_close(torch.tensor(row), torch.tensor(ref_row), rtol=0, atol=1e-5)
     assert not compiled.decode_step.failed  # every step ran compiled
+
+
+@pytest.mark.slow  # compiles (inductor)
+def test_the_step_hands_back_the_greedy_pick_of_its_own_logits(tiny_llama):
+    """decode_and_pick: the step's logits, and greedy(logits) of them, row by row (rows at their own positions)."""
+    llama = _build(tiny_llama, compile=True)
+    tokens, positions = torch.tensor([5, 17, 200]), torch.tensor([3, 9, 6])
+    with torch.inference_mode():
+        logits, picks = llama.decode_step.decode_and_pick(tokens, positions, 10)
+    assert picks.shape == (3,) and torch.equal(picks, greedy(logits))
+    assert not llama.decode_step.failed
+
+
+@pytest.mark.slow  # compiles (inductor)
+def test_the_compiled_pick_takes_the_first_of_equal_maxima_and_lets_a_nan_win():
+    """What the loop's greedy() promises (llama.sampling), kept by the pick compiled into the step."""
+    compiled = torch.compile(cpu_step.pick, options=cpu_step.compile_options(), fullgraph=True)
+    logits = torch.randn(4, 1024)
+    logits[0, [7, 300, 1000]] = 50.0  # three equal maxima: the first wins
+    logits[1, 900] = float("nan")  # a NaN beats every number
+    logits[1, 3] = 60.0
+    logits[2] = 1.0  # all equal: index 0
+    logits[3, [10, 20]] = float("nan")  # two NaNs: the first
+    expected = torch.tensor([7, 900, 0, 10])
+    assert torch.equal(greedy(logits), expected)
+    assert torch.equal(compiled(logits), expected)
+
+
+@pytest.mark.slow  # compiles (inductor)
+def test_logits_processors_choose_from_the_logits_not_the_step_pick(tiny_llama):
+    """Greedy decoding with a processor (a repetition penalty) takes the sampler's choice from the processed
+    logits, not the step's own pick of the raw ones: the reference loop's tokens, which differ from plain
+    greedy decoding's here."""
+    compiled, reference = _build(tiny_llama, compile=True), _build(tiny_llama, fast=False)
+    prompts = _prompts([6, 6], seed=9)
+    penalised = compiled.generate(prompts, 16, temperature=0, repetition_penalty=3.0)[0]
+    assert penalised == reference.generate(prompts, 16, temperature=0, repetition_penalty=3.0)[0]
+    assert penalised != compiled.generate(prompts, 16, temperature=0)[0]  # (the penalty changes the tokens)
 
 
 @pytest.mark.slow  # compiles (inductor)
@@ -121,7 +160,7 @@ def test_the_eager_step_is_kept_where_it_is_faster_and_the_layers_put_back(tiny_
     weights = {k: v.clone() for k, v in llama.model.state_dict().items()}
     monkeypatch.setenv(cpu_step.ENV, "probe")
     monkeypatch.setattr(CompiledCPUStep, "run", lambda self, *args: None)  # "compiles" at once
-    monkeypatch.setattr(cpu_step, "_time_steps", lambda step, *args: 1.0 if isinstance(step, DecodeStep) else 2.0)
+    monkeypatch.setattr(cpu_step, "_time_round", lambda step, *args: 1.0 if isinstance(step, DecodeStep) else 2.0)
     assert cpu_decode_step(llama.model) is None
     assert picked_forms(llama.model) == before
     assert llama.model.cpu_step_probe["compiled_step_s"] == 2.0
@@ -129,9 +168,32 @@ def test_the_eager_step_is_kept_where_it_is_faster_and_the_layers_put_back(tiny_
     assert all(torch.equal(after[k], weights[k]) for k in weights)
     # ... and a compiled step timed faster is kept, as is one that ties (within MIN_GAIN either way)
     for eager_s, compiled_s in ((2.0, 1.0), (1.0, 1.02), (1.02, 1.0)):
-        monkeypatch.setattr(cpu_step, "_time_steps",
+        monkeypatch.setattr(cpu_step, "_time_round",
                             lambda step, *args: eager_s if isinstance(step, DecodeStep) else compiled_s)
         assert isinstance(cpu_decode_step(llama.model), CompiledCPUStep), (eager_s, compiled_s)
+
+
+def test_the_two_steps_take_turns_at_load_each_on_its_own_layers(tiny_llama, monkeypatch):
+    """The comparison's rounds alternate (the order reversed every round), so that a change in the machine's
+    speed falls on both steps; each round runs on its own step's layers (the eager step on the packed weights
+    and picked forms it had, the compiled one on its own forms); the winner's layers are left in place."""
+    llama = _build(tiny_llama)
+    before = picked_forms(llama.model)
+    monkeypatch.setenv(cpu_step.ENV, "probe")
+    monkeypatch.setattr(CompiledCPUStep, "run", lambda self, *args: None)  # "compiles" at once
+    rounds = []
+
+    def timed(step, *args):
+        kind = "eager" if isinstance(step, DecodeStep) else "compiled"
+        rounds.append((kind, picked_forms(llama.model) == before))
+        return 1.0 if kind == "eager" else 1.02  # a tie: the compiled step is kept
+
+    monkeypatch.setattr(cpu_step, "_time_round", timed)
+    assert isinstance(cpu_decode_step(llama.model), CompiledCPUStep)
+    kinds = [kind for kind, _ in rounds]
+    assert kinds == (["eager", "compiled", "compiled", "eager"] * cpu_step.PROBE_ROUNDS)[: 2 * cpu_step.PROBE_ROUNDS]
+    assert all(on_eager_layers == (kind == "eager") for kind, on_eager_layers in rounds)
+    assert picked_forms(llama.model) != before  # the compiled step's layers, whatever round came last
 
 
 def _innermost_loops(code: str):

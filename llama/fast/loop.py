@@ -176,10 +176,16 @@ def decode(
     # Prompts of one length keep every row at one position: the step then needs no per-row mask.
     aligned = len(set(batch.prompt_lens)) == 1
     watch = StopWatch(stop_check_every)
+    # A step that makes the greedy pick itself (the CPU step compiled whole, llama.fast.cpu_step) hands it back
+    # with its logits, where the sampler would only take that pick.
+    pick_in_step = sampler.plain_greedy and hasattr(step, "decode_and_pick")
+    picked = None  # (bsz,) the last step's own pick, or None
     for i in range(n_steps):
-        # Each row's tokens so far: its prompt and what it generated (rows past their end: up to it).
-        context = Context(batch.tokens, torch.minimum(positions, ends), prompt_lens)
-        next_tok = sampler(logits, context)  # (bsz,)
+        if picked is not None:
+            next_tok = picked
+        else:  # each row's tokens so far: its prompt and what it generated (rows past their end: up to it)
+            context = Context(batch.tokens, torch.minimum(positions, ends), prompt_lens)
+            next_tok = sampler(logits, context)  # (bsz,)
         write_at = torch.where(positions < ends, positions, sink)[:, None]  # (bsz, 1)
         batch.tokens.scatter_(1, write_at, next_tok[:, None])
         if recorder is not None:
@@ -193,7 +199,11 @@ def decode(
         # Feed the new tokens. Rows past their end keep running (a batch runs as one) on a clamped position.
         feed_at = torch.clamp(positions, max=total_len - 1)
         kv_len = min(max(batch.prompt_lens) + i + 1, total_len)  # every row's position is below it
-        logits = step(next_tok, batch.prompt_lens[0] + i if aligned else feed_at, kv_len)
+        at = batch.prompt_lens[0] + i if aligned else feed_at
+        if pick_in_step:
+            logits, picked = step.decode_and_pick(next_tok, at, kv_len)
+        else:
+            logits = step(next_tok, at, kv_len)
         positions += 1
     if tracker:
         yield tracker.finish_all()
