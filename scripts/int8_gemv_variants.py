@@ -37,8 +37,10 @@ from llama.fast.step import compile_options
 SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336)}
 # The library's picks on the H200 (sixth session) and a neighbour of each.
 CONFIGS = {"wqkv": ((8, 512, 4), (4, 1024, 4), (2, 2048, 4)), "wo": ((8, 512, 8), (8, 512, 4), (4, 1024, 4)),
-           "w13": ((16, 256, 4), (8, 512, 4), (16, 512, 8)), "w2": ((2, 2048, 4), (4, 1024, 4), (8, 512, 4))}
-VARIANTS = {"lib": (0, 1), "nox": (1, 1), "ahead0": (0, 0), "ahead2": (0, 2), "q8": (2, 1), "q8ahead2": (2, 2)}
+           "w13": ((16, 256, 4), (8, 512, 4), (16, 512, 8)), "w2": ((2, 2048, 4), (4, 1024, 4), (8, 512, 4), (4, 2048, 8))}
+# name: (XFORM, AHEAD, X_AHEAD)
+VARIANTS = {"lib": (0, 1, 0), "nox": (1, 1, 0), "ahead0": (0, 0, 0), "ahead2": (0, 2, 0), "q8": (2, 1, 0),
+            "q8ahead2": (2, 2, 0), "xq1": (0, 1, 1), "x1q0": (0, 0, 1), "q8xq1": (2, 1, 1), "q8x1q0": (2, 0, 1)}
 PASS_BYTES = 256 * 2**20
 
 
@@ -49,10 +51,11 @@ def _tile(w_rows, cols, live):
 
 @triton.jit
 def _variant_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    XFORM: tl.constexpr, AHEAD: tl.constexpr):
+                    XFORM: tl.constexpr, AHEAD: tl.constexpr, X_AHEAD: tl.constexpr):
     """out[rows] = (Q[rows] @ x) * scale[rows] for this program's BLOCK_N rows. XFORM 0: x as the library
     loads it; 1: no x (one scalar); 2: Q's columns cut into runs of 8 (8-byte loads). AHEAD: tiles of Q
-    loaded ahead of their use (0, 1 or 2), the first ones before the wait."""
+    loaded ahead of their use (0, 1 or 2), the first ones before the wait. X_AHEAD: x's columns loaded one
+    loop step ahead of their use too (after the wait)."""
     pid = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -68,6 +71,8 @@ def _variant_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, N, K, BLOCK_N: tl.constexp
     tl.extra.cuda.gdc_launch_dependents()
     if XFORM == 1:
         xs = tl.load(x_ptr + pid % 16).to(tl.float32)
+    if X_AHEAD:
+        x_cur = tl.load(x_ptr + c, eviction_policy="evict_last")
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + c
@@ -79,6 +84,10 @@ def _variant_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, N, K, BLOCK_N: tl.constexp
             w_next = _tile(w_rows, cols + 2 * BLOCK_K, k0 + 2 * BLOCK_K < K)
         if XFORM == 1:
             xk = tl.zeros((BLOCK_K,), dtype=tl.float32) + xs
+        elif X_AHEAD:
+            x_next = tl.load(x_ptr + cols + BLOCK_K, mask=(k0 + BLOCK_K < K), other=0.0, eviction_policy="evict_last")
+            xk = x_cur.to(tl.float32)
+            x_cur = x_next
         else:
             xk = tl.load(x_ptr + cols, eviction_policy="evict_last").to(tl.float32)
         wf = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
@@ -94,10 +103,10 @@ def _variant_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, N, K, BLOCK_N: tl.constexp
 
 
 def launch_variant(x, q, scale, out, bn, bk, nw, variant):
-    xform, ahead = VARIANTS[variant]
+    xform, ahead, x_ahead = VARIANTS[variant]
     n, k = q.shape
     _variant_kernel[(n // bn,)](x, q, scale, out, n, k, BLOCK_N=bn, BLOCK_K=bk, XFORM=xform, AHEAD=ahead,
-                                num_warps=nw, launch_pdl=True)
+                                X_AHEAD=x_ahead, num_warps=nw, launch_pdl=True)
 
 
 def graph_time(fn, copies: int, rounds: int = 30) -> float:
@@ -191,8 +200,18 @@ def attention_rows(layers: int = 32, kv_len: int = 160) -> list:
             e.synchronize()
             ts.append(s.elapsed_time(e) * 1e3 / layers)
         t = sorted(ts)[len(ts) // 2]
-        rows.append({"mask": name, "us_per_layer": t})
-        print(f"attention, {name} mask: {t:.2f} us a layer", flush=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                c(q, pos)
+            torch.cuda.synchronize()
+        kernels = {}
+        for ev in prof.events():
+            if ev.device_type == torch.autograd.DeviceType.CUDA:
+                kernels[ev.name] = kernels.get(ev.name, 0.0) + ev.device_time / (5 * layers)
+        rows.append({"mask": name, "us_per_layer": t, "kernels_us_per_layer": kernels})
+        print(f"attention, {name} mask: {t:.2f} us a layer (wall); kernels a layer: "
+              + "; ".join(f"{k[:60]} {v:.2f}" for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])[:4]),
+              flush=True)
     diff = float((outs["bool"].float() - outs["additive"].float()).abs().max())
     print(f"attention forms' largest difference: {diff}", flush=True)
     rows.append({"max_abs_diff": diff})
