@@ -24,7 +24,7 @@ MEMORY = re.compile(r"^\s*(?:@!?%p\d+\s+)?(ld\.global\S*|st\.global\S*|griddepco
 
 
 SIGNATURE = {"x_ptr": "*bf16", "norm_ptr": "*bf16", "w_ptr": "*i8", "scale_ptr": "*bf16", "res_ptr": "*bf16",
-             "out_ptr": "*bf16", "sq_ptr": "*fp32", "N": "i32", "K": "i32", "k_split": "i32", "eps": "fp32"}
+             "out_ptr": "*bf16", "N": "i32", "K": "i32", "k_split": "i32", "eps": "fp32"}
 
 
 def compile_offline(cfg: GK.GemvConfig, prologue: int, residual: bool):
@@ -34,7 +34,8 @@ def compile_offline(cfg: GK.GemvConfig, prologue: int, residual: bool):
 
     q_ahead, x_ahead, q8 = GK.LOOPS[cfg.loop]
     consts = {"BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "PARTIAL": False, "EVEN": True, "PROLOGUE": prologue,
-              "RESIDUAL": residual, "PDL": True, "Q_AHEAD": q_ahead, "X_AHEAD": x_ahead, "Q8": q8}
+              "RESIDUAL": residual, "NORM_BLOCK": 4096 if prologue == GK.RMS_NORM else 16, "PDL": True,
+              "Q_AHEAD": q_ahead, "X_AHEAD": x_ahead, "Q8": q8}
     signature = dict(SIGNATURE, **{name: "constexpr" for name in consts})
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(SIGNATURE) - 1)}  # pointers and ints, not eps
     return triton.compile(ASTSource(GK._gemv_kernel, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
@@ -55,12 +56,14 @@ def main() -> None:
     report = {"triton": triton.__version__, "torch": torch.__version__, "offline": opts.offline, "kernels": []}
     for cfg in (GK.GemvConfig(2, 2048, 1, 4), GK.GemvConfig(16, 256, 1, 4)):
         for prologue, residual in ((GK.PLAIN, True), (GK.RMS_NORM, False)):
+            norm_block = 4096 if prologue == GK.RMS_NORM else 16
             if opts.offline:
                 kern = compile_offline(cfg, prologue, residual)
             else:
                 kern = GK._gemv_kernel[(n // cfg.block_n, 1)](
-                    x, scale, q, scale, out, out, out, n, k, k, 1e-5, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                    PARTIAL=False, EVEN=True, PROLOGUE=prologue, RESIDUAL=residual, PDL=True, Q_AHEAD=1, X_AHEAD=False, Q8=False, num_warps=cfg.num_warps, launch_pdl=True)
+                    x, scale, q, scale, out, out, n, k, k, 1e-5, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                    PARTIAL=False, EVEN=True, PROLOGUE=prologue, RESIDUAL=residual, NORM_BLOCK=norm_block,
+                    PDL=True, Q_AHEAD=1, X_AHEAD=False, Q8=False, num_warps=cfg.num_warps, launch_pdl=True)
             ops = [m.group(1) for m in map(MEMORY.match, kern.asm["ptx"].splitlines()) if m]
             row = {"config": list(cfg), "prologue": prologue, "residual": residual,  # registers: None offline
                    "n_regs": getattr(kern, "n_regs", None), "n_spills": getattr(kern, "n_spills", None),

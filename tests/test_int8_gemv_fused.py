@@ -198,11 +198,10 @@ def test_the_fuse_setting_gives_the_fast_layers_their_prologues_and_epilogues(ti
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(40, 200), (6144, 4096), (1000, 3000)])
 def test_cuda_normed_kernel_gives_the_norm_then_the_product_within_its_bound(shape, dtype):
-    """delta: each input of the composition is two roundings to dtype of x[k] / RMS(x) and its product with
-    the weight; the kernel's 1/RMS differs from torch's by its float32 sum of squares in another order (at most
-    K u32 of the mean, half of that in the reciprocal square root) and its rsqrt's few ulps, so each rounding
-    may land one step (2 u) away: 4 u + (K / 2 + 8) u32. (The kernel's in-product norm leaves both roundings
-    out, at most u each; its kernel apart rounds as the composition does.)"""
+    """delta: each input is two roundings to dtype of x[k] / RMS(x) and its product with the weight; the
+    kernel's 1/RMS differs from torch's by its float32 sum of squares in another order (at most K u32 of
+    the mean, half of that in the reciprocal square root) and its rsqrt's few ulps, so each rounding may land
+    one step (2 u) away: 4 u + (K / 2 + 8) u32."""
     n, k = shape
     configs = list(G.CANDIDATES) + [G.GemvConfig(1, 16, 1, 1), G.GemvConfig(16, 64, 3, 4)]
     delta = 4 * UNIT[dtype] + (k / 2 + 8) * U32

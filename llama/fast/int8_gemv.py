@@ -17,11 +17,9 @@ module's docstring) does these products instead. Here it:
   reading w13's output). The fast layers hand the norm, the SwiGLU and the residual on to the product
   (llama.fast.layers.fast_block; Int8Linear's `after_norm`, `after_swiglu`, `plus_residual` in
   llama.fast.quantize, through Int8Gemv); the block shape is then timed for the fused form. A product after an
-  RMSNorm may instead have x normed once by a one-program kernel before it (`norm_apart`, the norm's
-  roundings) and read it plainly: whichever of the two timed faster at load (LLAMA_INT8_GEMV_NORM_APART; on an
-  H200 in the sixth session every 8B product after a norm took the kernel apart, w13 36.1 us against 39.4
-  in-kernel, when every program summed x's squares before it streamed Q; the seventh session sums them as
-  the loop reads x and applies 1 / RMS after it);
+  RMSNorm may instead have x normed once by a one-program kernel before it (`norm_apart`, the same roundings)
+  and read it plainly: whichever of the two timed faster at load (LLAMA_INT8_GEMV_NORM_APART; on an H200 every
+  8B product after a norm took the kernel apart: w13 36.1 us against 39.4 in-kernel);
 - is picked per weight shape from a small table of block shapes (CANDIDATES) by timing them once at load,
   on the model's own weights and in a CUDA graph as a compiled step runs them (`use_int8_gemv`), not by
   inductor's autotuning;
@@ -33,13 +31,12 @@ Numerics: each product x[k] * Q[n, k] is formed in float32 (exact for bf16 x: 8 
 summed in float32, in another order than torch's; then y[n] = sum * scale[n], rounded once to x's dtype. The
 same function as F.linear(x, Q * scale) up to float32 summation rounding (tests/test_int8_gemv.py bounds it
 against float64). Off CUDA, or without Triton, the op computes the same thing with torch's own float32
-product (`int8_gemv_reference`). The RMSNorm in the product's kernel multiplies Q by x times the norm's
-weight and the sum by 1 / RMS(x) (the sum of squares in float32, in another order): it leaves out the norm's
-two roundings to x's dtype (llama.model.RMSNorm rounds x * (1 / RMS(x)), then its product with the weight);
-normed apart (`norm_apart`), it rounds as the norm does. silu(gate) is rounded to the dtype, times up, rounded
-(eager torch; a compiled step's fused silu * up keeps silu in float32); the residual is added to the rounded
-product and the sum rounded (as torch adds them); off CUDA, `rms_norm_reference` and `swiglu_reference` (the
-same torch functions). tests/test_int8_gemv_fused.py bounds them against float64 on the unfused composition.
+product (`int8_gemv_reference`). The prologues round as the unfused path does: the norm's x * (1 / RMS(x))
+rounded to x's dtype, times the norm's weight, rounded (llama.model.RMSNorm; the sum of squares in float32, in
+another order); silu(gate) rounded to the dtype, times up, rounded (eager torch; a compiled step's fused
+silu * up keeps silu in float32); the residual is added to the rounded product and the sum rounded (as
+torch adds them); off CUDA, `rms_norm_reference` and `swiglu_reference` (the same torch functions).
+tests/test_int8_gemv_fused.py bounds them against float64 on the unfused composition.
 
 LLAMA_INT8_GEMV picks which products take it: "auto" (the default: DEFAULT_ROLES, every product of the fast
 layers), "off", "all", or a comma list of layer names (w2,wo,wqkv,w13,output; wq,wk,wv,w1,w3 on the reference
@@ -79,9 +76,8 @@ DEFAULT_FORMS = ("rms_norm", "residual")
 # llama.fast.int8_gemv_kernels); compile=True launches inductor's own kernels so too
 # (llama.fast.step.compile_options).
 PDL_ENV = "LLAMA_INT8_GEMV_PDL"
-# How a product after an RMSNorm norms x: in its own kernel (an RMS_NORM prologue: every program sums x's squares
-# as it reads x, and scales its sums by 1 / RMS) or in a one-program kernel before it (then the plain product);
-# "auto" (the default) times both at load.
+# How a product after an RMSNorm norms x: in its own kernel (every program norms x: an RMS_NORM prologue) or in a
+# one-program kernel before it (then the plain product); "auto" (the default) times both at load.
 NORM_APART_ENV = "LLAMA_INT8_GEMV_NORM_APART"
 # The input function each fast layer's product takes in (the kernel's PROLOGUE): the RMSNorm before wqkv,
 # w13 and the output projection; silu(gate) * up from w13's output before w2.

@@ -16,21 +16,17 @@ product's kernel (`_gemv_kernel`):
 - converts int8 to float32 without the int-to-float instruction, which Hopper issues at a quarter of the
   float rate and which bounds the kernel once its loads are 16 bytes wide (7-10% a product, measured);
 - adds the block's residual in its epilogue (RESIDUAL);
-- can take the function that forms its input in (PROLOGUE): the RMSNorm (RMS_NORM: each program multiplies
-  Q by x times the norm's weight, summing x's squares as it reads x, and applies 1 / RMS(x) to its sums
-  after the loop; until issue 18's seventh session every program first summed the squares of all of x, then
-  normed x as it read it, with the norm's roundings, before Q could stream) or silu(gate) * up (SWIGLU,
-  reading w13's output). After an RMSNorm, `_launch` may instead have x normed once by a one-program kernel
-  (`_rms_norm_kernel`, `norm_apart`, the norm's own roundings) and launch the plain product;
+- can take the function that forms its input in (PROLOGUE): the RMSNorm (RMS_NORM: each program sums the
+  squares of the un-normed x itself, K elements from the caches, then norms x as it reads it) or silu(gate) *
+  up (SWIGLU, reading w13's output). After an RMSNorm, `_launch` may instead have x normed once by a
+  one-program kernel (`_rms_norm_kernel`, `norm_apart`, the same roundings) and launch the plain product;
 - can be launched as a programmatic dependent launch on Hopper and later (PDL): it starts while the kernel
   before it finishes and loads its first tile of Q, which nothing in a step writes, before `gdc_wait`; it
-  reads x, the norm's input and the residual, and stores, only after;
-- feeds its loop one of several ways (GemvConfig.loop, LOOPS): tiles of Q loaded 0-2 loop steps ahead of their
-  use, x one step ahead too, Q in 16- or 8-byte loads.
+  reads x, the norm's input and the residual, and stores, only after. Its tiles of Q are loaded one loop step
+  ahead of their use.
 
 Each product x[k] * Q[n, k] is formed in float32 and summed in float32, then scaled and rounded once to x's
-dtype; SWIGLU and the residual round as the unfused path does, RMS_NORM leaves the normed x unrounded
-(llama.fast.int8_gemv's docstring).
+dtype; the prologues and the residual round as the unfused path does (llama.fast.int8_gemv's docstring).
 Triton is optional: without it (torch's CPU builds) this module defines no kernels, kernel_runs_on is False
 and the ops run their torch references.
 """
@@ -49,7 +45,7 @@ except ImportError:  # pragma: no cover - depends on the install
 # fast path's wqkv and w13 and the output projection); silu(gate) * up from w13's output (the fast path's w2).
 PLAIN, RMS_NORM, SWIGLU = 0, 1, 2
 
-# The most columns of x the one-program RMSNorm kernel (norm_apart) reads in one step.
+# The most columns of x the RMSNorm prologue reads in one step (its sum of squares).
 MAX_NORM_BLOCK = 8192
 
 
@@ -118,18 +114,15 @@ if triton is not None:
         return xk, other
 
     @triton.jit
-    def _gemv_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, out_ptr, sq_ptr, N, K, k_split, eps,
+    def _gemv_kernel(x_ptr, norm_ptr, w_ptr, scale_ptr, res_ptr, out_ptr, N, K, k_split, eps,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PARTIAL: tl.constexpr, EVEN: tl.constexpr,
-                     PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+                     PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr, NORM_BLOCK: tl.constexpr, PDL: tl.constexpr,
                      Q_AHEAD: tl.constexpr, X_AHEAD: tl.constexpr, Q8: tl.constexpr):
         """Rows [pid0 * BLOCK_N, +BLOCK_N) of Q times the input over columns [pid1 * k_split, +k_split): their
         float32 sums, stored as partials (PARTIAL: out is (SPLIT_K, N) float32) or scaled and rounded (out is
-        (N,)). The input a column k takes (PROLOGUE): 0, x[k]; 1 (RMS_NORM), x's RMSNorm with weight norm[k]:
-        the products take x[k] * norm[k] and the sum is multiplied by 1 / RMS(x) after the loop, from the
-        squares the loop sums as it reads x (so no pass over x before Q streams, and no roundings of the
-        normed x: llama.model.RMSNorm's two roundings to the activations' dtype are left out; PARTIAL: each
-        slice's sum of squares goes to sq[pid1], and the sum kernel applies 1 / RMS); 2 (SWIGLU),
-        silu(x[k]) * x[K + k], rounded as eager torch rounds F.silu(gate) * up. RESIDUAL: the rounded result plus res[n], rounded (residual + y in torch).
+        (N,)). The input a column k takes (PROLOGUE): 0, x[k]; 1 (RMS_NORM), x's RMSNorm with weight norm[k],
+        rounded as llama.model.RMSNorm rounds it; 2 (SWIGLU), silu(x[k]) * x[K + k], rounded as eager torch
+        rounds F.silu(gate) * up. RESIDUAL: the rounded result plus res[n], rounded (residual + y in torch).
         PDL (launched as a programmatic dependent launch): the first tiles of Q (Q_AHEAD of them), which
         nothing in a step writes, are loaded while the kernel before may still run; everything else (x, the
         norm's input, the residual, the store) only after `gdc_wait`, which returns once that kernel has
@@ -162,7 +155,16 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         if PROLOGUE == 1:
-            squares = tl.zeros((BLOCK_K,), dtype=tl.float32)  # x's float32 squares, summed as x is read
+            # 1 / RMS(x) over the whole of x (every program: x is K elements, a few KB read from the caches),
+            # as the norm computes it: the mean of the float32 squares, plus eps, reciprocal square root. In
+            # NORM_BLOCK columns at a time (the whole of x, up to 8192): all its loads are issued at once, so
+            # the program waits one memory latency before it streams Q, not one a step.
+            squares = tl.zeros((NORM_BLOCK,), dtype=tl.float32)
+            for k0 in range(0, K, NORM_BLOCK):
+                cols = k0 + tl.arange(0, NORM_BLOCK)
+                xs = tl.load(x_ptr + cols, mask=cols < K, other=0.0, eviction_policy="evict_last").to(tl.float32)
+                squares += xs * xs
+            inv_rms = tl.math.rsqrt(tl.sum(squares, axis=0) / K + eps)
         if X_AHEAD:
             x_cur, o_cur = _load_input(x_ptr, norm_ptr, k_lo + c, K, k_split > 0, EVEN, PROLOGUE)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # BLOCK_K running sums a row, added at the end
@@ -179,9 +181,8 @@ if triton is not None:
             else:
                 xk, other = _load_input(x_ptr, norm_ptr, cols, K, True, EVEN, PROLOGUE)
             xk = xk.to(tl.float32)
-            if PROLOGUE == 1:  # x times the norm's weight (exact in float32 for bf16); 1 / RMS after the loop
-                squares += xk * xk
-                xk = xk * other.to(tl.float32)
+            if PROLOGUE == 1:  # (x * inv_rms) rounded to the activations' dtype, times the weight, rounded
+                xk = ((xk * inv_rms).to(dtype).to(tl.float32) * other.to(tl.float32)).to(dtype).to(tl.float32)
             if PROLOGUE == 2:  # silu(gate) rounded to the activations' dtype, times up, rounded
                 xk = ((xk / (1.0 + tl.exp(-xk))).to(dtype).to(tl.float32) * other.to(tl.float32)).to(dtype).to(
                     tl.float32)
@@ -196,15 +197,6 @@ if triton is not None:
                 w = w1
                 w1 = w_next
         part = tl.sum(acc, axis=1)  # (BLOCK_N,)
-        if PROLOGUE == 1:
-            # The mean of the float32 squares, plus eps, reciprocal square root, as the norm computes it (over
-            # this program's slice of x, which is all of x unless K is split)
-            square_sum = tl.sum(squares, axis=0)
-            if PARTIAL:
-                if pid_n == 0:
-                    tl.store(sq_ptr + pid_k, square_sum)
-            else:
-                part = part * tl.math.rsqrt(square_sum / K + eps)
         if PARTIAL:
             tl.store(out_ptr + pid_k * N + rows, part, mask=row_ok)
         else:
@@ -235,20 +227,15 @@ if triton is not None:
             tl.store(out_ptr + cols, ((xs * inv_rms).to(dtype).to(tl.float32) * nk).to(dtype), mask=cols < K)
 
     @triton.jit
-    def _sum_parts_kernel(part_ptr, sq_ptr, scale_ptr, res_ptr, out_ptr, N, K, split_k, eps, BLOCK: tl.constexpr,
-                          RESIDUAL: tl.constexpr, NORM: tl.constexpr):
+    def _sum_parts_kernel(part_ptr, scale_ptr, res_ptr, out_ptr, N, split_k, BLOCK: tl.constexpr,
+                          RESIDUAL: tl.constexpr):
         """out[n] = (sum over s of part[s, n]) * scale[n], rounded once to out's dtype (RESIDUAL: plus res[n],
-        rounded again; NORM: times 1 / RMS of x first, from the slices' sums of squares sq[s])."""
+        rounded again)."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < N
         acc = tl.load(part_ptr + offs, mask=ok, other=0.0)
         for s in range(1, split_k):
             acc += tl.load(part_ptr + s * N + offs, mask=ok, other=0.0)
-        if NORM:
-            square_sum = tl.load(sq_ptr)
-            for s in range(1, split_k):
-                square_sum += tl.load(sq_ptr + s)
-            acc = acc * tl.math.rsqrt(square_sum / K + eps)
         scale = tl.load(scale_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         y = (acc * scale).to(out_ptr.dtype.element_ty)
         if RESIDUAL:
@@ -277,23 +264,21 @@ def _launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, cfg: GemvConf
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(n, cfg.block_n), cfg.split_k)
     norm = norm_weight if norm_weight is not None else x  # (not read unless RMS_NORM)
+    norm_block = min(triton.next_power_of_2(k), MAX_NORM_BLOCK) if prologue == RMS_NORM else 16
     res = residual if residual is not None else out  # (not read unless RESIDUAL)
     add = residual is not None
     launch = {"launch_pdl": True} if pdl else {}  # (older Tritons know no launch_pdl: only passed when asked)
     partial = cfg.split_k > 1
     dest = torch.empty((cfg.split_k, n), dtype=torch.float32, device=x.device) if partial else out
-    # The slices' sums of squares (RMS_NORM, split K: (split_k,) float32; not written otherwise)
-    squares = torch.empty(cfg.split_k, dtype=torch.float32, device=x.device) if partial else dest
     q_ahead, x_ahead, q8 = LOOPS[cfg.loop]
-    _gemv_kernel[grid](x, norm, q, scale, res, dest, squares, n, k, per, eps, BLOCK_N=cfg.block_n,
-                       BLOCK_K=cfg.block_k, PARTIAL=partial, EVEN=even, PROLOGUE=prologue,
-                       RESIDUAL=add and not partial, PDL=pdl, Q_AHEAD=q_ahead, X_AHEAD=x_ahead, Q8=q8,
+    _gemv_kernel[grid](x, norm, q, scale, res, dest, n, k, per, eps, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                       PARTIAL=partial, EVEN=even, PROLOGUE=prologue, RESIDUAL=add and not partial,
+                       NORM_BLOCK=norm_block, PDL=pdl, Q_AHEAD=q_ahead, X_AHEAD=x_ahead, Q8=q8,
                        num_warps=cfg.num_warps, **launch)
     if partial:
         block = 1024
-        _sum_parts_kernel[(triton.cdiv(n, block),)](dest, squares, scale, res, out, n, k, cfg.split_k, eps,
-                                                    BLOCK=block, RESIDUAL=add, NORM=prologue == RMS_NORM,
-                                                    num_warps=4)
+        _sum_parts_kernel[(triton.cdiv(n, block),)](dest, scale, res, out, n, cfg.split_k, BLOCK=block,
+                                                    RESIDUAL=add, num_warps=4)
     return out
 
 
