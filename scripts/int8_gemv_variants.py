@@ -17,6 +17,10 @@ Each is timed as the library's pick times it: a CUDA graph of one launch per cop
 holding >= 256 MiB, the median replay; and checked against float64 on the dequantized weight (rel. error).
 The library's own launch (`GK._launch`) is timed too ("launch"), to tie the copy to it.
 
+What they showed made the loop part of the library's block shape (llama.fast.int8_gemv_kernels.LOOPS; results:
+bench/results/int8_gemv_variants_h200_session7_*.json, GPU_RESULTS.md's seventh session). This kernel stays as
+the experiment's record.
+
 The attention part times the compiled decode attention of 32 layers (kv_len = 160, the bench's 32 + 128) with
 the mask as the fast path hands it (bool, built in the step) against one made additive (0 / -inf) once.
 """
@@ -37,7 +41,8 @@ from llama.fast.step import compile_options
 SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336)}
 # The library's picks on the H200 (sixth session) and a neighbour of each.
 CONFIGS = {"wqkv": ((8, 512, 4), (4, 1024, 4), (2, 2048, 4)), "wo": ((8, 512, 8), (8, 512, 4), (4, 1024, 4)),
-           "w13": ((16, 256, 4), (8, 512, 4), (16, 512, 8)), "w2": ((2, 2048, 4), (4, 1024, 4), (8, 512, 4), (4, 2048, 8))}
+           "w13": ((16, 256, 4), (8, 512, 4), (16, 512, 8)),
+           "w2": ((2, 2048, 4), (4, 1024, 4), (8, 512, 4), (4, 2048, 8))}
 # name: (XFORM, AHEAD, X_AHEAD)
 VARIANTS = {"lib": (0, 1, 0), "nox": (1, 1, 0), "ahead0": (0, 0, 0), "ahead2": (0, 2, 0), "q8": (2, 1, 0),
             "q8ahead2": (2, 2, 0), "xq1": (0, 1, 1), "x1q0": (0, 0, 1), "q8xq1": (2, 1, 1), "q8x1q0": (2, 0, 1)}

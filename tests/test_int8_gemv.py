@@ -220,7 +220,8 @@ def test_cuda_int8_model_takes_the_kernel_and_gives_the_logits_of_its_own_produc
 
 def test_picked_gemvs_names_each_layer_name_and_shape_once_with_its_kernel():
     layers = torch.nn.ModuleDict({"a": torch.nn.ModuleDict({"wo": torch.nn.Linear(64, 32)}),
-                                  "b": torch.nn.ModuleDict({"wo": torch.nn.Linear(64, 32), "w2": torch.nn.Linear(8, 4)})})
+                                  "b": torch.nn.ModuleDict({"wo": torch.nn.Linear(64, 32),
+                                                            "w2": torch.nn.Linear(8, 4)})})
     layers["a"]["wo"].gemv = G.Int8Gemv(GK.GemvConfig(2, 256, 1, 4, GK.Q8_AHEAD2), residual=True)
     layers["b"]["wo"].gemv = G.Int8Gemv(GK.GemvConfig(8, 512, 1, 4))
     assert G.picked_gemvs(layers) == {"wo 32x64": "Int8Gemv(2, 256, 1, 4, 2), plus the residual"}

@@ -22,8 +22,11 @@ product's kernel (`_gemv_kernel`):
   one-program kernel (`_rms_norm_kernel`, `norm_apart`, the same roundings) and launch the plain product;
 - can be launched as a programmatic dependent launch on Hopper and later (PDL): it starts while the kernel
   before it finishes and loads its first tile of Q, which nothing in a step writes, before `gdc_wait`; it
-  reads x, the norm's input and the residual, and stores, only after. Its tiles of Q are loaded one loop step
-  ahead of their use.
+  reads x, the norm's input and the residual, and stores, only after;
+- feeds its loop one of several ways (GemvConfig.loop, LOOPS): Q's tiles loaded 0-2 loop steps ahead of their
+  use (the first ones before the wait), x one step ahead too, Q in 16- or 8-byte loads; no one way was
+  fastest at every 8B shape on an H200 (scripts/int8_gemv_variants.py), so the load-time timing picks it
+  with the block shape.
 
 Each product x[k] * Q[n, k] is formed in float32 and summed in float32, then scaled and rounded once to x's
 dtype; the prologues and the residual round as the unfused path does (llama.fast.int8_gemv's docstring).
