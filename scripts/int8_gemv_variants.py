@@ -38,6 +38,8 @@ from llama.fast import int8_gemv_kernels as GK
 from llama.fast.quantize import quantize_int8
 from llama.fast.step import compile_options
 
+from int8_gemv_sweep import graph_time  # (scripts/ is on sys.path: the script's own folder)
+
 SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "w13": (28672, 4096), "w2": (4096, 14336)}
 # The library's picks on the H200 (sixth session) and a neighbour of each.
 CONFIGS = {"wqkv": ((8, 512, 4), (4, 1024, 4), (2, 2048, 4)), "wo": ((8, 512, 8), (8, 512, 4), (4, 1024, 4)),
@@ -114,28 +116,6 @@ def launch_variant(x, q, scale, out, bn, bk, nw, variant):
                                 X_AHEAD=x_ahead, num_warps=nw, launch_pdl=True)
 
 
-def graph_time(fn, copies: int, rounds: int = 30) -> float:
-    """Median seconds per launch of fn(i) over i < copies, one CUDA graph replay (as the library's pick)."""
-    for i in range(copies):
-        fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(copies):
-            fn(i)
-    graph.replay()
-    times = []
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(rounds):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / copies)
-    del graph
-    return sorted(times)[len(times) // 2]
-
-
 def gemv_rows(names, bandwidth: float) -> list:
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -159,7 +139,7 @@ def gemv_rows(names, bandwidth: float) -> list:
                 out.fill_(float("nan"))
                 y = fn(0) if variant == "launch" else (fn(0), out)[1]
                 err = float((y.double() - ref).norm() / ref.norm())
-                t = graph_time(fn, copies)
+                t = graph_time(fn, copies, rounds=30)
                 rows.append({"shape": name, "config": [bn, bk, nw], "variant": variant, "us": t * 1e6,
                              "ideal_us": ideal * 1e6, "rel_err": err})
                 print(f"{name:5s} {bn:2d},{bk:4d},{nw} {variant:9s} {t * 1e6:7.2f} us ({ideal / t:4.0%} of read "
