@@ -97,8 +97,7 @@ def _variant_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, N, K, BLOCK_N: tl.constexp
             x_cur = x_next
         else:
             xk = tl.load(x_ptr + cols, eviction_policy="evict_last").to(tl.float32)
-        wf = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
-        acc += wf * xk[None, :]
+        acc += GK._int8_as_float32(w) * xk[None, :]
         if AHEAD == 1:
             w = w_next
         if AHEAD == 2:

@@ -94,6 +94,13 @@ def k_per_split(k: int, cfg: GemvConfig) -> int:
 if triton is not None:
 
     @triton.jit
+    def _int8_as_float32(w):
+        """int8 -> float32 without the int-to-float instruction (a quarter of the float rate on Hopper, and the
+        bound once loads are 16 bytes wide): the bits 0x4B000080 + b are float32 2**23 + 128 + b exactly for b
+        in -128..127, and subtracting 2**23 + 128 leaves b exactly."""
+        return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+    @triton.jit
     def _load_q(w_rows, cols, row_ok, K, live, EVEN: tl.constexpr):
         """Q's tile (BLOCK_N, BLOCK_K) at columns `cols` (int8; zeros where masked); `live` (a scalar) False
         loads nothing."""
@@ -189,11 +196,7 @@ if triton is not None:
             if PROLOGUE == 2:  # silu(gate) rounded to the activations' dtype, times up, rounded
                 xk = ((xk / (1.0 + tl.exp(-xk))).to(dtype).to(tl.float32) * other.to(tl.float32)).to(dtype).to(
                     tl.float32)
-            # int8 -> float32 without the int-to-float instruction (a quarter of the float rate on Hopper, and the
-            # bound once loads are 16 bytes wide): the bits 0x4B000080 + b are float32 2**23 + 128 + b exactly
-            # for b in -128..127, and subtracting 2**23 + 128 leaves b exactly.
-            wf = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
-            acc += wf * xk[None, :]
+            acc += _int8_as_float32(w) * xk[None, :]
             if Q_AHEAD == 1:
                 w = w_next
             if Q_AHEAD == 2:
