@@ -52,6 +52,7 @@ from llama.cli.interrupt import report_interrupt
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import ChatFormat
 from llama.fast.cpu_forms import ENV as CPU_FORMS_ENV, picked_forms
+from llama.fast.int8_gemv import picked_gemvs
 from llama.fast.layers import use_fast_layers
 from llama.fast.quantize import QUANTIZE_CHOICES, use_int8_layers
 from llama.fast.quantize_int4 import int4_group, use_int4_layers
@@ -432,6 +433,9 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
             quantized = build_ours(args, sd, device, dtype, True, opts.compile, quantize)
             built.append(ours_system(f"ours-{quantize}", quantized))
             forms[f"ours-{quantize}"] = picked_forms(quantized.model)
+        if device.type == "cuda" and any(q == "int8" for q in opts.quantize):  # llama.fast.int8_gemv's picks
+            report["int8_gemv_picks"] = picked_gemvs(built[1 + list(opts.quantize).index("int8")].llama.model)
+            log("  ours-int8 GEMV picks: " + "; ".join(f"{k} {v}" for k, v in report["int8_gemv_picks"].items()))
         if device.type == "cpu":  # the form each product took for decode steps (llama.fast.cpu_forms)
             report["picked_forms"][dtype_name] = forms
             # ... and the step: eager, or compiled whole where that won at load (llama.fast.cpu_step)

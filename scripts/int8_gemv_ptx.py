@@ -32,8 +32,10 @@ def compile_offline(cfg: GK.GemvConfig, prologue: int, residual: bool):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    q_ahead, x_ahead, q8 = GK.LOOPS[cfg.loop]
     consts = {"BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "PARTIAL": False, "EVEN": True, "PROLOGUE": prologue,
-              "RESIDUAL": residual, "NORM_BLOCK": 4096 if prologue == GK.RMS_NORM else 16, "PDL": True}
+              "RESIDUAL": residual, "NORM_BLOCK": 4096 if prologue == GK.RMS_NORM else 16, "PDL": True,
+              "Q_AHEAD": q_ahead, "X_AHEAD": x_ahead, "Q8": q8}
     signature = dict(SIGNATURE, **{name: "constexpr" for name in consts})
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(len(SIGNATURE) - 1)}  # pointers and ints, not eps
     return triton.compile(ASTSource(GK._gemv_kernel, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
@@ -61,7 +63,7 @@ def main() -> None:
                 kern = GK._gemv_kernel[(n // cfg.block_n, 1)](
                     x, scale, q, scale, out, out, n, k, k, 1e-5, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                     PARTIAL=False, EVEN=True, PROLOGUE=prologue, RESIDUAL=residual, NORM_BLOCK=norm_block,
-                    PDL=True, num_warps=cfg.num_warps, launch_pdl=True)
+                    PDL=True, Q_AHEAD=1, X_AHEAD=False, Q8=False, num_warps=cfg.num_warps, launch_pdl=True)
             ops = [m.group(1) for m in map(MEMORY.match, kern.asm["ptx"].splitlines()) if m]
             row = {"config": list(cfg), "prologue": prologue, "residual": residual,  # registers: None offline
                    "n_regs": getattr(kern, "n_regs", None), "n_spills": getattr(kern, "n_spills", None),

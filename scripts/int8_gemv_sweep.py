@@ -109,8 +109,8 @@ def ptx_counts() -> dict:
     return out
 
 
-def graph_time(fn, copies) -> float:
-    """Median seconds per launch of `fn(i)` for i over the copies, as one CUDA graph replay."""
+def graph_time(fn, copies, rounds: int = 15) -> float:
+    """Median seconds per launch of `fn(i)` for i over the copies, as one CUDA graph replay (of `rounds`)."""
     for i in range(copies):
         fn(i)
     torch.cuda.synchronize()
@@ -121,7 +121,7 @@ def graph_time(fn, copies) -> float:
     times = []
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
-    for _ in range(15):
+    for _ in range(rounds):
         start.record()
         graph.replay()
         end.record()

@@ -102,10 +102,27 @@ def test_every_accepted_block_shape_splits_k_into_nonempty_slices_that_cover_it(
     assert all(start < k for start in starts) and per * cfg.split_k >= k
 
 
-@pytest.mark.parametrize("cfg", [(3, 64, 1, 4), (4, 8, 1, 4), (4, 64, 0, 4), (4, 64, 1, 32), (4, 64, 1, 3)])
+@pytest.mark.parametrize("cfg", [(3, 64, 1, 4), (4, 8, 1, 4), (4, 64, 0, 4), (4, 64, 1, 32), (4, 64, 1, 3),
+                                 (4, 64, 1, 4, 7)])
 def test_block_shapes_the_kernel_cannot_take_are_refused_naming_them(cfg):
+    cfg = GK.GemvConfig(*cfg)  # (the loop, where not given: Q_AHEAD)
     with pytest.raises(ValueError, match=str(tuple(cfg)).replace("(", r"\(").replace(")", r"\)")):
-        GK.check_config(GK.GemvConfig(*cfg), 256)
+        GK.check_config(cfg, 256)
+
+
+def test_layer_product_passes_its_loop_on_to_the_op(monkeypatch):
+    """The loop picked with the block shape (GemvConfig.loop) reaches each op, after num_warps."""
+    seen = []
+    monkeypatch.setattr(G, "int8_gemv", lambda *args: seen.append(args[7]))
+    monkeypatch.setattr(G, "rms_norm_int8_gemv", lambda *args: seen.append(args[9]))
+    monkeypatch.setattr(G, "swiglu_int8_gemv", lambda *args: seen.append(args[7]))
+    x = torch.zeros(1, 8)
+    for loop in GK.LOOPS:
+        gemv = G.Int8Gemv(GK.GemvConfig(2, 256, 1, 4, loop), G.RMS_NORM)
+        gemv(x, None, None)
+        gemv.after_norm(x, None, 1e-5, None, None)
+        gemv.after_swiglu(x, None, None)
+    assert seen == [loop for loop in GK.LOOPS for _ in range(3)]
 
 
 def test_a_split_that_leaves_a_slice_empty_is_refused():
@@ -199,3 +216,12 @@ def test_cuda_int8_model_takes_the_kernel_and_gives_the_logits_of_its_own_produc
         expected = plain.model.forward(tokens[:, 4:], 4)
         got = gemv.model.forward(tokens[:, 4:], 4)  # one row: the kernel
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_picked_gemvs_names_each_layer_name_and_shape_once_with_its_kernel():
+    layers = torch.nn.ModuleDict({"a": torch.nn.ModuleDict({"wo": torch.nn.Linear(64, 32)}),
+                                  "b": torch.nn.ModuleDict({"wo": torch.nn.Linear(64, 32),
+                                                            "w2": torch.nn.Linear(8, 4)})})
+    layers["a"]["wo"].gemv = G.Int8Gemv(GK.GemvConfig(2, 256, 1, 4, GK.Q8_AHEAD2), residual=True)
+    layers["b"]["wo"].gemv = G.Int8Gemv(GK.GemvConfig(8, 512, 1, 4))
+    assert G.picked_gemvs(layers) == {"wo 32x64": "Int8Gemv(2, 256, 1, 4, 2), plus the residual"}

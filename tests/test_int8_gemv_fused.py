@@ -98,7 +98,7 @@ class Recording:
 
     def __call__(self, x, q, scale, residual=None):
         self.calls.append((self.name, "plain" if residual is None else "plain+residual"))
-        return G.int8_gemv(x, q, scale, 4, 64, 1, 4, residual)
+        return G.int8_gemv(x, q, scale, 4, 64, 1, 4, residual=residual)
 
     def after_norm(self, x, norm_weight, eps, q, scale):
         self.calls.append((self.name, "after_norm"))
@@ -106,7 +106,7 @@ class Recording:
 
     def after_swiglu(self, gate_up, q, scale, residual=None):
         self.calls.append((self.name, "after_swiglu" if residual is None else "after_swiglu+residual"))
-        return G.swiglu_int8_gemv(gate_up, q, scale, 4, 64, 1, 4, residual)
+        return G.swiglu_int8_gemv(gate_up, q, scale, 4, 64, 1, 4, residual=residual)
 
 
 def test_fast_layers_hand_each_norm_swiglu_and_residual_to_the_product(tiny_llama):
@@ -143,9 +143,9 @@ def test_ops_off_cuda_add_the_residual_to_the_rounded_product(dtype):
     g = torch.Generator().manual_seed(6)
     x, gate_up = torch.randn(1, 96, generator=g).to(dtype), torch.randn(1, 192, generator=g).to(dtype)
     residual = torch.randn(1, 40, generator=g).to(dtype)
-    assert torch.equal(G.int8_gemv(x, q, scale, 4, 64, 1, 4, residual),
+    assert torch.equal(G.int8_gemv(x, q, scale, 4, 64, 1, 4, residual=residual),
                        residual + G.int8_gemv(x, q, scale, 4, 64, 1, 4))
-    assert torch.equal(G.swiglu_int8_gemv(gate_up, q, scale, 4, 64, 1, 4, residual),
+    assert torch.equal(G.swiglu_int8_gemv(gate_up, q, scale, 4, 64, 1, 4, residual=residual),
                        residual + G.swiglu_int8_gemv(gate_up, q, scale, 4, 64, 1, 4))
 
 

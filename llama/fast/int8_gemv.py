@@ -23,7 +23,9 @@ module's docstring) does these products instead. Here it:
 - is picked per weight shape from a small table of block shapes (CANDIDATES) by timing them once at load,
   on the model's own weights and in a CUDA graph as a compiled step runs them (`use_int8_gemv`), not by
   inductor's autotuning;
-- is launched as a programmatic dependent launch on Hopper and later (LLAMA_INT8_GEMV_PDL).
+- is launched as a programmatic dependent launch on Hopper and later (LLAMA_INT8_GEMV_PDL);
+- feeds its loop one of several ways (GemvConfig.loop: how far ahead Q's tiles and x are loaded, Q in 16- or
+  8-byte loads), also picked by that timing: on an H200 the fastest way differed by shape (seventh session).
 
 Numerics: each product x[k] * Q[n, k] is formed in float32 (exact for bf16 x: 8 + 7 significant bits) and
 summed in float32, in another order than torch's; then y[n] = sum * scale[n], rounded once to x's dtype. The
@@ -52,8 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.fast.int8_gemv_kernels import (PLAIN, RMS_NORM, SWIGLU, GemvConfig, _launch, check_config, kernel_runs_on,
-                                          pdl_supported)
+from llama.fast.int8_gemv_kernels import (PLAIN, Q8_AHEAD2, Q8_X_AHEAD, Q_AHEAD, Q_IN_STEP, QX_AHEAD, RMS_NORM, SWIGLU,
+                                          GemvConfig, _launch, check_config, kernel_runs_on, pdl_supported)
 
 ENV = "LLAMA_INT8_GEMV"
 # Every layer name the setting takes, and those that take the kernel under "auto": every product of the fast
@@ -102,6 +104,12 @@ CANDIDATES = (
     GemvConfig(4, 1024, 2, 4),
     GemvConfig(8, 512, 4, 4),
     GemvConfig(8, 512, 7, 4),  # w2's best split (within 7% of its best)
+    # Other loops (GemvConfig.loop), the fastest of scripts/int8_gemv_variants.py on an H200 (seventh session):
+    GemvConfig(8, 512, 1, 4, Q8_AHEAD2),  # wqkv: 8.9 us against 9.7-10.0 with Q_AHEAD
+    GemvConfig(8, 512, 1, 4, QX_AHEAD),  # wqkv: 9.0
+    GemvConfig(2, 2048, 1, 4, Q_IN_STEP),  # w2: 19.1 against 20.3-20.4
+    GemvConfig(4, 1024, 1, 4, Q_IN_STEP),  # w2: 18.9-19.0
+    GemvConfig(4, 1024, 1, 4, Q8_X_AHEAD),  # w2: 18.6
 )
 # More for the SwiGLU prologue, which computes silu once a column per program: rows per program share it.
 SWIGLU_CANDIDATES = CANDIDATES + (
@@ -152,16 +160,18 @@ def pdl_runs_on(device: torch.device) -> bool:
 
 @torch.library.custom_op("llama::int8_gemv", mutates_args=())
 def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block_n: int, block_k: int, split_k: int,
-              num_warps: int, residual: Optional[torch.Tensor] = None, pdl: bool = False) -> torch.Tensor:
+              num_warps: int, loop: int = Q_AHEAD, residual: Optional[torch.Tensor] = None,
+              pdl: bool = False) -> torch.Tensor:
     """(x Q^T) * scale: x (..., K) with one row in all, Q (N, K) int8, scale (N,) -> (..., N) in x's dtype, summed
     in float32 (the module docstring); plus `residual` (..., N), rounded again, where given (the block's
-    residual add, in the kernel's epilogue). The Triton kernel with this block shape on CUDA (pdl: launched as
+    residual add, in the kernel's epilogue). The Triton kernel with this block shape and loop (GemvConfig) on
+    CUDA (pdl: launched as
     a programmatic dependent launch, where pdl_supported holds); elsewhere (or for more rows)
     int8_gemv_reference."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
     if x2.shape[0] == 1 and kernel_runs_on(x.device):
         y = _launch(x2.contiguous(), q.contiguous(), scale.contiguous(), GemvConfig(block_n, block_k, split_k,
-                                                                                      num_warps),
+                                                                                      num_warps, loop),
                     residual=_flat(residual), pdl=pdl and pdl_supported(x.device))
     else:
         y = _plus(int8_gemv_reference(x2, q, scale), residual)
@@ -178,14 +188,14 @@ def _plus(y: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 @int8_gemv.register_fake
-def _(x, q, scale, block_n, block_k, split_k, num_warps, residual=None, pdl=False):
+def _(x, q, scale, block_n, block_k, split_k, num_warps, loop=Q_AHEAD, residual=None, pdl=False):
     return x.new_empty((*x.shape[:-1], q.shape[0]))
 
 
 @torch.library.custom_op("llama::rms_norm_int8_gemv", mutates_args=())
 def rms_norm_int8_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, q: torch.Tensor, scale: torch.Tensor,
-                       block_n: int, block_k: int, split_k: int, num_warps: int, pdl: bool = False,
-                       norm_apart: bool = False) -> torch.Tensor:
+                       block_n: int, block_k: int, split_k: int, num_warps: int, loop: int = Q_AHEAD,
+                       pdl: bool = False, norm_apart: bool = False) -> torch.Tensor:
     """int8_gemv(rms_norm_reference(x, norm_weight, eps), Q, scale) in one kernel: x (..., K) with one row in
     all, un-normed, norm_weight (K,) in x's dtype -> (..., N). Each program sums x's squares itself and norms
     x as it reads it, rounding as the norm does (pdl: as int8_gemv's); norm_apart: a one-program kernel norms
@@ -193,7 +203,7 @@ def rms_norm_int8_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, q
     rows): the two reference functions."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
     if x2.shape[0] == 1 and kernel_runs_on(x.device):
-        cfg = GemvConfig(block_n, block_k, split_k, num_warps)
+        cfg = GemvConfig(block_n, block_k, split_k, num_warps, loop)
         y = _launch(x2.contiguous(), q.contiguous(), scale.contiguous(), cfg, RMS_NORM, norm_weight.contiguous(),
                     eps, pdl=pdl and pdl_supported(x.device), norm_apart=norm_apart)
     else:
@@ -202,13 +212,14 @@ def rms_norm_int8_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, q
 
 
 @rms_norm_int8_gemv.register_fake
-def _(x, norm_weight, eps, q, scale, block_n, block_k, split_k, num_warps, pdl=False, norm_apart=False):
+def _(x, norm_weight, eps, q, scale, block_n, block_k, split_k, num_warps, loop=Q_AHEAD, pdl=False,
+      norm_apart=False):
     return x.new_empty((*x.shape[:-1], q.shape[0]))
 
 
 @torch.library.custom_op("llama::swiglu_int8_gemv", mutates_args=())
 def swiglu_int8_gemv(gate_up: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block_n: int, block_k: int,
-                     split_k: int, num_warps: int, residual: Optional[torch.Tensor] = None,
+                     split_k: int, num_warps: int, loop: int = Q_AHEAD, residual: Optional[torch.Tensor] = None,
                      pdl: bool = False) -> torch.Tensor:
     """int8_gemv(swiglu_reference(gate_up), Q, scale, ..., residual) in one kernel: gate_up (..., 2K), gate
     then up, with one row in all -> (..., N) (pdl: as int8_gemv's). Off CUDA (or for more rows): the reference
@@ -216,7 +227,7 @@ def swiglu_int8_gemv(gate_up: torch.Tensor, q: torch.Tensor, scale: torch.Tensor
     g2 = gate_up.reshape(-1, gate_up.shape[-1])  # (M, 2K)
     if g2.shape[0] == 1 and kernel_runs_on(gate_up.device):
         y = _launch(g2.contiguous(), q.contiguous(), scale.contiguous(),
-                    GemvConfig(block_n, block_k, split_k, num_warps), SWIGLU, residual=_flat(residual),
+                    GemvConfig(block_n, block_k, split_k, num_warps, loop), SWIGLU, residual=_flat(residual),
                     pdl=pdl and pdl_supported(gate_up.device))
     else:
         y = _plus(int8_gemv_reference(swiglu_reference(g2), q, scale), residual)
@@ -224,7 +235,7 @@ def swiglu_int8_gemv(gate_up: torch.Tensor, q: torch.Tensor, scale: torch.Tensor
 
 
 @swiglu_int8_gemv.register_fake
-def _(gate_up, q, scale, block_n, block_k, split_k, num_warps, residual=None, pdl=False):
+def _(gate_up, q, scale, block_n, block_k, split_k, num_warps, loop=Q_AHEAD, residual=None, pdl=False):
     return gate_up.new_empty((*gate_up.shape[:-1], q.shape[0]))
 
 
@@ -354,6 +365,17 @@ def pick_config(layers: List[nn.Module], candidates: Optional[Sequence[GemvConfi
     times = {cfg: _time_pass(make(cfg)) / len(timed) for cfg in fitting}
     PICK_TIMES[(layers[0].out_features, k, str(dtype), prologue, pdl, norm_apart)] = times
     return min(fitting, key=times.__getitem__)
+
+
+def picked_gemvs(model: nn.Module) -> Dict[str, str]:
+    """{"<layer name> <N>x<K>": the Int8Gemv it took (block shape, loop, form)} for the model's products that
+    took the kernel (one entry per layer name and shape), as the bench records them."""
+    out = {}
+    for path, m in model.named_modules():
+        gemv = getattr(m, "gemv", None)
+        if isinstance(gemv, Int8Gemv):
+            out.setdefault(f"{path.rpartition('.')[2]} {m.out_features}x{m.in_features}", repr(gemv))
+    return out
 
 
 @torch.no_grad()
