@@ -104,9 +104,14 @@ def test_each_compiled_step_runs_its_own_model_beside_another(tiny_llama):
 
 
 @pytest.mark.slow  # compiles (inductor)
-def test_compiled_cpu_step_logits_are_as_close_to_exact_as_the_reference_ones(tiny_llama):
+@pytest.mark.parametrize("fma", [False, True], ids=["mul-add", "fma-contracted"])
+def test_compiled_cpu_step_logits_are_as_close_to_exact_as_the_reference_ones(tiny_llama, monkeypatch, fma):
     """Each step's logits against the same model in float64: the compiled step's distance from exact is
-    within ORDER_FACTOR times the float32 reference model's own, over 10 decode steps of 2 rows."""
+    within ORDER_FACTOR times the float32 reference model's own, over 10 decode steps of 2 rows; also with
+    multiplies and adds fused into FMAs, as the step is compiled where torch's vectors are AVX2's."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    monkeypatch.setattr(cpu_step, "FMA_CONTRACT", (capability,) if fma else ())
+    assert ("cpp.enable_floating_point_contract_flag" in cpu_step.compile_options()) == fma
     compiled, reference = _build(tiny_llama, compile=True), _build(tiny_llama, fast=False)
     exact = copy.deepcopy(reference.model).double()
     prompts = torch.tensor(_prompts([6, 6], seed=3))  # (2, 6)
@@ -142,6 +147,14 @@ def test_without_a_compiler_the_model_decodes_eagerly_with_a_warning(tiny_llama)
     assert picked_forms(llama.model) == picked_forms(reference.model)  # packed again, as before the attempt
     prompts = _prompts([3, 8], seed=4)
     assert llama.generate(prompts, 10, temperature=0) == reference.generate(prompts, 10, temperature=0)
+
+
+@pytest.mark.parametrize("capability, fused", [("AVX2", True), ("AVX512", False), ("DEFAULT", False)])
+def test_the_step_fuses_multiplies_and_adds_where_the_vectors_are_avx2s(monkeypatch, capability, fused):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    options = cpu_step.compile_options()
+    assert options["cpp_wrapper"] is True
+    assert options.get("cpp.enable_floating_point_contract_flag") == ("fast" if fused else None)
 
 
 def test_small_models_run_the_eager_step_unless_asked(tiny_llama, monkeypatch):
@@ -232,7 +245,6 @@ def test_the_compiled_step_does_not_recompute_the_norm_for_every_weight_row(int8
     q, scale = quantize_int8(w)
     forms = [CompiledProduct(q, scale), BlockedProduct(q, scale)] if int8 else \
         [CompiledProduct(w.to(torch.bfloat16)), BlockedProduct(w.to(torch.bfloat16))]
-    weight_load = "int8_t>::loadu" if int8 else "Vectorized<at::BFloat16>::loadu"
     x = torch.randn(1, 64, generator=g)  # float32 activations: the only bf16 / int8 loads are the weight's
 
     def normed(h):
@@ -241,6 +253,10 @@ def test_the_compiled_step_does_not_recompute_the_norm_for_every_weight_row(int8
     for form in forms:
         out, code = run_and_get_code(torch.compile(lambda h: form.traced(normed(h)), fullgraph=True), x)
         torch.testing.assert_close(out, form(normed(x)))
+        blocks = getattr(form, "blocks", None)
+        # (without AVX-512 the blocked int8 weight is held as int32 words: llama.fast.blocked.to_words)
+        words = blocks is not None and blocks.dtype == torch.int32
+        weight_load = "int32_t>::loadu" if words else "int8_t>::loadu" if int8 else "Vectorized<at::BFloat16>::loadu"
         products = [b for b in _innermost_loops("\n".join(code)) if weight_load in b]
         assert products, f"no loop reads the weight in the generated code of {type(form).__name__}"
         assert not any("sqrt" in b for b in products), type(form).__name__
