@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import llama.sampling  # noqa: E402
 import torch._inductor.config as inductor_config  # noqa: E402
 from bench.run import SHAPES, build_ours, random_weights  # noqa: E402
 from llama.distributed import init_distributed  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
+from llama.sampling import Sampler  # noqa: E402
 
 
 def build(args: ModelArgs, sd: Dict[str, torch.Tensor], dtype: torch.dtype, quantize: str):
@@ -57,8 +57,8 @@ def report(figures: Dict[str, List[float]], unit: str) -> None:
 
 
 def ab_pick(args: ModelArgs, sd, dtype: torch.dtype, quantize: str, rounds: int) -> None:
-    llama = build(args, sd, dtype, quantize)
-    step, plain = llama.decode_step, llama.sampling.Sampler.plain_greedy
+    llm = build(args, sd, dtype, quantize)
+    step, plain = llm.decode_step, Sampler.plain_greedy
     in_step = {"total": 0.0}
 
     class TimedStep:  # the step, timed: the rest of a token's time is the loop's
@@ -70,20 +70,20 @@ def ab_pick(args: ModelArgs, sd, dtype: torch.dtype, quantize: str, rounds: int)
             t0 = time.perf_counter(); out = step.decode_and_pick(*a); in_step["total"] += time.perf_counter() - t0  # noqa: E702,E501
             return out
 
-    llama.decode_step = TimedStep()
+    llm.decode_step = TimedStep()
     prompts, n = [[1] * 16], 64
     outside: Dict[str, List[float]] = {"pick in the step": [], "pick by the sampler": []}
 
     def side(name: str) -> Callable[[], float]:
         def run() -> float:
-            llama.sampling.Sampler.plain_greedy = plain if name == "pick in the step" else property(lambda s: False)
+            Sampler.plain_greedy = plain if name == "pick in the step" else property(lambda s: False)
             in_step["total"] = 0.0
             t0 = time.perf_counter()
-            llama.generate(prompts, max_gen_len=n, temperature=0.0)
+            llm.generate(prompts, max_gen_len=n, temperature=0.0)
             total = time.perf_counter() - t0
             steps = in_step["total"]
             t1 = time.perf_counter()
-            llama.generate(prompts, max_gen_len=1, temperature=0.0)  # the prefill and first pick, taken off
+            llm.generate(prompts, max_gen_len=1, temperature=0.0)  # the prefill and first pick, taken off
             decode = total - (time.perf_counter() - t1)
             outside[name].append((decode - steps) / (n - 1) * 1e3)
             return decode / (n - 1) * 1e3
@@ -95,7 +95,7 @@ def ab_pick(args: ModelArgs, sd, dtype: torch.dtype, quantize: str, rounds: int)
             v.clear()
         figures = turns({name: side(name) for name in outside}, rounds)
     finally:
-        llama.sampling.Sampler.plain_greedy = plain
+        Sampler.plain_greedy = plain
     print("time a token:")
     report(figures, "ms")
     print("of which outside the step:")
