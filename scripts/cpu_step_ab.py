@@ -63,11 +63,16 @@ def ab_pick(args: ModelArgs, sd, dtype: torch.dtype, quantize: str, rounds: int)
 
     class TimedStep:  # the step, timed: the rest of a token's time is the loop's
         def __call__(self, *a):
-            t0 = time.perf_counter(); out = step(*a); in_step["total"] += time.perf_counter() - t0  # noqa: E702
-            return out
+            return self.timed(step, *a)
 
         def decode_and_pick(self, *a):
-            t0 = time.perf_counter(); out = step.decode_and_pick(*a); in_step["total"] += time.perf_counter() - t0  # noqa: E702,E501
+            return self.timed(step.decode_and_pick, *a)
+
+        @staticmethod
+        def timed(fn, *a):
+            t0 = time.perf_counter()
+            out = fn(*a)
+            in_step["total"] += time.perf_counter() - t0
             return out
 
     llm.decode_step = TimedStep()

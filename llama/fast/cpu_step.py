@@ -12,19 +12,21 @@ token per row) goes through torch.compile with inductor's CPU backend:
   nest inside the step's graph; a layer left on oneDNN's packed weight takes the compiled form, unpacked
   (inductor cannot take oneDNN's opaque packed tensor, and `freezing`, which would pack a plain weight
   again, keeps a second copy of it); an int8 layer left on torch's int8 kernel takes the blocked form;
+- the greedy pick (argmax of the logits) is made in the graph too, while the logits are in cache:
+  `decode_and_pick`, which the decode loop takes where it would only take that pick;
 - the batch size is static (another batch size compiles again); the cache length a step reads is dynamic, so
   one compilation serves every position and a step reads only the part of the cache filled so far.
 
 Numerics are the eager fast path's: every product sums in float32 (the forms' own loops, in their order),
-activations are never rounded beyond the model's dtype; inductor fuses the pointwise operations, which in
-float32 changes results by rounding only (tests/test_cpu_step.py: the reference loop's greedy tokens, logits
+activations are never rounded beyond the model's dtype; inductor fuses the pointwise operations (and, with AVX2's
+vectors, each multiply and add into an FMA: FMA_CONTRACT), which in float32 changes results by rounding only (tests/test_cpu_step.py: the reference loop's greedy tokens, logits
 within a bound derived from float32 rounding).
 
 `cpu_decode_step(model)` is what `Llama` calls: where the step compiled whole beats the eager step in a short
 timed comparison at load (best of PROBE_ROUNDS rounds each, taking turns), it returns it, else None (the eager
-step). It is left out where it cannot pay: models under PROBE_MIN_BYTES of linear weights (compiling costs ~10-25 s on 2
-cores), another device, several model-parallel ranks, LLAMA_CPU_STEP=off. No C++ compiler (or any failure
-of inductor): a warning, and the eager step.
+step). It is left out where it cannot pay: models under PROBE_MIN_BYTES of linear weights (compiling costs
+~10-25 s on 2 cores), another device, several model-parallel ranks, LLAMA_CPU_STEP=off. No C++ compiler (or
+any failure of inductor): a warning, and the eager step.
 """
 
 import os
@@ -112,11 +114,12 @@ class CompiledCPUStep:
         self.graph = torch.compile(types.MethodType(step, self), fullgraph=True,
                                    options={**compile_options(), "guard_filter_fn": _inputs_and_global_state})
 
-    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, cols: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor,
+              cols: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         # cols: (kv_len,), only its length is read: a dimension torch.compile keeps symbolic (mark_dynamic)
         logits = fast_forward(self.model, tokens[:, None], positions, kv_len=cols.shape[0])[:, 0]  # (bsz, vocab)
         # The greedy pick, made here while the logits are in cache: after a step has streamed every weight
-        # through the caches, the same pick made by the decode loop costs ~0.2 ms a token (docs/cpu-step.md).
+        # through the caches, the same pick made by the decode loop cost 0.1-0.15 ms a token (docs/cpu-step.md).
         return logits, pick(logits)  # (bsz, vocab), (bsz,)
 
     def __call__(self, tokens: torch.Tensor, positions: Positions, kv_len: int) -> torch.Tensor:
@@ -125,7 +128,8 @@ class CompiledCPUStep:
         size), a warning, and from then on the eager step."""
         return self.decode_and_pick(tokens, positions, kv_len)[0]
 
-    def decode_and_pick(self, tokens: torch.Tensor, positions: Positions, kv_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def decode_and_pick(self, tokens: torch.Tensor, positions: Positions,
+                        kv_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """The step's logits (bsz, vocab) and each row's greedy pick from them (bsz,): `greedy(logits)`, the
         first of equal maxima, a NaN counting as the largest."""
         if not self.failed:
