@@ -19,8 +19,9 @@ token per row) goes through torch.compile with inductor's CPU backend:
 
 Numerics are the eager fast path's: every product sums in float32 (the forms' own loops, in their order),
 activations are never rounded beyond the model's dtype; inductor fuses the pointwise operations (and, with AVX2's
-vectors, each multiply and add into an FMA: FMA_CONTRACT), which in float32 changes results by rounding only (tests/test_cpu_step.py: the reference loop's greedy tokens, logits
-within a bound derived from float32 rounding).
+vectors, each multiply and add into an FMA: FMA_CONTRACT), which in float32 changes results by rounding only
+(tests/test_cpu_step.py: the reference loop's greedy tokens, logits within a bound derived from float32
+rounding).
 
 `cpu_decode_step(model)` is what `Llama` calls: where the step compiled whole beats the eager step in a short
 timed comparison at load (best of PROBE_ROUNDS rounds each, taking turns), it returns it, else None (the eager
