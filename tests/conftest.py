@@ -23,6 +23,13 @@ if os.environ.get("CI"):
 
 import torch  # noqa: E402
 
+from llama.fast.cpu_forms import cache_per_isa  # noqa: E402
+
+# Under an emulated ISA (ATEN_CPU_CAPABILITY=avx2 on an AVX-512 machine, docs/cpu-forms.md) the tests' own
+# torch.compile calls need inductor's cache of that ISA, as the library's do: kernels an AVX-512 run cached
+# gave wrong values under AVX2 (issue 18, seventh pass).
+cache_per_isa()
+
 from helpers import (  # noqa: E402
     SMALL_GQA, random_state_dict, real_tokenizer_path, train_sentencepiece, write_byte_tokenizer, write_checkpoint,
 )
