@@ -433,9 +433,9 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
             quantized = build_ours(args, sd, device, dtype, True, opts.compile, quantize)
             built.append(ours_system(f"ours-{quantize}", quantized))
             forms[f"ours-{quantize}"] = picked_forms(quantized.model)
-        if device.type == "cuda" and any(q == "int8" for q in opts.quantize):  # llama.fast.int8_gemv's picks
-            report["int8_gemv_picks"] = picked_gemvs(built[1 + list(opts.quantize).index("int8")].llama.model)
-            log("  ours-int8 GEMV picks: " + "; ".join(f"{k} {v}" for k, v in report["int8_gemv_picks"].items()))
+            if device.type == "cuda" and quantize == "int8":  # llama.fast.int8_gemv's picks
+                report["int8_gemv_picks"] = picked_gemvs(quantized.model)
+                log("  ours-int8 GEMV picks: " + "; ".join(f"{k} {v}" for k, v in report["int8_gemv_picks"].items()))
         if device.type == "cpu":  # the form each product took for decode steps (llama.fast.cpu_forms)
             report["picked_forms"][dtype_name] = forms
             # ... and the step: eager, or compiled whole where that won at load (llama.fast.cpu_step)
