@@ -49,6 +49,30 @@ def test_compiled_cpu_step_gives_the_reference_greedy_tokens(tiny_llama):
 
 
 @pytest.mark.slow  # compiles (inductor)
+def test_after_the_first_step_of_a_batch_size_the_step_calls_its_graph_directly(tiny_llama):
+    """DirectCall: only the first step of a batch size goes through torch.compile's frame (the step compiled
+    at load took batch size 1); every later step calls the compiled graph directly, with its own tokens,
+    positions and cache length, and decoding still gives the reference loop's tokens and log-probabilities."""
+    compiled, reference = _build(tiny_llama, compile=True), _build(tiny_llama, fast=False)
+    step = compiled.decode_step
+    through_torch_compile = []
+    graph = step.graph
+    step.graph = lambda tokens, *args: through_torch_compile.append(len(tokens)) or graph(tokens, *args)
+    for lengths, new in (([3, 11, 7], 12), ([4], 20), ([6, 2, 9], 8)):
+        prompts = _prompts(lengths, seed=len(lengths) + new)
+        tokens, logprobs = compiled.generate(prompts, new, temperature=0, logprobs=True)
+        ref_tokens, ref_logprobs = reference.generate(prompts, new, temperature=0, logprobs=True)
+        assert tokens == ref_tokens
+        for row, ref_row in zip(logprobs, ref_logprobs):
+            torch.testing.assert_close(torch.tensor(row), torch.tensor(ref_row), rtol=0, atol=1e-5)
+    assert through_torch_compile == [3]  # batch size 3's first step
+    threads = torch.get_num_threads()
+    assert set(step.direct) == {(1, threads), (3, threads)}
+    assert all(isinstance(d, cpu_step.DirectCall) for d in step.direct.values())
+    assert not step.failed
+
+
+@pytest.mark.slow  # compiles (inductor)
 def test_the_step_hands_back_the_greedy_pick_of_its_own_logits(tiny_llama):
     """decode_and_pick: the step's logits, and greedy(logits) of them, row by row (rows at their own positions)."""
     llama = _build(tiny_llama, compile=True)

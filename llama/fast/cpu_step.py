@@ -5,8 +5,10 @@ SiLU, ...) between its products, each through torch's dispatcher and Python; on 
 they were about a third of a 5.3 ms step (docs/cpu-step.md). Here the step (llama.fast.step.fast_forward at one
 token per row) goes through torch.compile with inductor's CPU backend:
 
-- `cpp_wrapper`: the compiled graph is called from generated C++, not from a generated Python function, so
-  a step costs one Python call (and torch.compile's guards);
+- `cpp_wrapper`: the compiled graph is called from generated C++, not from a generated Python function;
+- after the first step of a batch size, the step calls inductor's compiled graph directly (DirectCall), not
+  through torch.compile's frame, whose guards and argument gathering (~70 tensors from the model's modules)
+  cost 0.1-0.2 ms a step with the caches cold from streaming the weights;
 - the products keep the form the load-time probe picked (llama.fast.cpu_forms): a picked "compiled" or
   "blocked" form is inlined as its torch operations (its `traced` method), so inductor writes the same loop
   nest inside the step's graph; a layer left on oneDNN's packed weight takes the compiled form, unpacked
@@ -39,6 +41,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 from torch import nn
+from torch._inductor.compile_fx import compile_fx
 
 from llama.fast.blocked import BlockedProduct
 from llama.fast.cpu_forms import PROBE_MIN_BYTES, CompiledProduct, cache_per_isa, use_form
@@ -112,8 +115,22 @@ class CompiledCPUStep:
         # model is fixed once built (its forms are in), so it gets a code object of its own (no other
         # instance, no other model, can reach its graphs) and guards only on its inputs and global state.
         step = types.FunctionType(CompiledCPUStep._step.__code__.replace(), globals(), "_step")
-        self.graph = torch.compile(types.MethodType(step, self), fullgraph=True,
-                                   options={**compile_options(), "guard_filter_fn": _inputs_and_global_state})
+        self.options = compile_options()
+        self.graph = torch.compile(types.MethodType(step, self), fullgraph=True, backend=self._inductor,
+                                   options={"guard_filter_fn": _inputs_and_global_state})
+        self.direct: Dict[Tuple[int, int], Optional[DirectCall]] = {}  # (batch size, threads) -> its graph
+        self._last_call: Optional[tuple] = None  # (graph, its arguments, its outputs): the last through dynamo
+
+    def _inductor(self, gm: torch.fx.GraphModule, example_inputs: List[torch.Tensor]) -> Callable:
+        """torch.compile's backend: inductor with this step's options (what backend="inductor" does), its
+        compiled graph's calls through dynamo recorded, for DirectCall."""
+        graph = compile_fx(gm, example_inputs, config_patches=self.options)
+
+        def call(*args):
+            out = graph(*args)
+            self._last_call = (graph, args, out)
+            return out
+        return call
 
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor,
               cols: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -147,14 +164,66 @@ class CompiledCPUStep:
         """The compiled step (compiled at the first call with a batch size), errors raised: logits, picks."""
         if isinstance(positions, int):
             positions = torch.full_like(tokens, positions)
-        # Compiled code cannot take inference tensors: run outside inference mode, on copies.
+        kv_len = max(kv_len, 2)  # a length of 1 would be taken as a constant
+        key = (tokens.shape[0], torch.get_num_threads())
+        direct = self.direct.get(key)
+        if direct is not None and kv_len <= self.model.params.max_seq_len:
+            return direct(tokens, positions, kv_len)
+        # Through torch.compile (compiling at the first call with a batch size). Compiled code cannot take
+        # inference tensors: run outside inference mode, on copies.
         with torch.inference_mode(False), torch.no_grad():
             tokens, positions = tokens.clone(), positions.clone()
-            cols = torch.empty(max(kv_len, 2), dtype=torch.int8)  # a length of 1 would be taken as a constant
+            cols = torch.empty(kv_len, dtype=torch.int8)
             torch._dynamo.mark_dynamic(cols, 0)
             torch._dynamo.mark_static(tokens, 0)
             torch._dynamo.mark_static(positions, 0)
-            return self.graph(tokens, positions, cols)
+            self._last_call = None
+            out = self.graph(tokens, positions, cols)
+            if key not in self.direct:
+                self.direct[key] = DirectCall.of(self._last_call, out, tokens, positions, kv_len)
+            return out
+
+
+class DirectCall:
+    """The step's compiled graph called directly, without torch.compile's frame around it.
+
+    Through torch.compile, each step checks the graph's guards and gathers its arguments: the step's tokens
+    and positions, the cache length read, and ~70 tensors reached through the model's modules (its weights,
+    the forms' blocks, the caches). With the caches cold from a step's stream of weights, that took 0.1-0.2 ms
+    a step (docs/cpu-step.md). The arguments of one call through torch.compile are kept, and later calls
+    change only the step's own three. What the guards would check is held fixed by the caller instead:
+    the batch size and thread count (CompiledCPUStep keeps one DirectCall for each), grad mode off (the
+    compiled graph runs no autograd either way), the cache length between 2 and max_seq_len (its guards'
+    range), and the model not changed after the step is built (already assumed: the forms hold their own
+    weight copies). Inference tensors may go in (the graph is called without dynamo's checks).
+    """
+
+    def __init__(self, graph: Callable, args: tuple, tokens_at: int, positions_at: int, kv_len_at: int):
+        self.graph, self.args = graph, list(args)
+        self.tokens_at, self.positions_at, self.kv_len_at = tokens_at, positions_at, kv_len_at
+
+    @classmethod
+    def of(cls, last_call: Optional[tuple], out: tuple, tokens: torch.Tensor, positions: torch.Tensor,
+           kv_len: int) -> Optional["DirectCall"]:
+        """The DirectCall for the graph of `last_call` (graph, args, outputs), the call through dynamo that
+        gave `out` for these inputs; None where that call is not as DirectCall expects (the step's tokens and
+        positions each one argument, the cache length the one int, the outputs handed back as they are):
+        the step then stays on torch.compile's path."""
+        if last_call is None:
+            return None
+        graph, args, graph_out = last_call
+        tokens_at = [i for i, a in enumerate(args) if a is tokens]
+        positions_at = [i for i, a in enumerate(args) if a is positions]
+        ints = [i for i, a in enumerate(args) if not isinstance(a, torch.Tensor)]
+        passed_on = len(graph_out) == len(out) and all(g is o for g, o in zip(graph_out, out))
+        if len(tokens_at) != 1 or len(positions_at) != 1 or len(ints) != 1 or args[ints[0]] != kv_len:
+            return None
+        return cls(graph, args, tokens_at[0], positions_at[0], ints[0]) if passed_on else None
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int) -> Tuple[torch.Tensor, ...]:
+        args = self.args.copy()
+        args[self.tokens_at], args[self.positions_at], args[self.kv_len_at] = tokens, positions, kv_len
+        return tuple(self.graph(*args))
 
 
 def pick(logits: torch.Tensor) -> torch.Tensor:
