@@ -171,6 +171,7 @@ def decode(
     prompt_lens = torch.tensor(batch.prompt_lens, device=device)
     positions = prompt_lens.clone()  # (bsz,) where each row's next token goes
     ends = torch.tensor(batch.ends, device=device)
+    last = ends - 1  # (bsz,) each row's last position: it stops after writing there
     sink = torch.full_like(positions, total_len)  # the scratch column, for rows already at their end
     stopped = torch.zeros(bsz, dtype=torch.bool, device=device)
     # Prompts of one length keep every row at one position: the step then needs no per-row mask.
@@ -190,16 +191,15 @@ def decode(
         batch.tokens.scatter_(1, write_at, next_tok[:, None])
         if recorder is not None:
             recorder.record_rows(logits, next_tok, write_at[:, 0])
-        stopped |= torch.isin(next_tok, stop_tokens) | (positions + 1 >= ends)
+        stopped |= torch.isin(next_tok, stop_tokens) | (positions >= last)
         if tracker:  # host-side rows: the text so far, stop strings, lengths
             yield tracker.step(positions.tolist(), next_tok.tolist())
             stopped |= torch.tensor(tracker.done, device=device)
         if i == n_steps - 1 or watch.all_stopped(i, stopped):
             break
         # Feed the new tokens. Rows past their end keep running (a batch runs as one) on a clamped position.
-        feed_at = torch.clamp(positions, max=total_len - 1)
         kv_len = min(max(batch.prompt_lens) + i + 1, total_len)  # every row's position is below it
-        at = batch.prompt_lens[0] + i if aligned else feed_at
+        at = batch.prompt_lens[0] + i if aligned else torch.clamp(positions, max=total_len - 1)
         if pick_in_step:
             logits, picked = step.decode_and_pick(next_tok, at, kv_len)
         else:
