@@ -2,7 +2,7 @@
 then in the compiled batch-1 decode step at the 8B shape, with and without it, in one process.
 
     python scripts/decode_attention_step.py [--kv-lens 160 1024 4096] [--systems bf16 bf16-attn int8 int8-attn]
-        [--repeats 3] [--profile SYSTEM] [--out attention_step.json]
+        [--repeats 3] [--profile SYSTEM ...] [--out attention_step.json]
 
 Alone: for each kv_len, every candidate block shape (decode_attention.CANDIDATES) and SDPA with the step's bool
 mask, each a CUDA-graph replay of a pass over 32 layers' caches (1 row, 8 KV heads of 128, 32 query heads,
@@ -12,7 +12,7 @@ dependent launch: microseconds a layer (the load-time pick's own timing, decode_
 Step: the systems built as the bench builds them (bench.run.build_ours, compile=True, random weights, prompt 32,
 128 new tokens), alternating rounds (bench.run.measure): bf16 and int8 with SDPA (LLAMA_DECODE_ATTENTION=off)
 and with the kernel (=on: the fastest candidate, whatever SDPA's time), so that the ratios come from one run.
---profile SYSTEM: afterwards, torch's profiler over that system's decode steps (kernels a step, as
+--profile SYSTEM ...: afterwards, torch's profiler over those systems' decode steps (kernels a step, as
 scripts/profile_step.py). Partial reports are written to --out as it goes.
 """
 
@@ -67,7 +67,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--kv-lens", nargs="*", type=int, default=[160, 1024, 4096])
     p.add_argument("--systems", nargs="*", default=list(SYSTEMS), choices=list(SYSTEMS))
-    p.add_argument("--profile", default=None, choices=list(SYSTEMS))
+    p.add_argument("--profile", nargs="*", default=[], choices=list(SYSTEMS))
     p.add_argument("--out", default="attention_step.json")
     opts = p.parse_args()
     t0 = time.time()
@@ -127,20 +127,23 @@ def main() -> None:
                                                                                     "profile_step.py"))
         prof = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(prof)
-        gen = next(s for s in systems if s.name == opts.profile).generate
         prompts = prompts.to(device)
-        one = prof.kernel_times(lambda: gen(prompts, 1), device)
-        full = prof.kernel_times(lambda: gen(prompts, opts.new_tokens), device)
-        steps = opts.new_tokens - 1
-        per_step = {n: ((c - one.get(n, (0, 0))[0]) / steps, (us - one.get(n, (0, 0.0))[1]) / steps)
-                    for n, (c, us) in full.items()}
-        top = sorted(((n, c, us) for n, (c, us) in per_step.items() if us > 0), key=lambda t: -t[2])[:25]
-        report["profile"] = {"system": opts.profile, "top_kernels": top,
-                             "kernels_us_per_step": sum(us for _, _, us in per_step.values() if us > 0)}
-        for n, c, us in top:
-            print(f"   {us:8.1f} us  {c:5.1f}x  {us / max(c, 1e-9):7.2f} us/call  {n[:100]}", flush=True)
-        save()
-
+        report["profile"] = {}
+        for name in opts.profile:
+            gen = next(s for s in systems if s.name == name).generate
+            one = prof.kernel_times(lambda: gen(prompts, 1), device)
+            full = prof.kernel_times(lambda: gen(prompts, opts.new_tokens), device)
+            steps = opts.new_tokens - 1
+            per_step = {n: ((c - one.get(n, (0, 0))[0]) / steps, (us - one.get(n, (0, 0.0))[1]) / steps)
+                        for n, (c, us) in full.items()}
+            kept = sorted(((n, c, us) for n, (c, us) in per_step.items() if us > 0), key=lambda t: -t[2])
+            report["profile"][name] = {"kernels": kept, "kernels_us_per_step": sum(us for _, _, us in kept),
+                                       "launches_per_step": sum(c for _, c, _ in kept)}
+            print(f"profile {name}: {report['profile'][name]['kernels_us_per_step']:.1f} us of kernels a step, "
+                  f"{report['profile'][name]['launches_per_step']:.0f} launches", flush=True)
+            for n, c, us in kept[:25]:
+                print(f"   {us:8.1f} us  {c:5.1f}x  {us / max(c, 1e-9):7.2f} us/call  {n[:100]}", flush=True)
+            save()
 
 if __name__ == "__main__":
     main()

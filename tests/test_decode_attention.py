@@ -44,9 +44,10 @@ def random_attention(bsz: int, heads: tuple, max_seq: int, dtype: torch.dtype, s
     return q.to(**to), cache_k.to(**to), cache_v.to(**to), torch.tensor(positions, device=device)
 
 
-def assert_within_bound(out: torch.Tensor, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                        positions: torch.Tensor, kv_len: int) -> None:
-    """out against softmax(q K^T / sqrt(head_dim)) V over positions 0 .. min(positions[b], kv_len - 1) in float64.
+def attention_bound(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, positions: torch.Tensor,
+                    kv_len: int, out_dtype: torch.dtype):
+    """(exact, bound): softmax(q K^T / sqrt(head_dim)) V over positions 0 .. min(positions[b], kv_len - 1) of
+    row b in float64 (bsz, n_heads, head_dim), and a bound on a computed output's error, element by element.
 
     The bound, derived to first order in u = 2**-24 (1% added for the rest). With c = log2(e) / sqrt(head_dim),
     each base-2 score t_j = c q.k_j is computed with an error under (D + 2) u c A_j, A_j = sum |q_d k_jd| (q
@@ -58,8 +59,7 @@ def assert_within_bound(out: torch.Tensor, q: torch.Tensor, cache_k: torch.Tenso
     p_j is off by at most eta = ln2 u (D + 10) T + (n + 2) EX2 relatively. Then the weighted sum of V and the
     sum of weights: n products and about n + 4 additions or rescalings a term, (2n + 8) u of W = sum p_j
     |v_j| / sum p_j; the weights' error moves numerator and denominator: 2 eta W. One division (u) and one
-    rounding to out's dtype (u_out of the result). Separately, for float32: relative error over the whole
-    output under 1e-5 (far under the worst case)."""
+    rounding to out's dtype (u_out of the result)."""
     bsz, n_heads, head_dim = q.shape
     group = n_heads // cache_k.shape[1]
     c = math.log2(math.e) / math.sqrt(head_dim)
@@ -67,25 +67,36 @@ def assert_within_bound(out: torch.Tensor, q: torch.Tensor, cache_k: torch.Tenso
     bound = torch.empty_like(exact)
     for b in range(bsz):
         n = min(int(positions[b]), kv_len - 1) + 1
-        for h in range(n_heads):
-            k = cache_k[b, h // group, :n].double().cpu()  # (n, D)
-            v = cache_v[b, h // group, :n].double().cpu()
-            qd = q[b, h].double().cpu()
-            t = c * (k @ qd)  # (n,) base-2 scores
-            big_t = c * (k.abs() @ qd.abs()).max().item()
-            p = torch.exp2(t - t.max())
-            exact[b, h] = (p @ v) / p.sum()
-            w = (p @ v.abs()) / p.sum()  # (D,)
-            eta = math.log(2) * U32 * (head_dim + 10) * big_t + (n + 2) * EX2
-            bound[b, h] = (2 * eta + (2 * n + 9) * U32) * w
+        k = cache_k[b, :, :n].double().cpu().repeat_interleave(group, 0)  # (n_heads, n, D): each head's KV head
+        v = cache_v[b, :, :n].double().cpu().repeat_interleave(group, 0)
+        qd = q[b].double().cpu()[:, :, None]  # (n_heads, D, 1)
+        t = c * (k @ qd)[..., 0]  # (n_heads, n) base-2 scores
+        big_t = c * (k.abs() @ qd.abs())[..., 0].amax(1)  # (n_heads,)
+        p = torch.exp2(t - t.amax(1, keepdim=True))
+        total = p.sum(1, keepdim=True)
+        exact[b] = (p[:, None] @ v)[:, 0] / total
+        w = (p[:, None] @ v.abs())[:, 0] / total  # (n_heads, D)
+        eta = math.log(2) * U32 * (head_dim + 10) * big_t + (n + 2) * EX2  # (n_heads,)
+        bound[b] = (2 * eta[:, None] + (2 * n + 9) * U32) * w
     bound = 1.01 * bound
-    bound = bound + UNIT[out.dtype] * (exact.abs() + bound)
+    return exact, bound + UNIT[out_dtype] * (exact.abs() + bound)
+
+
+def assert_within(out: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor) -> None:
+    """out within attention_bound's bound of the exact attention; for float32 also a relative error over the
+    whole output under 1e-5 (far under the worst case)."""
     got = out.double().cpu()
     assert torch.isfinite(got).all()
     worst = ((got - exact).abs() / bound).max().item()
     assert worst <= 1, f"error {worst:.3g} of its bound"
     if out.dtype == torch.float32:
         assert ((got - exact).norm() / exact.norm()).item() < 1e-5
+
+
+def assert_within_bound(out: torch.Tensor, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                        positions: torch.Tensor, kv_len: int) -> None:
+    """out against the exact attention within attention_bound's bound (and assert_within's)."""
+    assert_within(out, *attention_bound(q, cache_k, cache_v, positions, kv_len, out.dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -221,10 +232,11 @@ def test_cuda_kernel_gives_the_attention_within_its_bound(dtype, heads):
                                        (1000, 1024, [999, 500, 31])):
         seed += 1
         q, cache_k, cache_v, pos = random_attention(len(positions), heads, max_seq, dtype, seed, "cuda", positions)
+        exact, bound = attention_bound(q, cache_k, cache_v, pos, kv_len, dtype)
         for cfg in configs:
             out = torch.full_like(q, float("nan"))
             AK.launch(q, cache_k, cache_v, pos, kv_len, cfg, out=out)
-            assert_within_bound(out, q, cache_k, cache_v, pos, kv_len)
+            assert_within(out, exact, bound)
 
 
 @needs_kernel
@@ -232,8 +244,9 @@ def test_cuda_kernel_stays_within_its_bound_on_large_scores():
     """Scores spread over hundreds (q and K scaled by 8): the online softmax rescales at almost every step."""
     heads = (32, 8, 128)
     q, cache_k, cache_v, pos = random_attention(2, heads, 300, torch.float32, 20, "cuda", [299, 130], spread=8.0)
+    exact, bound = attention_bound(q, cache_k, cache_v, pos, 300, torch.float32)
     for cfg in A.CANDIDATES:
-        assert_within_bound(AK.launch(q, cache_k, cache_v, pos, 300, cfg), q, cache_k, cache_v, pos, 300)
+        assert_within(AK.launch(q, cache_k, cache_v, pos, 300, cfg), exact, bound)
 
 
 @needs_kernel
