@@ -223,13 +223,16 @@ def test_models_off_cuda_keep_sdpa(tiny_llama, monkeypatch):
 @pytest.mark.parametrize("heads", HEADS)
 def test_cuda_kernel_gives_the_attention_within_its_bound(dtype, heads):
     """Every candidate block shape (and the group's heads a program), one row and three rows at different
-    positions (the first, the last, one inside a block), kv_len from 1 to 1000; the output poisoned first."""
+    positions (the first, the last, one inside a block), kv_len from 1 to 160 (1000 for the 8B model's heads);
+    the output poisoned first."""
     group = heads[0] // heads[1]
     configs = [c for c in A.CANDIDATES + (AK.AttentionConfig(128, 8, 1, 1), AK.AttentionConfig(16, 4, group, 3))
                if c.heads <= group and group % c.heads == 0]
     seed = 10
-    for kv_len, max_seq, positions in ((1, 8, [0]), (17, 20, [16]), (160, 160, [159]), (160, 160, [0, 159, 77]),
-                                       (1000, 1024, [999, 500, 31])):
+    cases = [(1, 8, [0]), (17, 20, [16]), (160, 160, [159]), (160, 160, [0, 159, 77])]
+    if heads == HEADS[0]:  # the 8B model's heads: a long cache too
+        cases.append((1000, 1024, [999, 500, 31]))
+    for kv_len, max_seq, positions in cases:
         seed += 1
         q, cache_k, cache_v, pos = random_attention(len(positions), heads, max_seq, dtype, seed, "cuda", positions)
         exact, bound = attention_bound(q, cache_k, cache_v, pos, kv_len, dtype)

@@ -103,7 +103,7 @@ if triton is not None:
             alpha = tl.exp2(m - m_new)  # (HEADS,): 0 at the first step (m = -inf)
             p = tl.exp2(s - m_new[:, None])  # (HEADS, BLOCK_N), 0 where masked
             l = l * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # (HEADS, BLOCK_D)
+            acc = acc + tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # (HEADS, BLOCK_D)
             m = m_new
         if SPLIT == 1:
             out = acc / l[:, None]
