@@ -191,21 +191,55 @@ def test_setting_takes_auto_on_or_off_and_rejects_other_values(monkeypatch):
 
 
 def test_pick_keeps_sdpa_unless_the_fastest_candidate_beats_it():
-    fast, slow = AK.AttentionConfig(16, 4), AK.AttentionConfig(32, 4, 4, 4)
+    fast, slow = AK.AttentionConfig(16, 4), AK.AttentionConfig(32, 4, 4)
     assert A.pick({fast: 2e-6, slow: 3e-6, A.SDPA: 7e-6}, "auto") == fast
     assert A.pick({fast: 8e-6, slow: 9e-6, A.SDPA: 7e-6}, "auto") is None
     assert A.pick({fast: 8e-6, slow: 9e-6, A.SDPA: 7e-6}, "on") == fast
-    assert A.pick({A.SDPA: 7e-6}, "on") is None
+    assert A.pick({A.SDPA: 7e-6}, "on") is None  # no candidate fitted (a long cache)
 
 
-def test_block_shapes_must_fit_the_kernel_and_the_group():
-    AK.check_config(AK.AttentionConfig(32, 4, 4, 2), group=4)
+def test_block_shapes_must_fit_the_kernel_the_group_and_the_cache():
+    AK.check_config(AK.AttentionConfig(32, 4, 4), group=4, kv_len=512)
     for bad in (AK.AttentionConfig(24, 4), AK.AttentionConfig(32, 3), AK.AttentionConfig(32, 4, 3),
-                AK.AttentionConfig(32, 32), AK.AttentionConfig(32, 4, 1, 0)):
+                AK.AttentionConfig(32, 32), AK.AttentionConfig(0, 4)):
         with pytest.raises(ValueError, match="block shape"):
             AK.check_config(bad, group=4)
     with pytest.raises(ValueError, match="does not divide"):
         AK.check_config(AK.AttentionConfig(32, 4, 4), group=2)
+    with pytest.raises(ValueError, match="more than 16 blocks"):  # the combine kernel's limit
+        AK.check_config(AK.AttentionConfig(32, 4), group=4, kv_len=513)
+
+
+@pytest.mark.parametrize("mode", ["auto", "on", "off"])
+def test_setting_gives_the_kernel_to_int8_gemv_models_only_unless_on(tiny_llama, monkeypatch, mode):
+    """"auto": the kernel where the model's products run the int8 GEMV and the timing finds it faster than
+    SDPA (here a made-up timing); a model of inductor's products keeps SDPA, untimed. "on": every model, the
+    fastest candidate. "off": none. The timing's random caches are zeroed again."""
+    fast = AK.AttentionConfig(16, 2)
+    timed = []
+
+    def fake_times(caches, n_heads, kv_len, pdl):
+        timed.append(kv_len)
+        return {fast: 1e-6, AK.AttentionConfig(32, 4): 2e-6, A.SDPA: 5e-6}
+
+    monkeypatch.setattr(A, "kernel_runs_on", lambda device: True)
+    monkeypatch.setattr(A, "time_candidates", fake_times)
+    monkeypatch.setenv(A.ENV, mode)
+    llama = tiny_llama(dict(SMALL_GQA, vocab_size=512), seed=3, device="cpu", dtype=torch.float32)
+    model = llama.model
+    layers = [m for m in model.modules() if isinstance(m, FastAttention)]
+    for with_gemv in (False, True):
+        if with_gemv:
+            model.output.gemv = "an int8 GEMV"  # what use_int8_gemv sets on a CUDA int8 layer
+        chosen = A.use_decode_attention(model)
+        expect = mode == "on" or (mode == "auto" and with_gemv)
+        assert (chosen is not None) == expect
+        assert all(m.decode_attention is chosen for m in layers)
+        assert chosen is None or chosen.cfg == fast
+        assert all(float(m.cache_k.abs().max()) == 0 for m in layers)
+    assert timed == {"auto": [64], "on": [64, 64], "off": []}[mode]  # kv_len: max_seq_len
+    for m in layers:
+        m.decode_attention = None
 
 
 def test_models_off_cuda_keep_sdpa(tiny_llama, monkeypatch):
@@ -223,20 +257,22 @@ def test_models_off_cuda_keep_sdpa(tiny_llama, monkeypatch):
 @pytest.mark.parametrize("heads", HEADS)
 def test_cuda_kernel_gives_the_attention_within_its_bound(dtype, heads):
     """Every candidate block shape (and the group's heads a program), one row and three rows at different
-    positions (the first, the last, one inside a block), kv_len from 1 to 160 (1000 for the 8B model's heads);
+    positions (the first, the last, one inside a block), kv_len from 1 to 160 (500 for the 8B model's heads);
     the output poisoned first."""
     group = heads[0] // heads[1]
-    configs = [c for c in A.CANDIDATES + (AK.AttentionConfig(128, 8, 1, 1), AK.AttentionConfig(16, 4, group, 3))
-               if c.heads <= group and group % c.heads == 0]
+    configs = [c for c in A.CANDIDATES + (AK.AttentionConfig(64, 8), AK.AttentionConfig(16, 4, group))
+               if group % c.heads == 0]
     seed = 10
     cases = [(1, 8, [0]), (17, 20, [16]), (160, 160, [159]), (160, 160, [0, 159, 77])]
-    if heads == HEADS[0]:  # the 8B model's heads: a long cache too
-        cases.append((1000, 1024, [999, 500, 31]))
+    if heads == HEADS[0]:  # the 8B model's heads: a longer cache too (500 positions: 16 blocks of 32)
+        cases.append((500, 512, [499, 250, 31]))
     for kv_len, max_seq, positions in cases:
         seed += 1
         q, cache_k, cache_v, pos = random_attention(len(positions), heads, max_seq, dtype, seed, "cuda", positions)
         exact, bound = attention_bound(q, cache_k, cache_v, pos, kv_len, dtype)
         for cfg in configs:
+            if kv_len > cfg.block_n * AK.MAX_BLOCKS:
+                continue
             out = torch.full_like(q, float("nan"))
             AK.launch(q, cache_k, cache_v, pos, kv_len, cfg, out=out)
             assert_within(out, exact, bound)
@@ -244,12 +280,12 @@ def test_cuda_kernel_gives_the_attention_within_its_bound(dtype, heads):
 
 @needs_kernel
 def test_cuda_kernel_stays_within_its_bound_on_large_scores():
-    """Scores spread over hundreds (q and K scaled by 8): the online softmax rescales at almost every step."""
+    """Scores spread over hundreds (q and K scaled by 8): the blocks' maxima far apart when merged."""
     heads = (32, 8, 128)
-    q, cache_k, cache_v, pos = random_attention(2, heads, 300, torch.float32, 20, "cuda", [299, 130], spread=8.0)
-    exact, bound = attention_bound(q, cache_k, cache_v, pos, 300, torch.float32)
+    q, cache_k, cache_v, pos = random_attention(2, heads, 256, torch.float32, 20, "cuda", [255, 130], spread=8.0)
+    exact, bound = attention_bound(q, cache_k, cache_v, pos, 256, torch.float32)
     for cfg in A.CANDIDATES:
-        assert_within(AK.launch(q, cache_k, cache_v, pos, 300, cfg), exact, bound)
+        assert_within(AK.launch(q, cache_k, cache_v, pos, 256, cfg), exact, bound)
 
 
 @needs_kernel
@@ -268,12 +304,12 @@ def test_cuda_op_takes_a_strided_query():
 def test_cuda_dependent_launch_reads_the_cache_after_it_is_written(in_graph):
     """The cache and the query change between runs, written by a large copy just before the kernel: a
     dependent launch that read them before its wait would see the last run's values."""
-    heads, kv_len = (32, 8, 128), 4096
+    heads, kv_len = (32, 8, 128), 512
     q, cache_k, cache_v, pos = random_attention(1, heads, kv_len, torch.bfloat16, 22, "cuda", [kv_len - 1])
     big = torch.empty(64, 2**20, device="cuda", dtype=torch.bfloat16)  # 128 MB copied before each write
     big_to = torch.empty_like(big)
     new_k, new_v, new_q = torch.empty_like(cache_k), torch.empty_like(cache_v), torch.empty_like(q)
-    cfgs = (AK.AttentionConfig(32, 4, 1, 1), AK.AttentionConfig(16, 4, 4, 4))
+    cfgs = (AK.AttentionConfig(32, 4), AK.AttentionConfig(32, 4, 4))
 
     def run(pdl):
         big_to.copy_(big)
@@ -320,10 +356,11 @@ def test_cuda_compiled_step_on_the_kernel_gives_the_sdpa_greedy_tokens(tiny_llam
 
 @needs_kernel
 def test_cuda_auto_times_the_kernel_against_sdpa_and_keeps_the_faster(tiny_llama, monkeypatch):
+    """An int8 model on the GEMV ("auto" leaves others on SDPA): both timed, the faster kept; caches zeroed."""
     monkeypatch.setenv(A.ENV, "auto")
     monkeypatch.setattr(A, "PICK_TIMES", {})
     llama = tiny_llama(dict(SMALL_GQA, vocab_size=512), seed=6, device="cuda", dtype=torch.bfloat16,
-                       max_batch_size=1, compile=True)
+                       max_batch_size=1, compile=True, quantize="int8")
     (times,) = A.PICK_TIMES.values()
     assert A.SDPA in times and len(times) > 1
     best = A.pick(times, "auto")

@@ -5,21 +5,28 @@ In the compiled batch-1 decode step each layer's attention was cuDNN's SDPA kern
 at the 8B shape) and a kernel inductor makes from the step's bool mask (0.9 us a layer), for one query token
 over a cache of a few hundred positions, well under a megabyte a layer: latency, not bandwidth. The compiled
 step also reads the whole cache (max_seq_len positions, masked), since its shapes must not change between
-steps. The kernel here takes each row's position instead of a mask, reads the cache only up to it, and
-is a custom op (`llama::decode_attention`) that torch.compile and CUDA graphs call as one opaque kernel.
+steps. The kernel here takes each row's position instead of a mask, reads the cache only up to it (one
+program a block of positions, the blocks merged by a second kernel), and is a custom op
+(`llama::decode_attention`) that torch.compile and CUDA graphs call as one opaque call.
 
 `use_decode_attention` gives each fast attention layer the op (`FastAttention.decode_attention`) where it is
-faster: LLAMA_DECODE_ATTENTION "auto" (the default) times every candidate block shape (CANDIDATES) and the
-current path (SDPA with the step's mask) in a CUDA graph over the model's own layers at load, and keeps the
-kernel only if its best is faster; "on" takes the best candidate without the comparison; "off" leaves SDPA.
+faster. LLAMA_DECODE_ATTENTION "auto" (the default): in a model whose products run the int8 GEMV kernel
+(llama.fast.int8_gemv), it times every candidate block shape (CANDIDATES) and the current path (SDPA with the
+step's mask) in a CUDA graph over the model's own layers at load, and keeps the kernel only if its best is
+faster; other models keep SDPA. Why only those: on an H200 at the 8B shape the kernel took 4.3 us a layer
+against SDPA's 10.4, and the int8 step ran 1.3% and 4.0% faster with it, but the bf16 step, whose products are
+inductor's own kernels, ran 11-17% slower in three runs out of three (its products slower beside the op; cause
+not found; bench/results/GPU_RESULTS.md, issue 18, eighth session). "on": every model takes the fastest
+candidate, without the comparison; "off": SDPA. A cache of more than decode_attention_kernels.MAX_BLOCKS blocks
+of the candidates' sizes (512 positions) keeps SDPA.
 The layers take it for one row (MAX_ROWS: the batch-1 step the timing measures); more rows keep SDPA.
 LLAMA_DECODE_ATTENTION_PDL ("auto", the default, or "off"): the kernel as a programmatic dependent launch where
 the GPU has it (llama.fast.int8_gemv_kernels.pdl_supported).
 
 Numerics: the scores, the softmax and the weighted sum of V in float32, the output divided once and rounded
-once to the query's dtype (decode_attention_reference: the same in torch, off CUDA); cuDNN's kernel rounds the
-softmax's weights to bf16 before their product with V, so the kernel is closer to exact than the path it
-replaces. tests/test_decode_attention.py bounds it against float64.
+once to the query's dtype (decode_attention_reference: the same in torch, off CUDA); flash-style kernels such
+as cuDNN's round the softmax's weights to the input dtype before their product with V, which this one does
+not. tests/test_decode_attention.py bounds it against float64.
 """
 
 import os
@@ -39,20 +46,16 @@ MAX_ROWS = 1
 ROUNDS = 5
 SDPA = "sdpa"  # the current path's key among the pick's timings
 
-# Candidates timed at load: a query head a program or a KV group's heads together (heads: skipped where they do
-# not divide the group), the cache in one chunk or cut into several (more programs reading at once).
+# Candidates timed at load: a query head a program, or a KV group's heads together (skipped where they do not
+# divide the group); one block of cache positions a program. On an H200 at the 8B shape and kv_len 160, per
+# layer in a CUDA graph (SDPA with the mask: 10.1 us): (16, 4) 4.4 us, (32, 4) 5.1, (16, 4, 4) 5.2, (32, 4, 4)
+# 8.2 (bench/results/GPU_RESULTS.md, issue 18, eighth session).
 CANDIDATES = (
-    AttentionConfig(16, 4, 1, 16),  # the fastest at kv_len 160 on an H200: 4.4 us a layer, SDPA 10.1
-    AttentionConfig(16, 2, 1, 16),
-    AttentionConfig(32, 4, 1, 8),
-    AttentionConfig(32, 4, 1, 16),  # at kv_len 1024: 11.4 us, SDPA 12.8
-    AttentionConfig(32, 4, 1, 64),
-    AttentionConfig(16, 4, 4, 16),
-    AttentionConfig(32, 4, 4, 64),
-    AttentionConfig(16, 4, 4, 8),
-    AttentionConfig(32, 4, 1, 4),
-    AttentionConfig(32, 4, 1, 1),
-    AttentionConfig(64, 8, 1, 1),
+    AttentionConfig(16, 4),
+    AttentionConfig(16, 2),
+    AttentionConfig(32, 4),
+    AttentionConfig(16, 4, 4),
+    AttentionConfig(32, 4, 4),
 )
 
 
@@ -72,21 +75,20 @@ def decode_attention_reference(q: torch.Tensor, cache_k: torch.Tensor, cache_v: 
 
 @torch.library.custom_op("llama::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, positions: torch.Tensor,
-                     kv_len: int, block_n: int, num_warps: int, heads: int = 1, split: int = 1,
-                     pdl: bool = False) -> torch.Tensor:
+                     kv_len: int, block_n: int, num_warps: int, heads: int = 1, pdl: bool = False) -> torch.Tensor:
     """One query token per row against the KV cache: q (bsz, n_heads, head_dim), cache_k and cache_v
     (max_batch_size, n_kv_heads, max_seq_len, head_dim), positions (bsz,): row i reads cache positions
     0 .. positions[i] below kv_len -> (bsz, n_heads, head_dim) in q's dtype. The Triton kernel with this block
     shape (AttentionConfig; pdl: a programmatic dependent launch, where pdl_supported holds) on CUDA;
     elsewhere decode_attention_reference."""
     if kernel_runs_on(q.device):
-        return launch(q, cache_k, cache_v, positions, kv_len, AttentionConfig(block_n, num_warps, heads, split),
+        return launch(q, cache_k, cache_v, positions, kv_len, AttentionConfig(block_n, num_warps, heads),
                       pdl=pdl and pdl_supported(q.device))
     return decode_attention_reference(q, cache_k, cache_v, positions, kv_len)
 
 
 @decode_attention.register_fake
-def _(q, cache_k, cache_v, positions, kv_len, block_n, num_warps, heads=1, split=1, pdl=False):
+def _(q, cache_k, cache_v, positions, kv_len, block_n, num_warps, heads=1, pdl=False):
     return q.new_empty(q.shape)
 
 
@@ -161,9 +163,9 @@ PICK_TIMES: Dict[tuple, Dict[object, float]] = {}
 
 def time_candidates(caches: List[Tuple[torch.Tensor, torch.Tensor]], n_heads: int, kv_len: int, pdl: bool,
                     candidates=CANDIDATES, rows: int = 1) -> Dict[object, float]:
-    """Seconds a layer for each fitting candidate and for SDPA with the step's mask: each a CUDA-graph replay
-    of a pass over every layer's caches (as a step reads them), one query row at the last position (the
-    whole of kv_len, as SDPA always reads)."""
+    """Seconds a layer for each candidate that fits (check_config) and for SDPA with the step's mask: each a
+    CUDA-graph replay of a pass over every layer's caches (as a step reads them), one query row at the last
+    position (the whole of kv_len, as SDPA always reads)."""
     cache_k = caches[0][0]
     n_kv_heads, head_dim = cache_k.shape[1], cache_k.shape[3]
     g = torch.Generator().manual_seed(0)
@@ -174,7 +176,7 @@ def time_candidates(caches: List[Tuple[torch.Tensor, torch.Tensor]], n_heads: in
     fitting = []
     for cfg in candidates:
         try:
-            check_config(cfg, n_heads // n_kv_heads)
+            check_config(cfg, n_heads // n_kv_heads, kv_len)
             fitting.append(cfg)
         except ValueError:
             pass
@@ -201,15 +203,18 @@ def pick(times: Dict[object, float], mode: str) -> Optional[AttentionConfig]:
 @torch.no_grad()
 def use_decode_attention(model: nn.Module) -> Optional[DecodeAttention]:
     """Give each fast attention layer of `model` (llama.fast.layers.FastAttention) the kernel for its decode
-    steps (`decode_attention`) where LLAMA_DECODE_ATTENTION allows and the timing finds it faster: on CUDA with
-    Triton only; call it once the model is on its device, before any generation (the timing fills the caches
-    with random values, then zeroes them as they were built). Returns what the layers took (None: SDPA)."""
+    steps (`decode_attention`) where LLAMA_DECODE_ATTENTION allows (the module docstring: "auto" only in models
+    whose products run the int8 GEMV) and the timing finds it faster: on CUDA with Triton only; call it once the
+    model is on its device, before any generation (the timing fills the caches with random values, then
+    zeroes them as they were built). Returns what the layers took (None: SDPA)."""
     mode = setting()
     layers = [m for m in model.modules() if hasattr(m, "decode_attention") and hasattr(m, "cache_k")]
     for m in layers:
         m.decode_attention = None
     if mode == "off" or not layers or not kernel_runs_on(layers[0].cache_k.device):
         return None
+    if mode == "auto" and not any(getattr(m, "gemv", None) is not None for m in model.modules()):
+        return None  # products of inductor's own: the step ran slower with the kernel (the module docstring)
     cache_k = layers[0].cache_k
     pdl = pdl_runs_on(cache_k.device)
     caches = [(m.cache_k, m.cache_v) for m in layers]

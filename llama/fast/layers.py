@@ -10,7 +10,8 @@ weights and the same results (to float32 rounding) as the reference modules of l
   w1 and w3 (FastFeedForward.w13): fewer, larger products, which split better over cores.
 - FastAttention also takes one new token per row at each row's own cache position (the batched decode loop of
   llama.fast.loop), and runs a CPU decode step's attention in float32 (faster there than bf16/fp16, and
-  closer to exact).
+  closer to exact). A compiled CUDA decode step of one row may run a Triton kernel instead of SDPA, picked at
+  load (llama.fast.decode_attention).
 - With one model-parallel rank the layers skip fairscale's no-op autograd functions, whose bookkeeping costs
   time at every call and which torch.compile cannot trace. With several ranks they all-reduce and gather
   exactly as fairscale does.
