@@ -17,12 +17,13 @@ positions):
   its first load, since everything it reads (the query, the cache, just written) comes from the kernels before
   it, and lets its dependents start right after; the combine kernel is launched plainly.
 
-One block a program, always (`launch`): the kernel's loop is an online softmax that could walk several blocks,
-but programs that did so gave wrong results on an H200 (Triton 3.6; errors of 10**3 times the float64 bound
-for every block shape that looped, right ones for every block shape that did not, with Triton's software
-pipelining on or off; the interpreter gives right ones either way; cause not found:
-bench/results/GPU_RESULTS.md, issue 18, eighth session). So the loop runs at most once, and a cache longer than
-MAX_BLOCKS blocks keeps SDPA (check_config).
+One block a program, always (`launch`): that was the fastest form at the 8B model's decode lengths (4.4 us a
+layer at kv_len 160 against 6.0 for two blocks a program and 8.9 for five, on an H200), and it is the form
+whose every block shape ran within the float64 bound on the H200. The kernel's loop, an online softmax, could
+walk several blocks (right under Triton's interpreter, with the tests' bound), but those forms were not tested
+on the H200 in their right state: the H200 runs of them had a bug planted in them by mistake (the rescale left
+out; bench/results/GPU_RESULTS.md, issue 18, eighth session). So the loop runs at most once, and a cache
+longer than MAX_BLOCKS blocks keeps SDPA (check_config).
 
 Numerics: every score, exponential, sum and product in float32 (products of bf16 values exact), the output
 divided once and rounded once to the query's dtype; tests/test_decode_attention.py bounds it against float64.
@@ -43,8 +44,8 @@ except ImportError:  # pragma: no cover - depends on the install
 
 
 # The most blocks of cache positions a row's head is cut into: the combine kernel reads them all at once. 16
-# (512 positions in blocks of 32) keeps to what ran on an H200 (10 blocks at kv_len 160); longer caches keep
-# SDPA, which was about as fast at 1,024 positions and twice as fast at 4,096.
+# (512 positions in blocks of 32) keeps near what ran on an H200 (10 blocks at kv_len 160); longer caches keep
+# SDPA, which was about as fast at 1,024 positions and twice as fast at 4,096 as the kernel's forms then.
 MAX_BLOCKS = 16
 
 
@@ -123,7 +124,7 @@ if triton is not None:
             alpha = tl.exp2(m - m_new)  # (HEADS,): 0 at the first step (m = -inf)
             p = tl.exp2(s - m_new[:, None])  # (HEADS, BLOCK_N), 0 where masked
             l = l * alpha + tl.sum(p, axis=1)
-            acc = acc + tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # (HEADS, BLOCK_D)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # (HEADS, BLOCK_D)
             m = m_new
         if SPLIT == 1:
             out = acc / l[:, None]
