@@ -52,6 +52,7 @@ from llama.cli.interrupt import report_interrupt
 from llama.model import ModelArgs, Transformer
 from llama.tokenizer import ChatFormat
 from llama.fast.cpu_forms import ENV as CPU_FORMS_ENV, picked_forms
+from llama.fast import decode_attention
 from llama.fast.int8_gemv import picked_gemvs
 from llama.fast.layers import use_fast_layers
 from llama.fast.quantize import QUANTIZE_CHOICES, use_int8_layers
@@ -429,10 +430,18 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
         )
         built = [ours_system("ours", ours)]
         forms = {"ours": picked_forms(ours.model)}
+        attention = {"ours": decode_attention.picked_attention(ours.model)}
         for quantize in opts.quantize:
             quantized = build_ours(args, sd, device, dtype, True, opts.compile, quantize)
             built.append(ours_system(f"ours-{quantize}", quantized))
             forms[f"ours-{quantize}"] = picked_forms(quantized.model)
+            attention[f"ours-{quantize}"] = decode_attention.picked_attention(quantized.model)
+        if device.type == "cuda" and opts.compile:  # llama.fast.decode_attention's pick and its timings
+            report.setdefault("decode_attention", {})[dtype_name] = attention
+            report["decode_attention_times_us"] = [
+                {"key": list(map(str, key)), "us": {str(c): 1e6 * t for c, t in times.items()}}
+                for key, times in decode_attention.PICK_TIMES.items()]
+            log(f"  {dtype_name} decode attention: {attention}")
             if device.type == "cuda" and quantize == "int8":  # llama.fast.int8_gemv's picks
                 report["int8_gemv_picks"] = picked_gemvs(quantized.model)
                 log("  ours-int8 GEMV picks: " + "; ".join(f"{k} {v}" for k, v in report["int8_gemv_picks"].items()))

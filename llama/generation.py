@@ -28,6 +28,7 @@ from llama.distributed import default_dtype, init_distributed, is_rank_zero, pic
 from llama.families import AnyChatFormat, AnyTokenizer, load_tokenizer, make_chat_format
 from llama.fast.cpu_forms import pick_cpu_forms
 from llama.fast.cpu_step import compiles_on_cpu, cpu_decode_step
+from llama.fast.decode_attention import use_decode_attention
 from llama.fast.layers import use_fast_layers
 from llama.fast.loop import decode, stop_check_interval
 from llama.fast.quantize import check_quantize, use_int8_layers
@@ -236,6 +237,8 @@ class Llama:
             # On the CPU (one rank) compile=True compiles the step with the picked forms inside (cpu_step.py).
             cpu_compile = compile and compiles_on_cpu(model)
             use_fast_layers(model, pack=not compile or cpu_compile)
+            if compile and not cpu_compile:  # on CUDA: the decode attention kernel, where it times faster
+                use_decode_attention(model)
             if not compile or cpu_compile:  # on the CPU: each product's fastest form for decode steps, timed here
                 pick_cpu_forms(model)
                 cpu_step = cpu_decode_step(model, compile=cpu_compile)  # where compiling the step whole wins

@@ -10,7 +10,8 @@ weights and the same results (to float32 rounding) as the reference modules of l
   w1 and w3 (FastFeedForward.w13): fewer, larger products, which split better over cores.
 - FastAttention also takes one new token per row at each row's own cache position (the batched decode loop of
   llama.fast.loop), and runs a CPU decode step's attention in float32 (faster there than bf16/fp16, and
-  closer to exact).
+  closer to exact). A compiled CUDA decode step of one row may run a Triton kernel instead of SDPA, picked at
+  load (llama.fast.decode_attention).
 - With one model-parallel rank the layers skip fairscale's no-op autograd functions, whose bookkeeping costs
   time at every call and which torch.compile cannot trace. With several ranks they all-reduce and gather
   exactly as fairscale does.
@@ -28,6 +29,7 @@ from fairscale.nn.model_parallel.mappings import gather_from_model_parallel_regi
 from torch import nn
 
 from llama.fast.collectives import traced_across_ranks
+from llama.fast.decode_attention import MAX_ROWS as DECODE_ATTENTION_MAX_ROWS
 from llama.model import Attention, FeedForward, Transformer, TransformerBlock, apply_rotary_emb
 
 # Where new tokens go in the KV cache: one int for every row (the reference's start_pos), or a (bsz,) tensor
@@ -236,6 +238,9 @@ class FastAttention(nn.Module):
         self.wo = _fast(attention.wo, pack)
         self.register_buffer("cache_k", attention.cache_k, persistent=False)
         self.register_buffer("cache_v", attention.cache_v, persistent=False)
+        # On CUDA, a compiled decode step's attention kernel, given at load where it timed faster than SDPA
+        # (llama.fast.decode_attention); it takes each row's position instead of the mask.
+        self.decode_attention: Optional[Callable[..., torch.Tensor]] = None
 
     def forward(
         self, x: torch.Tensor, start_pos: Positions, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
@@ -266,16 +271,20 @@ class FastAttention(nn.Module):
             self.cache_k[rows, :, at] = xk.transpose(1, 2)  # (bsz, seqlen, n_kv_heads, head_dim)
             self.cache_v[rows, :, at] = xv.transpose(1, 2)
             end_pos = mask.shape[-1]
-        keys = self.cache_k[:bsz, :, :end_pos]  # (bsz, n_kv_heads, end_pos, head_dim)
-        values = self.cache_v[:bsz, :, :end_pos]
-
-        if seqlen == 1 and x.device.type == "cpu" and x.dtype != torch.float32:
-            # A decode step on the CPU: the float32 kernel, on upcast copies, is several times faster for one
-            # query than the bf16/fp16 one (and rounds less).
-            xq, keys, values = xq.float(), keys.float(), values.float()
-        out = F.scaled_dot_product_attention(
-            xq, keys, values, attn_mask=mask, enable_gqa=self.n_local_heads != self.n_local_kv_heads
-        )  # (bsz, n_heads, seqlen, head_dim)
+        if seqlen == 1 and not isinstance(start_pos, int) and self.decode_attention is not None and (
+                bsz <= DECODE_ATTENTION_MAX_ROWS):
+            # A compiled CUDA decode step: the kernel reads the cache up to each row's position (the mask unused).
+            out = self.decode_attention(xq[:, :, 0], self.cache_k, self.cache_v, start_pos, end_pos)[:, :, None]
+        else:
+            keys = self.cache_k[:bsz, :, :end_pos]  # (bsz, n_kv_heads, end_pos, head_dim)
+            values = self.cache_v[:bsz, :, :end_pos]
+            if seqlen == 1 and x.device.type == "cpu" and x.dtype != torch.float32:
+                # A decode step on the CPU: the float32 kernel, on upcast copies, is several times faster for
+                # one query than the bf16/fp16 one (and rounds less).
+                xq, keys, values = xq.float(), keys.float(), values.float()
+            out = F.scaled_dot_product_attention(
+                xq, keys, values, attn_mask=mask, enable_gqa=self.n_local_heads != self.n_local_kv_heads
+            )  # (bsz, n_heads, seqlen, head_dim)
         out = out.type_as(x).transpose(1, 2).reshape(bsz, seqlen, -1)  # (bsz, seqlen, n_heads * head_dim)
         return self.wo(out) if residual is None else added_product(self.wo, out, residual)
 

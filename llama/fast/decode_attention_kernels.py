@@ -1,0 +1,195 @@
+"""The Triton kernels of the decode attention and their launch: one new query token per row, grouped-query
+attention over the KV cache, each row masked to the cache positions at or before its own. llama.fast.decode_attention
+wraps them in a torch custom op, computes the same function off CUDA and picks a block shape at load; its
+docstring says why a kernel of our own.
+
+`_attention_kernel`, one program per (row, block of HEADS query heads of one KV group, block of BLOCK_N cache
+positions):
+
+- reads the row's position from `positions` and skips the blocks past it (and past kv_len); the cache
+  (max_batch_size, n_kv_heads, max_seq_len, head_dim) is read in place, through its strides;
+- keeps the HEADS heads' scores, softmax and weighted sums in float32, in base 2 (the query pre-scaled by
+  log2(e) / sqrt(head_dim));
+- stores its block's (maximum m, sum l of 2**(s - m), weighted sum of V) in float32, and `_combine_kernel`
+  merges the blocks of each row and head in order (no atomics: the order is fixed, results repeat), divides
+  and rounds once; a cache of one block is divided and rounded in the kernel itself;
+- can be launched as a programmatic dependent launch on Hopper and later (PDL): it waits (`gdc_wait`) before
+  its first load, since everything it reads (the query, the cache, just written) comes from the kernels before
+  it, and lets its dependents start right after; the combine kernel is launched plainly.
+
+One block a program, always (`launch`): that was the fastest form at the 8B model's decode lengths (4.4 us a
+layer at kv_len 160 against 6.0 for two blocks a program and 8.9 for five, on an H200), and it is the form
+whose every block shape ran within the float64 bound on the H200. The kernel's loop, an online softmax, could
+walk several blocks (right under Triton's interpreter, with the tests' bound), but those forms were not tested
+on the H200 in their right state: the H200 runs of them had a bug planted in them by mistake (the rescale left
+out; bench/results/GPU_RESULTS.md, issue 18, eighth session). So the loop runs at most once, and a cache
+longer than MAX_BLOCKS blocks keeps SDPA (check_config).
+
+Numerics: every score, exponential, sum and product in float32 (products of bf16 values exact), the output
+divided once and rounded once to the query's dtype; tests/test_decode_attention.py bounds it against float64.
+Triton is optional: without it this module defines no kernels, kernel_runs_on is False and the op runs its
+torch reference.
+"""
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+try:  # Triton comes with torch's CUDA builds; without it (CPU builds) the op runs its torch reference
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+
+# The most blocks of cache positions a row's head is cut into: the combine kernel reads them all at once. 16
+# (512 positions in blocks of 32) keeps near what ran on an H200 (10 blocks at kv_len 160); longer caches keep
+# SDPA, which was about as fast at 1,024 positions and twice as fast at 4,096 as the kernel's forms then.
+MAX_BLOCKS = 16
+
+
+class AttentionConfig(NamedTuple):
+    """A block shape of the kernel: cache positions a program reads, warps a program, query heads a program
+    (1, or several heads of a KV group together: they share each load of K and V)."""
+
+    block_n: int
+    num_warps: int
+    heads: int = 1
+
+
+def blocks(kv_len: int, cfg: AttentionConfig) -> int:
+    """Programs a row's head is cut into along the cache: kv_len / block_n, rounded up."""
+    return -(-kv_len // cfg.block_n)
+
+
+def check_config(cfg: AttentionConfig, group: int, kv_len: Optional[int] = None) -> None:
+    """ValueError unless `cfg` is a block shape the kernel takes for KV groups of `group` query heads (and, where
+    given, a cache of kv_len positions: at most MAX_BLOCKS blocks)."""
+    ok = all(isinstance(v, int) and v > 0 for v in cfg)
+    ok = ok and all(v & (v - 1) == 0 for v in cfg)  # Triton's blocks
+    if not ok or cfg.num_warps > 16:
+        raise ValueError(f"a decode attention block shape takes powers of two block_n, num_warps <= 16 and heads, "
+                         f"got {tuple(cfg)}")
+    if group % cfg.heads:
+        raise ValueError(f"heads={cfg.heads} does not divide a KV group of {group} query heads")
+    if kv_len is not None and blocks(kv_len, cfg) > MAX_BLOCKS:
+        raise ValueError(f"block_n={cfg.block_n} cuts a cache of {kv_len} positions into more than {MAX_BLOCKS} "
+                         f"blocks")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, part_ptr, kv_len, chunk, head_dim, n_heads, qk_scale,
+                          sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h,
+                          GROUP: tl.constexpr, HEADS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                          SPLIT: tl.constexpr, PDL: tl.constexpr):
+        """Row b = program 0, query heads [program 1 * HEADS, + HEADS) (one KV head's), cache positions
+        [program 2 * chunk, + chunk) up to the row's own position (inclusive) and below kv_len; chunk is BLOCK_N
+        (launch), so the loop runs at most once (see the module docstring). SPLIT == 1: out (bsz, n_heads,
+        head_dim) = softmax(q K^T / sqrt(head_dim)) V, rounded to out's dtype. SPLIT > 1: part (bsz, n_heads,
+        SPLIT, 2 + BLOCK_D) float32 holds this block's maximum m (base 2), the sum l of 2**(s - m) and the
+        weighted sum of V, for _combine_kernel (a block past the row's position: m = -inf, l = 0)."""
+        b = tl.program_id(0)
+        h0 = tl.program_id(1) * HEADS
+        c = tl.program_id(2)
+        heads = h0 + tl.arange(0, HEADS)  # (HEADS,)
+        kv_head = h0 // GROUP
+        d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+        d_ok = d < head_dim
+        n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        if PDL:  # the query and the cache are written by the kernels just before: read nothing until they finish
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        end = tl.minimum(tl.load(pos_ptr + b).to(tl.int32) + 1, kv_len)  # positions 0 .. end - 1 are visible
+        lo = c * chunk
+        hi = tl.minimum(lo + chunk, end)
+        q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=d_ok[None, :], other=0.0)
+        q = q.to(tl.float32) * qk_scale  # (HEADS, BLOCK_D): scores come out in base 2, scaled
+        k_rows = k_ptr + b.to(tl.int64) * sk_b + kv_head * sk_h
+        v_rows = v_ptr + b.to(tl.int64) * sv_b + kv_head * sv_h
+        m = tl.full((HEADS,), float("-inf"), dtype=tl.float32)
+        l = tl.zeros((HEADS,), dtype=tl.float32)
+        acc = tl.zeros((HEADS, BLOCK_D), dtype=tl.float32)
+        for start in range(lo, hi, BLOCK_N):  # (at most once: chunk is BLOCK_N)
+            cols = start + n  # (BLOCK_N,) cache positions
+            ok = cols < hi
+            kv_ok = ok[:, None] & d_ok[None, :]
+            k = tl.load(k_rows + cols[:, None] * sk_s + d[None, :], mask=kv_ok, other=0.0).to(tl.float32)
+            v = tl.load(v_rows + cols[:, None] * sv_s + d[None, :], mask=kv_ok, other=0.0).to(tl.float32)
+            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (HEADS, BLOCK_N)
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every step has a visible position
+            alpha = tl.exp2(m - m_new)  # (HEADS,): 0 at the first step (m = -inf)
+            p = tl.exp2(s - m_new[:, None])  # (HEADS, BLOCK_N), 0 where masked
+            l = l * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # (HEADS, BLOCK_D)
+            m = m_new
+        if SPLIT == 1:
+            out = acc / l[:, None]
+            tl.store(out_ptr + b * so_b + heads[:, None] * so_h + d[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=d_ok[None, :])
+        else:
+            row = part_ptr + ((b * n_heads + heads) * SPLIT + c) * (2 + BLOCK_D)  # (HEADS,) each slot's start
+            tl.store(row, m)
+            tl.store(row + 1, l)
+            tl.store(row[:, None] + 2 + d[None, :], acc)
+
+    @triton.jit
+    def _combine_kernel(part_ptr, out_ptr, head_dim, n_heads, so_b, so_h, SPLIT: tl.constexpr,
+                        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out[b, h] = (sum over blocks of 2**(m_c - M) acc_c) / (sum over blocks of 2**(m_c - M) l_c), M the
+        largest m_c, rounded once to out's dtype: program (b, h) merges its row's SPLIT blocks in order."""
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        s = tl.arange(0, BLOCK_S)
+        s_ok = s < SPLIT
+        d = tl.arange(0, BLOCK_D)
+        slots = part_ptr + ((b * n_heads + h) * SPLIT + s) * (2 + BLOCK_D)  # (BLOCK_S,)
+        m = tl.load(slots, mask=s_ok, other=float("-inf"))
+        l = tl.load(slots + 1, mask=s_ok, other=0.0)
+        acc = tl.load(slots[:, None] + 2 + d[None, :], mask=s_ok[:, None], other=0.0)  # (BLOCK_S, BLOCK_D)
+        top = tl.max(m, axis=0)  # finite: the first block always holds position 0
+        w = tl.exp2(m - top)  # 0 for blocks past the row's position
+        out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
+        tl.store(out_ptr + b * so_b + h * so_h + d, out.to(out_ptr.dtype.element_ty), mask=d < head_dim)
+
+
+def launch(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, positions: torch.Tensor, kv_len: int,
+           cfg: AttentionConfig, pdl: bool = False, out: Optional[torch.Tensor] = None,
+           num_stages: Optional[int] = None) -> torch.Tensor:
+    """The kernels on q (bsz, n_heads, head_dim) (any strides, head_dim contiguous), the caches
+    (>= bsz, n_kv_heads, >= kv_len, head_dim) (head_dim contiguous) and positions (bsz,) int: row i reads
+    positions 0 .. min(positions[i], kv_len - 1) -> (bsz, n_heads, head_dim) in q's dtype (into `out` where
+    given). One program per block of cfg.block_n positions (check_config's limits must hold). pdl: the
+    attention kernel as a programmatic dependent launch (pdl_supported(device) must hold); num_stages: Triton's
+    software pipelining depth (its default where None; for scripts/decode_attention_check.py)."""
+    bsz, n_heads, head_dim = q.shape
+    n_kv_heads = cache_k.shape[1]
+    group = n_heads // n_kv_heads
+    if out is None:
+        out = torch.empty((bsz, n_heads, head_dim), dtype=q.dtype, device=q.device)
+    block_d = triton.next_power_of_2(head_dim)
+    split = blocks(kv_len, cfg)
+    part = out
+    if split > 1:
+        part = torch.empty((bsz, n_heads, split, 2 + block_d), dtype=torch.float32, device=q.device)
+    qk_scale = math.log2(math.e) / math.sqrt(head_dim)
+    grid = (bsz, n_heads // cfg.heads, split)
+    launch_pdl = {"launch_pdl": True} if pdl else {}  # (older Tritons know no launch_pdl: only passed when asked)
+    _attention_kernel[grid](q, cache_k, cache_v, positions, out, part, kv_len, cfg.block_n, head_dim, n_heads,
+                            qk_scale, q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1),
+                            cache_k.stride(2), cache_v.stride(0), cache_v.stride(1), cache_v.stride(2), out.stride(0),
+                            out.stride(1), GROUP=group, HEADS=cfg.heads, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
+                            SPLIT=split, PDL=pdl, num_warps=cfg.num_warps, **launch_pdl,
+                            **({} if num_stages is None else {"num_stages": num_stages}))
+    if split > 1:
+        _combine_kernel[(bsz, n_heads)](part, out, head_dim, n_heads, out.stride(0), out.stride(1), SPLIT=split,
+                                        BLOCK_S=triton.next_power_of_2(split), BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+def kernel_runs_on(device: torch.device) -> bool:
+    """Whether the Triton kernel can run on `device` (CUDA, with Triton installed)."""
+    return triton is not None and device.type == "cuda" and torch.cuda.is_available()
