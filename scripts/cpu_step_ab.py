@@ -1,11 +1,13 @@
 """A/B of the CPU decode step compiled whole (llama.fast.cpu_step), in one process, the two sides taking turns
 (the order reversed every round), on the bench's small shape with random weights (a measurement, not part of
-the library; figures: docs/cpu-step.md, "Seventh pass"):
+the library; figures: docs/cpu-step.md, "Seventh pass" and "Eighth pass"):
 
 - `pick`: greedy decoding (64 tokens) with the greedy pick made inside the step (decode_and_pick) against the
   pick made by the loop's sampler; reports each side's time a token and the part of it spent outside the step.
 - `fma`: two models on the same weights, their steps compiled with multiplies and adds fused
   (`-ffp-contract=fast`) and apart; reports the time a step and the median of the paired ratios.
+- `direct`: greedy decoding (64 tokens) with the compiled graph called directly after the first step
+  (cpu_step.DirectCall) against every step through torch.compile's frame; reports each side's time a token.
 
     python scripts/cpu_step_ab.py pick --dtype float32 --quantize int8
     ATEN_CPU_CAPABILITY=avx2 TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python scripts/cpu_step_ab.py fma --quantize int8
@@ -107,6 +109,47 @@ def ab_pick(args: ModelArgs, sd, dtype: torch.dtype, quantize: str, rounds: int)
     report(outside, "ms")
 
 
+def ab_direct(args: ModelArgs, sd, dtype: torch.dtype, quantize: str, rounds: int) -> None:
+    llm = build(args, sd, dtype, quantize)
+    step = llm.decode_step
+    direct = step.direct  # (batch size, threads) -> DirectCall, filled at the first step of a batch size
+
+    class Never(dict):  # no DirectCall ever found or kept: every step through torch.compile
+        def get(self, key, default=None):
+            return None
+
+        def __setitem__(self, key, value):
+            pass
+
+        def __contains__(self, key):
+            return True
+
+    prompts, n = [[1] * 16], 64
+
+    def side(use_direct: bool) -> Callable[[], float]:
+        def run() -> float:
+            step.direct = direct if use_direct else Never()
+            t0 = time.perf_counter()
+            llm.generate(prompts, max_gen_len=n, temperature=0.0)
+            total = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            llm.generate(prompts, max_gen_len=1, temperature=0.0)  # the prefill and first pick, taken off
+            return (total - (time.perf_counter() - t1)) / (n - 1) * 1e3
+        return run
+
+    sides = {"graph called directly": side(True), "through torch.compile": side(False)}
+    for run in sides.values():
+        run()  # warm-up
+    step.direct = direct
+    tokens = [llm.generate(prompts, max_gen_len=n, temperature=0.0)[0]]
+    step.direct = Never()
+    tokens.append(llm.generate(prompts, max_gen_len=n, temperature=0.0)[0])
+    print(f"same tokens both ways: {tokens[0] == tokens[1]}")
+    print("time a token:")
+    report(turns(sides, rounds), "ms")
+    step.direct = direct
+
+
 def ab_fma(args: ModelArgs, sd, dtype: torch.dtype, quantize: str, rounds: int) -> None:
     tokens, positions, kv_len = torch.zeros(1, dtype=torch.long), torch.full((1,), 40), 64
     steps = {}
@@ -134,7 +177,7 @@ def ab_fma(args: ModelArgs, sd, dtype: torch.dtype, quantize: str, rounds: int) 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["pick", "fma"])
+    p.add_argument("what", choices=["pick", "fma", "direct"])
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--quantize", choices=["", "int8"], default="")
     p.add_argument("--rounds", type=int, default=16)
@@ -148,7 +191,7 @@ def main() -> None:
     sd = random_weights(args, dtype, torch.device("cpu"), 0)
     print(f"{torch.backends.cpu.get_cpu_capability()}, {opts.dtype}, {opts.quantize or 'no quantization'}, "
           f"{opts.threads} threads")
-    (ab_pick if opts.what == "pick" else ab_fma)(args, sd, dtype, opts.quantize, opts.rounds)
+    {"pick": ab_pick, "fma": ab_fma, "direct": ab_direct}[opts.what](args, sd, dtype, opts.quantize, opts.rounds)
 
 
 if __name__ == "__main__":
