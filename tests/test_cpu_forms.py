@@ -13,14 +13,14 @@ from llama.distributed import init_distributed
 from llama.fast import blocked, cpu_forms
 from llama.fast.blocked import BlockedProduct, block_rows
 from llama.fast.cpu_forms import CompiledProduct, pick_cpu_forms, picked_forms
-from llama.fast.layers import FastLinear
-from llama.fast.quantize import quantize_int8
+from llama.fast.layers import FastLinear, half_products_in_float32
+from llama.fast.quantize import Int8Linear, quantize_int8
 
 from helpers import SMALL_GQA
 
 PARAMS = dict(SMALL_GQA, vocab_size=512)
 U32 = 2.0**-24  # float32's unit roundoff
-U_OUT = {torch.float32: U32, torch.bfloat16: 2.0**-8}  # the result's rounding to the activations' dtype
+U_OUT = {torch.float32: U32, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}  # the result's rounding to the activations' dtype
 
 
 def bound(x64: torch.Tensor, w64: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -93,6 +93,36 @@ def test_blocked_form_is_the_product_within_float32_summation_error(dtype, rows,
         full = form.full(x)
         assert full.shape == (2, rows, out_features) and full.dtype == dtype
         torch.testing.assert_close(full, torch.nn.functional.linear(x, held), rtol=U_OUT[dtype] * 4, atol=1e-6)
+
+
+@pytest.mark.parametrize("capability", ["AVX2", "AVX512"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_many_row_products_in_2_byte_floats_run_in_float32_where_torch_has_no_fast_one(monkeypatch, capability,
+                                                                                        dtype):
+    """A prefill's products (many rows: FastLinear's plain weight, the blocked form's full(), Int8Linear's) in
+    float16 always, and in bf16 without AVX-512, are made in float32 on converted copies (torch's own bf16 and
+    fp16 products there ran 4-35x slower); either way each is the product to float32 summation error, rounded
+    to the activations' dtype (Int8Linear: rounded, then times the scale, rounded again), in that dtype."""
+    init_distributed(torch.device("cpu"))  # (FastLinear asks fairscale for its ranks)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert half_products_in_float32(dtype) == (dtype == torch.float16 or (dtype == torch.bfloat16
+                                                                         and capability == "AVX2"))
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(200, 96, generator=g).to(dtype)
+    x = torch.randn(2, 16, 96, generator=g).to(dtype)
+    x64, w64 = x.double().reshape(-1, 96), w.double()
+    for y in (FastLinear(w)(x), BlockedProduct(w).full(x)):
+        assert y.shape == (2, 16, 200) and y.dtype == dtype
+        err = (y.double().reshape(-1, 200) - x64 @ w64.T).abs()
+        assert (err <= bound(x64, w64, dtype)).all(), float((err / bound(x64, w64, dtype)).max())
+    q, scale = quantize_int8(w.float())
+    layer = Int8Linear(q, scale, dtype)
+    layer.use_kernel = False
+    y = layer(x)
+    assert y.dtype == dtype
+    q64 = q.double() * layer.scale_act.double()[:, None]  # the weight as the layer applies it
+    err = (y.double().reshape(-1, 200) - x64 @ q64.T).abs()
+    assert (err <= 2 * bound(x64, q64, dtype)).all(), float((err / bound(x64, q64, dtype)).max())
 
 
 def test_int8_blocks_are_words_that_hold_every_byte_value():

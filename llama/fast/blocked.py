@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from llama.fast.huge_pages import on_huge_pages
-from llama.fast.layers import computed_once
+from llama.fast.layers import computed_once, half_products_in_float32
 
 # Bytes of weights a block holds for one k (its rows), and float32 lanes each accumulator sums.
 BLOCK_BYTES = 128
@@ -187,6 +187,9 @@ class BlockedProduct:
         if self.scale is not None:
             raise ValueError("full() serves float weights; an int8 layer rebuilds its weight (Int8Linear)")
         x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-        y = torch.matmul(x2.to(self.blocks.dtype), self.blocks)  # (NB, M, block)
+        if half_products_in_float32(self.blocks.dtype):
+            y = torch.matmul(x2.float(), self.blocks.float()).to(x.dtype)  # (NB, M, block)
+        else:
+            y = torch.matmul(x2.to(self.blocks.dtype), self.blocks)  # (NB, M, block)
         y = y.permute(1, 0, 2).reshape(x2.shape[0], -1)[:, :self.out_features]  # (M, N)
         return y.reshape(*x.shape[:-1], self.out_features)  # (..., N)

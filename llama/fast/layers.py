@@ -116,6 +116,20 @@ def added_product(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor) ->
     return residual + linear(x) if plus_residual is None else plus_residual(x, residual)
 
 
+def half_products_in_float32(dtype: torch.dtype) -> bool:
+    """Whether a many-row (prefill) CPU product in 2-byte floats is better made in float32 on converted
+    copies: float16 always (no fp16 matrix product of torch's was fast on the project's CPUs), bf16 where
+    torch's CPU vectors are narrower than AVX-512's (oneDNN's bf16 product needs AVX-512; torch otherwise
+    runs generic loops). Measured on the bench's small shape, 32 rows, 2 threads (docs/cpu-step.md, eighth
+    pass): w13 (3584 x 512) bf16 under emulated AVX2 as blocks 35.8 ms, as F.linear 4.9 ms, in float32 with
+    the conversion 1.35 ms; float16 on AVX-512 (Zen 5) 32.3 / 3.8 / 1.0 ms; bf16 with AVX-512 the bf16
+    product was the faster (0.31 against 0.83 ms). The sums are float32 either way; the result is rounded to
+    `dtype` once. Used by FastLinear and llama.fast.blocked's prefill."""
+    if dtype == torch.float16:
+        return True
+    return dtype == torch.bfloat16 and "AVX512" not in torch.backends.cpu.get_cpu_capability()
+
+
 class FastLinear(nn.Module):
     """y = x W^T for this rank's slice W (out_features, in_features), then fairscale's all-reduce (row-parallel
     layers) or gather (column-parallel layers with gather_output) when there are several ranks.
@@ -154,6 +168,8 @@ class FastLinear(nn.Module):
             y = form(x)  # picked at load for decode steps (llama.fast.cpu_forms)
         elif self.packed is not None:
             y = torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        elif self.weight is not None and x.is_cpu and half_products_in_float32(x.dtype):
+            y = F.linear(x.float(), self.weight.float()).to(x.dtype)  # no fast bf16 product here
         elif self.weight is not None:
             y = F.linear(x, self.weight)  # (..., out_features)
         else:
