@@ -178,7 +178,11 @@ class CompiledCPUStep:
             torch._dynamo.mark_static(tokens, 0)
             torch._dynamo.mark_static(positions, 0)
             self._last_call = None
-            out = self.graph(tokens, positions, cols)
+            # Only the cache length is dynamic. Dynamo would otherwise make dimensions dynamic that it saw change
+            # between compilations of the "same" code (keyed by file, line and name, so across models): found
+            # with two models of different shapes in one process (sizes of the second's weights as symbols).
+            with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+                out = self.graph(tokens, positions, cols)
             if key not in self.direct:
                 self.direct[key] = DirectCall.of(self._last_call, out, tokens, positions, kv_len)
             return out
