@@ -43,6 +43,8 @@ LANES = 16
 # one of 16 is loaded with a mask (on the AMD EPYC of issue 18's sixth pass, Zen 5, a masked 16-bit load
 # from memory ran at a third of a plain load: 6.5 against 18-20 GB/s, one thread).
 WIDE_LANES = 32
+# Without AVX-512, float32 and int8 blocks are summed 8 columns a time (torch's float32 vector): lanes().
+NARROW_LANES = 8
 
 
 def block_rows(dtype: torch.dtype) -> int:
@@ -51,10 +53,20 @@ def block_rows(dtype: torch.dtype) -> int:
 
 
 def lanes(dtype: torch.dtype) -> int:
-    """Columns of a block one sum covers: as many values of `dtype` as torch's vector holds where that is
-    more than LANES (2-byte weights with AVX-512), so every weight load is a whole vector, never masked."""
-    wide = "AVX512" in torch.backends.cpu.get_cpu_capability() and torch.empty((), dtype=dtype).element_size() == 2
-    return WIDE_LANES if wide else LANES
+    """Columns of a block one sum covers: as many values of `dtype` as torch's vector holds where that differs
+    from LANES: 32 for 2-byte weights with AVX-512 (every weight load a whole vector, never masked), 8 for
+    float32 and int8 weights without AVX-512 (a block is then read in one pass, four float32 sums a 32-row
+    block; with 16, inductor's 8-wide vectors read it in two passes, the second from the cache: the step
+    took 1.07x the time a token that way, float32 and int8 alike, emulated AVX2, docs/cpu-step.md). The sums
+    are the same, bit for bit, for any grouping in whole vectors: each column's sum runs over K in order
+    (tests/test_cpu_forms.py)."""
+    avx512 = "AVX512" in torch.backends.cpu.get_cpu_capability()
+    size = torch.empty((), dtype=dtype).element_size()
+    if avx512 and size == 2:
+        return WIDE_LANES
+    if not avx512 and size != 2:
+        return NARROW_LANES
+    return LANES
 
 
 def int8_as_words() -> bool:
