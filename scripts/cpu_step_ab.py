@@ -8,6 +8,9 @@ the library; figures: docs/cpu-step.md, "Seventh pass" and "Eighth pass"):
   (`-ffp-contract=fast`) and apart; reports the time a step and the median of the paired ratios.
 - `direct`: greedy decoding (64 tokens) with the compiled graph called directly after the first step
   (cpu_step.DirectCall) against every step through torch.compile's frame; reports each side's time a token.
+- `lanes`: two models on the same weights, every product in its default form (LLAMA_CPU_FORMS=off, so both
+  hold the same forms), the blocked forms summing `--lanes` columns a sum in the second (llama.fast.blocked's
+  lanes()); greedy decoding (64 tokens), each side's time a token.
 
     python scripts/cpu_step_ab.py pick --dtype float32 --quantize int8
     ATEN_CPU_CAPABILITY=avx2 TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python scripts/cpu_step_ab.py fma --quantize int8
@@ -29,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch._inductor.config as inductor_config  # noqa: E402
 from bench.run import SHAPES, build_ours, random_weights  # noqa: E402
 from llama.distributed import init_distributed  # noqa: E402
+from llama.fast import blocked  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
 from llama.sampling import Sampler  # noqa: E402
 
@@ -150,6 +154,35 @@ def ab_direct(args: ModelArgs, sd, dtype: torch.dtype, quantize: str, rounds: in
     step.direct = direct
 
 
+def ab_lanes(args: ModelArgs, sd, dtype: torch.dtype, quantize: str, rounds: int, columns: int) -> None:
+    os.environ["LLAMA_CPU_FORMS"] = "off"
+    default = blocked.lanes
+    models = {}
+    for name, lanes in ((f"lanes() ({default(torch.int8 if quantize else dtype)})", default),
+                        (f"{columns} columns a sum", lambda dt: columns)):
+        blocked.lanes = lanes  # read as each blocked form is made, below
+        try:
+            models[name] = build(args, sd, dtype, quantize)
+        finally:
+            blocked.lanes = default
+    prompts, n = [[1] * 16], 64
+    tokens = {name: llm.generate(prompts, max_gen_len=n, temperature=0.0)[0] for name, llm in models.items()}
+    print(f"same tokens both ways: {len({str(t) for t in tokens.values()}) == 1}")
+
+    def side(llm) -> Callable[[], float]:
+        def run() -> float:
+            t0 = time.perf_counter()
+            llm.generate(prompts, max_gen_len=n, temperature=0.0)
+            total = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            llm.generate(prompts, max_gen_len=1, temperature=0.0)  # the prefill and first pick, taken off
+            return (total - (time.perf_counter() - t1)) / (n - 1) * 1e3
+        return run
+
+    print("time a token:")
+    report(turns({name: side(llm) for name, llm in models.items()}, rounds), "ms")
+
+
 def ab_fma(args: ModelArgs, sd, dtype: torch.dtype, quantize: str, rounds: int) -> None:
     tokens, positions, kv_len = torch.zeros(1, dtype=torch.long), torch.full((1,), 40), 64
     steps = {}
@@ -177,11 +210,12 @@ def ab_fma(args: ModelArgs, sd, dtype: torch.dtype, quantize: str, rounds: int) 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["pick", "fma", "direct"])
+    p.add_argument("what", choices=["pick", "fma", "direct", "lanes"])
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--quantize", choices=["", "int8"], default="")
     p.add_argument("--rounds", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lanes", type=int, default=16, help="lanes: columns a sum in the second model")
     opts = p.parse_args()
     os.environ.setdefault("LLAMA_CPU_STEP", "on")
     torch.set_num_threads(opts.threads)
@@ -191,7 +225,10 @@ def main() -> None:
     sd = random_weights(args, dtype, torch.device("cpu"), 0)
     print(f"{torch.backends.cpu.get_cpu_capability()}, {opts.dtype}, {opts.quantize or 'no quantization'}, "
           f"{opts.threads} threads")
-    {"pick": ab_pick, "fma": ab_fma, "direct": ab_direct}[opts.what](args, sd, dtype, opts.quantize, opts.rounds)
+    if opts.what == "lanes":
+        ab_lanes(args, sd, dtype, opts.quantize, opts.rounds, opts.lanes)
+    else:
+        {"pick": ab_pick, "fma": ab_fma, "direct": ab_direct}[opts.what](args, sd, dtype, opts.quantize, opts.rounds)
 
 
 if __name__ == "__main__":
