@@ -62,6 +62,16 @@ def report(figures: Dict[str, List[float]], unit: str) -> None:
           f"quartiles {ratios[len(ratios) // 4]:.3f}-{ratios[3 * len(ratios) // 4]:.3f}")
 
 
+def time_a_token(llm, prompts: List[List[int]], n: int) -> float:
+    """ms a decoded token: greedy decoding of n tokens, less a 1-token run (the prefill and first pick)."""
+    t0 = time.perf_counter()
+    llm.generate(prompts, max_gen_len=n, temperature=0.0)
+    total = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    llm.generate(prompts, max_gen_len=1, temperature=0.0)
+    return (total - (time.perf_counter() - t1)) / (n - 1) * 1e3
+
+
 def ab_pick(args: ModelArgs, sd, dtype: torch.dtype, quantize: str, rounds: int) -> None:
     llm = build(args, sd, dtype, quantize)
     step, plain = llm.decode_step, Sampler.plain_greedy
@@ -133,12 +143,7 @@ def ab_direct(args: ModelArgs, sd, dtype: torch.dtype, quantize: str, rounds: in
     def side(use_direct: bool) -> Callable[[], float]:
         def run() -> float:
             step.direct = direct if use_direct else Never()
-            t0 = time.perf_counter()
-            llm.generate(prompts, max_gen_len=n, temperature=0.0)
-            total = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            llm.generate(prompts, max_gen_len=1, temperature=0.0)  # the prefill and first pick, taken off
-            return (total - (time.perf_counter() - t1)) / (n - 1) * 1e3
+            return time_a_token(llm, prompts, n)
         return run
 
     sides = {"graph called directly": side(True), "through torch.compile": side(False)}
@@ -169,18 +174,9 @@ def ab_lanes(args: ModelArgs, sd, dtype: torch.dtype, quantize: str, rounds: int
     tokens = {name: llm.generate(prompts, max_gen_len=n, temperature=0.0)[0] for name, llm in models.items()}
     print(f"same tokens both ways: {len({str(t) for t in tokens.values()}) == 1}")
 
-    def side(llm) -> Callable[[], float]:
-        def run() -> float:
-            t0 = time.perf_counter()
-            llm.generate(prompts, max_gen_len=n, temperature=0.0)
-            total = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            llm.generate(prompts, max_gen_len=1, temperature=0.0)  # the prefill and first pick, taken off
-            return (total - (time.perf_counter() - t1)) / (n - 1) * 1e3
-        return run
-
     print("time a token:")
-    report(turns({name: side(llm) for name, llm in models.items()}, rounds), "ms")
+    report(turns({name: (lambda llm=llm: time_a_token(llm, prompts, n)) for name, llm in models.items()}, rounds),
+           "ms")
 
 
 def ab_fma(args: ModelArgs, sd, dtype: torch.dtype, quantize: str, rounds: int) -> None:

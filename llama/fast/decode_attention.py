@@ -37,13 +37,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama.fast.decode_attention_kernels import AttentionConfig, check_config, kernel_runs_on, launch
+from llama.fast.int8_gemv import time_pass
 from llama.fast.int8_gemv_kernels import pdl_supported
 
 ENV = "LLAMA_DECODE_ATTENTION"
 PDL_ENV = "LLAMA_DECODE_ATTENTION_PDL"
 # Rows a decode step may have for its layers to take the kernel: the load-time timing measures one.
 MAX_ROWS = 1
-ROUNDS = 5
 SDPA = "sdpa"  # the current path's key among the pick's timings
 
 # Candidates timed at load: a query head a program, or a KV group's heads together (skipped where they do not
@@ -124,26 +124,6 @@ def pdl_runs_on(device: torch.device) -> bool:
     if value not in ("auto", "off"):
         raise ValueError(f"{PDL_ENV} must be 'auto' or 'off', got {value!r}")
     return value == "auto" and pdl_supported(device)
-
-
-def time_pass(fn: Callable[[], None], rounds: int = ROUNDS) -> float:
-    """Seconds one replay of `fn`'s launches takes, captured in a CUDA graph as a compiled step runs them (the
-    best of `rounds`)."""
-    fn()  # compiles and warms up outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    best = float("inf")
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(rounds):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
-    del graph
-    return best
 
 
 def sdpa_with_mask(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

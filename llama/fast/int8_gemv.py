@@ -290,9 +290,10 @@ def gemv_roles() -> Optional[Sequence[str]]:
     return roles
 
 
-def _time_pass(fn: Callable[[], None]) -> float:
+def time_pass(fn: Callable[[], None], rounds: int = ROUNDS) -> float:
     """Seconds one replay of `fn`'s launches takes, captured in a CUDA graph as a compiled step runs them
-    (launched one by one from Python, a few-microsecond kernel would time Python's launch cost)."""
+    (launched one by one from Python, a few-microsecond kernel would time Python's launch cost): the best of
+    `rounds`. (llama.fast.decode_attention's pick times its kernels with it too.)"""
     fn()  # compiles and warms up outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -300,7 +301,7 @@ def _time_pass(fn: Callable[[], None]) -> float:
         fn()
     best = float("inf")
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         start.record()
         graph.replay()
         end.record()
@@ -362,7 +363,7 @@ def pick_config(layers: List[nn.Module], candidates: Optional[Sequence[GemvConfi
                 _launch(x, m.weight, m.scale_act, cfg, prologue, norm_weight, 1e-5, pdl=pdl, norm_apart=norm_apart)
         return run
 
-    times = {cfg: _time_pass(make(cfg)) / len(timed) for cfg in fitting}
+    times = {cfg: time_pass(make(cfg)) / len(timed) for cfg in fitting}
     PICK_TIMES[(layers[0].out_features, k, str(dtype), prologue, pdl, norm_apart)] = times
     return min(fitting, key=times.__getitem__)
 
