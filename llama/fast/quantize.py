@@ -37,8 +37,8 @@ from torch import nn
 
 from llama.fast.int8_gemv import (MAX_ROWS as GEMV_MAX_ROWS, RMS_NORM, SWIGLU, Int8Gemv, swiglu_reference,
                                    use_int8_gemv)
-from llama.fast.layers import (FastLinear, across_ranks, decode_form, half_products_in_float32, is_fast, save_as_meta,
-                               use_fast_layers)
+from llama.fast.layers import (HALF_IN_FLOAT32_MIN_ROWS, FastLinear, across_ranks, decode_form,
+                               half_products_in_float32, is_fast, save_as_meta, use_fast_layers)
 from llama.model import Transformer
 
 # The values `quantize` takes (besides None, no quantization): int8 here, int4 in llama.fast.quantize_int4.
@@ -181,7 +181,8 @@ class Int8Linear(nn.Module):
                 x2 = x2.clone(memory_format=torch.contiguous_format)  # a fresh, aligned copy
             y = torch.ops.aten._weight_int8pack_mm(x2, self.int8_weight(), self.scale_act)
             y = y.view(*x.shape[:-1], self.out_features)  # (..., out_features)
-        elif x.is_cpu and half_products_in_float32(x.dtype):  # no fast bf16 product here (llama.fast.layers)
+        elif x.is_cpu and x2.shape[0] >= HALF_IN_FLOAT32_MIN_ROWS and half_products_in_float32(x.dtype):
+            # no fast bf16 product here (llama.fast.layers)
             y = F.linear(x.float(), self.int8_weight().float()).to(x.dtype) * self.scale_act  # (..., out_features)
         else:
             y = F.linear(x, self.int8_weight().to(x.dtype)) * self.scale_act  # (..., out_features)
