@@ -121,9 +121,15 @@ def test_many_row_products_in_2_byte_floats_run_in_float32_where_torch_has_no_fa
     q, scale = quantize_int8(w.float())
     layer = Int8Linear(q, scale, dtype)
     layer.use_kernel = False
-    one_row = x[:1, :1]  # under HALF_IN_FLOAT32_MIN_ROWS rows: torch's own product in the dtype, as it was
-    assert torch.equal(FastLinear(w)(one_row), torch.nn.functional.linear(one_row, w))
-    assert torch.equal(layer(one_row), torch.nn.functional.linear(one_row, q.to(dtype)) * layer.scale_act)
+    # Under HALF_IN_FLOAT32_MIN_ROWS rows torch's own product in the dtype stays (the faster there): the
+    # dtypes F.linear is called with, for 1 row and for 32.
+    linear, seen = torch.nn.functional.linear, []
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda a, b: seen.append(a.dtype) or linear(a, b))
+    for product in (FastLinear(w), layer):
+        seen.clear()
+        product(x[:1, :1]), product(x)
+        assert seen == [dtype, torch.float32 if half_products_in_float32(dtype) else dtype]
+    monkeypatch.setattr(torch.nn.functional, "linear", linear)
     y = layer(x)
     assert y.dtype == dtype
     q64 = q.double() * layer.scale_act.double()[:, None]  # the weight as the layer applies it
