@@ -204,13 +204,15 @@ if triton is not None:
 
 def launch(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, positions: torch.Tensor, kv_len: int,
            cfg: AttentionConfig, pdl: bool = False, out: Optional[torch.Tensor] = None,
-           num_stages: Optional[int] = None, rotary: Optional[Rotary] = None) -> torch.Tensor:
+           num_stages: Optional[int] = None, rotary: Optional[Rotary] = None,
+           chunk_blocks: int = 1) -> torch.Tensor:
     """The kernels on q (bsz, n_heads, head_dim) (any strides, head_dim contiguous), the caches
     (>= bsz, n_kv_heads, >= kv_len, head_dim) (head_dim contiguous) and positions (bsz,) int: row i reads
     positions 0 .. min(positions[i], kv_len - 1) -> (bsz, n_heads, head_dim) in q's dtype (into `out` where
     given). One program per block of cfg.block_n positions (check_config's limits must hold). pdl: the
     attention kernel as a programmatic dependent launch (pdl_supported(device) must hold); num_stages: Triton's
-    software pipelining depth (its default where None; for scripts/decode_attention_check.py).
+    software pipelining depth (its default where None; for scripts/decode_attention_check.py); chunk_blocks:
+    blocks a program walks through, the kernel's loop (1 everywhere but scripts/decode_attention_check.py).
 
     rotary (Rotary): q and rotary.k_new not rotated yet; the kernel rotates them, writes the new key and value
     rotary.v_new to the caches at each row's position (below kv_len) and attends over them (the kernel's
@@ -221,7 +223,8 @@ def launch(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, positi
     if out is None:
         out = torch.empty((bsz, n_heads, head_dim), dtype=q.dtype, device=q.device)
     block_d = triton.next_power_of_2(head_dim)
-    split = blocks(kv_len, cfg)
+    chunk = chunk_blocks * cfg.block_n
+    split = -(-kv_len // chunk)  # programs a row's head is cut into
     part = out
     if split > 1:
         part = torch.empty((bsz, n_heads, split, 2 + block_d), dtype=torch.float32, device=q.device)
@@ -237,7 +240,7 @@ def launch(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, positi
         tables = (cos, sin, k_new, v_new, cos.stride(0), sin.stride(0), k_new.stride(0), k_new.stride(1),
                   v_new.stride(0), v_new.stride(1))
         options["enable_fp_fusion"] = False  # the rotation's products and sums rounded one by one, as in torch
-    _attention_kernel[grid](q, cache_k, cache_v, positions, out, part, kv_len, cfg.block_n, head_dim, n_heads,
+    _attention_kernel[grid](q, cache_k, cache_v, positions, out, part, kv_len, chunk, head_dim, n_heads,
                             qk_scale, q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1),
                             cache_k.stride(2), cache_v.stride(0), cache_v.stride(1), cache_v.stride(2), out.stride(0),
                             out.stride(1), *tables, GROUP=group, HEADS=cfg.heads, BLOCK_D=block_d,
