@@ -25,11 +25,11 @@ writes them, so that no program depends on another's write.
 
 One block a program, always (`launch`): that was the fastest form at the 8B model's decode lengths (4.4 us a
 layer at kv_len 160 against 6.0 for two blocks a program and 8.9 for five, on an H200), and it is the form
-whose every block shape ran within the float64 bound on the H200. The kernel's loop, an online softmax, could
-walk several blocks (right under Triton's interpreter, with the tests' bound), but those forms were not tested
-on the H200 in their right state: the H200 runs of them had a bug planted in them by mistake (the rescale left
-out; bench/results/GPU_RESULTS.md, issue 18, eighth session). So the loop runs at most once, and a cache
-longer than MAX_BLOCKS blocks keeps SDPA (check_config).
+whose every block shape ran within the float64 bound on the H200. The kernel's loop, an online softmax, can
+walk several blocks (launch's chunk_blocks, used by scripts/decode_attention_check.py only): those forms were
+slower at these lengths, and were checked within the bound on an H200 (2, 4 and all blocks a program, kv_len
+17 to 500; bench/results/GPU_RESULTS.md, issue 18, ninth session) but have no test of their own. So the
+library's loop runs at most once, and a cache longer than MAX_BLOCKS blocks keeps SDPA (check_config).
 
 Numerics: every score, exponential, sum and product in float32 (products of bf16 values exact), the output
 divided once and rounded once to the query's dtype; tests/test_decode_attention.py bounds it against float64.
@@ -106,10 +106,11 @@ if triton is not None:
                           SPLIT: tl.constexpr, PDL: tl.constexpr, ROTARY: tl.constexpr):
         """Row b = program 0, query heads [program 1 * HEADS, + HEADS) (one KV head's), cache positions
         [program 2 * chunk, + chunk) up to the row's own position (inclusive) and below kv_len; chunk is BLOCK_N
-        (launch), so the loop runs at most once (see the module docstring). SPLIT == 1: out (bsz, n_heads,
-        head_dim) = softmax(q K^T / sqrt(head_dim)) V, rounded to out's dtype. SPLIT > 1: part (bsz, n_heads,
-        SPLIT, 2 + BLOCK_D) float32 holds this block's maximum m (base 2), the sum l of 2**(s - m) and the
-        weighted sum of V, for _combine_kernel (a block past the row's position: m = -inf, l = 0).
+        times launch's chunk_blocks (1 in the library: the loop runs at most once; the module docstring).
+        SPLIT == 1: out (bsz, n_heads, head_dim) = softmax(q K^T / sqrt(head_dim)) V, rounded to out's dtype.
+        SPLIT > 1: part (bsz, n_heads, SPLIT, 2 + BLOCK_D) float32 holds this block's maximum m (base 2), the
+        sum l of 2**(s - m) and the weighted sum of V, for _combine_kernel (a block past the row's position:
+        m = -inf, l = 0).
 
         ROTARY: q and the row's new key (kn, (bsz, n_kv_heads, head_dim)) are not rotated yet. Each program
         rotates them itself with the row's tables (cos, sin (bsz, head_dim): interleave_rope's), as
@@ -154,7 +155,7 @@ if triton is not None:
         m = tl.full((HEADS,), float("-inf"), dtype=tl.float32)
         l = tl.zeros((HEADS,), dtype=tl.float32)
         acc = tl.zeros((HEADS, BLOCK_D), dtype=tl.float32)
-        for start in range(lo, hi, BLOCK_N):  # (at most once: chunk is BLOCK_N)
+        for start in range(lo, hi, BLOCK_N):  # (at most once where chunk is BLOCK_N)
             cols = start + n  # (BLOCK_N,) cache positions
             ok = cols < hi
             kv_ok = ok[:, None] & d_ok[None, :]
