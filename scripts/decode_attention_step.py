@@ -1,7 +1,7 @@
 """The decode attention kernel (llama.fast.decode_attention) on a GPU: alone against SDPA with the step's mask,
 then in the compiled batch-1 decode step at the 8B shape, with and without it, in one process.
 
-    python scripts/decode_attention_step.py [--kv-lens 160 1024 4096] [--systems bf16 bf16-attn int8 int8-attn]
+    python scripts/decode_attention_step.py [--kv-lens 160 1024 4096] [--systems bf16 int8-attn int8-attn-rotary]
         [--repeats 3] [--profile SYSTEM ...] [--out attention_step.json]
 
 Alone: for each kv_len, every candidate block shape (decode_attention.CANDIDATES) and SDPA with the step's bool
@@ -11,7 +11,9 @@ dependent launch: microseconds a layer (the load-time pick's own timing, decode_
 
 Step: the systems built as the bench builds them (bench.run.build_ours, compile=True, random weights, prompt 32,
 128 new tokens), alternating rounds (bench.run.measure): bf16 and int8 with SDPA (LLAMA_DECODE_ATTENTION=off)
-and with the kernel (=on: the fastest candidate, whatever SDPA's time), so that the ratios come from one run.
+and with the kernel (=on: the fastest candidate, whatever SDPA's time), the kernel alone or with the step's
+rotation and cache writes in it ("-rotary": LLAMA_DECODE_ATTENTION_ROTARY=auto), so that the ratios come from one
+run.
 --profile SYSTEM ...: afterwards, torch's profiler over those systems' decode steps (kernels a step, as
 scripts/profile_step.py). Partial reports are written to --out as it goes.
 """
@@ -32,8 +34,10 @@ from llama.fast import decode_attention as A
 from llama.fast.int8_gemv_kernels import pdl_supported
 from llama.model import ModelArgs
 
-# name: (quantize, LLAMA_DECODE_ATTENTION)
-SYSTEMS = {"bf16": (None, "off"), "bf16-attn": (None, "on"), "int8": ("int8", "off"), "int8-attn": ("int8", "on")}
+# name: (quantize, LLAMA_DECODE_ATTENTION, LLAMA_DECODE_ATTENTION_ROTARY)
+SYSTEMS = {"bf16": (None, "off", "off"), "bf16-attn": (None, "on", "off"), "bf16-attn-rotary": (None, "on", "auto"),
+           "int8": ("int8", "off", "off"), "int8-attn": ("int8", "on", "off"),
+           "int8-attn-rotary": ("int8", "on", "auto")}
 
 
 def alone(kv_lens, device: torch.device, layers: int = 32, heads=(32, 8, 128)) -> list:
@@ -92,8 +96,8 @@ def main() -> None:
     sd = random_weights(args, dtype, device, seed=0)
     systems, builds = [], {}
     for name in opts.systems:
-        quantize, setting = SYSTEMS[name]
-        os.environ[A.ENV] = setting
+        quantize, setting, rotary = SYSTEMS[name]
+        os.environ[A.ENV], os.environ[A.ROTARY_ENV] = setting, rotary
         start = time.time()
         llama = build_ours(args, sd, device, dtype, True, True, quantize)
         builds[name] = {"build_s": time.time() - start, "attention": A.picked_attention(llama.model)}
@@ -108,12 +112,14 @@ def main() -> None:
         systems, prompts.to(device), opts.new_tokens, opts.repeats, 1, device, "bf16 batch 1"))
     res = {s.name: summarise(s, 1, opts.prompt_len, opts.new_tokens) for s in systems}
     for a, b in (("bf16", "bf16-attn"), ("int8", "int8-attn"), ("bf16", "int8"), ("bf16-attn", "int8-attn"),
-                 ("bf16", "int8-attn")):
+                 ("bf16", "int8-attn"), ("int8-attn", "int8-attn-rotary"), ("bf16-attn", "bf16-attn-rotary"),
+                 ("bf16", "int8-attn-rotary"), ("bf16", "bf16-attn-rotary")):
         if a in res and b in res:
             res[f"ratio_{b}_to_{a}"] = res[b]["decode_tok_s"] / res[a]["decode_tok_s"]
             res[f"median_ratio_{b}_to_{a}"] = res[b]["median_decode_tok_s"] / res[a]["median_decode_tok_s"]
     tokens = {s.name: s.tokens for s in systems}
-    for a, b in (("bf16", "bf16-attn"), ("int8", "int8-attn")):
+    for a, b in (("bf16", "bf16-attn"), ("int8", "int8-attn"), ("int8-attn", "int8-attn-rotary"),
+                 ("bf16", "bf16-attn-rotary")):
         if a in tokens and b in tokens:
             same_tokens(res, tokens[a], tokens[b], f"{a}_vs_{b}")
     report["results"] = res

@@ -22,6 +22,9 @@ of the candidates' sizes (512 positions) keeps SDPA.
 The layers take it for one row (MAX_ROWS: the batch-1 step the timing measures); more rows keep SDPA.
 LLAMA_DECODE_ATTENTION_PDL ("auto", the default, or "off"): the kernel as a programmatic dependent launch where
 the GPU has it (llama.fast.int8_gemv_kernels.pdl_supported).
+LLAMA_DECODE_ATTENTION_ROTARY ("auto", the default, or "off"): the layers that take the kernel also hand it
+their step's rotary embedding and cache writes (`decode_attention_rotary`, a second custom op that writes the
+caches in place): the step then has no rotary kernel and no cache-writing kernels of its own.
 
 Numerics: the scores, the softmax and the weighted sum of V in float32, the output divided once and rounded
 once to the query's dtype (decode_attention_reference: the same in torch, off CUDA); flash-style kernels such
@@ -36,12 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.fast.decode_attention_kernels import AttentionConfig, check_config, kernel_runs_on, launch
+from llama.fast.decode_attention_kernels import AttentionConfig, Rotary, check_config, kernel_runs_on, launch
 from llama.fast.int8_gemv import time_pass
 from llama.fast.int8_gemv_kernels import pdl_supported
+from llama.model import apply_rotary_emb
 
 ENV = "LLAMA_DECODE_ATTENTION"
 PDL_ENV = "LLAMA_DECODE_ATTENTION_PDL"
+ROTARY_ENV = "LLAMA_DECODE_ATTENTION_ROTARY"
 # Rows a decode step may have for its layers to take the kernel: the load-time timing measures one.
 MAX_ROWS = 1
 SDPA = "sdpa"  # the current path's key among the pick's timings
@@ -92,21 +97,67 @@ def _(q, cache_k, cache_v, positions, kv_len, block_n, num_warps, heads=1, pdl=F
     return q.new_empty(q.shape)
 
 
+def rotary_attention_reference(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, cos: torch.Tensor,
+                               sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                               positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """What the fast layer does in a decode step of one new token a row, written in torch: rotate the new query
+    xq (bsz, n_heads, head_dim) and key xk (bsz, n_kv_heads, head_dim) with the rows' tables cos, sin
+    (bsz, head_dim) (apply_rotary_emb), write the key and xv to the caches at each row's position (in place),
+    then decode_attention_reference."""
+    bsz, n_heads, _ = xq.shape
+    xqk = apply_rotary_emb(torch.cat([xq, xk], dim=1)[:, None], cos[:, None], sin[:, None])[:, 0]
+    rows = torch.arange(bsz, device=xq.device)
+    cache_k[rows, :, positions] = xqk[:, n_heads:]  # (bsz, n_kv_heads, head_dim)
+    cache_v[rows, :, positions] = xv
+    return decode_attention_reference(xqk[:, :n_heads], cache_k, cache_v, positions, kv_len)
+
+
+@torch.library.custom_op("llama::decode_attention_rotary", mutates_args=("cache_k", "cache_v"))
+def decode_attention_rotary(xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, cos: torch.Tensor,
+                            sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, positions: torch.Tensor,
+                            kv_len: int, block_n: int, num_warps: int, heads: int = 1,
+                            pdl: bool = False) -> torch.Tensor:
+    """decode_attention with the step's rotation and cache writes in it: xq (bsz, n_heads, head_dim) and xk
+    (bsz, n_kv_heads, head_dim) not rotated yet, xv (bsz, n_kv_heads, head_dim), cos and sin (bsz, head_dim)
+    (interleave_rope's tables at the rows' positions, each below kv_len). Writes row i's rotated key and xv to
+    cache_k and cache_v at positions[i] and returns the attention of its rotated query over positions
+    0 .. positions[i]: the Triton kernel (launch with `rotary`) on CUDA, elsewhere rotary_attention_reference."""
+    if kernel_runs_on(xq.device):
+        return launch(xq, cache_k, cache_v, positions, kv_len, AttentionConfig(block_n, num_warps, heads),
+                      pdl=pdl and pdl_supported(xq.device), rotary=Rotary(cos, sin, xk, xv))
+    return rotary_attention_reference(xq, xk, xv, cos, sin, cache_k, cache_v, positions, kv_len)
+
+
+@decode_attention_rotary.register_fake
+def _(xq, xk, xv, cos, sin, cache_k, cache_v, positions, kv_len, block_n, num_warps, heads=1, pdl=False):
+    return xq.new_empty(xq.shape)
+
+
 class DecodeAttention:
     """A layer's decode attention: decode_attention with the block shape picked at load (`cfg`) and its launch
     (`pdl`). Called as the fast attention layer calls it: q (bsz, n_heads, head_dim), its caches, the rows'
     positions and kv_len."""
 
-    def __init__(self, cfg: AttentionConfig, pdl: bool = False):
+    def __init__(self, cfg: AttentionConfig, pdl: bool = False, rotary: bool = False):
         self.cfg = cfg
         self.pdl = pdl
+        self.rotary = rotary  # whether the layer hands it the step's rotation and cache writes (with_rotary)
 
     def __call__(self, q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, positions: torch.Tensor,
                  kv_len: int) -> torch.Tensor:
         return decode_attention(q, cache_k, cache_v, positions, kv_len, *self.cfg, self.pdl)
 
+    def with_rotary(self, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, positions: torch.Tensor,
+                    kv_len: int) -> torch.Tensor:
+        """decode_attention_rotary with this block shape: the step's new query and key not rotated yet, its new
+        value, the rows' tables; writes the caches."""
+        return decode_attention_rotary(xq, xk, xv, cos, sin, cache_k, cache_v, positions, kv_len, *self.cfg,
+                                       self.pdl)
+
     def __repr__(self) -> str:
-        return f"DecodeAttention{tuple(self.cfg)}{', dependent launch' if self.pdl else ''}"
+        return (f"DecodeAttention{tuple(self.cfg)}{', dependent launch' if self.pdl else ''}"
+                f"{', rotary and cache writes in' if self.rotary else ''}")
 
 
 def setting() -> str:
@@ -124,6 +175,16 @@ def pdl_runs_on(device: torch.device) -> bool:
     if value not in ("auto", "off"):
         raise ValueError(f"{PDL_ENV} must be 'auto' or 'off', got {value!r}")
     return value == "auto" and pdl_supported(device)
+
+
+def rotary_runs_in() -> bool:
+    """Whether layers that take the kernel hand it their decode steps' rotation and cache writes too
+    (decode_attention_rotary): LLAMA_DECODE_ATTENTION_ROTARY "auto" (the default) or "off"; ValueError on
+    another value."""
+    value = os.environ.get(ROTARY_ENV, "auto").strip()
+    if value not in ("auto", "off"):
+        raise ValueError(f"{ROTARY_ENV} must be 'auto' or 'off', got {value!r}")
+    return value == "auto"
 
 
 def sdpa_with_mask(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -187,7 +248,7 @@ def use_decode_attention(model: nn.Module) -> Optional[DecodeAttention]:
     whose products run the int8 GEMV) and the timing finds it faster: on CUDA with Triton only; call it once the
     model is on its device, before any generation (the timing fills the caches with random values, then
     zeroes them as they were built). Returns what the layers took (None: SDPA)."""
-    mode = setting()
+    mode, rotary = setting(), rotary_runs_in()
     layers = [m for m in model.modules() if hasattr(m, "decode_attention") and hasattr(m, "cache_k")]
     for m in layers:
         m.decode_attention = None
@@ -208,7 +269,7 @@ def use_decode_attention(model: nn.Module) -> Optional[DecodeAttention]:
     cfg = pick(times, mode)
     if cfg is None:
         return None
-    chosen = DecodeAttention(cfg, pdl)
+    chosen = DecodeAttention(cfg, pdl, rotary)
     for m in layers:
         m.decode_attention = chosen
     return chosen

@@ -17,13 +17,19 @@ positions):
   its first load, since everything it reads (the query, the cache, just written) comes from the kernels before
   it, and lets its dependents start right after; the combine kernel is launched plainly.
 
+With `rotary` (launch), the kernel also does what the layer did before it: it rotates the step's new query and
+key itself (llama.model.apply_rotary_emb's arithmetic) and writes the new key and value to the caches, so that
+the step loses the rotary kernel and the two cache writes (3.7 us a layer on an H200 at the 8B shape). Every
+program uses the new key and value from its own registers at the row's position, and one program a KV group
+writes them, so that no program depends on another's write.
+
 One block a program, always (`launch`): that was the fastest form at the 8B model's decode lengths (4.4 us a
 layer at kv_len 160 against 6.0 for two blocks a program and 8.9 for five, on an H200), and it is the form
-whose every block shape ran within the float64 bound on the H200. The kernel's loop, an online softmax, could
-walk several blocks (right under Triton's interpreter, with the tests' bound), but those forms were not tested
-on the H200 in their right state: the H200 runs of them had a bug planted in them by mistake (the rescale left
-out; bench/results/GPU_RESULTS.md, issue 18, eighth session). So the loop runs at most once, and a cache
-longer than MAX_BLOCKS blocks keeps SDPA (check_config).
+whose every block shape ran within the float64 bound on the H200. The kernel's loop, an online softmax, can
+walk several blocks (launch's chunk_blocks, used by scripts/decode_attention_check.py only): those forms were
+slower at these lengths, and were checked within the bound on an H200 (2, 4 and all blocks a program, kv_len
+17 to 500; bench/results/GPU_RESULTS.md, issue 18, ninth session) but have no test of their own. So the
+library's loop runs at most once, and a cache longer than MAX_BLOCKS blocks keeps SDPA (check_config).
 
 Numerics: every score, exponential, sum and product in float32 (products of bf16 values exact), the output
 divided once and rounded once to the query's dtype; tests/test_decode_attention.py bounds it against float64.
@@ -58,6 +64,18 @@ class AttentionConfig(NamedTuple):
     heads: int = 1
 
 
+class Rotary(NamedTuple):
+    """What the kernel needs to rotate a decode step's new query and key itself and to write the new key and value
+    to the caches (launch's `rotary`): cos and sin (bsz, head_dim), interleave_rope's tables at each row's
+    position; k_new and v_new (bsz, n_kv_heads, head_dim), the new key (not rotated yet) and value. Any strides
+    but the last."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    k_new: torch.Tensor
+    v_new: torch.Tensor
+
+
 def blocks(kv_len: int, cfg: AttentionConfig) -> int:
     """Programs a row's head is cut into along the cache: kv_len / block_n, rounded up."""
     return -(-kv_len // cfg.block_n)
@@ -83,14 +101,23 @@ if triton is not None:
     @triton.jit
     def _attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, part_ptr, kv_len, chunk, head_dim, n_heads, qk_scale,
                           sq_b, sq_h, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, so_b, so_h,
+                          cos_ptr, sin_ptr, kn_ptr, vn_ptr, sc_b, ss_b, skn_b, skn_h, svn_b, svn_h,
                           GROUP: tl.constexpr, HEADS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                          SPLIT: tl.constexpr, PDL: tl.constexpr):
+                          SPLIT: tl.constexpr, PDL: tl.constexpr, ROTARY: tl.constexpr):
         """Row b = program 0, query heads [program 1 * HEADS, + HEADS) (one KV head's), cache positions
         [program 2 * chunk, + chunk) up to the row's own position (inclusive) and below kv_len; chunk is BLOCK_N
-        (launch), so the loop runs at most once (see the module docstring). SPLIT == 1: out (bsz, n_heads,
-        head_dim) = softmax(q K^T / sqrt(head_dim)) V, rounded to out's dtype. SPLIT > 1: part (bsz, n_heads,
-        SPLIT, 2 + BLOCK_D) float32 holds this block's maximum m (base 2), the sum l of 2**(s - m) and the
-        weighted sum of V, for _combine_kernel (a block past the row's position: m = -inf, l = 0)."""
+        times launch's chunk_blocks (1 in the library: the loop runs at most once; the module docstring).
+        SPLIT == 1: out (bsz, n_heads, head_dim) = softmax(q K^T / sqrt(head_dim)) V, rounded to out's dtype.
+        SPLIT > 1: part (bsz, n_heads, SPLIT, 2 + BLOCK_D) float32 holds this block's maximum m (base 2), the
+        sum l of 2**(s - m) and the weighted sum of V, for _combine_kernel (a block past the row's position:
+        m = -inf, l = 0).
+
+        ROTARY: q and the row's new key (kn, (bsz, n_kv_heads, head_dim)) are not rotated yet. Each program
+        rotates them itself with the row's tables (cos, sin (bsz, head_dim): interleave_rope's), as
+        llama.model.apply_rotary_emb does (float32, rounded to q's dtype), and uses the new key and value (vn)
+        from its registers at the row's position, whatever the cache holds there; the first program of each
+        KV group whose block holds that position writes them to the cache. So no program waits for another's
+        write. (Launched with enable_fp_fusion=False: products and sums rounded as torch rounds them.)"""
         b = tl.program_id(0)
         h0 = tl.program_id(1) * HEADS
         c = tl.program_id(2)
@@ -102,22 +129,42 @@ if triton is not None:
         if PDL:  # the query and the cache are written by the kernels just before: read nothing until they finish
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        end = tl.minimum(tl.load(pos_ptr + b).to(tl.int32) + 1, kv_len)  # positions 0 .. end - 1 are visible
+        pos = tl.load(pos_ptr + b).to(tl.int32)
+        end = tl.minimum(pos + 1, kv_len)  # positions 0 .. end - 1 are visible
         lo = c * chunk
         hi = tl.minimum(lo + chunk, end)
-        q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=d_ok[None, :], other=0.0)
-        q = q.to(tl.float32) * qk_scale  # (HEADS, BLOCK_D): scores come out in base 2, scaled
+        q_rows = q_ptr + b * sq_b + heads[:, None] * sq_h  # (HEADS, 1)
+        q = tl.load(q_rows + d[None, :], mask=d_ok[None, :], other=0.0)
         k_rows = k_ptr + b.to(tl.int64) * sk_b + kv_head * sk_h
         v_rows = v_ptr + b.to(tl.int64) * sv_b + kv_head * sv_h
+        if ROTARY:  # x * (cos, cos) + (each pair swapped) * (-sin, sin), as apply_rotary_emb
+            swap = d ^ 1  # (BLOCK_D,): each pair (2i, 2i + 1) read the other way round
+            cos = tl.load(cos_ptr + b * sc_b + d, mask=d_ok, other=0.0).to(tl.float32)
+            sin = tl.load(sin_ptr + b * ss_b + d, mask=d_ok, other=0.0).to(tl.float32)
+            q_swap = tl.load(q_rows + swap[None, :], mask=d_ok[None, :], other=0.0).to(tl.float32)
+            q = (q.to(tl.float32) * cos[None, :] + q_swap * sin[None, :]).to(q_ptr.dtype.element_ty)
+            kn = kn_ptr + b * skn_b + kv_head * skn_h
+            k_new = tl.load(kn + d, mask=d_ok, other=0.0).to(tl.float32)
+            k_new = k_new * cos + tl.load(kn + swap, mask=d_ok, other=0.0).to(tl.float32) * sin
+            k_new = k_new.to(q_ptr.dtype.element_ty).to(k_ptr.dtype.element_ty)  # (BLOCK_D,) as the cache holds it
+            v_new = tl.load(vn_ptr + b * svn_b + kv_head * svn_h + d, mask=d_ok, other=0.0).to(v_ptr.dtype.element_ty)
+            if (h0 % GROUP == 0) & (pos >= lo) & (pos < lo + chunk) & (pos < kv_len):  # the one writer
+                tl.store(k_rows + pos * sk_s + d, k_new, mask=d_ok)
+                tl.store(v_rows + pos * sv_s + d, v_new, mask=d_ok)
+        q = q.to(tl.float32) * qk_scale  # (HEADS, BLOCK_D): scores come out in base 2, scaled
         m = tl.full((HEADS,), float("-inf"), dtype=tl.float32)
         l = tl.zeros((HEADS,), dtype=tl.float32)
         acc = tl.zeros((HEADS, BLOCK_D), dtype=tl.float32)
-        for start in range(lo, hi, BLOCK_N):  # (at most once: chunk is BLOCK_N)
+        for start in range(lo, hi, BLOCK_N):  # (at most once where chunk is BLOCK_N)
             cols = start + n  # (BLOCK_N,) cache positions
             ok = cols < hi
             kv_ok = ok[:, None] & d_ok[None, :]
             k = tl.load(k_rows + cols[:, None] * sk_s + d[None, :], mask=kv_ok, other=0.0).to(tl.float32)
             v = tl.load(v_rows + cols[:, None] * sv_s + d[None, :], mask=kv_ok, other=0.0).to(tl.float32)
+            if ROTARY:  # the row's own position: this step's key and value, not what the cache held before
+                new = (cols == pos)[:, None]
+                k = tl.where(new, k_new.to(tl.float32)[None, :], k)
+                v = tl.where(new, v_new.to(tl.float32)[None, :], v)
             s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (HEADS, BLOCK_N)
             s = tl.where(ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every step has a visible position
@@ -158,32 +205,48 @@ if triton is not None:
 
 def launch(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, positions: torch.Tensor, kv_len: int,
            cfg: AttentionConfig, pdl: bool = False, out: Optional[torch.Tensor] = None,
-           num_stages: Optional[int] = None) -> torch.Tensor:
+           num_stages: Optional[int] = None, rotary: Optional[Rotary] = None,
+           chunk_blocks: int = 1) -> torch.Tensor:
     """The kernels on q (bsz, n_heads, head_dim) (any strides, head_dim contiguous), the caches
     (>= bsz, n_kv_heads, >= kv_len, head_dim) (head_dim contiguous) and positions (bsz,) int: row i reads
     positions 0 .. min(positions[i], kv_len - 1) -> (bsz, n_heads, head_dim) in q's dtype (into `out` where
     given). One program per block of cfg.block_n positions (check_config's limits must hold). pdl: the
     attention kernel as a programmatic dependent launch (pdl_supported(device) must hold); num_stages: Triton's
-    software pipelining depth (its default where None; for scripts/decode_attention_check.py)."""
+    software pipelining depth (its default where None; for scripts/decode_attention_check.py); chunk_blocks:
+    blocks a program walks through, the kernel's loop (1 everywhere but scripts/decode_attention_check.py).
+
+    rotary (Rotary): q and rotary.k_new not rotated yet; the kernel rotates them, writes the new key and value
+    rotary.v_new to the caches at each row's position (below kv_len) and attends over them (the kernel's
+    docstring)."""
     bsz, n_heads, head_dim = q.shape
     n_kv_heads = cache_k.shape[1]
     group = n_heads // n_kv_heads
     if out is None:
         out = torch.empty((bsz, n_heads, head_dim), dtype=q.dtype, device=q.device)
     block_d = triton.next_power_of_2(head_dim)
-    split = blocks(kv_len, cfg)
+    chunk = chunk_blocks * cfg.block_n
+    split = -(-kv_len // chunk)  # programs a row's head is cut into
     part = out
     if split > 1:
         part = torch.empty((bsz, n_heads, split, 2 + block_d), dtype=torch.float32, device=q.device)
     qk_scale = math.log2(math.e) / math.sqrt(head_dim)
     grid = (bsz, n_heads // cfg.heads, split)
-    launch_pdl = {"launch_pdl": True} if pdl else {}  # (older Tritons know no launch_pdl: only passed when asked)
-    _attention_kernel[grid](q, cache_k, cache_v, positions, out, part, kv_len, cfg.block_n, head_dim, n_heads,
+    options = {"launch_pdl": True} if pdl else {}  # (older Tritons know no launch_pdl: only passed when asked)
+    if num_stages is not None:
+        options["num_stages"] = num_stages
+    if rotary is None:  # (unused pointers: q's)
+        tables = (q, q, q, q, 0, 0, 0, 0, 0, 0)
+    else:
+        cos, sin, k_new, v_new = rotary
+        tables = (cos, sin, k_new, v_new, cos.stride(0), sin.stride(0), k_new.stride(0), k_new.stride(1),
+                  v_new.stride(0), v_new.stride(1))
+        options["enable_fp_fusion"] = False  # the rotation's products and sums rounded one by one, as in torch
+    _attention_kernel[grid](q, cache_k, cache_v, positions, out, part, kv_len, chunk, head_dim, n_heads,
                             qk_scale, q.stride(0), q.stride(1), cache_k.stride(0), cache_k.stride(1),
                             cache_k.stride(2), cache_v.stride(0), cache_v.stride(1), cache_v.stride(2), out.stride(0),
-                            out.stride(1), GROUP=group, HEADS=cfg.heads, BLOCK_D=block_d, BLOCK_N=cfg.block_n,
-                            SPLIT=split, PDL=pdl, num_warps=cfg.num_warps, **launch_pdl,
-                            **({} if num_stages is None else {"num_stages": num_stages}))
+                            out.stride(1), *tables, GROUP=group, HEADS=cfg.heads, BLOCK_D=block_d,
+                            BLOCK_N=cfg.block_n, SPLIT=split, PDL=pdl, ROTARY=rotary is not None,
+                            num_warps=cfg.num_warps, **options)
     if split > 1:
         _combine_kernel[(bsz, n_heads)](part, out, head_dim, n_heads, out.stride(0), out.stride(1), SPLIT=split,
                                         BLOCK_S=triton.next_power_of_2(split), BLOCK_D=block_d, num_warps=4)

@@ -11,7 +11,7 @@ weights and the same results (to float32 rounding) as the reference modules of l
 - FastAttention also takes one new token per row at each row's own cache position (the batched decode loop of
   llama.fast.loop), and runs a CPU decode step's attention in float32 (faster there than bf16/fp16, and
   closer to exact). A compiled CUDA decode step of one row may run a Triton kernel instead of SDPA, picked at
-  load (llama.fast.decode_attention).
+  load (llama.fast.decode_attention), which may also take over the step's rotation and cache writes.
 - With one model-parallel rank the layers skip fairscale's no-op autograd functions, whose bookkeeping costs
   time at every call and which torch.compile cannot trace. With several ranks they all-reduce and gather
   exactly as fairscale does.
@@ -275,6 +275,28 @@ class FastAttention(nn.Module):
         n_qk = self.n_local_heads + self.n_local_kv_heads
         xqkv = self.wqkv(x) if norm is None else normed_product(self.wqkv, norm, x)  # (bsz, seqlen, qkv dims)
         xqkv = xqkv.view(bsz, seqlen, n_qk + self.n_local_kv_heads, self.head_dim)
+        # A compiled CUDA decode step of one row may take the decode attention kernel: it reads the cache up to
+        # each row's position (the mask unused).
+        kernel = self.decode_attention
+        if not (seqlen == 1 and not isinstance(start_pos, int) and bsz <= DECODE_ATTENTION_MAX_ROWS):
+            kernel = None
+        if kernel is not None and getattr(kernel, "rotary", False):
+            # The kernel also rotates the new query and key and writes the new key and value to the caches.
+            xnew = xqkv[:, 0]  # (bsz, n_heads + 2 n_kv_heads, head_dim), not rotated
+            out = kernel.with_rotary(xnew[:, : self.n_local_heads], xnew[:, self.n_local_heads : n_qk],
+                                     xnew[:, n_qk:], cos[:, 0], sin[:, 0], self.cache_k, self.cache_v, start_pos,
+                                     mask.shape[-1])[:, :, None]  # (bsz, n_heads, 1, head_dim)
+        else:
+            out = self._attend(xqkv, start_pos, cos, sin, mask, kernel)
+        out = out.type_as(x).transpose(1, 2).reshape(bsz, seqlen, -1)  # (bsz, seqlen, n_heads * head_dim)
+        return self.wo(out) if residual is None else added_product(self.wo, out, residual)
+
+    def _attend(self, xqkv: torch.Tensor, start_pos: Positions, cos: torch.Tensor, sin: torch.Tensor,
+                mask: Optional[torch.Tensor], kernel: Optional[Callable[..., torch.Tensor]]) -> torch.Tensor:
+        """Rotate, write the new keys and values to the cache, attend (the kernel where given, else SDPA):
+        xqkv (bsz, seqlen, n_heads + 2 n_kv_heads, head_dim) -> (bsz, n_heads, seqlen, head_dim)."""
+        bsz, seqlen = xqkv.shape[:2]
+        n_qk = self.n_local_heads + self.n_local_kv_heads
         xqk = apply_rotary_emb(xqkv[:, :, :n_qk], cos, sin)  # queries and keys rotated in one go
         xq, xk, xv = xqk[:, :, : self.n_local_heads], xqk[:, :, self.n_local_heads :], xqkv[:, :, n_qk:]
 
@@ -284,32 +306,27 @@ class FastAttention(nn.Module):
             self.cache_k[:bsz, :, start_pos:end_pos] = xk
             self.cache_v[:bsz, :, start_pos:end_pos] = xv
         elif seqlen == 1:  # row i's one new token goes to position start_pos[i]
-            rows = torch.arange(bsz, device=x.device)
+            rows = torch.arange(bsz, device=xqkv.device)
             self.cache_k[rows, :, start_pos] = xk[:, :, 0]  # (bsz, n_kv_heads, head_dim)
             self.cache_v[rows, :, start_pos] = xv[:, :, 0]
             end_pos = mask.shape[-1]
         else:  # row i's tokens go to positions start_pos[i] .. + seqlen - 1
-            rows = torch.arange(bsz, device=x.device)[:, None]  # (bsz, 1)
-            at = start_pos[:, None] + torch.arange(seqlen, device=x.device)  # (bsz, seqlen)
+            rows = torch.arange(bsz, device=xqkv.device)[:, None]  # (bsz, 1)
+            at = start_pos[:, None] + torch.arange(seqlen, device=xqkv.device)  # (bsz, seqlen)
             self.cache_k[rows, :, at] = xk.transpose(1, 2)  # (bsz, seqlen, n_kv_heads, head_dim)
             self.cache_v[rows, :, at] = xv.transpose(1, 2)
             end_pos = mask.shape[-1]
-        if seqlen == 1 and not isinstance(start_pos, int) and self.decode_attention is not None and (
-                bsz <= DECODE_ATTENTION_MAX_ROWS):
-            # A compiled CUDA decode step: the kernel reads the cache up to each row's position (the mask unused).
-            out = self.decode_attention(xq[:, :, 0], self.cache_k, self.cache_v, start_pos, end_pos)[:, :, None]
-        else:
-            keys = self.cache_k[:bsz, :, :end_pos]  # (bsz, n_kv_heads, end_pos, head_dim)
-            values = self.cache_v[:bsz, :, :end_pos]
-            if seqlen == 1 and x.device.type == "cpu" and x.dtype != torch.float32:
-                # A decode step on the CPU: the float32 kernel, on upcast copies, is several times faster for
-                # one query than the bf16/fp16 one (and rounds less).
-                xq, keys, values = xq.float(), keys.float(), values.float()
-            out = F.scaled_dot_product_attention(
-                xq, keys, values, attn_mask=mask, enable_gqa=self.n_local_heads != self.n_local_kv_heads
-            )  # (bsz, n_heads, seqlen, head_dim)
-        out = out.type_as(x).transpose(1, 2).reshape(bsz, seqlen, -1)  # (bsz, seqlen, n_heads * head_dim)
-        return self.wo(out) if residual is None else added_product(self.wo, out, residual)
+        if kernel is not None:
+            return kernel(xq[:, :, 0], self.cache_k, self.cache_v, start_pos, end_pos)[:, :, None]
+        keys = self.cache_k[:bsz, :, :end_pos]  # (bsz, n_kv_heads, end_pos, head_dim)
+        values = self.cache_v[:bsz, :, :end_pos]
+        if seqlen == 1 and xqkv.device.type == "cpu" and xqkv.dtype != torch.float32:
+            # A decode step on the CPU: the float32 kernel, on upcast copies, is several times faster for
+            # one query than the bf16/fp16 one (and rounds less).
+            xq, keys, values = xq.float(), keys.float(), values.float()
+        return F.scaled_dot_product_attention(
+            xq, keys, values, attn_mask=mask, enable_gqa=self.n_local_heads != self.n_local_kv_heads
+        )  # (bsz, n_heads, seqlen, head_dim)
 
 
 class FastFeedForward(nn.Module):
