@@ -10,7 +10,9 @@ def summary_line(res: Dict[str, Any]) -> str:
     o = res["ours"]
     line = (f"{res['dtype']} batch {res['batch']}: ours {o['decode_tok_s']:.1f} tok/s decode "
             f"({o['fraction_of_read_bandwidth']:.0%} of the best read bandwidth seen, "
-            f"{o['median_round_fraction_of_read_bandwidth']:.0%} in the median round), first token "
+            f"{o['median_round_fraction_of_read_bandwidth']:.0%} in the median round, "
+            f"{o['median_fraction_of_bracketing_read_bandwidth']:.0%} of the reads just before and after its runs), "
+            f"first token "
             f"{o['time_to_first_token_s'] * 1e3:.1f} ms, KV cache {res['kv_cache_bytes'] / 2**20:.1f} MiB")
     if "transformers" in res:
         h = res["transformers"]
@@ -22,7 +24,8 @@ def summary_line(res: Dict[str, Any]) -> str:
         if f"ours-{bits}" in res:
             q = res[f"ours-{bits}"]
             line += (f"; ours {bits} {q['decode_tok_s']:.1f} tok/s ({q['fraction_of_read_bandwidth']:.0%} of the "
-                     f"read bandwidth), same greedy tokens in {res[f'rows_matching_{bits}']}/{res['batch']} rows "
+                     f"read bandwidth, {q['median_fraction_of_bracketing_read_bandwidth']:.0%} of the reads "
+                     f"beside its runs), same greedy tokens in {res[f'rows_matching_{bits}']}/{res['batch']} rows "
                      f"(the first {res[f'leading_tokens_matching_{bits}']} tokens)")
     if LLAMACPP in res:
         line += (f"; llama.cpp {res[LLAMACPP]['decode_tok_s']:.1f} tok/s, ratio {res['ratio_llamacpp']:.2f}x "

@@ -67,6 +67,9 @@ SHAPES: Dict[str, Dict[str, Any]] = {
                       ffn_dim_multiplier=1.3),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Timed reads of the bandwidth measured between the systems' runs (fewer than the run's main measurements:
+# there are len(systems) of them a round).
+BRACKET_REPEATS = 3
 
 
 def log(message: str) -> None:
@@ -235,6 +238,8 @@ class System:
         self.full: List[float] = []
         self.memory: List[Dict[str, Optional[int]]] = []
         self.tokens: Optional[torch.Tensor] = None
+        # Per round: the read bandwidth measured just before and just after this system's runs, averaged.
+        self.bracketing_bandwidths: List[float] = []
 
 
 def ours_system(name: str, llama: Llama) -> System:
@@ -277,7 +282,10 @@ def measure(systems: List[System], prompts: torch.Tensor, n_tokens: int, repeats
     """Warm up, then alternate the systems run by run: a 1-token run (time to first token) and a full run
     (with its peak memory), `repeats` times each; the order of the systems flips every round. Every round
     also measures the read bandwidth, so that the ceiling is sampled as often, and as disturbed by other
-    work on the machine, as the systems are: returns each round's measurement."""
+    work on the machine, as the systems are: returns each round's first measurement. The bandwidth is also
+    measured between the systems' runs, and each system keeps the mean of the measurements just before
+    and just after its runs (`bracketing_bandwidths`): the machine's read speed moves in phases lasting
+    seconds to minutes (docs/cpu-step.md), so a round's one measurement can miss a run's moment."""
     memory = PeakMemory(device)
     for system in systems:
         for _ in range(warmup):
@@ -286,6 +294,7 @@ def measure(systems: List[System], prompts: torch.Tensor, n_tokens: int, repeats
     bandwidths = []
     for r in range(repeats):
         bandwidths.append(measure_read_bandwidth(device))
+        before = bandwidths[-1]
         for system in systems if r % 2 == 0 else systems[::-1]:
             t1, _ = timed(lambda: system.generate(prompts, 1), device)
             memory.start()
@@ -294,6 +303,9 @@ def measure(systems: List[System], prompts: torch.Tensor, n_tokens: int, repeats
             system.ttft.append(t1)
             system.full.append(t)
             system.tokens = out
+            after = measure_read_bandwidth(device, repeats=BRACKET_REPEATS)
+            system.bracketing_bandwidths.append((before + after) / 2)
+            before = after
             log(f"  {label}  round {r + 1}/{repeats}  {system.name:<13} first token {t1 * 1e3:7.1f} ms"
                 f"  {n_tokens} tokens {t:6.3f} s")
     return bandwidths
@@ -505,6 +517,11 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
                 fractions = [step_bytes * (opts.new_tokens - 1) / max(full - ttft, 1e-9) / bw
                              for full, ttft, bw in zip(s.full, s.ttft, round_bandwidths)]
                 res[s.name]["median_round_fraction_of_read_bandwidth"] = statistics.median(fractions)
+                # The same against the bandwidth measured just before and after the system's own runs.
+                beside = [step_bytes * (opts.new_tokens - 1) / max(full - ttft, 1e-9) / bw
+                          for full, ttft, bw in zip(s.full, s.ttft, s.bracketing_bandwidths)]
+                res[s.name]["median_fraction_of_bracketing_read_bandwidth"] = statistics.median(beside)
+                res[s.name]["bracketing_read_bandwidths_bytes_s"] = s.bracketing_bandwidths
             tokens = {s.name: s.tokens for s in systems}
             if "transformers" in res:
                 res["ratio_decode"] = res["ours"]["decode_tok_s"] / res["transformers"]["decode_tok_s"]
