@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.bandwidth import measure_read_bandwidth  # noqa: E402
 from bench.run import SHAPES, build_ours, bytes_per_decode_step, random_weights  # noqa: E402
+from cpu_step_ab import time_a_token  # noqa: E402  (this script's folder is on the path when it runs)
 from llama.distributed import init_distributed  # noqa: E402
 from llama.model import ModelArgs  # noqa: E402
 
@@ -50,16 +51,6 @@ def build(n_layers: int, dtype: torch.dtype, quantize: str):
     llm.generate(PROMPT, max_gen_len=8, temperature=0.0)  # compiles; the DirectCall of batch size 1
     step_bytes = bytes_per_decode_step(sd, args, dtype, 1, len(PROMPT[0]), NEW_TOKENS, int8=quantize == "int8")
     return llm, step_bytes["total_bytes"]
-
-
-def token_ms(llm) -> float:
-    """ms a decoded token: greedy decoding of NEW_TOKENS, less a 1-token run (the prefill and first pick)."""
-    t0 = time.perf_counter()
-    llm.generate(PROMPT, max_gen_len=NEW_TOKENS, temperature=0.0)
-    total = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    llm.generate(PROMPT, max_gen_len=1, temperature=0.0)
-    return (total - (time.perf_counter() - t1)) / (NEW_TOKENS - 1) * 1e3
 
 
 def graph_loop(llm, steps: int = NEW_TOKENS) -> Callable[[], float]:
@@ -129,7 +120,8 @@ def main() -> None:
     layer_bytes = (ten_bytes - two_bytes) / 8
     print(f"{torch.backends.cpu.get_cpu_capability()}, {opts.dtype}, {opts.quantize or 'no quantization'}, "
           f"{opts.threads} threads; a step reads {step_bytes / 1e6:.1f} MB, a layer {layer_bytes / 1e6:.2f} MB")
-    parts: Dict[str, Callable[[], float]] = {"token": lambda: token_ms(llm), "graph": graph_loop(llm)}
+    parts: Dict[str, Callable[[], float]] = {"token": lambda: time_a_token(llm, PROMPT, NEW_TOKENS),
+                                             "graph": graph_loop(llm)}
     parts["2 layers"], parts["10 layers"] = graph_loop(two), graph_loop(ten)
     figures: Dict[str, List[float]] = {name: [] for name in parts}
     reads: List[float] = []
