@@ -311,6 +311,13 @@ def measure(systems: List[System], prompts: torch.Tensor, n_tokens: int, repeats
     return bandwidths
 
 
+def median_fraction(system: System, step_bytes: float, n_tokens: int, bandwidths: List[float]) -> float:
+    """Each round's decode (its full run less its 1-token run, floored at 1 ns) against that round's reading
+    in `bandwidths`, as a fraction of it: the median over rounds."""
+    return statistics.median(step_bytes * (n_tokens - 1) / max(full - ttft, 1e-9) / bw
+                             for full, ttft, bw in zip(system.full, system.ttft, bandwidths))
+
+
 def summarise(system: System, bsz: int, prompt_len: int, n_tokens: int) -> Dict[str, Any]:
     """Figures from the fastest runs (the least disturbed by other work on the machine), medians beside."""
     ttft, full = min(system.ttft), min(system.full)
@@ -512,15 +519,13 @@ def run(opts: argparse.Namespace) -> Dict[str, Any]:
                               else q8_0_traffic if s.name == LLAMACPP_Q8_0 else traffic)["total_bytes"]
                 res[s.name]["bytes_per_decode_step"] = step_bytes
                 res[s.name]["effective_bandwidth_bytes_s"] = step_bytes * res[s.name]["decode_steps_s"]
-                # Each round's decode against the bandwidth measured in that round, the median over rounds:
-                # both sides seen under the same load (the best-of figures may come from different moments).
-                fractions = [step_bytes * (opts.new_tokens - 1) / max(full - ttft, 1e-9) / bw
-                             for full, ttft, bw in zip(s.full, s.ttft, round_bandwidths)]
-                res[s.name]["median_round_fraction_of_read_bandwidth"] = statistics.median(fractions)
-                # The same against the bandwidth measured just before and after the system's own runs.
-                beside = [step_bytes * (opts.new_tokens - 1) / max(full - ttft, 1e-9) / bw
-                          for full, ttft, bw in zip(s.full, s.ttft, s.bracketing_bandwidths)]
-                res[s.name]["median_fraction_of_bracketing_read_bandwidth"] = statistics.median(beside)
+                # Against the bandwidth measured in each round: both sides seen under the same load (the
+                # best-of figures may come from different moments); and against the readings just before
+                # and after the system's own runs.
+                res[s.name]["median_round_fraction_of_read_bandwidth"] = median_fraction(
+                    s, step_bytes, opts.new_tokens, round_bandwidths)
+                res[s.name]["median_fraction_of_bracketing_read_bandwidth"] = median_fraction(
+                    s, step_bytes, opts.new_tokens, s.bracketing_bandwidths)
                 res[s.name]["bracketing_read_bandwidths_bytes_s"] = s.bracketing_bandwidths
             tokens = {s.name: s.tokens for s in systems}
             if "transformers" in res:
