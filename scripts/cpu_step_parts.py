@@ -14,6 +14,7 @@ samples split by where each thread was: inductor's kernels, libgomp (a thread wa
 work: the other thread is still in a loop or a single-threaded part), and the rest.
 
     python scripts/cpu_step_parts.py --quantize int8 [--dtype float32] [--rounds 8] [--perf /tmp/step.data]
+    python scripts/cpu_step_parts.py --quantize int8 --vocab 512   # the same with the weights in L3
 """
 
 import argparse
@@ -41,8 +42,8 @@ PROMPT = [[1] * 16]
 NEW_TOKENS = 64
 
 
-def build(n_layers: int, dtype: torch.dtype, quantize: str):
-    shape = dict(SHAPES["small"], n_layers=n_layers)
+def build(n_layers: int, dtype: torch.dtype, quantize: str, vocab_size: int):
+    shape = dict(SHAPES["small"], n_layers=n_layers, vocab_size=vocab_size)
     args = ModelArgs(**shape, max_batch_size=1, max_seq_len=256)
     sd = random_weights(args, dtype, torch.device("cpu"), 0)
     llm = build_ours(args, sd, torch.device("cpu"), dtype, fast=True, compile=False, quantize=quantize or None)
@@ -108,18 +109,21 @@ def main() -> None:
     p.add_argument("--quantize", choices=["", "int8"], default="")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=SHAPES["small"]["vocab_size"],
+                   help="vocabulary size (512: a step's weights stay in a 32 MiB L3 from step to step)")
     p.add_argument("--perf", default="", help="a file for perf's samples of the graph loop (needs perf)")
     opts = p.parse_args()
     os.environ.setdefault("LLAMA_CPU_STEP", "on")
     torch.set_num_threads(opts.threads)
     init_distributed(torch.device("cpu"))
     dtype = getattr(torch, opts.dtype)
-    llm, step_bytes = build(8, dtype, opts.quantize)
-    two, two_bytes = build(2, dtype, opts.quantize)
-    ten, ten_bytes = build(10, dtype, opts.quantize)
+    llm, step_bytes = build(8, dtype, opts.quantize, opts.vocab)
+    two, two_bytes = build(2, dtype, opts.quantize, opts.vocab)
+    ten, ten_bytes = build(10, dtype, opts.quantize, opts.vocab)
     layer_bytes = (ten_bytes - two_bytes) / 8
     print(f"{torch.backends.cpu.get_cpu_capability()}, {opts.dtype}, {opts.quantize or 'no quantization'}, "
-          f"{opts.threads} threads; a step reads {step_bytes / 1e6:.1f} MB, a layer {layer_bytes / 1e6:.2f} MB")
+          f"{opts.threads} threads, vocabulary {opts.vocab}; a step reads {step_bytes / 1e6:.1f} MB, "
+          f"a layer {layer_bytes / 1e6:.2f} MB")
     parts: Dict[str, Callable[[], float]] = {"token": lambda: time_a_token(llm, PROMPT, NEW_TOKENS),
                                              "graph": graph_loop(llm)}
     parts["2 layers"], parts["10 layers"] = graph_loop(two), graph_loop(ten)
