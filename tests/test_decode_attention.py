@@ -6,6 +6,7 @@ layer's dispatch to it (one row of a decode step only), LLAMA_DECODE_ATTENTION a
 dependent launch reading the cache after it is written, and compiled steps through the custom op."""
 
 import math
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -127,28 +128,57 @@ class Recording:
 def test_fast_layer_sends_one_row_decode_steps_to_the_op_and_the_rest_to_sdpa(tiny_llama):
     """With the op given, a one-row decode step's layers call it (and give SDPA's logits within float32
     rounding); two rows, and the prompt's pass, stay on SDPA."""
+    for run in steps_with_and_without(tiny_llama, Recording):
+        assert run.prompt_calls == []
+        assert run.step_calls == ([(1, 5)] * run.n_layers if run.rows == 1 else [])
+        torch.testing.assert_close(run.got, run.expected, rtol=0, atol=1e-5)
+
+
+@dataclass
+class DispatchRun:
+    """One run of steps_with_and_without, at `rows` rows."""
+
+    rows: int
+    n_layers: int
+    prompt_calls: list  # what the layers' decode_attention recorded in the prompt's pass
+    step_calls: list  # ... and in the decode step after it
+    expected: torch.Tensor  # the decode step's logits on SDPA (no decode_attention)
+    got: torch.Tensor  # the same step's logits with the recording decode_attention given
+    expected_caches: list  # each layer's (cache_k, cache_v) after the SDPA step
+    got_caches: list  # ... and after the step with the recording
+
+
+def steps_with_and_without(tiny_llama, make_recording) -> list:
+    """For 1 and 2 rows of a tiny float32 model (SMALL_GQA): the prompt's pass (4 tokens) and one decode step
+    (token 9 at position 4, cache length 5), first with no decode_attention (SDPA with the mask), then, the
+    caches zeroed, with `make_recording()` given to every layer: what it recorded, the logits and the caches
+    of both. The layers are given no decode_attention again at the end."""
     llama = tiny_llama(dict(SMALL_GQA, vocab_size=512), seed=3, device="cpu", dtype=torch.float32)
     model = llama.model
     step = DecodeStep(model)
     layers = [m for m in model.modules() if isinstance(m, FastAttention)]
     prompt = torch.tensor([[256, 5, 6, 7]])
+    runs = []
     for rows in (1, 2):
-        recording = Recording()
+        recording = make_recording()
         tokens = prompt.expand(rows, -1)
         for m in layers:
             m.decode_attention = None
             m.cache_k.zero_(), m.cache_v.zero_()
         model.forward(tokens, 0)
         expected = step(torch.tensor([9] * rows), torch.tensor([4] * rows), 5)  # SDPA with the mask
+        expected_caches = [(m.cache_k.clone(), m.cache_v.clone()) for m in layers]
         for m in layers:
             m.decode_attention = recording
+            m.cache_k.zero_(), m.cache_v.zero_()
         model.forward(tokens, 0)  # the prompt's pass (int start_pos): SDPA
-        assert recording.calls == []
+        prompt_calls = list(recording.calls)
         got = step(torch.tensor([9] * rows), torch.tensor([4] * rows), 5)
-        assert recording.calls == ([(1, 5)] * len(layers) if rows == 1 else [])
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        runs.append(DispatchRun(rows, len(layers), prompt_calls, recording.calls[len(prompt_calls):], expected,
+                                got, expected_caches, [(m.cache_k.clone(), m.cache_v.clone()) for m in layers]))
     for m in layers:
         m.decode_attention = None
+    return runs
 
 
 @pytest.mark.slow  # compiles (inductor)

@@ -16,7 +16,8 @@ from llama.fast.step import DecodeStep
 from llama.model import apply_rotary_emb, interleave_rope
 
 from helpers import SMALL_GQA
-from test_decode_attention import HEADS, assert_within, attention_bound, needs_kernel, needs_pdl
+from test_decode_attention import (HEADS, assert_within, attention_bound, needs_kernel, needs_pdl,
+                                   steps_with_and_without)
 
 THETA = 500000.0
 
@@ -131,32 +132,12 @@ def test_fast_layer_hands_one_row_decode_steps_its_rotation_and_cache_writes(tin
     """With a rotary DecodeAttention given, a one-row decode step's layers call with_rotary only (no separate
     write, no plain call) and leave the caches and the logits as SDPA's path does (float32: the same
     rotation, bit for bit; logits within float32 rounding); two rows and the prompt's pass stay on SDPA."""
-    llama = tiny_llama(dict(SMALL_GQA, vocab_size=512), seed=3, device="cpu", dtype=torch.float32)
-    model = llama.model
-    step = DecodeStep(model)
-    layers = [m for m in model.modules() if isinstance(m, FastAttention)]
-    prompt = torch.tensor([[256, 5, 6, 7]])
-    for rows in (1, 2):
-        recording = Recording()
-        tokens = prompt.expand(rows, -1)
-        for m in layers:
-            m.decode_attention = None
-            m.cache_k.zero_(), m.cache_v.zero_()
-        model.forward(tokens, 0)
-        expected = step(torch.tensor([9] * rows), torch.tensor([4] * rows), 5)  # SDPA with the mask
-        caches = [(m.cache_k.clone(), m.cache_v.clone()) for m in layers]
-        for m in layers:
-            m.decode_attention = recording
-            m.cache_k.zero_(), m.cache_v.zero_()
-        model.forward(tokens, 0)  # the prompt's pass (int start_pos): SDPA
-        assert recording.calls == []
-        got = step(torch.tensor([9] * rows), torch.tensor([4] * rows), 5)
-        assert recording.calls == ([("rotary", 1)] * len(layers) if rows == 1 else [])
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-        for m, (k, v) in zip(layers, caches):
-            assert torch.equal(m.cache_k, k) and torch.equal(m.cache_v, v)
-    for m in layers:
-        m.decode_attention = None
+    for run in steps_with_and_without(tiny_llama, Recording):
+        assert run.prompt_calls == []
+        assert run.step_calls == ([("rotary", 1)] * run.n_layers if run.rows == 1 else [])
+        torch.testing.assert_close(run.got, run.expected, rtol=0, atol=1e-5)
+        for (k, v), (want_k, want_v) in zip(run.got_caches, run.expected_caches):
+            assert torch.equal(k, want_k) and torch.equal(v, want_v)
 
 
 @pytest.mark.slow  # compiles (inductor)
