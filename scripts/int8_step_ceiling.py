@@ -54,8 +54,22 @@ def compile_stand_in(out_dir: str) -> ctypes.CDLL:
     lib.ceiling_bytes.argtypes = [ctypes.c_void_p]
     lib.ceiling_steps.restype = ctypes.c_double
     lib.ceiling_steps.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    lib.ceiling_output.argtypes = [ctypes.c_void_p] + [ctypes.c_void_p] * 3
     lib.ceiling_free.argtypes = [ctypes.c_void_p]
     return lib
+
+
+def check_output_product(lib: ctypes.CDLL, stand_in: int, vocab: int, dim: int) -> None:
+    """The stand-in's last output product against torch's on the same weight (float64): it reads the whole
+    weight, in its blocked layout, and multiplies as the step does. SystemExit where it does not."""
+    q = torch.empty(vocab // 128, dim, 128, dtype=torch.int8)  # (NB, K, 128) as the stand-in holds it
+    x, logits = torch.empty(dim), torch.empty(vocab)
+    lib.ceiling_output(stand_in, q.data_ptr(), x.data_ptr(), logits.data_ptr())
+    w = q.transpose(1, 2).reshape(vocab, dim).double()  # (N, K)
+    want = (w @ x.double()) / 127
+    bound = 1e-5 * (w.abs() @ x.double().abs()) / 127 + 1e-30
+    if not bool(((logits.double() - want).abs() <= bound).all()):
+        raise SystemExit(f"the stand-in's output product is off: max error {(logits.double() - want).abs().max():.3g}")
 
 
 def main() -> None:
@@ -79,6 +93,7 @@ def main() -> None:
         stand_in = lib.ceiling_new(shape["n_layers"], shape["dim"], hidden, qkv_rows, opts.vocab)
         stand_in_bytes = lib.ceiling_bytes(stand_in)
         lib.ceiling_steps(stand_in, 4, opts.threads)
+        check_output_product(lib, stand_in, opts.vocab, shape["dim"])
         sides: Dict[str, Callable[[], float]] = {
             "compiled step": graph_loop(llm, STEPS),
             "stand-in": lambda: lib.ceiling_steps(stand_in, STEPS, opts.threads) / STEPS * 1e3,

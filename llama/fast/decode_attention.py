@@ -16,7 +16,8 @@ step's mask) in a CUDA graph over the model's own layers at load, and keeps the 
 faster; other models keep SDPA. Why only those: on an H200 at the 8B shape the kernel took 4.3 us a layer
 against SDPA's 10.4, and the int8 step ran 1.3% and 4.0% faster with it, but the bf16 step, whose products are
 inductor's own kernels, ran at 0.87x and 0.83x with it (its products slower beside the op; cause not found;
-bench/results/GPU_RESULTS.md, issue 18, eighth session). "on": every model takes the fastest
+bench/results/GPU_RESULTS.md, issue 18, eighth session), and at 0.99-1.00x in the tenth session's process:
+no gain for bf16 either way. "on": every model takes the fastest
 candidate, without the comparison; "off": SDPA. A cache of more than decode_attention_kernels.MAX_BLOCKS blocks
 of the candidates' sizes (512 positions) keeps SDPA.
 The layers take it for one row (MAX_ROWS: the batch-1 step the timing measures); more rows keep SDPA.
