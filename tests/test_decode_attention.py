@@ -7,6 +7,7 @@ dependent launch reading the cache after it is written, and compiled steps throu
 
 import math
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import pytest
 import torch
@@ -346,6 +347,14 @@ def test_cuda_dependent_launch_reads_the_cache_after_it_is_written(in_graph):
         cache_k.copy_(new_k), cache_v.copy_(new_v), q.copy_(new_q)
         return [AK.launch(q, cache_k, cache_v, pos, kv_len, cfg, pdl=pdl) for cfg in cfgs]
 
+    dependent_runs_match_plain_ones(run, (big, new_k, new_v, new_q), in_graph)
+
+
+def dependent_runs_match_plain_ones(run: Callable[[bool], Sequence[torch.Tensor]], sources: Sequence[torch.Tensor],
+                                    in_graph: bool) -> None:
+    """run(pdl) launches with the dependent launch or without and returns its outputs. Four times, `sources`
+    (what run copies in just before the kernel) get new random values; the dependent run (replayed in a CUDA
+    graph where in_graph) must give the plain run's outputs, bit for bit."""
     if in_graph:
         run(True)
         torch.cuda.synchronize()
@@ -354,7 +363,7 @@ def test_cuda_dependent_launch_reads_the_cache_after_it_is_written(in_graph):
             outs = run(True)
     g = torch.Generator().manual_seed(23)
     for _ in range(4):
-        for t in (big, new_k, new_v, new_q):
+        for t in sources:
             t.copy_(torch.randn(t.shape, generator=g).to(t.dtype))
         if in_graph:
             graph.replay()

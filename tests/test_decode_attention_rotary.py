@@ -16,8 +16,8 @@ from llama.fast.step import DecodeStep
 from llama.model import apply_rotary_emb, interleave_rope
 
 from helpers import SMALL_GQA
-from test_decode_attention import (HEADS, assert_within, attention_bound, needs_kernel, needs_pdl,
-                                   steps_with_and_without)
+from test_decode_attention import (HEADS, assert_within, attention_bound, dependent_runs_match_plain_ones,
+                                   needs_kernel, needs_pdl, steps_with_and_without)
 
 THETA = 500000.0
 
@@ -236,24 +236,7 @@ def test_cuda_rotary_dependent_launch_reads_its_inputs_after_they_are_written(in
         out = AK.launch(xq, cache_k, cache_v, pos, kv_len, cfg, pdl=pdl, rotary=AK.Rotary(cos, sin, xk, xv))
         return out, cache_k[:, :, kv_len - 1].clone()
 
-    if in_graph:
-        run(True)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outs = run(True)
-    g = torch.Generator().manual_seed(23)
-    for _ in range(4):
-        for t in [big] + sources:
-            t.copy_(torch.randn(t.shape, generator=g).to(t.dtype))
-        if in_graph:
-            graph.replay()
-            got = [o.clone() for o in outs]
-        else:
-            got = run(True)
-        expected = run(False)
-        for y, e in zip(got, expected):
-            assert torch.equal(y, e)
+    dependent_runs_match_plain_ones(run, [big] + sources, in_graph)
 
 
 @needs_kernel
