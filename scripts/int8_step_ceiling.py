@@ -44,7 +44,10 @@ def compile_stand_in(out_dir: str) -> ctypes.CDLL:
     (inductor's code does not either); torch's libgomp is already loaded, so both share one OpenMP runtime."""
     source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "int8_step_ceiling.cpp")
     library = os.path.join(out_dir, "int8_step_ceiling.so")
-    isa = ["-march=native"] if torch.backends.cpu.get_cpu_capability() == "AVX512" else ["-mavx2", "-mfma"]
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX512", "AVX2"):
+        raise SystemExit(f"the stand-in is written for AVX-512 or AVX2; torch's CPU capability here is {capability}")
+    isa = ["-march=native"] if capability == "AVX512" else ["-mavx2", "-mfma"]
     subprocess.run(["g++", "-O3", *isa, "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", source,
                     "-o", library], check=True)
     lib = ctypes.CDLL(library)
